@@ -1,0 +1,85 @@
+"""Load any Stable Diffusion pipeline — hub id, local diffusers folder, single-file checkpoint,
+or the built-in mini model — through one path.
+
+The mini model is an ordinary diffusers folder shipped as package data; ``"mini"`` (the default)
+is only a name for that folder, so nothing downstream knows or cares which model it got.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import TextinvError
+
+MINI_NAME = "mini"
+MINI_PATH = Path(__file__).parent / "data" / "mini"
+SINGLE_FILE_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".bin"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_model(model: str | os.PathLike | None) -> str:
+    """Turn the user's ``--model`` value into a folder, file or hub id."""
+    if model is None or str(model) == MINI_NAME:
+        if not (MINI_PATH / "model_index.json").is_file():
+            raise TextinvError(f"the built-in mini model is not installed at {MINI_PATH} (run `textinv world train-base`)")
+        return str(MINI_PATH)
+    return str(model)
+
+
+def _pipeline_classes():
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+
+def _single_file_is_sdxl(path: Path) -> bool:
+    """SDXL checkpoints carry a second text encoder under ``conditioner.embedders.1``."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return any(k.startswith("conditioner.embedders.1") for k in f.keys())
+    return False  # .ckpt: diffusers' own detection decides below
+
+
+def load_pipeline(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "fp32", device: str = "cpu"):
+    """Load a text-to-image pipeline; errors are one line naming ``model`` and the problem."""
+    DiffusionPipeline, SDPipeline, SDXLPipeline = _pipeline_classes()
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    where = resolve_model(model)
+    path = Path(where)
+    try:
+        if path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise TextinvError(f"{where}: not a diffusers model folder (no model_index.json)")
+            pipe = DiffusionPipeline.from_pretrained(where, torch_dtype=torch_dtype, safety_checker=None)
+        elif path.is_file():
+            if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+                raise TextinvError(f"{where}: not a model checkpoint (expected {', '.join(sorted(SINGLE_FILE_SUFFIXES))})")
+            cls = SDXLPipeline if _single_file_is_sdxl(path) else SDPipeline
+            pipe = cls.from_single_file(where, torch_dtype=torch_dtype)
+        elif path.suffix.lower() in SINGLE_FILE_SUFFIXES or where.startswith((".", "/", "~")):
+            raise TextinvError(f"{where}: no such file or folder")
+        else:
+            pipe = DiffusionPipeline.from_pretrained(where, torch_dtype=torch_dtype)
+    except TextinvError:
+        raise
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1: only models already in the local cache can load)" if offline else ""
+        raise TextinvError(f"{where}: cannot load model{hint}: {str(e).splitlines()[0]}") from None
+    if getattr(pipe, "text_encoder", None) is None:
+        raise TextinvError(f"{where}: {type(pipe).__name__} has no CLIP text encoder; textinv needs a Stable Diffusion 1.x/2.x/SDXL pipeline")
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def text_encoders(pipe) -> list[tuple[object, torch.nn.Module]]:
+    """The (tokenizer, text encoder) pairs of a pipeline, in SDXL order (clip_l, then clip_g)."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return pairs
