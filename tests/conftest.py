@@ -1,0 +1,104 @@
+"""Shared test fixtures: tiny random Stable Diffusion pipelines with the real CLIP tokenizer.
+
+Nothing here touches the network: every model is built from a config with random weights.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from textinv.models import MINI_PATH
+
+TOKENIZER = MINI_PATH / "tokenizer"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def tokenizer(pad: str = "<|endoftext|>"):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(TOKENIZER, pad_token=pad)
+
+
+def text_encoder(width: int, projection: bool = False, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=width,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
+    return model.eval()
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+    )
+
+
+def make_sd(width: int = 32):
+    """A tiny SD 1.x-shaped pipeline; ``width`` 768 / 1024 mimics SD 1.x / SD 2.x text encoders."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=width, attention_head_dim=4, norm_num_groups=8,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=_vae(), text_encoder=text_encoder(width), tokenizer=tokenizer(), unet=unet,
+        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_sdxl(width_l: int = 32, width_g: int = 48):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim, transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * time_dim + width_g, cross_attention_dim=width_l + width_g,
+        norm_num_groups=8,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(), text_encoder=text_encoder(width_l), text_encoder_2=text_encoder(width_g, projection=True, seed=1),
+        tokenizer=tokenizer(), tokenizer_2=tokenizer(pad="!"), unet=unet, scheduler=EulerDiscreteScheduler(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def sd_pipe():
+    return make_sd()
+
+
+@pytest.fixture
+def sdxl_pipe():
+    return make_sdxl()
+
+
+@pytest.fixture
+def shared_fixtures():
+    folder = SHARED / "fixtures"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent (the shared/ folder must sit beside the repository)")
+    return folder

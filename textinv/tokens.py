@@ -1,0 +1,432 @@
+"""Trigger words in tokenizers and text encoders: add, expand, override (replace) and remove.
+
+How it works, and why it differs from diffusers' ``load_textual_inversion``:
+
+* The text encoder's token table is never resized or copied.  Its embedding module is wrapped
+  in :class:`TriggerEmbedding`, which looks up ids below the vocabulary size in the original
+  table and ids above it in a small ``extra`` matrix holding every applied embedding's vectors.
+  Applying 50 embeddings therefore costs microseconds, ``remove`` puts the original module back
+  (exact restore), and training can make ``extra`` the only trainable parameter.
+* Each vector gets an internal token (``<|ti:name:0|>`` …) added to the tokenizer.  Users never
+  type those: :func:`expand` finds triggers in a prompt the way AUTOMATIC1111 does — on CLIP
+  token-id sequences, hence case-insensitive and whole-word, longest match first — in three
+  syntaxes (``name``, ``<name>``, ``embedding:name``), and writes the internal tokens in their
+  place.  A trigger may be an existing word (``doctor``): that is replace mode, the bias-reduction
+  use of textual inversion, and it is undone by ``remove`` like any other.
+* A1111's rule that an embedding never straddles a 75-token chunk is kept: when it would, the
+  chunk is padded with end tokens and the embedding starts the next chunk.
+* On a diffusers pipeline, :func:`apply` routes the pipeline's own prompt handling
+  (``maybe_convert_prompt``, used for prompts and negative prompts, by SD and SDXL alike)
+  through :func:`expand`, so ``pipe("a photo of my-cat")`` just works.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import ModelMismatchError, TextinvError
+from .formats import SDXL_KEYS, SINGLE_KEY, Embedding, family_of_width
+
+CHUNK = 75  # tokens per CLIP chunk between the start and end tokens (A1111)
+SYNTAXES = ("{}", "<{}>", "embedding:{}")
+
+
+class TriggerEmbedding(nn.Module):
+    """An encoder's token table (untouched) plus the rows of applied trigger tokens.
+
+    ``token_ids[i]`` is the tokenizer id whose vector is ``extra[i]``; every other id is looked
+    up in ``base``.  Gradients, when ``extra`` requires them, reach only the trigger rows.
+    """
+
+    def __init__(self, base: nn.Module, extra: torch.Tensor, token_ids: Sequence[int]):
+        super().__init__()
+        self.base = base
+        self.num_base = int(base.num_embeddings)
+        self.extra = nn.Parameter(extra, requires_grad=False)
+        row_of = torch.full((max(token_ids, default=0) + 1,), -1, dtype=torch.long)
+        row_of[torch.as_tensor(list(token_ids), dtype=torch.long)] = torch.arange(len(token_ids))
+        self.register_buffer("row_of", row_of.to(extra.device), persistent=False)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(ids.clamp(max=self.num_base - 1))
+        if self.extra.shape[0] == 0:
+            return out
+        row = self.row_of[ids.clamp(max=self.row_of.numel() - 1)]
+        row = torch.where(ids < self.row_of.numel(), row, -1).unsqueeze(-1)
+        rows = self.extra[row.squeeze(-1).clamp(min=0)]
+        return torch.where(row >= 0, rows.to(out.dtype), out)
+
+
+@dataclass
+class Applied:
+    """One embedding as applied: its trigger names and internal tokens."""
+
+    embedding: Embedding
+    triggers: list[str]  # the name first, then aliases (e.g. a diffusers file's stored token)
+    tokens: list[str]  # internal tokens, one per vector
+
+
+@dataclass
+class _Encoder:
+    slot: str  # "clip", "clip_l" or "clip_g": which of an Embedding's tensors this encoder takes
+    tokenizer: object
+    text_encoder: nn.Module
+    base: nn.Module  # the original embedding module, put back by remove()
+    snapshot: bytes  # the pristine tokenizer, pickled, restored in place by remove()
+
+    @property
+    def width(self) -> int:
+        return int(self.base.embedding_dim)
+
+
+@dataclass
+class TriggerState:
+    """Everything applied to one set of text encoders; kept on the pipeline as ``_textinv``."""
+
+    encoders: list[_Encoder]
+    applied: dict[str, Applied] = field(default_factory=dict)  # key: name, lower-cased
+    _matcher: dict | None = None
+
+    # -- model description -------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        return model_family([e.width for e in self.encoders])
+
+    def check(self, emb: Embedding) -> None:
+        """Raise ModelMismatchError unless ``emb`` fits these encoders (width and count)."""
+        slots = [e.slot for e in self.encoders]
+        fits = set(emb.vectors) == set(slots) and all(emb.widths[e.slot] == e.width for e in self.encoders)
+        if not fits:
+            raise ModelMismatchError(
+                f"embedding {emb.name!r} is {describe_widths(emb)}; "
+                f"this model's text encoder{'s are' if len(slots) > 1 else ' is'} "
+                f"{'+'.join(str(e.width) for e in self.encoders)}-wide: {self.family}"
+            )
+
+    # -- adding and removing -------------------------------------------------------------
+    def add(self, embeddings: Sequence[Embedding], aliases: Sequence[Sequence[str]] = ()) -> list[Applied]:
+        """Apply several embeddings at once; all are checked before anything changes."""
+        aliases = list(aliases) or [[] for _ in embeddings]
+        for emb in embeddings:
+            self.check(emb)
+            _check_finite(emb)
+        names = [emb.name.lower() for emb in embeddings]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise TextinvError(f"two embeddings are named {dup!r}; rename one (name=...) to use both")
+        replaced = [n for n in names if n in self.applied]
+        if replaced:
+            self._remove(replaced)
+        new = []
+        for emb, extra_names in zip(embeddings, aliases):
+            triggers = [emb.name] + [a for a in extra_names if a and a.lower() != emb.name.lower()]
+            safe = re.sub(r"[^a-z0-9_.-]+", "-", emb.name.lower()) or "x"
+            tokens = [f"<|ti:{safe}:{i}|>" for i in range(emb.num_vectors)]
+            tokens = self._unique(tokens)
+            new.append(Applied(emb, triggers, tokens))
+        for enc in self.encoders:
+            _add_tokens(enc.tokenizer, [t for a in new for t in a.tokens])
+            rows = [a.embedding.vectors[enc.slot].detach().to("cpu", torch.float32) for a in new]
+            module = enc.text_encoder.get_input_embeddings()
+            old = module.extra.data if isinstance(module, TriggerEmbedding) else torch.zeros(0, enc.width)
+            tokens = [t for a in list(self.applied.values()) + new for t in a.tokens]
+            self._install(enc, tokens, torch.cat([old.to("cpu", torch.float32)] + rows))
+        for a in new:
+            self.applied[a.embedding.name.lower()] = a
+        self._matcher = None
+        return new
+
+    def remove(self, names: Iterable[str] | None = None) -> list[str]:
+        if names is None:
+            names = list(self.applied)
+        keys = [n.lower() for n in names]
+        missing = [n for n, k in zip(names, keys) if k not in self.applied]
+        if missing:
+            raise TextinvError(f"no embedding named {missing[0]!r} is applied (applied: {', '.join(self.names) or 'none'})")
+        self._remove(keys)
+        return keys
+
+    def _remove(self, keys: list[str]) -> None:
+        keep = [a for k, a in self.applied.items() if k not in keys]
+        for enc in self.encoders:
+            restored = pickle.loads(enc.snapshot)
+            enc.tokenizer.__dict__.clear()
+            enc.tokenizer.__dict__.update(restored.__dict__)
+            if not keep:
+                enc.text_encoder.set_input_embeddings(enc.base)
+                continue
+            tokens = [t for a in keep for t in a.tokens]
+            _add_tokens(enc.tokenizer, tokens)
+            rows = [a.embedding.vectors[enc.slot].detach().to("cpu", torch.float32) for a in keep]
+            self._install(enc, tokens, torch.cat(rows))
+        self.applied = {a.embedding.name.lower(): a for a in keep}
+        self._matcher = None
+
+    @staticmethod
+    def _install(enc: _Encoder, tokens: list[str], extra: torch.Tensor) -> None:
+        # Learned vectors stay float32 whatever the encoder's dtype; TriggerEmbedding casts on lookup.
+        device = next(enc.base.parameters()).device
+        ids = enc.tokenizer.convert_tokens_to_ids(tokens)
+        enc.text_encoder.set_input_embeddings(TriggerEmbedding(enc.base, extra.to(device), ids))
+
+    def _unique(self, tokens: list[str]) -> list[str]:
+        taken = {t for a in self.applied.values() for t in a.tokens}
+        out = []
+        for t in tokens:
+            u, k = t, 1
+            while u in taken:
+                u, k = t.replace("|>", f"~{k}|>"), k + 1
+            taken.add(u)
+            out.append(u)
+        return out
+
+    @property
+    def names(self) -> list[str]:
+        return [a.embedding.name for a in self.applied.values()]
+
+    # -- prompts -------------------------------------------------------------------------
+    def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self.encoders[0].tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+    def matcher(self) -> dict[tuple[int, ...], Applied]:
+        """Token-id sequence of every trigger spelling → the embedding it calls."""
+        if self._matcher is None:
+            table: dict[tuple[int, ...], Applied] = {}
+            for a in self.applied.values():
+                for name in a.triggers:
+                    for syntax in SYNTAXES:
+                        ids, _ = self._tokenize(syntax.format(name))
+                        if ids:
+                            table.setdefault(tuple(ids), a)
+            self._matcher = table
+        return self._matcher
+
+    def find(self, text: str) -> list[tuple[int, int, int, Applied]]:
+        """Trigger occurrences: (first token, token count, char start, char end, embedding)."""
+        ids, offsets = self._tokenize(text)
+        table = self.matcher()
+        lengths = sorted({len(k) for k in table}, reverse=True)
+        hits, i = [], 0
+        while i < len(ids):
+            for n in lengths:
+                a = table.get(tuple(ids[i : i + n])) if i + n <= len(ids) else None
+                start, end = (offsets[i][0], offsets[i + n - 1][1]) if a is not None else (0, 0)
+                # Whole words only: 'cat' is also the last BPE piece of 'concat'.
+                if a is not None and not _inside_word(text, start, end):
+                    hits.append((i, n, start, end, a))
+                    i += n
+                    break
+            else:
+                i += 1
+        return hits
+
+    def expand(self, text: str) -> str:
+        """Replace every trigger with its internal tokens, keeping A1111's chunk rule."""
+        if not self.applied:
+            return text
+        ids, _ = self._tokenize(text)
+        hits = self.find(text)
+        if not hits:
+            return text
+        out, pos_char, pos_tok, length = [], 0, 0, 0
+        pad = self.encoders[0].tokenizer.eos_token or "<|endoftext|>"
+        for first, n, start, end, a in hits:
+            out.append(text[pos_char:start])
+            length += first - pos_tok
+            k = len(a.tokens)
+            if k <= CHUNK and length // CHUNK != (length + k - 1) // CHUNK:
+                fill = CHUNK - length % CHUNK
+                out.append(" " + " ".join([pad] * fill))
+                length += fill
+            out.append(" " + " ".join(a.tokens) + " ")
+            length += k
+            pos_char, pos_tok = end, first + n
+        out.append(text[pos_char:])
+        return re.sub(r" {2,}", " ", "".join(out)).strip()
+
+
+def _inside_word(text: str, start: int, end: int) -> bool:
+    return (start > 0 and text[start - 1].isalnum()) or (end < len(text) and text[end].isalnum())
+
+
+def _add_tokens(tokenizer, tokens: list[str]) -> None:
+    from tokenizers import AddedToken
+
+    added = tokenizer.add_tokens([AddedToken(t, normalized=False, single_word=False, special=False) for t in tokens])
+    if added != len(tokens):
+        raise TextinvError("internal error: trigger tokens clash with the tokenizer's vocabulary")
+
+
+def _check_finite(emb: Embedding) -> None:
+    for slot, t in emb.vectors.items():
+        if not torch.isfinite(t.float()).all():
+            raise TextinvError(f"embedding {emb.name!r} has NaN/inf values in {slot}")
+
+
+def model_family(widths: Sequence[int]) -> str:
+    widths = list(widths)
+    if widths == [768, 1280]:
+        return "SDXL"
+    if len(widths) == 1:
+        return family_of_width(widths[0])
+    return "+".join(map(str, widths)) + "-wide model"
+
+
+def describe_widths(emb: Embedding) -> str:
+    """'768-wide: made for SD 1.x', or for SDXL files 'clip_l 768 + clip_g 1280: made for SDXL'."""
+    if emb.is_sdxl:
+        return f"clip_l {emb.widths['clip_l']} + clip_g {emb.widths['clip_g']}-wide: made for SDXL"
+    width = emb.widths[SINGLE_KEY]
+    return f"{width}-wide: made for {family_of_width(width)}"
+
+
+# ---------------------------------------------------------------------------------------
+# Pipelines (or any object with tokenizer/text_encoder[_2] attributes)
+# ---------------------------------------------------------------------------------------
+def _encoder_pairs(pipe) -> list[tuple[object, nn.Module]]:
+    pairs = []
+    if getattr(pipe, "text_encoder", None) is not None:
+        pairs.append((pipe.tokenizer, pipe.text_encoder))
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    if not pairs:
+        raise TextinvError(f"{type(pipe).__name__} has no CLIP text encoder to apply embeddings to")
+    return pairs
+
+
+def state(pipe, create: bool = True) -> TriggerState | None:
+    """The pipeline's trigger state (created on first use)."""
+    st = getattr(pipe, "_textinv", None)
+    if st is None and create:
+        pairs = _encoder_pairs(pipe)
+        slots = [SINGLE_KEY] if len(pairs) == 1 else list(SDXL_KEYS)
+        encoders = [
+            _Encoder(slot, tok, te, te.get_input_embeddings(), pickle.dumps(tok)) for slot, (tok, te) in zip(slots, pairs)
+        ]
+        st = TriggerState(encoders)
+        object.__setattr__(pipe, "_textinv", st)
+    return st
+
+
+def _convert_prompt(pipe, prompt, tokenizer):
+    st = state(pipe, create=False)
+    if st is not None:
+        prompt = [st.expand(p) for p in prompt] if isinstance(prompt, list) else st.expand(prompt)
+    return type(pipe).maybe_convert_prompt(pipe, prompt, tokenizer)
+
+
+def apply(pipe, embeddings, *, on_mismatch: str = "error", names: Sequence[str] | None = None) -> list[Applied]:
+    """Apply embeddings (objects, files or library folders) to a diffusers SD/SDXL pipeline.
+
+    ``on_mismatch="skip"`` skips (with a warning) embeddings made for another model family, as
+    A1111 does; otherwise they raise :class:`ModelMismatchError` and nothing is applied.
+    Returns what was applied.  Re-applying a name replaces the earlier embedding of that name.
+    """
+    embs = _as_embeddings(embeddings)
+    if names is not None:
+        if len(names) != len(embs):
+            raise TextinvError(f"names: {len(names)} given for {len(embs)} embeddings")
+        for emb, n in zip(embs, names):
+            emb.name = n
+    st = state(pipe)
+    if on_mismatch == "skip":
+        keep = []
+        for emb in embs:
+            try:
+                st.check(emb)
+                keep.append(emb)
+            except ModelMismatchError as e:
+                import warnings
+
+                warnings.warn(f"skipped: {e}", stacklevel=2)
+        embs = keep
+    aliases = [[emb.meta.get("token", "")] if emb.source_format == "diffusers" else [] for emb in embs]
+    applied = st.add(embs, aliases)
+    if "maybe_convert_prompt" not in vars(pipe) and hasattr(type(pipe), "maybe_convert_prompt"):
+        object.__setattr__(pipe, "maybe_convert_prompt", functools.partial(_convert_prompt, pipe))
+    return applied
+
+
+def remove(pipe, names: str | Iterable[str] | None = None) -> list[str]:
+    """Remove applied embeddings by name (all when ``names`` is None), restoring exactly."""
+    st = state(pipe, create=False)
+    if st is None:
+        if names is None:
+            return []
+        raise TextinvError("no embeddings are applied to this pipeline")
+    removed = st.remove([names] if isinstance(names, str) else names)
+    if not st.applied:
+        vars(pipe).pop("maybe_convert_prompt", None)
+        vars(pipe).pop("_textinv", None)
+    return removed
+
+
+def expand(pipe, prompt: str) -> str:
+    """The prompt with triggers replaced by internal tokens (for prompt-embedding builders)."""
+    st = state(pipe, create=False)
+    return st.expand(prompt) if st is not None else prompt
+
+
+def chunk_ids(pipe, prompt: str, encoder: int = 0) -> list[list[int]]:
+    """A1111-style 77-token chunks (start, 75 tokens, end/padding) of an expanded prompt."""
+    st = state(pipe, create=False)
+    tok = _encoder_pairs(pipe)[encoder][0]
+    text = st.expand(prompt) if st is not None else prompt
+    ids = tok(text, add_special_tokens=False, truncation=False)["input_ids"]
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    chunks = [ids[i : i + CHUNK] for i in range(0, max(len(ids), 1), CHUNK)]
+    out = []
+    for c in chunks:
+        # A1111 ends every chunk with the end token and pads with it; padding beyond uses the
+        # tokenizer's own pad id (SDXL's second tokenizer pads with "!").
+        body = [bos] + c + [eos]
+        out.append(body + [pad] * (CHUNK + 2 - len(body)))
+    return out
+
+
+def _as_embeddings(embeddings) -> list[Embedding]:
+    from . import formats
+
+    if isinstance(embeddings, (Embedding, str, os.PathLike)):
+        embeddings = [embeddings]
+    out = []
+    for e in embeddings:
+        out.extend([e] if isinstance(e, Embedding) else formats.load_all(e))
+    return out
+
+
+def nearest_words(emb: Embedding, pipe, k: int = 5) -> dict[str, list[list[tuple[str, float]]]]:
+    """Per encoder slot and vector, the ``k`` vocabulary tokens with the highest cosine similarity."""
+    out = {}
+    pairs = _encoder_pairs(pipe)
+    slots = [SINGLE_KEY] if len(pairs) == 1 else list(SDXL_KEYS)
+    for slot, (tok, te) in zip(slots, pairs):
+        if slot not in emb.vectors:
+            continue
+        table = te.get_input_embeddings()
+        table = table.base.weight if isinstance(table, TriggerEmbedding) else table.weight
+        vecs = emb.vectors[slot].float()
+        if vecs.shape[-1] != table.shape[-1]:
+            raise ModelMismatchError(
+                f"embedding {emb.name!r} is {describe_widths(emb)}; this model is {model_family([table.shape[-1]])}"
+            )
+        sims = nn.functional.normalize(vecs, dim=-1) @ nn.functional.normalize(table.detach().float(), dim=-1).T
+        top = sims.topk(k, dim=-1)
+        out[slot] = [
+            [(tok.convert_ids_to_tokens(int(i)).replace("</w>", ""), float(s)) for s, i in zip(vs, ix)]
+            for vs, ix in zip(top.values, top.indices)
+        ]
+    return out
