@@ -54,16 +54,16 @@ def load_pipeline(model: str | os.PathLike | None = None, *, dtype: str | torch.
         if path.is_dir():
             if not (path / "model_index.json").is_file():
                 raise TextinvError(f"{where}: not a diffusers model folder (no model_index.json)")
-            pipe = DiffusionPipeline.from_pretrained(where, torch_dtype=torch_dtype, safety_checker=None)
+            pipe = DiffusionPipeline.from_pretrained(where, dtype=torch_dtype, safety_checker=None)
         elif path.is_file():
             if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
                 raise TextinvError(f"{where}: not a model checkpoint (expected {', '.join(sorted(SINGLE_FILE_SUFFIXES))})")
             cls = SDXLPipeline if _single_file_is_sdxl(path) else SDPipeline
-            pipe = cls.from_single_file(where, torch_dtype=torch_dtype)
+            pipe = cls.from_single_file(where, dtype=torch_dtype)
         elif path.suffix.lower() in SINGLE_FILE_SUFFIXES or where.startswith((".", "/", "~")):
             raise TextinvError(f"{where}: no such file or folder")
         else:
-            pipe = DiffusionPipeline.from_pretrained(where, torch_dtype=torch_dtype)
+            pipe = DiffusionPipeline.from_pretrained(where, dtype=torch_dtype)
     except TextinvError:
         raise
     except OSError as e:

@@ -1,0 +1,62 @@
+"""The one model-loading path: folders, hub ids, files, the mini model; clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import textinv.tokens as tk
+from textinv.errors import TextinvError
+from textinv.models import load_pipeline, resolve_model
+
+from conftest import make_sd
+
+
+def test_loads_a_diffusers_folder_and_applies_embeddings(tmp_path):
+    make_sd().save_pretrained(tmp_path / "model")
+    pipe = load_pipeline(tmp_path / "model")
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    from textinv.formats import Embedding
+
+    tk.apply(pipe, Embedding("thing", {"clip": torch.ones(2, 32)}))
+    assert "<|ti:thing:1|>" in tk.expand(pipe, "a thing")
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("missing-folder/", "no such file or folder"),
+        ("weights.safetensors", "no such file or folder"),
+    ],
+)
+def test_missing_models_fail_in_one_line(tmp_path, monkeypatch, target, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TextinvError, match=message) as err:
+        load_pipeline("./" + target)
+    assert "\n" not in str(err.value)
+
+
+def test_not_a_model_folder_or_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TextinvError, match="no model_index.json"):
+        load_pipeline(tmp_path / "empty")
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(TextinvError, match="not a model checkpoint"):
+        load_pipeline(tmp_path / "notes.txt")
+
+
+def test_unknown_hub_id_offline_is_one_clear_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TextinvError) as err:
+        load_pipeline("nobody/no-such-model-xyz")
+    assert "nobody/no-such-model-xyz" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_default_model_is_the_mini_folder(tmp_path, monkeypatch):
+    import textinv.models as models
+
+    monkeypatch.setattr(models, "MINI_PATH", tmp_path / "mini")
+    with pytest.raises(TextinvError, match="mini model is not installed"):
+        load_pipeline()
+    make_sd().save_pretrained(tmp_path / "mini")
+    assert resolve_model(None) == resolve_model("mini") == str(tmp_path / "mini")
+    assert type(load_pipeline()).__name__ == "StableDiffusionPipeline"
