@@ -6,12 +6,26 @@ restricted unpickler: embedding files come from strangers on the internet.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
+import pickle
+import re
+import struct
+import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+from safetensors import safe_open
+from safetensors.torch import save_file as save_safetensors
 
+from . import safe_pickle
+from .atomic import atomic_path
 from .errors import EmbeddingFileError
 
 # Width of a token vector -> the model family whose text encoder has that width.
@@ -21,7 +35,7 @@ SINGLE_KEY = "clip"
 
 
 def family_of_width(width: int) -> str:
-    return FAMILIES.get(width, f"an unknown model family")
+    return FAMILIES.get(width, "an unknown model family")
 
 
 @dataclass
@@ -71,3 +85,755 @@ def sha256_file(path: str | Path) -> str:
 def short_hash(path: str | Path) -> str:
     """A1111's TI hash: the first 12 hex digits of the file's sha256."""
     return sha256_file(path)[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits and names
+# ---------------------------------------------------------------------------------------------
+
+MAX_VECTORS = 75  # A1111's limit: an embedding must fit in one 75-token prompt chunk
+MAX_WIDTH = 4096  # wider than any known text encoder: certainly not an embedding
+MAX_FILE_BYTES = 64 << 20  # larger files are checkpoints or LoRAs; only LoRA bundles may be this big
+MAX_CARD_JSON_BYTES = 64 << 20  # bound on what a card's zlib stream may inflate to
+SDXL_WIDTHS = {"clip_l": 768, "clip_g": 1280}
+CARD_KEY = "sd-ti-embedding"
+A1111_STAR_TOKEN = 265  # CLIP id of "*", written by A1111, never read back
+
+FORMATS = ("diffusers", "diffusers-sdxl", "a1111", "original", "kohya", "sdxl", "lora-bundle",
+           "png-card")
+SAVE_FORMATS = ("diffusers", "a1111", "kohya", "sdxl", "png")
+CANDIDATE_SUFFIXES = {".pt", ".bin", ".safetensors", ".ckpt", ".png", ".webp"}
+IMAGE_SUFFIXES = {".png", ".webp"}
+DIFFUSERS_SDXL_STEMS = ("learned_embeds", "learned_embeds_2")  # 768-wide, then 1280-wide
+# Meta keys carried through every format that can hold them (safetensors metadata as textinv.*).
+CARRIED_META = ("step", "sd_checkpoint", "sd_checkpoint_name", "init_text")
+_XTI_KEY = re.compile(r"^(IN\d\d|MID|OUT\d\d)$")
+
+
+def _fail(path, problem) -> EmbeddingFileError:
+    """The one-line error every reader and writer raises: ``<file>: <problem>``."""
+    return EmbeddingFileError(f"{Path(path).name}: {_one_line(problem)}")
+
+
+def _one_line(x) -> str:
+    return " ".join(str(x).split())
+
+
+class _NoCard(EmbeddingFileError):
+    """An image without an embedding card: an error for load(), a skipped preview for load_all()."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def load(path, name: str | None = None, *, select: str | None = None) -> Embedding:
+    """Read one embedding; the format is detected from the content, never the extension.
+
+    ``name`` overrides the trigger name (default: A1111's rule, see :func:`load_all`).  A LoRA
+    file bundling several embeddings needs ``select``, a bundled embedding's name.
+    """
+    path = Path(path)
+    if path.is_dir() and _diffusers_sdxl_files(path) is None:
+        raise _fail(path, "is a folder, not a diffusers SDXL embedding folder (needs "
+                          "learned_embeds.safetensors and learned_embeds_2.safetensors); "
+                          "use load_all() for a library folder")
+    _, found = _read(path)
+    if select is not None:
+        found = [e for e in found if select in (e.name, e.meta.get("stored_name"),
+                                                e.meta.get("token"))]
+        if not found:
+            names = ", ".join(e.name for e in _read(path)[1])
+            raise _fail(path, f"holds no embedding named {select!r} (it holds: {names})")
+    elif len(found) > 1:
+        names = ", ".join(e.name for e in found)
+        raise _fail(path, f"is a LoRA bundle of {len(found)} embeddings ({names}); "
+                          "pass select=NAME to pick one")
+    emb = found[0]
+    if name:
+        emb.name = name
+    return emb
+
+
+def load_all(path, *, on_error=None) -> list[Embedding]:
+    """Every embedding in a file (a LoRA bundle gives several) or in a library folder.
+
+    Names follow A1111: the file stem for .pt/.bin/.safetensors, the folder name for a diffusers
+    SDXL folder, the stored name for image cards and bundled embeddings.  In a folder (searched
+    recursively, in name order) non-embedding files and images without a card are skipped; a
+    broken embedding file raises, unless ``on_error(path, err)`` is given, which then sees it
+    and the file is skipped.
+    """
+    path = Path(path)
+    if not path.is_dir() or _diffusers_sdxl_files(path) is not None:
+        return _read(path)[1]
+    out: list[Embedding] = []
+    for item in _library_items(path):
+        try:
+            out.extend(_read(item)[1])
+        except _NoCard:
+            continue  # a preview or unrelated picture
+        except EmbeddingFileError as err:
+            if on_error is None:
+                raise
+            on_error(item, err)
+    return out
+
+
+def detect_format(path) -> str:
+    """One of :data:`FORMATS`, decided by content (the file is read and checked)."""
+    path = Path(path)
+    if path.is_dir() and _diffusers_sdxl_files(path) is None:
+        raise _fail(path, "is a folder, not a diffusers SDXL embedding folder")
+    return _read(path)[0]
+
+
+def is_embedding_candidate(path) -> bool:
+    """Whether a library scan should try ``path``: an embedding suffix, or a diffusers SDXL folder.
+
+    Like A1111, ``*.preview.png`` files (previews beside an embedding) are not candidates.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _diffusers_sdxl_files(path) is not None
+    name = path.name.lower()
+    return path.suffix.lower() in CANDIDATE_SUFFIXES and not name.endswith(".preview.png")
+
+
+def save(emb: Embedding, path, format: str | None = None, *, preview=None) -> Path:
+    """Write ``emb`` atomically in one of :data:`SAVE_FORMATS` and return the path written.
+
+    ``format=None`` follows the suffix: .pt -> a1111 (sdxl for SDXL), .png -> png,
+    .safetensors -> diffusers (sdxl for SDXL), .bin -> diffusers, no suffix + SDXL -> the
+    diffusers two-file folder.  ``preview`` (a PIL image) is the visible part of a png card.
+    """
+    path = Path(path)
+    fmt = {"png-card": "png", "diffusers-sdxl": "diffusers"}.get(format, format)
+    if fmt is None:
+        fmt = _format_for_suffix(emb, path)
+    if fmt not in SAVE_FORMATS:
+        raise _fail(path, f"cannot write format {format!r}; choose one of {', '.join(SAVE_FORMATS)}")
+    _check_embedding(path, emb)
+    suffix = path.suffix.lower()
+    if emb.is_sdxl and fmt == "diffusers":
+        if suffix in CANDIDATE_SUFFIXES:
+            raise _fail(path, "SDXL in diffusers format is a two-file folder: give a folder "
+                              "path, or use format='sdxl' for one file")
+    elif suffix not in _SAVE_SUFFIXES[fmt]:
+        raise _fail(path, f"format {fmt!r} is written to a {' or '.join(_SAVE_SUFFIXES[fmt])} "
+                          f"file, not {suffix or 'a path without suffix'}")
+    _WRITERS[fmt](emb, path, preview)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: container -> dict -> classified embeddings
+# ---------------------------------------------------------------------------------------------
+
+
+def _read(path: Path) -> tuple[str, list[Embedding]]:
+    """(format, embeddings) for one file or diffusers SDXL folder."""
+    if path.is_dir():
+        return "diffusers-sdxl", [_read_diffusers_sdxl(path)]
+    if not path.is_file():
+        raise _fail(path, "no such file")
+    kind = _sniff(path)
+    if kind == "image":
+        data = _read_card(path)
+        fmt, found = "png-card", _classify(path, data, default_name=path.stem)[1]
+        for emb in found:
+            emb.name = emb.meta.get("stored_name") or path.stem
+    else:
+        if kind == "safetensors":
+            data, st_meta = _read_safetensors(path)
+        else:
+            data, st_meta = _read_pickle(path), {}
+        fmt, found = _classify_top(path, data)
+        for emb in found:
+            if fmt != "lora-bundle":
+                emb.name = path.stem
+            _apply_safetensors_meta(emb, st_meta)
+    for emb in found:
+        emb.source_format = fmt
+        emb.path = path
+    return fmt, found
+
+
+def _sniff(path: Path) -> str:
+    """Container kind from the first bytes: safetensors, zip or legacy pickle, or image."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        raise _fail(path, "empty file")
+    if head.startswith(b"\x89PNG\r\n\x1a\n") or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        kind = "image"
+    elif head.startswith(b"PK\x03\x04"):
+        kind = "zip"  # torch.save's default container
+    elif head[0] == 0x80 and 2 <= head[1] <= 5:
+        kind = "pickle"  # torch.save(_use_new_zipfile_serialization=False)
+    elif len(head) >= 9 and head[8:9] == b"{":
+        header_len = struct.unpack("<Q", head[:8])[0]
+        if header_len > size - 8:
+            raise _fail(path, "truncated safetensors file (header runs past the end)")
+        kind = "safetensors"
+    else:
+        raise _fail(path, f"not an embedding file: unrecognised content (starts {head[:8]!r})")
+    if size > MAX_FILE_BYTES and kind != "safetensors":
+        raise _fail(path, f"{size / 2**20:.0f} MB is too large for an embedding file "
+                          f"(limit {MAX_FILE_BYTES >> 20} MB; a checkpoint or LoRA?)")
+    return kind
+
+
+def _read_pickle(path: Path):
+    """Unpickle with the allow-list of :mod:`textinv.safe_pickle`; nothing else can run."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # legacy files: "source code of class ... changed"
+            return torch.load(path, map_location="cpu", pickle_module=safe_pickle,
+                              weights_only=False)
+    except pickle.UnpicklingError as err:
+        if "never allowed" in str(err):
+            raise _fail(path, f"not an embedding file: {err}") from None
+        raise _fail(path, f"corrupt or truncated torch file ({err})") from None
+    except Exception as err:  # torch raises RuntimeError, EOFError, ... for damaged files
+        raise _fail(path, f"corrupt or truncated torch file ({type(err).__name__}: {err})") from None
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    """Tensors and metadata; of a big file (a LoRA) only the ``bundle_emb.*`` tensors are read."""
+    size = path.stat().st_size
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            metadata = dict(f.metadata() or {})
+            wanted = [k for k in keys if k.startswith("bundle_emb.")]
+            if not wanted:
+                if size > MAX_FILE_BYTES:
+                    raise _fail(path, f"{size / 2**20:.0f} MB file with {len(keys)} tensors and "
+                                      "no bundled embeddings: not an embedding (a checkpoint or "
+                                      "LoRA?)")
+                wanted = keys
+            return {k: f.get_tensor(k) for k in wanted}, metadata
+    except EmbeddingFileError:
+        raise
+    except Exception as err:
+        raise _fail(path, f"corrupt or truncated safetensors file ({err})") from None
+
+
+def _classify_top(path: Path, data) -> tuple[str, list[Embedding]]:
+    """Format and embeddings of an unpickled/safetensors dict, bundles included."""
+    if not isinstance(data, dict):
+        raise _fail(path, f"not an embedding file: holds a {type(data).__name__}, "
+                          "not a dict of tensors")
+    bundles: dict[str, dict] = {}
+    for key, value in data.items():
+        if isinstance(key, str) and key.startswith("bundle_emb."):
+            parts = key.split(".", 2)
+            if len(parts) < 3:
+                raise _fail(path, f"malformed bundled-embedding key {key!r}")
+            _, emb_name, rest = parts
+            entry = bundles.setdefault(emb_name, {})
+            if rest.startswith("string_to_param."):
+                entry.setdefault("string_to_param", {})[rest.split(".", 1)[1]] = value
+            else:
+                entry[rest] = value
+    if bundles:
+        found = []
+        for emb_name, entry in bundles.items():
+            fmt, embs = _classify(path, entry, default_name=emb_name, where=f"bundled {emb_name!r}")
+            emb = embs[0]
+            emb.name = emb_name
+            emb.meta["stored_name"] = emb_name
+            found.append(emb)
+        return "lora-bundle", found
+    fmt, found = _classify(path, data, default_name=path.stem)
+    return fmt, found
+
+
+def _classify(path: Path, data, default_name: str, where: str = "") -> tuple[str, list[Embedding]]:
+    """A1111's order: string_to_param, then clip_l + clip_g, then a single tensor."""
+    where = f"{where}: " if where else ""
+    if not isinstance(data, dict):
+        raise _fail(path, f"{where}not an embedding: holds a {type(data).__name__}")
+    keys = [str(k) for k in data]
+    tensors = {str(k): v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    meta = _plain_meta(data)
+    if len(tensors) > 1 and all(_XTI_KEY.match(k) for k in tensors):
+        raise _fail(path, f"{where}a kohya XTI per-layer embedding ({len(tensors)} keys "
+                          f"{', '.join(sorted(tensors)[:3])}, ...), which is not supported")
+    if "string_to_param" in data:
+        params = data["string_to_param"]
+        if not isinstance(params, dict) or not params:
+            raise _fail(path, f"{where}string_to_param is not a dict of tensors")
+        if len(params) != 1:
+            raise _fail(path, f"{where}string_to_param holds {len(params)} entries "
+                              f"({', '.join(map(str, params))}); A1111 calls this "
+                              "'multiple terms': an embedding file holds exactly one")
+        (term, tensor), = params.items()
+        original = isinstance(params, safe_pickle.ParameterDictStandIn) or not (
+            "name" in data or "step" in data)
+        fmt = "original" if original else "a1111"
+        if isinstance(data.get("name"), str):
+            meta["stored_name"] = data["name"]
+        meta["term"] = str(term)
+        vectors = {SINGLE_KEY: tensor}
+    elif "clip_l" in data and "clip_g" in data:
+        fmt, vectors = "sdxl", {"clip_l": data["clip_l"], "clip_g": data["clip_g"]}
+        if isinstance(data.get("name"), str):
+            meta["stored_name"] = data["name"]
+    elif len(tensors) == 1:
+        (key, tensor), = tensors.items()
+        fmt = "kohya" if key == "emb_params" else "diffusers"
+        if fmt == "diffusers":
+            meta["token"] = key
+        vectors = {SINGLE_KEY: tensor}
+    elif len(tensors) > 1:
+        shown = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+        raise _fail(path, f"{where}holds {len(tensors)} tensors ({shown}) and no string_to_param "
+                          "or clip_l/clip_g; A1111 calls this 'multiple terms': an embedding "
+                          "file holds exactly one")
+    else:
+        shown = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+        raise _fail(path, f"{where}not an embedding: unknown structure (keys: {shown or 'none'}; "
+                          "no tensors)")
+    vectors = _check_vectors(path, vectors, where)
+    return fmt, [Embedding(name=default_name, vectors=vectors, meta=meta)]
+
+
+def _plain_meta(data: dict) -> dict:
+    """Scalar values of an embedding dict (name, step, checkpoint, extras) as plain Python."""
+    meta = {}
+    for key, value in data.items():
+        if key in ("string_to_param", "string_to_token", "name") or not isinstance(key, str):
+            continue
+        if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.ndim == 0):
+            value = value.item()
+        if value is None or isinstance(value, (str, int, float, bool)):
+            meta[key] = value
+    return meta
+
+
+def _check_vectors(path, vectors: dict, where: str = "") -> dict[str, torch.Tensor]:
+    """Validate shapes, sizes and values; return detached, contiguous CPU tensors (dtype kept)."""
+    out = {}
+    for key, t in vectors.items():
+        label = f"{where}{key}: " if len(vectors) > 1 else where
+        if not isinstance(t, torch.Tensor):
+            raise _fail(path, f"{label}holds a {type(t).__name__}, not a tensor")
+        if not t.is_floating_point():
+            raise _fail(path, f"{label}tensor has dtype {str(t.dtype).removeprefix('torch.')}, "
+                              "not floating point")
+        if t.ndim == 1:
+            t = t.unsqueeze(0)  # old single-vector diffusers files store [D]
+        if t.ndim != 2:
+            raise _fail(path, f"{label}tensor has shape {tuple(t.shape)}; an embedding is "
+                              "[vectors, width]")
+        n, width = t.shape
+        if not 1 <= n <= MAX_VECTORS:
+            raise _fail(path, f"{label}{n} vectors; an embedding has 1 to {MAX_VECTORS}")
+        if not 1 <= width <= MAX_WIDTH:
+            raise _fail(path, f"{label}vector width {width} is not a text-encoder width "
+                              f"(1 to {MAX_WIDTH})")
+        if not bool(torch.isfinite(t).all()):
+            raise _fail(path, f"{label}tensor contains NaN or infinite values (a diverged "
+                              "training run?)")
+        out[key] = t.detach().to("cpu").contiguous()
+    if set(out) == set(SDXL_KEYS):
+        for key, width in SDXL_WIDTHS.items():
+            if out[key].shape[1] != width:
+                raise _fail(path, f"{where}SDXL {key} is {out[key].shape[1]} wide, must be {width}")
+        if out["clip_l"].shape[0] != out["clip_g"].shape[0]:
+            raise _fail(path, f"{where}SDXL clip_l has {out['clip_l'].shape[0]} vectors but "
+                              f"clip_g has {out['clip_g'].shape[0]}; they must match")
+    return out
+
+
+def _check_embedding(path: Path, emb: Embedding) -> None:
+    if set(emb.vectors) not in ({SINGLE_KEY}, set(SDXL_KEYS)):
+        raise _fail(path, f"embedding {emb.name!r} has vector slots {sorted(emb.vectors)}; "
+                          "expected clip, or clip_l + clip_g")
+    emb.vectors = _check_vectors(path, emb.vectors)
+    if not emb.name:
+        raise _fail(path, "the embedding has no name")
+
+
+def _apply_safetensors_meta(emb: Embedding, st_meta: dict) -> None:
+    """Keep the file's metadata and restore the meta keys textinv wrote there."""
+    if not st_meta:
+        return
+    emb.meta["safetensors_metadata"] = dict(st_meta)
+    for key in CARRIED_META + ("name",):
+        raw = st_meta.get(f"textinv.{key}")
+        if raw is None:
+            continue
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            continue
+        emb.meta["stored_name" if key == "name" else key] = value
+
+
+def _diffusers_sdxl_files(folder: Path) -> tuple[Path, Path] | None:
+    """The two files of a diffusers SDXL training output folder, if ``folder`` is one."""
+    if not folder.is_dir():
+        return None
+    pair = []
+    for stem in DIFFUSERS_SDXL_STEMS:
+        for suffix in (".safetensors", ".bin"):
+            if (folder / (stem + suffix)).is_file():
+                pair.append(folder / (stem + suffix))
+                break
+        else:
+            return None
+    return pair[0], pair[1]
+
+
+def _read_diffusers_sdxl(folder: Path) -> Embedding:
+    """learned_embeds (768 wide, clip_l) + learned_embeds_2 (1280 wide, clip_g) -> one SDXL."""
+    vectors, tokens = {}, []
+    for slot, file in zip(SDXL_KEYS, _diffusers_sdxl_files(folder)):
+        fmt, (part,) = _read(file)
+        if fmt != "diffusers":
+            raise _fail(file, f"expected a diffusers {{token: tensor}} file, found {fmt}")
+        vectors[slot] = part.vectors[SINGLE_KEY]
+        tokens.append(part.meta["token"])
+    if tokens[0] != tokens[1]:
+        raise _fail(folder, f"the two files name different tokens ({tokens[0]!r}, {tokens[1]!r})")
+    vectors = _check_vectors(folder, vectors)
+    return Embedding(name=folder.name, vectors=vectors, meta={"token": tokens[0]})
+
+
+def _library_items(folder: Path):
+    """Candidate files and diffusers SDXL folders under ``folder``, recursively, in name order."""
+    for item in sorted(folder.iterdir()):
+        if item.name.startswith("."):
+            continue  # hidden files, including atomic-write temporaries
+        if item.is_dir():
+            if _diffusers_sdxl_files(item) is not None:
+                yield item
+            else:
+                yield from _library_items(item)
+        elif is_embedding_candidate(item):
+            yield item
+
+
+# ---------------------------------------------------------------------------------------------
+# A1111 embedding cards (PNG): JSON in a text chunk and in the pixels
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_card(path: Path) -> dict:
+    """The card's embedding dict: the text chunk first, the pixels as a fallback (A1111 order)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            text = dict(getattr(im, "text", None) or {})  # tEXt, zTXt and iTXt chunks
+            if CARD_KEY in text:
+                try:
+                    raw = base64.b64decode(str(text[CARD_KEY]), validate=False)
+                    return _card_json(path, raw)
+                except EmbeddingFileError:
+                    raise
+                except Exception as err:
+                    raise _fail(path, f"damaged {CARD_KEY} text chunk ({err})") from None
+            raw = _card_bytes_from_pixels(im)
+    except EmbeddingFileError:
+        raise
+    except Exception as err:  # PIL raises many kinds for damaged images
+        raise _fail(path, f"unreadable image ({type(err).__name__}: {err})") from None
+    if raw is None:
+        raise _NoCard(f"{path.name}: image holds no embedding card (no {CARD_KEY} text chunk, "
+                      "no data in its pixels; lossy re-encoding destroys them)")
+    return _card_json(path, raw)
+
+
+def _card_json(path: Path, raw: bytes) -> dict:
+    def tensors(obj):
+        if "TORCHTENSOR" in obj:
+            return torch.from_numpy(np.array(obj["TORCHTENSOR"], dtype=np.float64)).float()
+        return obj
+
+    try:
+        data = json.loads(raw.decode("utf-8"), object_hook=tensors)
+    except Exception as err:
+        raise _fail(path, f"embedding card holds damaged JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise _fail(path, "embedding card JSON is not an object")
+    return data
+
+
+def _card_bytes_from_pixels(im) -> bytes | None:
+    """Undo the pixel encoding (see the reference): None if the image holds no readable data."""
+    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    lit = (arr > 0).all(axis=2)  # crop the black border: bounding box of fully lit pixels
+    rows, cols = np.flatnonzero(lit.any(axis=1)), np.flatnonzero(lit.any(axis=0))
+    if rows.size == 0:
+        return None
+    arr = arr[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] & 0x0F
+    separators = np.flatnonzero(arr.sum(axis=(0, 2)) == 0)
+    if separators.size < 2:
+        return None
+    low, high = arr[:, :separators[0]], arr[:, separators[-1] + 1:]
+    if low.shape != high.shape or low.size == 0:
+        return None
+    low = low.reshape(-1) ^ _lcg_nibbles(low.size)
+    high = high.reshape(-1) ^ _lcg_nibbles(high.size)
+    stream = zlib.decompressobj()
+    try:
+        data = stream.decompress(((high << 4) | low).tobytes(), MAX_CARD_JSON_BYTES)
+    except zlib.error:
+        return None
+    if not stream.eof:
+        return None  # truncated data, or more than MAX_CARD_JSON_BYTES: not a card we read
+    return data
+
+
+_LCG_A, _LCG_C, _LCG_M = 1664525, 1013904223, 2**32
+_lcg_cache = np.zeros(0, dtype=np.uint8)
+
+
+def _lcg_nibbles(count: int) -> np.ndarray:
+    """Low 4 bits of A1111's generator stream (x <- a*x + c mod 2^32 from 0; output x mod 255).
+
+    Vectorised by jumping ahead a block at a time: x[k+B] = A_B*x[k] + C_B, so the stream for a
+    full-size card costs milliseconds instead of seconds of Python looping.
+    """
+    global _lcg_cache
+    if count <= _lcg_cache.size:
+        return _lcg_cache[:count]
+    block = 4096
+    xs, x = [], 0
+    for _ in range(block):
+        x = (_LCG_A * x + _LCG_C) % _LCG_M
+        xs.append(x)
+    jump_a, jump_c = 1, 0
+    for _ in range(block):
+        jump_a, jump_c = (_LCG_A * jump_a) % _LCG_M, (_LCG_A * jump_c + _LCG_C) % _LCG_M
+    current = np.array(xs, dtype=np.uint64)
+    parts = [current]
+    for _ in range((count - 1) // block):
+        current = (current * np.uint64(jump_a) + np.uint64(jump_c)) % np.uint64(_LCG_M)
+        parts.append(current)
+    _lcg_cache = ((np.concatenate(parts) % np.uint64(255)) & np.uint64(0x0F)).astype(np.uint8)
+    return _lcg_cache[:count]
+
+
+def _card_pixel_blocks(payload: bytes, height: int, shade: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The (low-half, high-half) RGB blocks that hide ``payload`` (A1111's layout, cyclic padding)."""
+    data = np.frombuffer(zlib.compress(payload, 9), dtype=np.uint8)
+    size = data.size + (height - data.size % height)
+    size += 3 * height - size % (3 * height)
+    blocks = []
+    for half, pattern in ((data & 0x0F, shade), (data >> 4, shade[::-1])):
+        nibbles = np.resize(half, size) ^ _lcg_nibbles(size)
+        block = nibbles.reshape(height, -1, 3)
+        blocks.append(block | (_dot_pattern(block.shape[0], block.shape[1], pattern) << 4)[..., None])
+    return blocks[0], blocks[1]
+
+
+def _dot_pattern(height: int, width: int, shade: np.ndarray) -> np.ndarray:
+    """High-nibble decoration: a grid of dots shaded from the first vector, never 0.
+
+    A nonzero high nibble keeps every data pixel "lit", so a reader's black-border crop can
+    never eat into the data blocks.
+    """
+    y, x = np.mgrid[0:height, 0:width]
+    row = (y + 6) // 8
+    x_shift = x + 6 + 4 * (row % 2 == 0)
+    col = x_shift // 8
+    dy, dx = (y + 6) % 8 - 3, x_shift % 8 - 3
+    inside = dy * dy + dx * dx <= 9
+    levels = 2 + (shade.astype(np.int64) * 13 // 255)
+    dot = levels[(col * (height // 8 + 2) + row) % levels.size]
+    return np.where(inside, dot, 1).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+_SAVE_SUFFIXES = {
+    "diffusers": (".safetensors", ".bin"),
+    "a1111": (".pt", ".bin"),
+    "kohya": (".safetensors", ".pt", ".ckpt"),
+    "sdxl": (".safetensors", ".pt"),
+    "png": (".png",),
+}
+
+
+def _format_for_suffix(emb: Embedding, path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".pt":
+        return "sdxl" if emb.is_sdxl else "a1111"
+    if suffix == ".safetensors":
+        return "sdxl" if emb.is_sdxl else "diffusers"
+    if suffix == ".png":
+        return "png"
+    if suffix == ".bin" or (emb.is_sdxl and suffix not in CANDIDATE_SUFFIXES):
+        return "diffusers"
+    raise _fail(path, f"cannot tell the format from the suffix {suffix or '(none)'}; pass format= "
+                      f"({', '.join(SAVE_FORMATS)})")
+
+
+def _carried_metadata(emb: Embedding) -> dict[str, str]:
+    meta = {f"textinv.{k}": json.dumps(emb.meta[k]) for k in CARRIED_META
+            if emb.meta.get(k) is not None}
+    meta["textinv.name"] = json.dumps(emb.name)
+    return meta
+
+
+def _write_safetensors(path: Path, tensors: dict, metadata: dict) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_safetensors(tensors, str(tmp), metadata=metadata)
+
+
+def _write_torch(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _single(path: Path, emb: Embedding, fmt: str) -> torch.Tensor:
+    if emb.is_sdxl:
+        raise _fail(path, f"{emb.name!r} is an SDXL embedding (clip_l + clip_g); format {fmt!r} "
+                          "holds one text encoder's vectors: use format='sdxl' (or 'diffusers' "
+                          "with a folder path)")
+    return emb.vectors[SINGLE_KEY]
+
+
+def _save_diffusers(emb: Embedding, path: Path, preview) -> None:
+    if emb.is_sdxl:  # diffusers' SDXL training output: two files in one folder
+        path.mkdir(parents=True, exist_ok=True)
+        for stem, slot in zip(DIFFUSERS_SDXL_STEMS, SDXL_KEYS):
+            _write_safetensors(path / f"{stem}.safetensors", {emb.name: emb.vectors[slot]},
+                               {"format": "pt", **_carried_metadata(emb)})
+        return
+    tensor = _single(path, emb, "diffusers")
+    if path.suffix.lower() == ".bin":
+        _write_torch(path, {emb.name: tensor})
+    else:
+        _write_safetensors(path, {emb.name: tensor}, {"format": "pt", **_carried_metadata(emb)})
+
+
+def _a1111_dict(emb: Embedding, tensor) -> dict:
+    """The dict A1111 pickles into .pt files (and JSON-encodes into cards)."""
+    return {
+        "string_to_token": {"*": A1111_STAR_TOKEN},
+        "string_to_param": {"*": tensor},
+        "name": emb.name,
+        "step": int(emb.meta.get("step") or 0),
+        "sd_checkpoint": emb.meta.get("sd_checkpoint"),
+        "sd_checkpoint_name": emb.meta.get("sd_checkpoint_name"),
+    }
+
+
+def _save_a1111(emb: Embedding, path: Path, preview) -> None:
+    tensor = _single(path, emb, "a1111").float()  # A1111 stores float32; upcasting is exact
+    _write_torch(path, _a1111_dict(emb, tensor))
+
+
+_KOHYA_ARCH = {768: "stable-diffusion-v1", 1024: "stable-diffusion-v2-768-v"}
+
+
+def _save_kohya(emb: Embedding, path: Path, preview) -> None:
+    tensor = _single(path, emb, "kohya")
+    if path.suffix.lower() != ".safetensors":
+        _write_torch(path, {"emb_params": tensor})
+        return
+    arch = _KOHYA_ARCH.get(int(tensor.shape[1]), "unknown")
+    metadata = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{arch}/textual-inversion",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": emb.name,
+        **_carried_metadata(emb),
+    }
+    _write_safetensors(path, {"emb_params": tensor}, metadata)
+
+
+def _save_sdxl(emb: Embedding, path: Path, preview) -> None:
+    if not emb.is_sdxl:
+        raise _fail(path, f"format 'sdxl' needs an SDXL embedding (clip_l + clip_g); "
+                          f"{emb.name!r} is {emb.family} ({emb.widths[SINGLE_KEY]} wide)")
+    tensors = {k: emb.vectors[k] for k in SDXL_KEYS}
+    if path.suffix.lower() == ".pt":
+        _write_torch(path, tensors)
+        return
+    metadata = {"modelspec.sai_model_spec": "1.0.0",
+                "modelspec.architecture": "stable-diffusion-xl-v1-base/textual-inversion",
+                "modelspec.title": emb.name, **_carried_metadata(emb)}
+    _write_safetensors(path, tensors, metadata)
+
+
+def _save_png(emb: Embedding, path: Path, preview) -> None:
+    """An A1111 card: the JSON in a tEXt chunk and, zlib-compressed, in the pixel blocks."""
+    if emb.is_sdxl:  # A1111 reads a card dict like a .pt dict: clip_l + clip_g works too
+        data = {k: emb.vectors[k] for k in SDXL_KEYS}
+        data.update({k: v for k, v in _a1111_dict(emb, None).items() if "string_to" not in k})
+    else:
+        data = _a1111_dict(emb, emb.vectors[SINGLE_KEY])
+    text = json.dumps(data, default=_tensor_json).encode("utf-8")
+    visible = preview.convert("RGB") if preview is not None else _default_card_image(emb)
+    visible = _caption(visible, emb)
+    first = emb.vectors["clip_l" if emb.is_sdxl else SINGLE_KEY].float()[0, :1024].abs()
+    shade = (first / first.max().clamp_min(1e-12) * 255).to(torch.uint8).numpy()
+    low, high = _card_pixel_blocks(text, visible.height, shade)
+    canvas = np.zeros((visible.height, low.shape[1] + visible.width + high.shape[1] + 2, 3),
+                      dtype=np.uint8)
+    canvas[:, :low.shape[1]] = low
+    canvas[:, low.shape[1] + 1:low.shape[1] + 1 + visible.width] = np.asarray(visible)
+    canvas[:, canvas.shape[1] - high.shape[1]:] = high
+    info = PngInfo()
+    info.add_text(CARD_KEY, base64.b64encode(text).decode("ascii"))
+    with atomic_path(path) as tmp:
+        Image.fromarray(canvas, "RGB").save(tmp, format="PNG", pnginfo=info)
+
+
+def _tensor_json(obj):
+    if isinstance(obj, torch.Tensor):
+        return {"TORCHTENSOR": obj.detach().cpu().float().tolist()}
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _default_card_image(emb: Embedding, size: int = 512) -> Image.Image:
+    """A plain visible card: a dark gradient tinted by the embedding's name."""
+    tint = np.frombuffer(hashlib.sha256(emb.name.encode()).digest()[:3], dtype=np.uint8)
+    ramp = np.linspace(0.15, 0.6, size)[:, None, None]
+    pixels = (ramp * (64 + tint.astype(np.float64) * 0.75)).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(np.broadcast_to(pixels, (size, size, 3)).copy(), "RGB")
+
+
+def _caption(image: Image.Image, emb: Embedding) -> Image.Image:
+    """A1111's overlay: name on top; checkpoint name, [checkpoint hash], "{n}v {steps}s" below."""
+    image = image.convert("RGB").copy()
+    w, h = image.size
+    scale = max(min(w, h) / 512, 0.25)
+    draw = ImageDraw.Draw(image, "RGBA")
+    band = max(int(64 * scale), 8)
+    draw.rectangle((0, 0, w, band), fill=(0, 0, 0, 150))
+    draw.rectangle((0, h - band // 2, w, h), fill=(0, 0, 0, 150))
+    title_font, foot_font = _font(int(48 * scale)), _font(int(20 * scale))
+    margin = int(10 * scale)
+    draw.text((margin, margin // 2), f"<{emb.name}>", font=title_font, fill=(255, 255, 255))
+    foot_y = h - band // 2 + margin // 2
+    checkpoint = emb.meta.get("sd_checkpoint")
+    draw.text((margin, foot_y), str(emb.meta.get("sd_checkpoint_name") or ""), font=foot_font,
+              fill=(255, 255, 255))
+    draw.text((w // 2, foot_y), f"[{checkpoint}]" if checkpoint else "", font=foot_font,
+              fill=(255, 255, 255))
+    right = f"{emb.num_vectors}v {int(emb.meta.get('step') or 0)}s"
+    draw.text((w - margin, foot_y), right, font=foot_font, fill=(255, 255, 255), anchor="ra")
+    return image
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=max(size, 6))
+    except TypeError:  # Pillow without FreeType: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+_WRITERS = {"diffusers": _save_diffusers, "a1111": _save_a1111, "kohya": _save_kohya,
+            "sdxl": _save_sdxl, "png": _save_png}
