@@ -10,7 +10,6 @@ import json
 import os
 import pathlib
 import pickle
-import zlib
 
 import numpy as np
 import pytest
@@ -586,3 +585,11 @@ def test_save_interrupted_leaves_old_file(tmp_path, monkeypatch):
         save(sd_emb(n=5), target)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["keep.safetensors"]
+
+
+def test_save_from_trainable_parameter(tmp_path):
+    param = torch.nn.Parameter(vec(2, 768))
+    emb = Embedding(name="live", vectors={"clip": param})
+    back = load(save(emb, tmp_path / "live.pt"))
+    assert emb.vectors["clip"] is param  # the caller's trainable tensor is left alone
+    assert torch.equal(back.vectors["clip"], param.detach())

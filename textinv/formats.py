@@ -7,6 +7,7 @@ restricted unpickler: embedding files come from strangers on the internet.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import pickle
@@ -93,7 +94,7 @@ def short_hash(path: str | Path) -> str:
 
 MAX_VECTORS = 75  # A1111's limit: an embedding must fit in one 75-token prompt chunk
 MAX_WIDTH = 4096  # wider than any known text encoder: certainly not an embedding
-MAX_FILE_BYTES = 64 << 20  # larger files are checkpoints or LoRAs; only LoRA bundles may be this big
+MAX_FILE_BYTES = 64 << 20  # bigger files are checkpoints or LoRAs: only LoRA bundles may be
 MAX_CARD_JSON_BYTES = 64 << 20  # bound on what a card's zlib stream may inflate to
 SDXL_WIDTHS = {"clip_l": 768, "clip_g": 1280}
 CARD_KEY = "sd-ti-embedding"
@@ -103,7 +104,6 @@ FORMATS = ("diffusers", "diffusers-sdxl", "a1111", "original", "kohya", "sdxl", 
            "png-card")
 SAVE_FORMATS = ("diffusers", "a1111", "kohya", "sdxl", "png")
 CANDIDATE_SUFFIXES = {".pt", ".bin", ".safetensors", ".ckpt", ".png", ".webp"}
-IMAGE_SUFFIXES = {".png", ".webp"}
 DIFFUSERS_SDXL_STEMS = ("learned_embeds", "learned_embeds_2")  # 768-wide, then 1280-wide
 # Meta keys carried through every format that can hold them (safetensors metadata as textinv.*).
 CARRIED_META = ("step", "sd_checkpoint", "sd_checkpoint_name", "init_text")
@@ -135,17 +135,14 @@ def load(path, name: str | None = None, *, select: str | None = None) -> Embeddi
     file bundling several embeddings needs ``select``, a bundled embedding's name.
     """
     path = Path(path)
-    if path.is_dir() and _diffusers_sdxl_files(path) is None:
-        raise _fail(path, "is a folder, not a diffusers SDXL embedding folder (needs "
-                          "learned_embeds.safetensors and learned_embeds_2.safetensors); "
-                          "use load_all() for a library folder")
     _, found = _read(path)
     if select is not None:
-        found = [e for e in found if select in (e.name, e.meta.get("stored_name"),
-                                                e.meta.get("token"))]
-        if not found:
-            names = ", ".join(e.name for e in _read(path)[1])
+        chosen = [e for e in found if select in (e.name, e.meta.get("stored_name"),
+                                                 e.meta.get("token"))]
+        if not chosen:
+            names = ", ".join(e.name for e in found)
             raise _fail(path, f"holds no embedding named {select!r} (it holds: {names})")
+        found = chosen
     elif len(found) > 1:
         names = ", ".join(e.name for e in found)
         raise _fail(path, f"is a LoRA bundle of {len(found)} embeddings ({names}); "
@@ -183,10 +180,7 @@ def load_all(path, *, on_error=None) -> list[Embedding]:
 
 def detect_format(path) -> str:
     """One of :data:`FORMATS`, decided by content (the file is read and checked)."""
-    path = Path(path)
-    if path.is_dir() and _diffusers_sdxl_files(path) is None:
-        raise _fail(path, "is a folder, not a diffusers SDXL embedding folder")
-    return _read(path)[0]
+    return _read(Path(path))[0]
 
 
 def is_embedding_candidate(path) -> bool:
@@ -213,8 +207,9 @@ def save(emb: Embedding, path, format: str | None = None, *, preview=None) -> Pa
     if fmt is None:
         fmt = _format_for_suffix(emb, path)
     if fmt not in SAVE_FORMATS:
-        raise _fail(path, f"cannot write format {format!r}; choose one of {', '.join(SAVE_FORMATS)}")
-    _check_embedding(path, emb)
+        raise _fail(path, f"cannot write format {format!r}; choose one of "
+                          f"{', '.join(SAVE_FORMATS)}")
+    emb = _checked(path, emb)
     suffix = path.suffix.lower()
     if emb.is_sdxl and fmt == "diffusers":
         if suffix in CANDIDATE_SUFFIXES:
@@ -235,6 +230,10 @@ def save(emb: Embedding, path, format: str | None = None, *, preview=None) -> Pa
 def _read(path: Path) -> tuple[str, list[Embedding]]:
     """(format, embeddings) for one file or diffusers SDXL folder."""
     if path.is_dir():
+        if _diffusers_sdxl_files(path) is None:
+            raise _fail(path, "is a folder, not a diffusers SDXL embedding folder (needs "
+                              "learned_embeds.safetensors and learned_embeds_2.safetensors); "
+                              "use load_all() for a library folder")
         return "diffusers-sdxl", [_read_diffusers_sdxl(path)]
     if not path.is_file():
         raise _fail(path, "no such file")
@@ -298,7 +297,8 @@ def _read_pickle(path: Path):
             raise _fail(path, f"not an embedding file: {err}") from None
         raise _fail(path, f"corrupt or truncated torch file ({err})") from None
     except Exception as err:  # torch raises RuntimeError, EOFError, ... for damaged files
-        raise _fail(path, f"corrupt or truncated torch file ({type(err).__name__}: {err})") from None
+        problem = f"corrupt or truncated torch file ({type(err).__name__}: {err})"
+        raise _fail(path, problem) from None
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict]:
@@ -450,13 +450,14 @@ def _check_vectors(path, vectors: dict, where: str = "") -> dict[str, torch.Tens
     return out
 
 
-def _check_embedding(path: Path, emb: Embedding) -> None:
+def _checked(path: Path, emb: Embedding) -> Embedding:
+    """A validated copy to write: detached tensors; the caller's trainable ones stay untouched."""
     if set(emb.vectors) not in ({SINGLE_KEY}, set(SDXL_KEYS)):
         raise _fail(path, f"embedding {emb.name!r} has vector slots {sorted(emb.vectors)}; "
                           "expected clip, or clip_l + clip_g")
-    emb.vectors = _check_vectors(path, emb.vectors)
     if not emb.name:
         raise _fail(path, "the embedding has no name")
+    return dataclasses.replace(emb, vectors=_check_vectors(path, emb.vectors))
 
 
 def _apply_safetensors_meta(emb: Embedding, st_meta: dict) -> None:
@@ -505,16 +506,18 @@ def _read_diffusers_sdxl(folder: Path) -> Embedding:
     return Embedding(name=folder.name, vectors=vectors, meta={"token": tokens[0]})
 
 
-def _library_items(folder: Path):
+def _library_items(folder: Path, seen: set | None = None):
     """Candidate files and diffusers SDXL folders under ``folder``, recursively, in name order."""
+    seen = set() if seen is None else seen
+    seen.add(folder.resolve())  # symlinked folders are followed, but never in a loop
     for item in sorted(folder.iterdir()):
         if item.name.startswith("."):
             continue  # hidden files, including atomic-write temporaries
         if item.is_dir():
             if _diffusers_sdxl_files(item) is not None:
                 yield item
-            else:
-                yield from _library_items(item)
+            elif item.resolve() not in seen:
+                yield from _library_items(item, seen)
         elif is_embedding_candidate(item):
             yield item
 
@@ -621,7 +624,7 @@ def _lcg_nibbles(count: int) -> np.ndarray:
 
 
 def _card_pixel_blocks(payload: bytes, height: int, shade: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The (low-half, high-half) RGB blocks that hide ``payload`` (A1111's layout, cyclic padding)."""
+    """The (low-half, high-half) RGB blocks hiding ``payload``: A1111's layout, cyclic padding."""
     data = np.frombuffer(zlib.compress(payload, 9), dtype=np.uint8)
     size = data.size + (height - data.size % height)
     size += 3 * height - size % (3 * height)
@@ -629,7 +632,8 @@ def _card_pixel_blocks(payload: bytes, height: int, shade: np.ndarray) -> tuple[
     for half, pattern in ((data & 0x0F, shade), (data >> 4, shade[::-1])):
         nibbles = np.resize(half, size) ^ _lcg_nibbles(size)
         block = nibbles.reshape(height, -1, 3)
-        blocks.append(block | (_dot_pattern(block.shape[0], block.shape[1], pattern) << 4)[..., None])
+        dots = _dot_pattern(block.shape[0], block.shape[1], pattern) << 4
+        blocks.append(block | dots[..., None])
     return blocks[0], blocks[1]
 
 

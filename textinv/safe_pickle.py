@@ -30,7 +30,7 @@ class ParameterDictStandIn(dict):
 
 
 def _parameter(data, requires_grad=False, backward_hooks=None, state=None):
-    """Stand-in for ``torch._utils._rebuild_parameter[_with_state]``: keep the data, drop the rest."""
+    """Stands in for ``torch._utils._rebuild_parameter[_with_state]``: keeps only the data."""
     if not isinstance(data, torch.Tensor):
         raise pickle.UnpicklingError("a parameter whose data is not a tensor")
     return data.detach()
