@@ -138,6 +138,13 @@ def test_sdxl_round_trip(tmp_path, fmt, filename, detected):
     assert back.name == ("xl-style" if fmt == "png" else path.stem)
 
 
+def test_sdxl_tiny_test_model_widths(tmp_path):
+    # Tiny random SDXL pipelines used in tests have narrow encoders; they must round-trip too.
+    emb = Embedding(name="tiny", vectors={"clip_l": vec(2, 32), "clip_g": vec(2, 48)})
+    for target in ("t.safetensors", "t.pt", "t.png", "tfolder"):
+        assert_same(emb, load(save(emb, tmp_path / target)))
+
+
 def test_diffusers_sdxl_folder_layout(tmp_path):
     emb = sdxl_emb()
     folder = save(emb, tmp_path / "my-style")
@@ -501,6 +508,10 @@ BAD = {
                          ["clip_l has 2 vectors but clip_g has 3"]),
     "xl_w.safetensors": (lambda p: save_file({"clip_l": vec(2, 1024), "clip_g": vec(2, 1280)}, p),
                          ["clip_l is 1024 wide, must be 768"]),
+    "xl_swap.safetensors": (lambda p: save_file({"clip_l": vec(2, 1280), "clip_g": vec(2, 768)}, p),
+                            ["clip_l is 1280 wide, must be 768"]),
+    "xl_tiny_swap.safetensors": (lambda p: save_file({"clip_l": vec(2, 48), "clip_g": vec(2, 32)},
+                                                     p), ["narrower than clip_g", "swapped"]),
     "bundle.safetensors": (lambda p: save_file({"bundle_emb.x.string_to_param.*": vec(1, 768),
                                                 "bundle_emb.x.string_to_param.y": vec(1, 768)}, p),
                            ["bundled 'x'", "multiple terms"]),
