@@ -97,7 +97,6 @@ MAX_WIDTH = 4096  # wider than any known text encoder: certainly not an embeddin
 MAX_FILE_BYTES = 64 << 20  # bigger files are checkpoints or LoRAs: only LoRA bundles may be
 MAX_CARD_JSON_BYTES = 64 << 20  # bound on what a card's zlib stream may inflate to
 SDXL_WIDTHS = {"clip_l": 768, "clip_g": 1280}
-TINY_WIDTH_LIMIT = 512  # below this on both encoders: a tiny test model, not a real SDXL
 CARD_KEY = "sd-ti-embedding"
 A1111_STAR_TOKEN = 265  # CLIP id of "*", written by A1111, never read back
 
@@ -450,14 +449,9 @@ def _check_vectors(path, vectors: dict, where: str = "") -> dict[str, torch.Tens
 
 
 def _check_sdxl_widths(path, width_l: int, width_g: int, where: str) -> None:
-    """Real SDXL is 768 + 1280 wide.  Tiny test models (every width < 512) are let through as
-    long as clip_l is the narrower; their widths are checked against the model when applied."""
-    if (width_l, width_g) == (SDXL_WIDTHS["clip_l"], SDXL_WIDTHS["clip_g"]):
-        return
-    if max(width_l, width_g) >= TINY_WIDTH_LIMIT:
-        for key, width in (("clip_l", width_l), ("clip_g", width_g)):
-            if width != SDXL_WIDTHS[key]:
-                raise _fail(path, f"{where}SDXL {key} is {width} wide, must be {SDXL_WIDTHS[key]}")
+    """clip_l is always the narrower encoder (768 vs 1280 in SDXL); a file with them the other
+    way round was written with the keys swapped.  Whether the widths fit a model is checked when
+    the embedding is applied to it (tokens.TriggerState.check)."""
     if width_l >= width_g:
         raise _fail(path, f"{where}SDXL clip_l ({width_l} wide) must be narrower than clip_g "
                           f"({width_g} wide); swapped?")

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .errors import ModelMismatchError, TextinvError
-from .formats import SDXL_KEYS, SINGLE_KEY, Embedding, family_of_width
+from .formats import SDXL_KEYS, SDXL_WIDTHS, SINGLE_KEY, Embedding, family_of_width
 
 CHUNK = 75  # tokens per CLIP chunk between the start and end tokens (A1111)
 SYNTAXES = ("{}", "<{}>", "embedding:{}")
@@ -277,7 +277,7 @@ def _check_finite(emb: Embedding) -> None:
 
 def model_family(widths: Sequence[int]) -> str:
     widths = list(widths)
-    if widths == [768, 1280]:
+    if widths == [SDXL_WIDTHS[k] for k in SDXL_KEYS]:
         return "SDXL"
     if len(widths) == 1:
         return family_of_width(widths[0])
