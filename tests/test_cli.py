@@ -27,7 +27,7 @@ def test_inspect_reports_format_family_vectors_and_hash(runner, tmp_path):
     path, emb = make(tmp_path)
     res = runner.invoke(main, ["inspect", str(path), "--json"])
     assert res.exit_code == 0, res.output
-    info = json.loads(res.output)
+    info = json.loads(res.stdout)
     assert info["format"] == "a1111" and info["trigger"] == "my-cat" and info["family"] == "SD 1.x"
     assert info["vectors"] == {"clip": [2, 768]} and info["meta"]["step"] == 120
     assert info["short_hash"] == formats.sha256_file(path)[:12]
@@ -40,7 +40,7 @@ def test_inspect_reports_format_family_vectors_and_hash(runner, tmp_path):
 def test_inspect_real_a1111_card(runner, shared_fixtures):
     res = runner.invoke(main, ["inspect", str(shared_fixtures / "a1111-card-rick.png"), "--json"])
     assert res.exit_code == 0, res.output
-    info = json.loads(res.output)
+    info = json.loads(res.stdout)
     assert info["trigger"] == "rick" and info["vectors"] == {"clip": [8, 768]} and info["meta"]["step"] == 60
 
 
@@ -85,3 +85,20 @@ def test_sdxl_embedding_to_png_is_refused_clearly(runner, tmp_path):
         assert formats.load(tmp_path / "xl.pt").is_sdxl
     else:
         assert "SDXL" in res.output
+
+
+def test_inspect_with_model_shows_nearest_words(runner, tmp_path):
+    from conftest import make_sd
+
+    pipe = make_sd()
+    pipe.save_pretrained(tmp_path / "model")
+    table = pipe.text_encoder.get_input_embeddings().weight.detach()
+    ids = pipe.tokenizer.convert_tokens_to_ids(["star</w>", "ring</w>"])
+    emb = Embedding("shapes", {"clip": table[ids].clone()})
+    path = formats.save(emb, tmp_path / "shapes.safetensors")
+    res = runner.invoke(main, ["inspect", str(path), "--model", str(tmp_path / "model"), "--json", "--top", "2"])
+    assert res.exit_code == 0, res.output
+    nearest = json.loads(res.stdout)["nearest"]["clip"]
+    assert [v[0][0] for v in nearest] == ["star", "ring"] and nearest[0][0][1] > 0.999
+    res = runner.invoke(main, ["inspect", str(path), "--model", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "nope" in res.output

@@ -38,7 +38,7 @@ def input_rows(pipe, prompt):
 def test_trigger_vectors_reach_the_encoder_in_all_syntaxes(sd_pipe):
     e = emb("my-cat", n=3)
     tk.apply(sd_pipe, e)
-    for prompt in ["my-cat", "My-Cat", "<my-cat>", "embedding:my-cat", "MY-CAT"]:
+    for prompt in ["my-cat", "My-Cat", "<my-cat>", "embedding:my-cat", "embedding:my-cat.safetensors", "MY-CAT"]:
         rows = input_rows(sd_pipe, prompt)
         assert torch.equal(rows, e.vectors["clip"]), prompt
     # in context: 'a photo of' + 3 vectors + ','

@@ -35,7 +35,8 @@ from .errors import ModelMismatchError, TextinvError
 from .formats import SDXL_KEYS, SDXL_WIDTHS, SINGLE_KEY, Embedding, family_of_width
 
 CHUNK = 75  # tokens per CLIP chunk between the start and end tokens (A1111)
-SYNTAXES = ("{}", "<{}>", "embedding:{}")
+# A1111 (bare name), InvokeAI (<name>), ComfyUI (embedding:name, the file extension optional).
+SYNTAXES = ("{}", "<{}>", "embedding:{}", "embedding:{}.pt", "embedding:{}.safetensors", "embedding:{}.bin")
 
 
 class TriggerEmbedding(nn.Module):
