@@ -585,15 +585,32 @@ def test_save_interrupted_leaves_old_file(tmp_path, monkeypatch):
     target = save(sd_emb(), tmp_path / "keep.safetensors")
     before = target.read_bytes()
 
-    def explode(tensors, filename, metadata=None):
-        pathlib.Path(filename).write_bytes(b"half")
+    real_write = pathlib.Path.write_bytes
+
+    def explode(self, data):
+        real_write(self, data[: len(data) // 2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(formats, "save_safetensors", explode)
+    monkeypatch.setattr(pathlib.Path, "write_bytes", explode)
     with pytest.raises(KeyboardInterrupt):
         save(sd_emb(n=5), target)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["keep.safetensors"]
+
+
+def test_same_embedding_gives_byte_identical_files(tmp_path):
+    """Hash-ordered safetensors headers and torch's zip root name would make bytes vary."""
+    import json
+    import struct
+
+    emb = Embedding("same", {"clip": vec(2, 768)}, meta={"step": 7, "init_text": "cat", "sd_checkpoint_name": "m"})
+    for suffix, fmt in ((".safetensors", "diffusers"), (".safetensors", "kohya"), (".pt", "a1111")):
+        a = save(emb, tmp_path / f"a{suffix}", fmt).read_bytes()
+        b = save(emb, tmp_path / "sub" / f"other-name{suffix}", fmt).read_bytes()
+        assert a == b, fmt
+    blob = (tmp_path / "a.safetensors").read_bytes()
+    header = json.loads(blob[8 : 8 + struct.unpack("<Q", blob[:8])[0]])
+    assert list(header) == sorted(header) and list(header["__metadata__"]) == sorted(header["__metadata__"])
 
 
 def test_save_from_trainable_parameter(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -29,6 +30,11 @@ class _Group(click.Group):
 @click.version_option(package_name="textinv")
 def main():
     """textinv — Textual Inversion: train, store, convert and use embedding files."""
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    click.echo(f"warning: {message}", err=True)
 
 
 # ---------------------------------------------------------------------------------- inspect
@@ -131,6 +137,45 @@ def convert(src, dst, fmt, name, select, preview):
             raise TextinvError(f"{preview}: cannot read preview image ({e})") from None
     written = formats.save(emb, dst, fmt, preview=image)
     click.echo(f"wrote {written} ({formats.detect_format(written)}, trigger {emb.name!r}, {emb.num_vectors} vectors, {emb.family})")
+
+
+# ------------------------------------------------------------------------------------ train
+@main.command()
+@click.option("--images", required=True, type=click.Path(path_type=Path), help="Folder of 3–5+ images (jpg/png/webp/bmp; IMG.txt sidecar captions).")
+@click.option("--token", required=True, help="The new trigger word (or, with --mode replace, the existing word to re-learn).")
+@click.option("--model", "-m", default=None, help="Hub id, diffusers folder, single-file .safetensors/.ckpt, or 'mini' (default).")
+@click.option("--init", default=None, help="Init text; several tokens are spread over the vectors (A1111). Default '*', or the word itself in replace mode.")
+@click.option("--vectors", default=1, show_default=True, help="Vectors per token.")
+@click.option("--mode", type=click.Choice(["object", "style", "replace"]), default="object", show_default=True)
+@click.option("--templates", default=None, help="'object', 'style' or a file of templates with [name]/{} and [filewords]. Default: by --mode.")
+@click.option("--steps", default=500, show_default=True)
+@click.option("--lr", default="5e-3", show_default=True, help="A number, or an A1111 schedule like '0.005:100, 1e-3:1000, 1e-5'.")
+@click.option("--batch", default=4, show_default=True)
+@click.option("--grad-accum", default=1, show_default=True)
+@click.option("--resolution", type=int, default=None, help="Training size in pixels (default: the model's native size).")
+@click.option("--crops", default=1, show_default=True, help="Views per image: a centre crop plus random crops.")
+@click.option("--flip/--no-flip", default=True, show_default=True, help="Also train on mirrored views.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="Model precision; learned vectors always stay fp32.")
+@click.option("--grad-checkpointing", is_flag=True, help="Trade compute for memory.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the UNet.")
+@click.option("--save-every", default=0, show_default=True, help="Also save NAME-STEP every N steps (and a resume point).")
+@click.option("--preview-every", default=0, show_default=True, help="Write a fixed-seed preview grid every N steps.")
+@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default="diffusers", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder (default runs/TOKEN).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last save.")
+def train(images, token, model, init, vectors, mode, templates, steps, lr, batch, grad_accum, resolution, crops, flip,
+          seed, precision, grad_checkpointing, compile_, save_every, preview_every, fmt, out, resume):
+    """Train a textual inversion embedding from a folder of images."""
+    from .train import TrainConfig, train as run
+
+    cfg = TrainConfig(images=str(images), token=token, model=model, init=init, vectors=vectors, mode=mode,
+                      templates=templates, steps=steps, lr=lr, batch=batch, grad_accum=grad_accum, resolution=resolution,
+                      crops=crops, flip=flip, seed=seed, precision=precision, grad_checkpointing=grad_checkpointing,
+                      compile=compile_, save_every=save_every, preview_every=preview_every, format=fmt,
+                      out=str(out) if out else None, resume=resume)
+    result = run(cfg)
+    click.echo(f"wrote {result.embedding_path} ({result.steps} steps, {result.seconds:.0f} s, last loss {result.loss:.4f})")
 
 
 def _register_world():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import io
 import json
 import pickle
 import re
@@ -23,10 +24,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 from safetensors import safe_open
-from safetensors.torch import save_file as save_safetensors
+from safetensors.torch import save as safetensors_bytes
 
 from . import safe_pickle
-from .atomic import atomic_path
+from .atomic import atomic_path, write_bytes
 from .errors import EmbeddingFileError
 
 # Width of a token vector -> the model family whose text encoder has that width.
@@ -697,13 +698,25 @@ def _carried_metadata(emb: Embedding) -> dict[str, str]:
 
 def _write_safetensors(path: Path, tensors: dict, metadata: dict) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_safetensors(tensors, str(tmp), metadata=metadata)
+    write_bytes(path, _canonical_safetensors(safetensors_bytes(tensors, metadata=metadata)))
+
+
+def _canonical_safetensors(blob: bytes) -> bytes:
+    """safetensors writes its header in hash order, which differs between processes; sorted,
+    the same embedding always gives the same bytes (and the same A1111 hash).  The data offsets
+    are relative to the end of the header, so only the header is rewritten."""
+    n = struct.unpack("<Q", blob[:8])[0]
+    header = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format aligns the data to 8 bytes
+    return struct.pack("<Q", len(header)) + header + blob[8 + n :]
 
 
 def _write_torch(path: Path, obj) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # Saved to memory first: torch names the zip's root folder after the file, and the atomic
+    # write's temporary name would otherwise make every file's bytes different.
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(path, buf.getvalue())
 
 
 def _single(path: Path, emb: Embedding, fmt: str) -> torch.Tensor:

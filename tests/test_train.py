@@ -1,0 +1,219 @@
+"""Training on tiny random pipelines: options, resume bit-exactness, faults and bad input.
+
+Learning itself (did the embedding capture the concept?) is tested on the mini model in
+test_learning.py; here the model is random and only the machinery is checked.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from textinv import formats, tokens
+from textinv.data import filewords, fill_template, load_images, load_templates
+from textinv.errors import TextinvError
+from textinv.train import TrainingDiverged, init_vectors, lr_at, parse_lr, train
+
+from conftest import make_sd, make_sdxl
+
+
+def shapes(folder: Path, n: int = 3, size=(40, 48)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        a = np.full((*size, 3), 230, np.uint8)
+        a[8:30, 6 + 4 * i : 28 + 4 * i] = (200, 30, 30)
+        Image.fromarray(a).save(folder / f"{i:03d}-a red block.png")
+    return folder
+
+
+def test_lr_schedule_string_as_a1111():
+    s = parse_lr("0.005:100, 1e-3:1000, 1e-5")
+    assert [lr_at(s, k) for k in (0, 99, 100, 999, 1000, 10**6)] == [0.005, 0.005, 1e-3, 1e-3, 1e-5, 1e-5]
+    assert lr_at(parse_lr("0.01"), 5000) == 0.01
+    for bad in ("fast", "0.1:ten", "-1", ""):
+        with pytest.raises(TextinvError, match="--lr"):
+            parse_lr(bad)
+
+
+def test_multi_token_init_spreads_over_vectors_like_a1111(sd_pipe):
+    table = sd_pipe.text_encoder.get_input_embeddings().weight
+    ids = sd_pipe.tokenizer("red star", add_special_tokens=False).input_ids
+    v = init_vectors(sd_pipe.tokenizer, table, "red star", 4)  # indices 0,0,1,1
+    assert torch.equal(v, table[[ids[0], ids[0], ids[1], ids[1]]])
+    assert torch.equal(init_vectors(sd_pipe.tokenizer, table, "", 2), torch.zeros(2, table.shape[1]))
+
+
+def test_templates_and_filewords(tmp_path):
+    assert fill_template("a photo of a [name], [filewords]", "<t>", "red block") == "a photo of a <t>, red block"
+    assert fill_template("{} in the style of [filewords]", "<t>", "") == "<t> in the style of"
+    (tmp_path / "00012-a red block.png").write_bytes(b"")
+    (tmp_path / "7-blue_ring.png").write_bytes(b"")
+    (tmp_path / "7-blue_ring.txt").write_text("  a  ring,\n blue ")
+    assert filewords(tmp_path / "00012-a red block.png") == "a red block"
+    assert filewords(tmp_path / "7-blue_ring.png") == "a ring, blue"
+    f = tmp_path / "t.txt"
+    f.write_text("# mine\n[name] on a table\n\n")
+    assert load_templates(f) == ["[name] on a table"]
+    f.write_text("no placeholder\n")
+    with pytest.raises(TextinvError, match="no template contains"):
+        load_templates(f)
+
+
+def test_run_writes_embedding_intermediates_previews_log_and_config(tmp_path):
+    imgs = shapes(tmp_path / "imgs")
+    (imgs / "000-a red block.txt").write_text("a crimson block")
+    res = train(images=str(imgs), token="<blk>", init="square", vectors=2, steps=6, batch=2, save_every=3,
+                preview_every=6, out=str(tmp_path / "run"), pipe=make_sd(), progress=False)
+    out = tmp_path / "run"
+    assert res.embedding_path == out / "blk.safetensors"
+    emb = formats.load(res.embedding_path)
+    assert emb.num_vectors == 2 and emb.meta["step"] == 6 and emb.meta["init_text"] == "square"
+    assert formats.load(out / "embeddings" / "blk-3.safetensors").meta["step"] == 3
+    assert (out / "previews" / "000006.png").is_file()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 7)) and all({"loss", "lr", "seconds"} <= set(r) for r in log)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["token"] == "<blk>" and cfg["resolution"] == 16 and cfg["views"] == 6  # 3 images × (crop + mirror)
+    # the vectors moved away from their init, and only they did
+    pipe = make_sd()
+    table = pipe.text_encoder.get_input_embeddings().weight
+    assert not torch.equal(emb.vectors["clip"], init_vectors(pipe.tokenizer, table, "square", 2))
+
+
+def test_existing_word_needs_replace_mode_and_replace_learns_it(tmp_path):
+    imgs = shapes(tmp_path / "imgs")
+    with pytest.raises(TextinvError, match="already a word"):
+        train(images=str(imgs), token="ball", steps=1, out=str(tmp_path / "a"), pipe=make_sd(), progress=False)
+    res = train(images=str(imgs), token="ball", mode="replace", steps=3, batch=2, out=str(tmp_path / "b"),
+                pipe=make_sd(), progress=False)
+    assert res.embedding.name == "ball" and res.embedding.meta["init_text"] == "ball"
+    pipe = make_sd()
+    before = pipe.encode_prompt("a red ball", "cpu", 1, False)[0]
+    tokens.apply(pipe, res.embedding_path)
+    after = pipe.encode_prompt("a red ball", "cpu", 1, False)[0]
+    assert not torch.allclose(before, after)
+
+
+def test_unwritable_output_fails_before_training(tmp_path):
+    imgs = shapes(tmp_path / "imgs")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(TextinvError, match="--out"):
+        train(images=str(imgs), token="<x>", steps=1, out=str(blocker / "run"), pipe=make_sd(), progress=False)
+
+
+def test_divergence_stops_with_clear_message_and_keeps_last_good_save(tmp_path):
+    imgs = shapes(tmp_path / "imgs")
+    with pytest.raises(TrainingDiverged) as err:
+        train(images=str(imgs), token="<x>", steps=20, lr="1e30", batch=2, save_every=1, out=str(tmp_path / "run"),
+              pipe=make_sd(), progress=False)
+    msg = str(err.value)
+    assert "NaN" in msg or "inf" in msg
+    saved = sorted((tmp_path / "run" / "embeddings").glob("*.safetensors"))
+    assert saved and str(saved[-1].name) in msg
+    assert formats.load(saved[-1]).vectors["clip"].isfinite().all()
+    assert not (tmp_path / "run" / "x.safetensors").exists()
+
+
+def _bad_image_corpus(folder: Path) -> dict[str, str]:
+    folder.mkdir()
+    base = Image.new("RGB", (40, 24), (200, 30, 30))
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    buf = io.BytesIO()
+    base.save(buf, "JPEG")
+    (folder / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
+    Image.new("RGB", (1, 1)).save(folder / "dot.png")
+    base.convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(np.full((24, 40), 40000, np.uint16)).save(folder / "sixteen.png")
+    pal = base.convert("P")
+    pal.info["transparency"] = 0
+    pal.save(folder / "palette.png", transparency=0)
+    frames = [base, Image.new("RGB", (40, 24), (0, 0, 255))]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° when displayed
+    base.save(folder / "rotated.jpg", exif=exif)
+    (folder / "notes.md").write_text("not an image")
+    return {"corrupt.png": "skipped", "truncated.jpg": "skipped", "dot.png": "skipped"}
+
+
+def test_bad_images_are_converted_or_skipped_with_named_warnings(tmp_path):
+    skipped = _bad_image_corpus(tmp_path / "imgs")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = load_images(tmp_path / "imgs")
+    messages = " | ".join(str(w.message) for w in caught)
+    for name in skipped:
+        assert name in messages
+    assert "anim.gif" in messages  # first frame used, with a warning
+    names = sorted(i.path.name for i in items)
+    assert names == ["anim.gif", "cmyk.jpg", "palette.png", "rotated.jpg", "sixteen.png"]
+    assert all(i.image.mode == "RGB" for i in items)
+    rotated = next(i for i in items if i.path.name == "rotated.jpg")
+    assert rotated.image.size == (24, 40)  # EXIF orientation applied
+    sixteen = next(i for i in items if i.path.name == "sixteen.png")
+    assert sixteen.image.getpixel((0, 0))[0] == round(40000 / 65535 * 255)
+    for name in ("corrupt.png", "truncated.jpg", "dot.png"):
+        (tmp_path / "only").mkdir(exist_ok=True)
+        (tmp_path / "only" / name).write_bytes((tmp_path / "imgs" / name).read_bytes())
+    with pytest.raises(TextinvError, match="none usable"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            load_images(tmp_path / "only")
+
+
+def test_sdxl_trains_clip_l_and_clip_g_together(tmp_path):
+    imgs = shapes(tmp_path / "imgs")
+    res = train(images=str(imgs), token="<xl>", init="square", vectors=2, steps=3, batch=2, format="sdxl",
+                out=str(tmp_path / "run"), pipe=make_sdxl(), progress=False)
+    emb = formats.load(res.embedding_path)
+    assert emb.is_sdxl and emb.widths == {"clip_l": 32, "clip_g": 48} and emb.num_vectors == 2
+    pipe = make_sdxl()
+    tokens.apply(pipe, emb)
+    assert "<|ti:xl:1|>" in tokens.expand(pipe, "a photo of <xl>")
+
+
+def _cli_train(model: Path, imgs: Path, out: Path, *extra) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "textinv", "train", "--model", str(model), "--images", str(imgs), "--token", "<r>",
+           "--steps", "30", "--batch", "2", "--save-every", "3", "--lr", "0.02:8, 5e-3", "--out", str(out), *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_resume_after_sigkill_gives_the_same_embedding_bit_for_bit(tmp_path):
+    model = tmp_path / "model"
+    make_sd().save_pretrained(model)
+    imgs = shapes(tmp_path / "imgs")
+    ref = _cli_train(model, imgs, tmp_path / "ref")
+    assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()[-2000:]
+    kill_after = random.Random(os.getpid()).randint(3, 24)  # a random step, named in any failure message
+    victim = _cli_train(model, imgs, tmp_path / "run")
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= kill_after:
+            victim.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, f"run finished before the kill at step {kill_after}"
+    assert not (tmp_path / "run" / "r.safetensors").exists()
+    resumed = _cli_train(model, imgs, tmp_path / "run", "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
+    a = (tmp_path / "ref" / "r.safetensors").read_bytes()
+    b = (tmp_path / "run" / "r.safetensors").read_bytes()
+    assert a == b, f"killed after step {kill_after}: resumed embedding differs"
+    again = _cli_train(model, imgs, tmp_path / "run")  # without --resume: refuses to overwrite the run
+    assert again.wait(timeout=120) == 2 and b"--resume" in again.stderr.read()

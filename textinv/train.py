@@ -1,0 +1,382 @@
+"""Textual inversion training: a few images in, a few-kB embedding out.
+
+Read top to bottom: configuration, set-up (model, images, latent cache, the new token), the
+loop, saving.  What makes it fast and safe:
+
+* Only the new vectors are parameters.  They live in :class:`textinv.tokens.TriggerEmbedding`
+  beside the frozen token table, so there is no whole-table gradient, no whole-table AdamW state
+  and no "restore the other rows" copy after every step.
+* Every image view (crops, mirrors) is VAE-encoded once; a step draws ``mean + std * noise``
+  from the cached latent distribution.  Frozen networks hold no weight gradients.
+* All randomness of step ``s`` comes from a generator seeded by ``(seed, s)``: a run resumed
+  from its last save ends with the same embedding, bit for bit on CPU, as one never stopped.
+* The learned vectors stay float32 whatever ``--precision`` the model runs in (no NaN from fp16).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import data, formats, tokens
+from .atomic import atomic_path, write_text
+from .errors import TextinvError
+from .formats import Embedding
+from .models import load_pipeline
+
+MODES = ("object", "style", "replace")
+STATE_FILE = "state.pt"
+
+
+class TrainingDiverged(TextinvError):
+    """The loss or the vectors became NaN/inf."""
+
+
+@dataclass
+class TrainConfig:
+    images: str
+    token: str
+    model: str | None = None  # None: the built-in mini model
+    init: str | None = None  # None: "*" (A1111's default), or the word itself in replace mode
+    vectors: int = 1
+    mode: str = "object"
+    templates: str | None = None  # None: the mode's built-in list
+    steps: int = 500
+    lr: str = "5e-3"  # a number or an A1111 schedule "0.005:100, 1e-3:1000, 1e-5"
+    batch: int = 4
+    grad_accum: int = 1
+    resolution: int | None = None  # None: the model's native size
+    crops: int = 1  # views per image: centre crop + (crops - 1) random crops
+    flip: bool = True
+    seed: int = 0
+    precision: str = "fp32"
+    grad_checkpointing: bool = False
+    compile: bool = False
+    weight_decay: float = 0.0
+    save_every: int = 0  # 0: only the final embedding
+    preview_every: int = 0
+    preview_prompts: list[str] = field(default_factory=list)  # default: the first template
+    format: str = "diffusers"
+    out: str | None = None  # None: runs/<token>
+    resume: bool = False
+    progress: bool = True
+
+    def resolved_out(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / re.sub(r"[^\w.-]+", "-", self.token).strip("-")
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    embedding_path: Path
+    embedding: Embedding
+    steps: int
+    seconds: float
+    loss: float
+
+
+# ---------------------------------------------------------------------------- small helpers
+def parse_lr(spec: str | float) -> list[tuple[float, int | None]]:
+    """A1111's schedule: ``"0.005:100, 1e-3:1000, 1e-5"`` = 0.005 until step 100, then …"""
+    out = []
+    try:
+        for part in str(spec).split(","):
+            rate, _, until = part.strip().partition(":")
+            end = int(until) if until.strip() not in ("", "-1") else None
+            out.append((float(rate), end))
+    except ValueError:
+        raise TextinvError(f"--lr {spec!r}: expected a number or a schedule like '0.005:100, 1e-3:1000, 1e-5'") from None
+    if not out or any(r <= 0 or not math.isfinite(r) for r, _ in out):
+        raise TextinvError(f"--lr {spec!r}: learning rates must be positive numbers")
+    return out
+
+
+def lr_at(schedule: list[tuple[float, int | None]], step: int) -> float:
+    for rate, end in schedule:
+        if end is None or step < end:
+            return rate
+    return schedule[-1][0]
+
+
+def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
+    state = np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def init_vectors(tokenizer, table: torch.Tensor, text: str, n: int) -> torch.Tensor:
+    """A1111's rule: vector i copies the init text's token at index i·len/n (zeros if empty)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids if text else []
+    if not ids:
+        return torch.zeros(n, table.shape[1])
+    return torch.stack([table[ids[i * len(ids) // n]].detach().float().cpu() for i in range(n)])
+
+
+def _check_out_dir(out: Path, resume: bool) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / ".write-test") as probe:
+            probe.write_bytes(b"ok")
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise TextinvError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    if (out / STATE_FILE).exists() and not resume:
+        raise TextinvError(f"--out {out}: already holds a training run; pass --resume to continue it, or choose another folder")
+
+
+def _encode(pipe, prompts: list[str]):
+    """Prompt embeddings with gradients (SDXL also returns its pooled/time conditioning)."""
+    device = pipe.unet.device
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return pipe.encode_prompt(prompts, device, 1, False)[0], None
+    embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    return embeds, pooled
+
+
+# ------------------------------------------------------------------------------------ train
+def train(config: TrainConfig | None = None, pipe=None, **overrides) -> TrainResult:
+    """Train one embedding.  ``train(images=..., token=..., steps=...)`` or ``train(TrainConfig(...))``."""
+    cfg = dataclasses.replace(config, **overrides) if config else TrainConfig(**overrides)
+    if cfg.mode not in MODES:
+        raise TextinvError(f"--mode {cfg.mode!r}: choose one of {', '.join(MODES)}")
+    if not 1 <= cfg.vectors <= formats.MAX_VECTORS:
+        raise TextinvError(f"--vectors {cfg.vectors}: must be between 1 and {formats.MAX_VECTORS}")
+    if cfg.steps < 1 or cfg.batch < 1 or cfg.grad_accum < 1:
+        raise TextinvError("--steps, --batch and --grad-accum must be at least 1")
+    if cfg.format not in formats.SAVE_FORMATS:
+        raise TextinvError(f"--format {cfg.format!r}: choose one of {', '.join(formats.SAVE_FORMATS)}")
+    schedule = parse_lr(cfg.lr)
+    templates = data.load_templates(cfg.templates or ("style" if cfg.mode == "style" else "object"))
+    out = cfg.resolved_out()
+
+    from accelerate import PartialState
+
+    dist = PartialState()
+    main_process = dist.is_main_process
+    if main_process:
+        _check_out_dir(out, cfg.resume)
+    images = data.load_images(cfg.images)
+
+    # -- the model, frozen ---------------------------------------------------------------
+    if pipe is None:
+        pipe = load_pipeline(cfg.model, dtype=cfg.precision, device=str(dist.device))
+    for module in (pipe.unet, pipe.vae, *[te for _, te in tokens._encoder_pairs(pipe)]):
+        module.requires_grad_(False)
+        module.eval()
+    if cfg.grad_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        for _, te in tokens._encoder_pairs(pipe):
+            te.gradient_checkpointing_enable()
+    unet = torch.compile(pipe.unet) if cfg.compile else pipe.unet
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    resolution = cfg.resolution or int(pipe.unet.config.sample_size) * vae_scale
+
+    # -- images → cached latent distributions ------------------------------------------------
+    views, captions = [], []
+    for i, item in enumerate(images):
+        vs = data.variants(item.image, resolution, crops=cfg.crops, flip=cfg.flip, seed=cfg.seed * 1000 + i)
+        views += vs
+        captions += [item.caption] * len(vs)
+    lat_mean, lat_std = data.encode_latents(pipe.vae, data.to_tensor(views))
+
+    # -- the new word --------------------------------------------------------------------
+    emb = _new_embedding(pipe, cfg)
+    applied = tokens.apply(pipe, emb)[0]
+    state = tokens.state(pipe)
+    if len(state.applied) != 1:
+        raise TextinvError("train on a pipeline without other embeddings applied")
+    params = []
+    for enc in state.encoders:
+        module = enc.text_encoder.get_input_embeddings()
+        module.extra.requires_grad_(True)
+        params.append(module.extra)
+    optimizer = torch.optim.AdamW(params, lr=lr_at(schedule, 0), weight_decay=cfg.weight_decay)
+
+    start = 0
+    if cfg.resume and (out / STATE_FILE).exists():
+        start = _load_state(out / STATE_FILE, cfg, params, optimizer)
+
+    config_json = dict(dataclasses.asdict(cfg), resolution=resolution, init=emb.meta["init_text"],
+                       templates_used=templates, images_used=[str(i.path) for i in images], views=len(views))
+    if main_process:
+        write_text(out / "config.json", json.dumps(config_json, indent=2, default=str))
+
+    # -- the loop --------------------------------------------------------------------------
+    added = None
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        added = pipe._get_add_time_ids((resolution, resolution), (0, 0), (resolution, resolution), dtype=pipe.unet.dtype,
+                                       text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    progress = _progress(cfg, start) if main_process else None
+    t0, smoothed, loss_value = time.perf_counter(), None, float("nan")
+    last_good = None
+    for step in range(start, cfg.steps):
+        lr = lr_at(schedule, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            g = step_generator(cfg.seed, step, micro, dist.process_index)
+            idx = torch.randint(len(views), (cfg.batch,), generator=g)
+            which = torch.randint(len(templates), (cfg.batch,), generator=g)
+            prompts = [data.fill_template(templates[int(t)], cfg.token, captions[int(i)]) for i, t in zip(idx, which)]
+            latents = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)
+            noise = torch.randn(latents.shape, generator=g)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch,), generator=g)
+            noisy = noise_scheduler.add_noise(latents, noise, t)
+            if noise_scheduler.config.prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(latents, noise, t)
+            else:
+                target = noise
+            hidden, pooled = _encode(pipe, prompts)
+            kwargs = {}
+            if pooled is not None:
+                kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": added.repeat(cfg.batch, 1).to(pooled.device)}
+            dev, dtype = pipe.unet.device, pipe.unet.dtype
+            pred = unet(noisy.to(dev, dtype), t.to(dev), hidden.to(dtype), **kwargs).sample
+            loss = F.mse_loss(pred.float(), target.to(dev).float())
+            if not torch.isfinite(loss):
+                what = "NaN" if torch.isnan(loss) else "infinite"
+                raise TrainingDiverged(f"step {step + 1}: the loss became {what} (learning rate too high?); "
+                                       f"last good embedding: {last_good or 'none saved yet'}")
+            (loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+        if dist.num_processes > 1:
+            for p in params:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= dist.num_processes
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not all(torch.isfinite(p).all() for p in params):
+            raise TrainingDiverged(f"step {step + 1}: the vectors became NaN/inf (learning rate too high?); "
+                                   f"last good embedding: {last_good or 'none saved yet'}")
+        loss_value = total
+        smoothed = total if smoothed is None else 0.95 * smoothed + 0.05 * total
+        done = step + 1
+        if not main_process:
+            continue
+        _log(out, {"step": done, "loss": round(total, 6), "lr": lr, "seconds": round(time.perf_counter() - t0, 3)})
+        progress.update(1)
+        progress.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.2g}")
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+            last_good = _save(out, pipe, applied, cfg, done, suffix=f"-{done}", subdir="embeddings")
+            _save_state(out / STATE_FILE, cfg, params, optimizer, done)
+        if cfg.preview_every and done % cfg.preview_every == 0:
+            preview(pipe, cfg, templates, out / "previews" / f"{done:06d}.png")
+    if progress is not None:
+        progress.close()
+
+    final = _current(applied, cfg, cfg.steps, pipe)
+    path = out / f"{_file_stem(cfg.token)}{_suffix(cfg.format, final)}"
+    if main_process:
+        formats.save(final, path, cfg.format)
+        _save_state(out / STATE_FILE, cfg, params, optimizer, cfg.steps)
+    for p in params:
+        p.requires_grad_(False)
+    return TrainResult(out, path, final, cfg.steps, time.perf_counter() - t0, loss_value)
+
+
+# ------------------------------------------------------------------------------- pieces
+def _new_embedding(pipe, cfg: TrainConfig) -> Embedding:
+    state = tokens.state(pipe)
+    tok = state.encoders[0].tokenizer
+    ids = tok(cfg.token, add_special_tokens=False).input_ids
+    if not cfg.token.strip():
+        raise TextinvError("--token: empty")
+    existing = len(ids) == 1 and ids[0] < state.encoders[0].base.num_embeddings
+    if cfg.mode == "replace" and not existing:
+        raise TextinvError(f"--token {cfg.token!r}: --mode replace re-learns an existing single-token word, and this is not one")
+    if cfg.mode != "replace" and existing:
+        raise TextinvError(f"--token {cfg.token!r} is already a word in this model's vocabulary; choose a new word "
+                           f"(e.g. '<{cfg.token}>') or use --mode replace to re-learn it")
+    init = cfg.init if cfg.init is not None else (cfg.token if cfg.mode == "replace" else "*")
+    vectors = {enc.slot: init_vectors(enc.tokenizer, enc.base.weight, init, cfg.vectors) for enc in state.encoders}
+    meta = {"step": 0, "init_text": init, "mode": cfg.mode, "sd_checkpoint_name": str(cfg.model or "mini"), "sd_checkpoint": None}
+    return Embedding(cfg.token, vectors, meta=meta)
+
+
+def _current(applied, cfg: TrainConfig, step: int, pipe) -> Embedding:
+    state = tokens.state(pipe)
+    vectors = {enc.slot: enc.text_encoder.get_input_embeddings().extra.detach().clone().float().cpu() for enc in state.encoders}
+    return Embedding(cfg.token, vectors, meta=dict(applied.embedding.meta, step=step))
+
+
+def _file_stem(token: str) -> str:
+    return re.sub(r"[^\w.-]+", "-", token).strip("-") or "embedding"
+
+
+def _suffix(fmt: str, emb: Embedding) -> str:
+    if fmt == "diffusers" and emb.is_sdxl:
+        return ""  # diffusers' two-file folder
+    return {"a1111": ".pt", "png": ".png"}.get(fmt, ".safetensors")
+
+
+def _save(out: Path, pipe, applied, cfg, step: int, suffix: str, subdir: str) -> Path:
+    emb = _current(applied, cfg, step, pipe)
+    path = out / subdir / f"{_file_stem(cfg.token)}{suffix}{_suffix(cfg.format, emb)}"
+    return formats.save(emb, path, cfg.format)
+
+
+def _save_state(path: Path, cfg: TrainConfig, params, optimizer, step: int) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"step": step, "params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
+                    "identity": _identity(cfg)}, tmp)
+
+
+def _identity(cfg: TrainConfig) -> dict:
+    """What must not change between a run and its resumption."""
+    keep = ("images", "token", "model", "init", "vectors", "mode", "templates", "lr", "batch", "grad_accum",
+            "resolution", "crops", "flip", "seed", "precision", "weight_decay")
+    return {k: str(getattr(cfg, k)) for k in keep}
+
+
+def _load_state(path: Path, cfg: TrainConfig, params, optimizer) -> int:
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TextinvError(f"{path}: cannot resume from this state file ({type(e).__name__}: {e})") from None
+    changed = {k: (v, _identity(cfg).get(k)) for k, v in st["identity"].items() if _identity(cfg).get(k) != v}
+    if changed:
+        k, (was, now) = next(iter(changed.items()))
+        raise TextinvError(f"--resume: this run was started with {k}={was}, now {k}={now}; use the same settings or another --out")
+    with torch.no_grad():
+        for p, saved in zip(params, st["params"]):
+            p.copy_(saved)
+    optimizer.load_state_dict(st["optimizer"])
+    return int(st["step"])
+
+
+def _log(out: Path, record: dict) -> None:
+    with open(out / "log.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _progress(cfg: TrainConfig, start: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc=f"training {cfg.token}", unit="step", disable=not cfg.progress,
+                dynamic_ncols=True)
+
+
+@torch.no_grad()
+def preview(pipe, cfg: TrainConfig, templates: list[str], path: Path, n: int = 4, steps: int = 20) -> Path:
+    """A fixed-seed grid of the current embedding (same seeds every time: comparable over steps)."""
+    from .images import grid
+
+    prompts = cfg.preview_prompts or [data.fill_template(templates[0], cfg.token, "")]
+    images = []
+    for prompt in prompts:
+        g = torch.Generator().manual_seed(cfg.seed)
+        images += pipe([prompt] * n, num_inference_steps=steps, generator=g).images
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid(images, cols=n, labels=prompts, label_every=n, scale=max(1, 128 // images[0].width)).save(path)
+    return path
