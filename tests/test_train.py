@@ -24,7 +24,7 @@ from PIL import Image
 from textinv import formats, tokens
 from textinv.data import filewords, fill_template, load_images, load_templates
 from textinv.errors import TextinvError
-from textinv.train import TrainingDiverged, init_vectors, lr_at, parse_lr, train
+from textinv.training import TrainingDiverged, init_vectors, lr_at, parse_lr, train
 
 from conftest import make_sd, make_sdxl
 

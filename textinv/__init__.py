@@ -1,2 +1,24 @@
-"""textinv — Textual Inversion embeddings: train, store in every format, use in any SD pipeline."""
+"""textinv — Textual Inversion embeddings: train, store in every format, use in any SD pipeline.
+
+    import textinv
+    emb = textinv.load("my-cat.pt")            # any format, detected by content
+    textinv.apply(pipe, [emb, "embeddings/"])  # trigger words in a diffusers SD/SDXL pipeline
+    textinv.remove(pipe)                       # exact restore
+    textinv.train(images="photos/", token="<my-cat>", init="cat", steps=500)
+"""
 __version__ = "0.1.0"
+
+from .errors import EmbeddingFileError, ModelMismatchError, TextinvError  # noqa: E402
+from .formats import Embedding, load, load_all, save  # noqa: E402
+from .tokens import apply, expand, remove  # noqa: E402
+
+
+def train(*args, **kwargs):
+    """Train an embedding; see :func:`textinv.training.train` and :class:`textinv.training.TrainConfig`."""
+    from .training import train as _train
+
+    return _train(*args, **kwargs)
+
+
+__all__ = ["Embedding", "EmbeddingFileError", "ModelMismatchError", "TextinvError", "apply", "expand", "load",
+           "load_all", "remove", "save", "train"]

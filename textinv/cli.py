@@ -167,7 +167,7 @@ def convert(src, dst, fmt, name, select, preview):
 def train(images, token, model, init, vectors, mode, templates, steps, lr, batch, grad_accum, resolution, crops, flip,
           seed, precision, grad_checkpointing, compile_, save_every, preview_every, fmt, out, resume):
     """Train a textual inversion embedding from a folder of images."""
-    from .train import TrainConfig, train as run
+    from .training import TrainConfig, train as run
 
     cfg = TrainConfig(images=str(images), token=token, model=model, init=init, vectors=vectors, mode=mode,
                       templates=templates, steps=steps, lr=lr, batch=batch, grad_accum=grad_accum, resolution=resolution,
@@ -176,6 +176,31 @@ def train(images, token, model, init, vectors, mode, templates, steps, lr, batch
                       out=str(out) if out else None, resume=resume)
     result = run(cfg)
     click.echo(f"wrote {result.embedding_path} ({result.steps} steps, {result.seconds:.0f} s, last loss {result.loss:.4f})")
+
+
+# ------------------------------------------------------------------------------------- demo
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("textinv-demo"), show_default=True)
+@click.option("--concept", default=None, help="Which unnamed shape of the mini world to learn (default: the first).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--steps", type=int, default=None, help="Training steps (default: the tuned demo setting).")
+@click.option("-n", "count", type=int, default=None, help="Images per prompt for the metrics.")
+@click.option("--bias", is_flag=True, help="Instead: re-learn the biased word 'ball' from a balanced set (replace mode).")
+def demo(out, concept, seed, steps, count, bias):
+    """The whole loop on the built-in mini model: render, train, generate, measure."""
+    from . import demo as d
+
+    if bias:
+        d.run_bias(out, seed=seed, n=count or 60, steps=steps or 300)
+        return
+    settings = d.DemoSettings()
+    if steps:
+        settings.steps = steps
+    if count:
+        settings.n = count
+    metrics = d.run(out, concept=concept, seed=seed, settings=settings)
+    d.print_summary(metrics)
+    click.echo(f"wrote {out}/: images/, run/ (embedding, log), grid.png, metrics.json")
 
 
 def _register_world():

@@ -75,11 +75,3 @@ def load_pipeline(model: str | os.PathLike | None = None, *, dtype: str | torch.
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def text_encoders(pipe) -> list[tuple[object, torch.nn.Module]]:
-    """The (tokenizer, text encoder) pairs of a pipeline, in SDXL order (clip_l, then clip_g)."""
-    pairs = [(pipe.tokenizer, pipe.text_encoder)]
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
-    return pairs

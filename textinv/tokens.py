@@ -296,7 +296,7 @@ def describe_widths(emb: Embedding) -> str:
 # ---------------------------------------------------------------------------------------
 # Pipelines (or any object with tokenizer/text_encoder[_2] attributes)
 # ---------------------------------------------------------------------------------------
-def _encoder_pairs(pipe) -> list[tuple[object, nn.Module]]:
+def encoder_pairs(pipe) -> list[tuple[object, nn.Module]]:
     pairs = []
     if getattr(pipe, "text_encoder", None) is not None:
         pairs.append((pipe.tokenizer, pipe.text_encoder))
@@ -311,7 +311,7 @@ def state(pipe, create: bool = True) -> TriggerState | None:
     """The pipeline's trigger state (created on first use)."""
     st = getattr(pipe, "_textinv", None)
     if st is None and create:
-        pairs = _encoder_pairs(pipe)
+        pairs = encoder_pairs(pipe)
         slots = [SINGLE_KEY] if len(pairs) == 1 else list(SDXL_KEYS)
         encoders = [
             _Encoder(slot, tok, te, te.get_input_embeddings(), pickle.dumps(tok)) for slot, (tok, te) in zip(slots, pairs)
@@ -383,7 +383,7 @@ def expand(pipe, prompt: str) -> str:
 def chunk_ids(pipe, prompt: str, encoder: int = 0) -> list[list[int]]:
     """A1111-style 77-token chunks (start, 75 tokens, end/padding) of an expanded prompt."""
     st = state(pipe, create=False)
-    tok = _encoder_pairs(pipe)[encoder][0]
+    tok = encoder_pairs(pipe)[encoder][0]
     text = st.expand(prompt) if st is not None else prompt
     ids = tok(text, add_special_tokens=False, truncation=False)["input_ids"]
     bos, eos = tok.bos_token_id, tok.eos_token_id
@@ -412,7 +412,7 @@ def _as_embeddings(embeddings) -> list[Embedding]:
 def nearest_words(emb: Embedding, pipe, k: int = 5) -> dict[str, list[list[tuple[str, float]]]]:
     """Per encoder slot and vector, the ``k`` vocabulary tokens with the highest cosine similarity."""
     out = {}
-    pairs = _encoder_pairs(pipe)
+    pairs = encoder_pairs(pipe)
     slots = [SINGLE_KEY] if len(pairs) == 1 else list(SDXL_KEYS)
     for slot, (tok, te) in zip(slots, pairs):
         if slot not in emb.vectors:

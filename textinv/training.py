@@ -167,12 +167,12 @@ def train(config: TrainConfig | None = None, pipe=None, **overrides) -> TrainRes
     # -- the model, frozen ---------------------------------------------------------------
     if pipe is None:
         pipe = load_pipeline(cfg.model, dtype=cfg.precision, device=str(dist.device))
-    for module in (pipe.unet, pipe.vae, *[te for _, te in tokens._encoder_pairs(pipe)]):
+    for module in (pipe.unet, pipe.vae, *[te for _, te in tokens.encoder_pairs(pipe)]):
         module.requires_grad_(False)
         module.eval()
     if cfg.grad_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-        for _, te in tokens._encoder_pairs(pipe):
+        for _, te in tokens.encoder_pairs(pipe):
             te.gradient_checkpointing_enable()
     unet = torch.compile(pipe.unet) if cfg.compile else pipe.unet
     from diffusers import DDPMScheduler
