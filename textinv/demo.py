@@ -1,0 +1,151 @@
+"""`textinv demo`: the whole Textual Inversion loop on the built-in mini model, in minutes on a CPU.
+
+1. Render 5 pictures of a shape the model can draw but has no word for (a user's "cat toy").
+2. Train a new word for it, starting from the generic word "shape".
+3. Generate the word alone and composed with attributes the model knows ("a blue S*", "a small S*
+   on the left", "a striped S*"), and let the world's judge count how often the concept appears
+   (fidelity) and how often the composed attribute appears with it (editability) — beside the
+   same prompts with the init word, the baseline.
+
+`textinv demo --bias` is the seed document's "doctor" story: the model's "ball" is almost always
+red; re-learning the word from a small balanced set (replace mode) evens out its colours.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from . import evaluate, tokens
+from .atomic import write_text
+from .images import grid
+from .models import load_pipeline
+from .training import TrainConfig, train
+
+INIT_WORD = "shape"
+
+
+@dataclass
+class DemoSettings:
+    """Training settings for the mini model, chosen from measurements (see docs/benchmark.md)."""
+
+    steps: int = 300
+    lr: str = "0.02:200, 5e-3"
+    batch: int = 8
+    vectors: int = 1
+    n: int = 16  # images per prompt for the metrics
+
+
+def world_templates(out: Path) -> Path:
+    """The mini world's own caption templates, as a textinv template file ([name] = the trigger)."""
+    from .world import spec
+
+    path = out / "templates.txt"
+    write_text(path, "\n".join(t.replace("{np}", "[name]") for t in spec.TEMPLATES) + "\n")
+    return path
+
+
+def render_training_set(concept: str, folder: Path, n: int = 5, seed: int = 0, **fixed) -> list[Path]:
+    from .world import render
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        s = render.sample(10_000 + seed, i, shape=concept, **fixed)
+        path = folder / f"{i:02d}.png"
+        s.image.save(path)
+        paths.append(path)
+    return paths
+
+
+def run(out: Path, concept: str | None = None, seed: int = 0, settings: DemoSettings | None = None,
+        model: str | None = None, echo=click.echo) -> dict:
+    from .world import spec
+
+    settings = settings or DemoSettings()
+    concept = concept or spec.unnamed_shapes()[0]
+    if concept not in spec.unnamed_shapes():
+        raise click.BadParameter(f"{concept!r}: choose one of the unnamed shapes {', '.join(spec.unnamed_shapes())}")
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    token = f"<{concept}>"
+    echo(f"1/4 rendering 5 training images of an unnamed shape → {out / 'images'}")
+    render_training_set(concept, out / "images", seed=seed)
+    pipe = load_pipeline(model)
+    echo(f"2/4 baseline: the init word {INIT_WORD!r} alone")
+    base = evaluate.judge_scores(pipe, INIT_WORD, "shape", concept, n=settings.n, seed=seed, keep_images=True)
+    echo(f"3/4 training {token} ({settings.steps} steps)")
+    cfg = TrainConfig(images=str(out / "images"), token=token, model=model, init=INIT_WORD, vectors=settings.vectors,
+                      templates=str(world_templates(out)), steps=settings.steps, lr=settings.lr, batch=settings.batch,
+                      flip=False, seed=seed, out=str(out / "run"), resume=(out / "run" / "state.pt").exists())
+    result = train(cfg, pipe=pipe)
+    train_seconds = result.seconds
+    echo("4/4 generating and judging")
+    learned = evaluate.judge_scores(pipe, token, "shape", concept, n=settings.n, seed=seed, keep_images=True)
+    tokens.remove(pipe)
+
+    rows = []
+    labels = []
+    for prompt, imgs in list(learned.pop("images").items()) + list(base.pop("images").items()):
+        rows += imgs[:8]
+        labels.append(prompt)
+    grid(rows, cols=8, labels=labels, label_every=8, scale=3).save(out / "grid.png")
+    metrics = {
+        "concept": concept, "token": token, "init": INIT_WORD, "seed": seed, "settings": settings.__dict__,
+        "fidelity": learned["fidelity"], "editability": learned["editability"],
+        "baseline_fidelity": base["fidelity"], "baseline_editability": base["editability"],
+        "probes": learned["probes"], "baseline_probes": base["probes"],
+        "train_seconds": round(train_seconds, 1), "total_seconds": round(time.perf_counter() - t0, 1),
+        "embedding": str(result.embedding_path),
+    }
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
+
+
+def print_summary(m: dict, echo=click.echo) -> None:
+    echo(f"\nconcept: an unnamed shape ({m['concept']}), trigger {m['token']}, init word {m['init']!r}")
+    echo(f"{'prompt':<34}{'concept':>9}{'+attribute':>12}   baseline ({m['init']})")
+    for r, b in zip(m["probes"], m["baseline_probes"]):
+        extra = f"{r['both']:>12.2f}" if r["want"] else f"{'':>12}"
+        bextra = f" / {b['both']:.2f}" if b["want"] else ""
+        echo(f"{r['prompt']:<34}{r['concept']:>9.2f}{extra}   {b['concept']:.2f}{bextra}")
+    echo(f"fidelity    {m['fidelity']:.2f}   (baseline {m['baseline_fidelity']:.2f})")
+    echo(f"editability {m['editability']:.2f}   (baseline {m['baseline_editability']:.2f})")
+    echo(f"training {m['train_seconds']:.0f} s, total {m['total_seconds']:.0f} s; embedding {m['embedding']}")
+
+
+def run_bias(out: Path, seed: int = 0, n: int = 60, steps: int = 300, model: str | None = None, echo=click.echo) -> dict:
+    """Replace mode on the biased word: before/after colour distributions and KL to uniform."""
+    from .world import render, spec
+
+    word, colours = spec.BIASED["shape"], spec.labels("colour")
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    folder = out / "curated"
+    folder.mkdir(exist_ok=True)
+    for i, colour in enumerate(colours * 2):  # a small, balanced, curated set: two of each colour
+        render.sample(20_000 + seed, i, shape=word, colour=colour).image.save(folder / f"{i:02d}-{colour}.png")
+    pipe = load_pipeline(model)
+    prompt = f"a photo of a {word}"
+    echo(f"1/3 before: colours of {prompt!r}")
+    before = evaluate.colour_distribution(pipe, prompt, n=n, seed=seed)
+    echo(f"2/3 re-learning {word!r} from {len(colours) * 2} balanced images (replace mode)")
+    cfg = TrainConfig(images=str(folder), token=word, mode="replace", model=model, templates=str(world_templates(out)),
+                      steps=steps, lr="5e-3", batch=8, flip=False, seed=seed, out=str(out / "run"),
+                      resume=(out / "run" / "state.pt").exists())
+    result = train(cfg, pipe=pipe)
+    echo(f"3/3 after: colours of {prompt!r} with the new {word!r}")
+    after = evaluate.colour_distribution(pipe, prompt, n=n, seed=seed)
+    kl_before, kl_after = evaluate.kl_to_uniform(before), evaluate.kl_to_uniform(after)
+    metrics = {"word": word, "prompt": prompt, "n": n, "before": before, "after": after, "kl_before": kl_before,
+               "kl_after": kl_after, "kl_ratio": kl_before / max(kl_after, 1e-9), "embedding": str(result.embedding_path),
+               "seconds": round(time.perf_counter() - t0, 1)}
+    write_text(out / "bias.json", json.dumps(metrics, indent=2))
+    echo(f"\n{'colour':<10}{'before':>8}{'after':>8}")
+    for c in colours:
+        echo(f"{c:<10}{before[c]:>8.2f}{after[c]:>8.2f}")
+    echo(f"KL to uniform: {kl_before:.3f} → {kl_after:.3f} ({metrics['kl_ratio']:.1f}× lower)")
+    return metrics
