@@ -217,3 +217,19 @@ def test_resume_after_sigkill_gives_the_same_embedding_bit_for_bit(tmp_path):
     assert a == b, f"killed after step {kill_after}: resumed embedding differs"
     again = _cli_train(model, imgs, tmp_path / "run")  # without --resume: refuses to overwrite the run
     assert again.wait(timeout=120) == 2 and b"--resume" in again.stderr.read()
+
+
+def test_two_processes_train_data_parallel_and_write_once(tmp_path):
+    """What `accelerate launch` / torchrun does on several GPUs, here with two CPU processes (gloo)."""
+    model = tmp_path / "model"
+    make_sd().save_pretrained(model)
+    imgs = shapes(tmp_path / "imgs")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "textinv", "train",
+           "--model", str(model), "--images", str(imgs), "--token", "<d>", "--steps", "4", "--batch", "2",
+           "--out", str(tmp_path / "run")]
+    res = subprocess.run(cmd, env=env, capture_output=True, timeout=300)
+    assert res.returncode == 0, res.stderr.decode()[-2000:]
+    assert res.stdout.decode().count("wrote ") == 1  # only the main process reports and writes
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 4
+    assert formats.load(tmp_path / "run" / "d.safetensors").num_vectors == 1

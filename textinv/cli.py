@@ -175,7 +175,8 @@ def train(images, token, model, init, vectors, mode, templates, steps, lr, batch
                       compile=compile_, save_every=save_every, preview_every=preview_every, format=fmt,
                       out=str(out) if out else None, resume=resume)
     result = run(cfg)
-    click.echo(f"wrote {result.embedding_path} ({result.steps} steps, {result.seconds:.0f} s, last loss {result.loss:.4f})")
+    if result.is_main_process:
+        click.echo(f"wrote {result.embedding_path} ({result.steps} steps, {result.seconds:.0f} s, last loss {result.loss:.4f})")
 
 
 # ------------------------------------------------------------------------------------- demo

@@ -31,7 +31,7 @@ from .atomic import atomic_path, write_bytes
 from .errors import EmbeddingFileError
 
 # Width of a token vector -> the model family whose text encoder has that width.
-FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL (clip_g)"}
+FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL (clip_g)", 64: "the textinv mini model"}
 SDXL_KEYS = ("clip_l", "clip_g")
 SINGLE_KEY = "clip"
 

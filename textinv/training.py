@@ -81,6 +81,7 @@ class TrainResult:
     steps: int
     seconds: float
     loss: float
+    is_main_process: bool = True  # with several processes (accelerate launch), only the main one writes
 
 
 # ---------------------------------------------------------------------------- small helpers
@@ -158,7 +159,7 @@ def train(config: TrainConfig | None = None, pipe=None, **overrides) -> TrainRes
 
     from accelerate import PartialState
 
-    dist = PartialState()
+    dist = PartialState(cpu=not torch.cuda.is_available())  # several CPU processes talk over gloo
     main_process = dist.is_main_process
     if main_process:
         _check_out_dir(out, cfg.resume)
@@ -250,10 +251,13 @@ def train(config: TrainConfig | None = None, pipe=None, **overrides) -> TrainRes
                                        f"last good embedding: {last_good or 'none saved yet'}")
             (loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
-        if dist.num_processes > 1:
+        if dist.num_processes > 1:  # data-parallel: average the (tiny) gradients and the loss over processes
             for p in params:
                 torch.distributed.all_reduce(p.grad)
                 p.grad /= dist.num_processes
+            mean_loss = torch.tensor([total])
+            torch.distributed.all_reduce(mean_loss)
+            total = mean_loss.item() / dist.num_processes
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if not all(torch.isfinite(p).all() for p in params):
@@ -282,7 +286,7 @@ def train(config: TrainConfig | None = None, pipe=None, **overrides) -> TrainRes
         _save_state(out / STATE_FILE, cfg, params, optimizer, cfg.steps)
     for p in params:
         p.requires_grad_(False)
-    return TrainResult(out, path, final, cfg.steps, time.perf_counter() - t0, loss_value)
+    return TrainResult(out, path, final, cfg.steps, time.perf_counter() - t0, loss_value, main_process)
 
 
 # ------------------------------------------------------------------------------- pieces
