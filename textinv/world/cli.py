@@ -1,0 +1,178 @@
+"""``textinv world ...``: render, sample, judge, train-base, quality, ti-check.
+
+Heavy imports (torch, diffusers) happen inside the commands so ``textinv --help`` stays fast.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import TextinvError
+from . import spec
+
+
+def _choice(attr: str):
+    return click.Choice(spec.labels(attr))
+
+
+@click.group()
+def world():
+    """The built-in miniature world: renderer, judge and the mini base model."""
+
+
+@world.command("render")
+@click.argument("concept")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("-n", "count", default=5, show_default=True, help="number of images")
+@click.option("--colour", "--color", "colour", type=_choice("colour"), help="fix the colour")
+@click.option("--size", type=_choice("size"), help="fix the size")
+@click.option("--position", type=_choice("position"), help="fix the position")
+@click.option("--style", type=_choice("style"), help="fix the fill style")
+@click.option("--background", type=_choice("background"), help="fix the background")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--scale", default=1, show_default=True, help="upscale factor (nearest) for viewing")
+def render_cmd(concept, out, count, colour, size, position, style, background, seed, scale):
+    """Write a user-like training set of CONCEPT (a shape, or a style) as PNGs into OUT.
+
+    Attributes not fixed by flags vary from image to image.
+    """
+    from .render import sample
+
+    fixed = dict(colour=colour, size=size, position=position, style=style, background=background)
+    if concept in spec.SHAPES:
+        fixed["shape"] = concept
+    elif concept in spec.STYLES:
+        if style and style != concept:
+            raise TextinvError(f"concept {concept!r} is a style; it conflicts with --style {style}")
+        fixed["style"] = concept
+    else:
+        raise TextinvError(f"unknown concept {concept!r}; choose a shape ({', '.join(spec.labels('shape'))}) "
+                           f"or a style ({', '.join(spec.labels('style'))})")
+    if count < 1:
+        raise TextinvError("-n must be at least 1")
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        s = sample(seed, i, **fixed)
+        img = s.image
+        if scale > 1:
+            from PIL import Image
+
+            img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        img.save(out / f"{concept}_{i:03d}.png")
+    click.echo(f"wrote {count} images of {concept} to {out}")
+
+
+@world.command("sample")
+@click.argument("prompt")
+@click.option("-n", "count", default=16, show_default=True, help="number of images")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("grid.png"), show_default=True)
+@click.option("--model", default="mini", show_default=True, help="model folder, file or hub id")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--steps", default=30, show_default=True, help="denoising steps")
+@click.option("--guidance", default=4.0, show_default=True, help="classifier-free guidance scale")
+@click.option("--scale", default=2, show_default=True, help="upscale factor (nearest) of the grid")
+def sample_cmd(prompt, count, out, model, seed, steps, guidance, scale):
+    """Generate COUNT images of PROMPT with the base model and save them as one grid PNG."""
+    from .generate import generate, grid
+
+    if count < 1:
+        raise TextinvError("-n must be at least 1")
+    from ..models import load_pipeline
+
+    pipe = load_pipeline(model)
+    images = generate(pipe, [prompt] * count, seed=seed, steps=steps, guidance=guidance, progress=True)
+    grid(images, scale=scale).save(out)
+    click.echo(f"wrote {count} samples of {prompt!r} to {out}")
+
+
+@world.command("judge")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def judge_cmd(images):
+    """Print the judge's attributes for each image."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .judge import judge, load_judge
+
+    pil = []
+    for p in images:
+        try:
+            pil.append(Image.open(p).convert("RGB"))
+        except (UnidentifiedImageError, OSError):
+            raise TextinvError(f"{p}: not an image") from None
+    model = load_judge()
+    for p, r in zip(images, judge(pil, model=model)):
+        attrs = " ".join(f"{k}={r[k]}({r['prob'][k]:.2f})" for k in spec.ATTRIBUTE_NAMES)
+        click.echo(f"{p}: {attrs}")
+
+
+@world.command("train-base")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="output folder (default: the package's mini model folder)")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--images", "n_images", default=60000, show_default=True, help="rendered training images")
+@click.option("--vae-steps", default=1200, show_default=True)
+@click.option("--unet-minutes", default=58.0, show_default=True, help="wall-clock budget of the UNet+text stage")
+@click.option("--unet-steps", default=None, type=int, help="fixed number of UNet steps (overrides --unet-minutes)")
+@click.option("--batch", default=64, show_default=True)
+@click.option("--lr", default=5e-4, show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="log and checkpoints (default: OUT.work next to OUT)")
+def train_base_cmd(out, seed, n_images, vae_steps, unet_minutes, unet_steps, batch, lr, workdir):
+    """Train the mini model (VAE, then UNet + text encoder with EMA) from scratch on the world."""
+    from ..models import MINI_PATH
+    from .train_base import train_base
+
+    out = out or MINI_PATH
+    if workdir is None and Path(out).resolve() == MINI_PATH.resolve():
+        workdir = Path("/tmp/textinv-train-base")
+    s = train_base(Path(out), seed=seed, n_images=n_images, vae_steps=vae_steps, unet_minutes=unet_minutes,
+                   unet_steps=unet_steps, batch=batch, lr=lr, text_lr=lr, workdir=workdir)
+    click.echo(f"trained in {s['minutes']:.1f} min ({s['unet_steps']} UNet steps); wrote {out}")
+
+
+@world.command("quality")
+@click.option("--model", default="mini", show_default=True)
+@click.option("-n", "per_prompt", default=8, show_default=True, help="images per prompt")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--steps", default=30, show_default=True)
+@click.option("--guidance", default=4.0, show_default=True)
+@click.option("--grid", "grid_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="also save a sample grid PNG")
+def quality_cmd(model, per_prompt, seed, steps, guidance, grid_path):
+    """Measure the base model with the judge (fixed prompts and seeds) and print the table."""
+    from .quality import format_table, measure
+
+    res = measure(model, per_prompt=per_prompt, seed=seed, steps=steps, guidance=guidance, grid_path=grid_path)
+    click.echo(format_table(res))
+
+
+@world.command("ti-check")
+@click.option("--model", default="mini", show_default=True)
+@click.option("--shape", "target", default="bowtie", show_default=True, type=_choice("shape"))
+@click.option("--init", "init_word", default="shape", show_default=True)
+@click.option("--steps", default=400, show_default=True)
+@click.option("--lr", default=5e-3, show_default=True)
+@click.option("-n", "count", default=32, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def ti_check_cmd(model, target, init_word, steps, lr, count, seed):
+    """Validate learnability: textual inversion of one shape on the frozen base model."""
+    from .ti_check import run_check
+
+    r = run_check(model=model, target=target, init_word=init_word, steps=steps, lr=lr, count=count, seed=seed)
+    for k, v in r.items():
+        click.echo(f"{k}: {v}")
+
+
+@world.command("train-judge")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="output folder (default: the package's judge folder)")
+@click.option("--images", "n_images", default=40000, show_default=True)
+@click.option("--steps", default=4000, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def train_judge_cmd(out, n_images, steps, seed):
+    """Train the judge CNN on fresh renders (ground-truth labels only)."""
+    from .judge import train_judge
+
+    acc = train_judge(out, n_images=n_images, steps=steps, seed=seed)
+    click.echo("held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))

@@ -1,0 +1,333 @@
+"""Train the built-in mini text-to-image model from scratch on the miniature world.
+
+Recipe (one call of :func:`train_base`, CLI ``textinv world train-base``):
+
+1. render a dataset of world images with several captions each (deterministic by seed);
+2. train a small AutoencoderKL (32x32x3 -> 8x8x4), MSE + L1 + small KL; set ``scaling_factor``
+   so that scaled latents have unit std;
+3. encode every image once (posterior mean and std kept; a fresh posterior sample per step);
+4. train UNet2DConditionModel + CLIPTextModel jointly with the VAE frozen: DDPM epsilon loss with
+   min-SNR(5) weighting, 10 % caption dropout (classifier-free guidance), AdamW with warmup and
+   cosine decay, EMA of UNet and text encoder;
+5. save a diffusers Stable Diffusion folder (fp16 safetensors, DDIM scheduler config).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import render, spec
+
+PACKAGE_TOKENIZER = Path(__file__).resolve().parent.parent / "data" / "mini" / "tokenizer"
+
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+    sample_size=spec.IMAGE_SIZE,
+)
+UNET_CONFIG = dict(
+    sample_size=spec.IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(96, 128, 128),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32,
+)
+TEXT_CONFIG = dict(
+    vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+    max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    projection_dim=64,
+)
+SCHEDULER_TRAIN = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+SCHEDULER_SHIP = dict(SCHEDULER_TRAIN, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
+def log(msg: str, logfile: Path | None = None) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    if logfile is not None:
+        with open(logfile, "a") as f:
+            f.write(line + "\n")
+
+
+def _render_chunk(args):
+    seed, start, n, ncap = args
+    S = spec.IMAGE_SIZE
+    imgs = np.zeros((n, S, S, 3), np.uint8)
+    caps = []
+    for j in range(n):
+        s = render.sample(seed, start + j)
+        imgs[j] = np.asarray(s.image)
+        cs = [s.caption]
+        for k in range(1, ncap):
+            cs.append(render.make_caption(s.attrs, np.random.default_rng([seed, start + j, 1000 + k])))
+        caps.append(cs)
+    return imgs, caps
+
+
+def render_dataset(n: int, seed: int, ncap: int = 4, workers: int = 2):
+    """``n`` images (uint8) with ``ncap`` captions each, rendered in parallel."""
+    from multiprocessing import get_context
+
+    from tqdm import tqdm
+
+    chunk = 2000
+    jobs = [(seed, s, min(chunk, n - s), ncap) for s in range(0, n, chunk)]
+    imgs, caps = [], []
+    with get_context("fork").Pool(workers) as pool:
+        for im, cp in tqdm(pool.imap(_render_chunk, jobs), total=len(jobs), desc="render", unit="chunk"):
+            imgs.append(im)
+            caps.extend(cp)
+    return np.concatenate(imgs), caps
+
+
+def build_models(seed: int):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    te = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    return vae, unet, te
+
+
+def _lr_at(step: int, total: int, warmup: int, base: float, final_frac: float = 0.1) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def train_vae(vae, imgs: np.ndarray, steps: int, batch: int, lr: float, seed: int, logfile=None, kl_weight=1e-6):
+    from tqdm import tqdm
+
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    x_all = torch.from_numpy(imgs)
+    vae.train()
+    bar = tqdm(range(steps), desc="vae", mininterval=5)
+    for step in bar:
+        for pg in opt.param_groups:
+            pg["lr"] = _lr_at(step, steps, 200, lr)
+        idx = torch.randint(0, len(x_all), (batch,), generator=g)
+        x = x_all[idx].permute(0, 3, 1, 2).float() / 127.5 - 1
+        post = vae.encode(x).latent_dist
+        z = post.sample(generator=g)
+        y = vae.decode(z).sample
+        rec = F.mse_loss(y, x) + 0.5 * F.l1_loss(y, x)
+        kl = post.kl().mean() / z[0].numel()
+        loss = rec + kl_weight * kl * z[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 200 == 0 or step == steps - 1:
+            bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.3f}")
+            log(f"vae step {step} rec {rec.item():.5f} kl/dim {kl.item():.4f}", logfile)
+    vae.eval()
+    return vae
+
+
+@torch.no_grad()
+def encode_all(vae, imgs: np.ndarray, batch: int = 512):
+    means, stds = [], []
+    for i in range(0, len(imgs), batch):
+        x = torch.from_numpy(imgs[i:i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        d = vae.encode(x).latent_dist
+        means.append(d.mean)
+        stds.append(d.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def save_pipeline(out: Path, vae, unet, te, dtype=torch.float16, copy_tokenizer: bool = True) -> None:
+    """Write a diffusers Stable Diffusion folder (weights in ``dtype``)."""
+    import copy
+
+    from diffusers import DDIMScheduler
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, m in (("vae", vae), ("unet", unet), ("text_encoder", te)):
+        mc = copy.deepcopy(m).to(dtype)
+        mc.save_pretrained(out / name, safe_serialization=True)
+    DDIMScheduler(**SCHEDULER_SHIP).save_pretrained(out / "scheduler")
+    tok_dir = out / "tokenizer"
+    if copy_tokenizer and tok_dir.resolve() != PACKAGE_TOKENIZER.resolve():
+        if tok_dir.exists():
+            shutil.rmtree(tok_dir)
+        shutil.copytree(PACKAGE_TOKENIZER, tok_dir)
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": _diffusers_version(),
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
+
+
+class EMA:
+    def __init__(self, model, decay: float):
+        import copy
+
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model, step: int):
+        d = min(self.decay, (1 + step) / (10 + step))
+        for pe, p in zip(self.model.parameters(), model.parameters()):
+            pe.lerp_(p.detach(), 1 - d)
+
+
+def train_base(
+    out: Path,
+    seed: int = 0,
+    n_images: int = 60000,
+    vae_steps: int = 1200,
+    vae_batch: int = 64,
+    unet_minutes: float = 58.0,
+    unet_steps: int | None = None,
+    batch: int = 64,
+    lr: float = 5e-4,
+    text_lr: float = 5e-4,
+    warmup: int = 400,
+    ema_decay: float = 0.999,
+    cond_drop: float = 0.1,
+    ckpt_every_min: float = 10.0,
+    workdir: Path | None = None,
+    threads: int = 2,
+) -> dict:
+    """Run the whole recipe; returns a summary dict.  ``unet_steps`` None = fit ``unet_minutes``."""
+    from transformers import CLIPTokenizer
+    from tqdm import tqdm
+
+    torch.set_num_threads(threads)
+    t_start = time.time()
+    out = Path(out)
+    workdir = Path(workdir) if workdir else out.parent / (out.name + ".work")
+    workdir.mkdir(parents=True, exist_ok=True)
+    logfile = workdir / "train.log"
+    log(f"train-base seed={seed} n_images={n_images} out={out}", logfile)
+
+    imgs, caps = render_dataset(n_images, seed + 1000)
+    log(f"rendered {len(imgs)} images in {time.time() - t_start:.0f}s; e.g. {caps[0][0]!r}", logfile)
+
+    tok = CLIPTokenizer.from_pretrained(str(PACKAGE_TOKENIZER))
+    flat = [c for cs in caps for c in cs]
+    ids = tok(flat, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ncap = len(caps[0])
+    ids = ids.view(len(caps), ncap, 77)
+    empty_ids = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+
+    vae, unet, te = build_models(seed)
+    t0 = time.time()
+    train_vae(vae, imgs, vae_steps, vae_batch, 1e-3, seed, logfile)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    mean, std = encode_all(vae, imgs)
+    sf = float(1.0 / mean.std())
+    vae.register_to_config(scaling_factor=sf)
+    with torch.no_grad():
+        x = torch.from_numpy(imgs[:256]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+        vae_mse = F.mse_loss(rec, x).item()
+    log(f"vae done in {time.time() - t0:.0f}s; scaling_factor {sf:.4f}; recon mse(mean) {vae_mse:.5f}", logfile)
+
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(**SCHEDULER_TRAIN)
+    acp = sched.alphas_cumprod.float()
+    snr = acp / (1 - acp)
+    w_t = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 weighting for epsilon prediction
+
+    unet.train()
+    te.train()
+    ema_u = EMA(unet, ema_decay)
+    ema_t = EMA(te, ema_decay)
+    opt = torch.optim.AdamW(
+        [
+            {"params": list(unet.parameters()), "lr": lr, "base": lr, "weight_decay": 0.01},
+            {"params": list(te.parameters()), "lr": text_lr, "base": text_lr, "weight_decay": 0.0},
+        ],
+        betas=(0.9, 0.99),
+    )
+    g = torch.Generator().manual_seed(seed + 1)
+    total = unet_steps or 10 ** 9
+    t_unet = time.time()
+    last_ckpt = time.time()
+    bar = tqdm(desc="unet+text", total=unet_steps, mininterval=10)
+    step = 0
+    losses = []
+    while step < total:
+        for pg in opt.param_groups:
+            pg["lr"] = _lr_at(step, total, warmup, pg["base"])
+        idx = torch.randint(0, len(imgs), (batch,), generator=g)
+        ci = torch.randint(0, ncap, (batch,), generator=g)
+        tokens = ids[idx, ci]
+        drop = torch.rand(batch, generator=g) < cond_drop
+        tokens[drop] = empty_ids
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * sf
+        noise = torch.randn(z.shape, generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        zt = sched.add_noise(z, noise, t)
+        cond = te(tokens).last_hidden_state
+        pred = unet(zt, t, cond).sample
+        loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        loss = (loss * w_t[t]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(te.parameters()), 1.0)
+        opt.step()
+        ema_u.update(unet, step)
+        ema_t.update(te, step)
+        losses.append(loss.item())
+        step += 1
+        bar.update(1)
+        if unet_steps is None and (step == 30 or step % 100 == 0):
+            # fit the wall-clock budget; re-estimated as the machine's load changes
+            per = (time.time() - t_unet) / step
+            total = max(step + 1, 60, int(unet_minutes * 60 / per))
+            bar.total = total
+            bar.refresh()
+            if step == 30:
+                log(f"unet: {per:.3f}s/step -> {total} steps for {unet_minutes} min", logfile)
+        if step % 200 == 0:
+            log(f"unet step {step}/{total} loss {np.mean(losses[-200:]):.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"elapsed {(time.time() - t_unet) / 60:.1f} min", logfile)
+        if ckpt_every_min and time.time() - last_ckpt > ckpt_every_min * 60:
+            save_pipeline(workdir / "ckpt", vae, ema_u.model, ema_t.model)
+            (workdir / "ckpt" / "STEP").write_text(str(step))
+            log(f"checkpoint at step {step} -> {workdir / 'ckpt'}", logfile)
+            last_ckpt = time.time()
+    bar.close()
+    save_pipeline(out, vae, ema_u.model, ema_t.model)
+    summary = {
+        "seed": seed, "n_images": n_images, "vae_steps": vae_steps, "unet_steps": step, "batch": batch,
+        "lr": lr, "text_lr": text_lr, "scaling_factor": sf, "vae_recon_mse": vae_mse,
+        "final_loss": float(np.mean(losses[-200:])), "minutes": (time.time() - t_start) / 60,
+    }
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(f"done: {summary}", logfile)
+    return summary
