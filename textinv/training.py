@@ -132,9 +132,8 @@ def _check_out_dir(out: Path, resume: bool) -> None:
         raise TextinvError(f"--out {out}: already holds a training run; pass --resume to continue it, or choose another folder")
 
 
-def _encode(pipe, prompts: list[str]):
+def _encode(pipe, prompts: list[str], device):
     """Prompt embeddings with gradients (SDXL also returns its pooled/time conditioning)."""
-    device = pipe.unet.device
     if getattr(pipe, "text_encoder_2", None) is None:
         return pipe.encode_prompt(prompts, device, 1, False)[0], None
     embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
@@ -217,6 +216,8 @@ def train(config: TrainConfig | None = None, pipe=None, **overrides) -> TrainRes
     if getattr(pipe, "text_encoder_2", None) is not None:
         added = pipe._get_add_time_ids((resolution, resolution), (0, 0), (resolution, resolution), dtype=pipe.unet.dtype,
                                        text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    # diffusers' .device/.dtype walk every module (milliseconds per call): look them up once.
+    dev, dtype = pipe.unet.device, pipe.unet.dtype
     progress = _progress(cfg, start) if main_process else None
     t0, smoothed, loss_value = time.perf_counter(), None, float("nan")
     last_good = None
@@ -238,11 +239,10 @@ def train(config: TrainConfig | None = None, pipe=None, **overrides) -> TrainRes
                 target = noise_scheduler.get_velocity(latents, noise, t)
             else:
                 target = noise
-            hidden, pooled = _encode(pipe, prompts)
+            hidden, pooled = _encode(pipe, prompts, dev)
             kwargs = {}
             if pooled is not None:
-                kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": added.repeat(cfg.batch, 1).to(pooled.device)}
-            dev, dtype = pipe.unet.device, pipe.unet.dtype
+                kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": added.repeat(cfg.batch, 1).to(dev)}
             pred = unet(noisy.to(dev, dtype), t.to(dev), hidden.to(dtype), **kwargs).sample
             loss = F.mse_loss(pred.float(), target.to(dev).float())
             if not torch.isfinite(loss):
