@@ -118,7 +118,9 @@ def judge_cmd(images):
 @click.option("--lr", default=5e-4, show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="log and checkpoints (default: OUT.work next to OUT)")
-def train_base_cmd(out, seed, n_images, vae_steps, unet_minutes, unet_steps, batch, lr, workdir):
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="continue training this saved model (VAE kept) instead of starting from scratch")
+def train_base_cmd(out, seed, n_images, vae_steps, unet_minutes, unet_steps, batch, lr, workdir, init_from):
     """Train the mini model (VAE, then UNet + text encoder with EMA) from scratch on the world."""
     from ..models import MINI_PATH
     from .train_base import train_base
@@ -127,7 +129,8 @@ def train_base_cmd(out, seed, n_images, vae_steps, unet_minutes, unet_steps, bat
     if workdir is None and Path(out).resolve() == MINI_PATH.resolve():
         workdir = Path("/tmp/textinv-train-base")
     s = train_base(Path(out), seed=seed, n_images=n_images, vae_steps=vae_steps, unet_minutes=unet_minutes,
-                   unet_steps=unet_steps, batch=batch, lr=lr, text_lr=lr, workdir=workdir)
+                   unet_steps=unet_steps, batch=batch, lr=lr, text_lr=lr, workdir=workdir,
+                   init_from=init_from)
     click.echo(f"trained in {s['minutes']:.1f} min ({s['unet_steps']} UNet steps); wrote {out}")
 
 

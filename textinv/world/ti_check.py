@@ -46,11 +46,11 @@ def add_token(pipe, init_word: str):
         tok.add_tokens([TOKEN])
     new_id = tok.convert_tokens_to_ids(TOKEN)
     init_ids = tok(init_word, add_special_tokens=False).input_ids
-    emb = te.text_model.embeddings.token_embedding
+    emb = te.get_input_embeddings()
     base = emb.base if isinstance(emb, SplicedEmbedding) else emb
     init = base.weight[init_ids].mean(0)
     sp = SplicedEmbedding(base, new_id, init)
-    te.text_model.embeddings.token_embedding = sp
+    te.set_input_embeddings(sp)
     return sp
 
 

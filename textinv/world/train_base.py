@@ -218,6 +218,7 @@ def train_base(
     ckpt_every_min: float = 10.0,
     workdir: Path | None = None,
     threads: int = 2,
+    init_from: Path | None = None,
 ) -> dict:
     """Run the whole recipe; returns a summary dict.  ``unet_steps`` None = fit ``unet_minutes``."""
     from transformers import CLIPTokenizer
@@ -241,14 +242,30 @@ def train_base(
     ids = ids.view(len(caps), ncap, 77)
     empty_ids = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
 
-    vae, unet, te = build_models(seed)
     t0 = time.time()
-    train_vae(vae, imgs, vae_steps, vae_batch, 1e-3, seed, logfile)
-    for p in vae.parameters():
-        p.requires_grad_(False)
-    mean, std = encode_all(vae, imgs)
-    sf = float(1.0 / mean.std())
-    vae.register_to_config(scaling_factor=sf)
+    if init_from is not None:  # continue training a saved model (its VAE stays as it is)
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        init_from = Path(init_from)
+        vae = AutoencoderKL.from_pretrained(init_from / "vae", torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(init_from / "unet", torch_dtype=torch.float32)
+        te = CLIPTextModel.from_pretrained(init_from / "text_encoder", torch_dtype=torch.float32)
+        vae.eval()
+        for p in vae.parameters():
+            p.requires_grad_(False)
+        mean, std = encode_all(vae, imgs)
+        sf = float(vae.config.scaling_factor)
+        warmup = min(warmup, 100)
+        log(f"continuing from {init_from}", logfile)
+    else:
+        vae, unet, te = build_models(seed)
+        train_vae(vae, imgs, vae_steps, vae_batch, 1e-3, seed, logfile)
+        for p in vae.parameters():
+            p.requires_grad_(False)
+        mean, std = encode_all(vae, imgs)
+        sf = float(1.0 / mean.std())
+        vae.register_to_config(scaling_factor=sf)
     with torch.no_grad():
         x = torch.from_numpy(imgs[:256]).permute(0, 3, 1, 2).float() / 127.5 - 1
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample
@@ -327,6 +344,7 @@ def train_base(
         "seed": seed, "n_images": n_images, "vae_steps": vae_steps, "unet_steps": step, "batch": batch,
         "lr": lr, "text_lr": text_lr, "scaling_factor": sf, "vae_recon_mse": vae_mse,
         "final_loss": float(np.mean(losses[-200:])), "minutes": (time.time() - t_start) / 60,
+        "init_from": str(init_from) if init_from else None,
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     log(f"done: {summary}", logfile)
