@@ -1,0 +1,192 @@
+"""The miniature world: renderer, captions, judge, the committed mini model, the CLI."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from textinv.world import render, spec
+
+
+# ---------------------------------------------------------------------------------- renderer
+def test_render_is_deterministic():
+    for i in range(20):
+        a, b = render.sample(7, i), render.sample(7, i)
+        assert a.attrs == b.attrs and a.caption == b.caption
+        assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+        assert a.image.size == (spec.IMAGE_SIZE, spec.IMAGE_SIZE) and a.image.mode == "RGB"
+    assert render.sample(7, 0).caption != render.sample(8, 0).caption or \
+        not np.array_equal(np.asarray(render.sample(7, 0).image), np.asarray(render.sample(8, 0).image))
+
+
+def test_world_table_is_rich_enough():
+    assert len(spec.SHAPES) >= 8 and len(spec.COLOURS) >= 6 and len(spec.SIZES) >= 2
+    assert len(spec.POSITIONS) >= 3 and len(spec.STYLES) >= 3 and len(spec.BACKGROUNDS) >= 2
+    assert len(spec.unnamed_shapes()) >= 3 and len(spec.unnamed_styles()) >= 1
+
+
+def _words(*lists):
+    return {w for ls in lists for w in ls}
+
+
+def test_captions_agree_with_labels():
+    rng = np.random.default_rng(0)
+    for i in range(1500):
+        r = np.random.default_rng([3, i])
+        a = render.sample_attributes(r)
+        cap = render.make_caption(a, r)
+        text = f" {cap} "
+        sh = spec.SHAPES[a["shape"]]
+        if sh["named"]:
+            assert any(f" {w}" in text for w in sh["words"]), (cap, a)
+        else:
+            assert any(f" {w} " in text or f" {w}," in text for w in spec.GENERIC_SHAPE_WORDS), (cap, a)
+        for attr in ("colour", "size"):
+            for value, entry in spec.ATTRIBUTES[attr].items():
+                if value != a[attr]:
+                    for w in entry["words"]:
+                        assert not re.search(rf"\b{w}\b", cap), (cap, a, attr)
+        for attr in ("position", "background"):
+            for value, entry in spec.ATTRIBUTES[attr].items():
+                if value != a[attr]:
+                    for w in entry["words"]:
+                        assert w not in cap, (cap, a, attr)
+        for value, st in spec.STYLES.items():
+            if value != a["style"]:
+                for w in st["pre"] + st["post"]:
+                    assert not re.search(rf"\b{w}\b", cap), (cap, a)
+        assert rng is not None
+
+
+def test_unnamed_names_never_in_captions():
+    hidden = spec.hidden_names()
+    named_words = _words(*(s["words"] for s in spec.SHAPES.values() if s["named"]))
+    seen_generic = 0
+    for i in range(5000):
+        s_attrs = render.sample_attributes(np.random.default_rng([11, i]))
+        cap = render.make_caption(s_attrs, np.random.default_rng([12, i])).lower()
+        for h in hidden:
+            assert not re.search(rf"\b{re.escape(h)}", cap), (h, cap)
+        if not spec.SHAPES[s_attrs["shape"]]["named"]:
+            seen_generic += 1
+            assert not any(re.search(rf"\b{w}\b", cap) for w in named_words), cap
+    assert seen_generic > 1000  # unnamed shapes are frequent in the training distribution
+
+
+def test_biased_word_is_biased():
+    b = spec.BIASED
+    cols = [render.sample_attributes(np.random.default_rng([5, i]), shape=b["shape"])["colour"] for i in range(2000)]
+    share = np.mean([c == b["colour"] for c in cols])
+    assert share >= 0.85
+    assert len(set(cols)) == len(spec.COLOURS)  # other colours occur, rarely
+
+
+def test_render_set_labels_match_attributes():
+    imgs, labs, caps = render.render_set(20, 4)
+    for i in range(20):
+        s = render.sample(4, i)
+        assert caps[i] == s.caption
+        for k in spec.ATTRIBUTE_NAMES:
+            assert spec.labels(k)[labs[k][i]] == s.attrs[k]
+        assert np.array_equal(imgs[i], np.asarray(s.image))
+
+
+# -------------------------------------------------------------------------------------- judge
+def test_judge_accuracy_on_fresh_renders():
+    from textinv.world.judge import evaluate, load_judge
+
+    acc = evaluate(load_judge(), n=400, seed=424242)
+    for k, v in acc.items():
+        assert v >= 0.97, (k, v, acc)
+
+
+def test_judge_output_format():
+    from textinv.world.judge import judge
+
+    s = render.sample(1, 0)
+    r = judge([s.image])[0]
+    assert set(spec.ATTRIBUTE_NAMES) <= set(r)
+    assert all(0 <= p <= 1 for p in r["prob"].values())
+    t = torch.from_numpy(np.asarray(s.image)).permute(2, 0, 1)[None].float() / 255
+    assert judge(t)[0]["shape"] == r["shape"]
+
+
+# ------------------------------------------------------------------------------ the mini model
+@pytest.fixture(scope="module")
+def mini():
+    from textinv.models import load_pipeline
+
+    return load_pipeline()
+
+
+def test_mini_model_folder_is_plain_diffusers(mini):
+    from diffusers import StableDiffusionPipeline
+
+    from textinv.models import MINI_PATH
+
+    assert isinstance(mini, StableDiffusionPipeline)
+    assert mini.text_encoder.config.vocab_size == 49408 and len(mini.tokenizer) == 49408
+    assert mini.text_encoder.config.max_position_embeddings == 77
+    size = sum(p.stat().st_size for p in MINI_PATH.rglob("*.safetensors"))
+    assert size <= 25 * 2 ** 20
+
+
+def test_mini_model_follows_named_prompts(mini):
+    from textinv.world.generate import generate
+    from textinv.world.judge import judge
+
+    prompts = [("a red square", "square", "red"), ("a blue star", "star", "blue"),
+               ("a yellow circle", "circle", "yellow"), ("a green triangle", "triangle", "green")]
+    per = 4
+    images = generate(mini, [p for p, _, _ in prompts for _ in range(per)], seed=0, steps=20)
+    v = judge(images)
+    shape_ok = np.mean([v[i * per + j]["shape"] == s for i, (_, s, _) in enumerate(prompts) for j in range(per)])
+    colour_ok = np.mean([v[i * per + j]["colour"] == c for i, (_, _, c) in enumerate(prompts) for j in range(per)])
+    assert shape_ok >= 0.6, shape_ok
+    assert colour_ok >= 0.7, colour_ok
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def _cli():
+    from textinv.cli import main
+
+    return main
+
+
+def test_cli_render_and_judge(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(_cli(), ["world", "render", "star", "-n", "3", "--colour", "blue", str(tmp_path / "set")])
+    assert r.exit_code == 0, r.output
+    files = sorted((tmp_path / "set").glob("*.png"))
+    assert len(files) == 3
+    r = runner.invoke(_cli(), ["world", "judge", *map(str, files)])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("shape=star") == 3 and r.output.count("colour=blue") == 3
+
+
+def test_cli_render_unnamed_concept(tmp_path):
+    r = CliRunner().invoke(_cli(), ["world", "render", spec.unnamed_shapes()[0], "-n", "2", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert len(list(tmp_path.glob("*.png"))) == 2
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = CliRunner().invoke(_cli(), ["world", "render", "no-such-thing", str(tmp_path)])
+    assert r.exit_code == 2
+    assert r.output.strip().startswith("error:") and len(r.output.strip().splitlines()) == 1
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    r = CliRunner().invoke(_cli(), ["world", "judge", str(bad)])
+    assert r.exit_code == 2 and "not an image" in r.output
+
+
+def test_cli_sample(tmp_path):
+    out = tmp_path / "g.png"
+    r = CliRunner().invoke(_cli(), ["world", "sample", "a red square", "-n", "2", "--steps", "4", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    from PIL import Image
+
+    assert Image.open(out).size[0] > spec.IMAGE_SIZE
