@@ -157,6 +157,15 @@ def save_pipeline(out: Path, vae, unet, te, dtype=torch.float16, copy_tokenizer:
     for name, m in (("vae", vae), ("unet", unet), ("text_encoder", te)):
         mc = copy.deepcopy(m).to(dtype)
         mc.save_pretrained(out / name, safe_serialization=True)
+    # fp16 on disk, but declare float32 so that a plain from_pretrained() (no torch_dtype) gives a
+    # consistent fp32 pipeline: transformers 5 would otherwise load the text encoder in fp16
+    # while diffusers loads the UNet/VAE in fp32.
+    cfg_file = out / "text_encoder" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in cfg:
+            cfg[key] = "float32"
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     DDIMScheduler(**SCHEDULER_SHIP).save_pretrained(out / "scheduler")
     tok_dir = out / "tokenizer"
     if copy_tokenizer and tok_dir.resolve() != PACKAGE_TOKENIZER.resolve():
