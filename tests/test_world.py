@@ -135,7 +135,7 @@ def test_mini_model_folder_is_plain_diffusers(mini):
 
 
 def test_mini_model_follows_named_prompts(mini):
-    from textinv.world.generate import generate
+    from textinv.generation import images as generate
     from textinv.world.judge import judge
 
     prompts = [("a red square", "square", "red"), ("a blue star", "star", "blue"),

@@ -1,10 +1,12 @@
 """Image grids: what a person looks at after training or generating."""
 from __future__ import annotations
 
+import math
+
 from PIL import Image, ImageDraw, ImageFont
 
 
-def grid(images: list[Image.Image], cols: int, labels: list[str] | None = None, label_every: int = 1,
+def grid(images: list[Image.Image], cols: int | None = None, labels: list[str] | None = None, label_every: int = 1,
          scale: int = 1, pad: int = 2) -> Image.Image:
     """Images in rows of ``cols``; ``labels[k]`` is written above every ``label_every``-th image's row.
 
@@ -12,6 +14,7 @@ def grid(images: list[Image.Image], cols: int, labels: list[str] | None = None, 
     """
     if not images:
         raise ValueError("no images for the grid")
+    cols = cols or math.ceil(math.sqrt(len(images)))
     w, h = images[0].size
     w, h = w * scale, h * scale
     rows = -(-len(images) // cols)

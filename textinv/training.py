@@ -368,7 +368,7 @@ def _progress(cfg: TrainConfig, start: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=cfg.steps, initial=start, desc=f"training {cfg.token}", unit="step", disable=not cfg.progress,
-                dynamic_ncols=True)
+                dynamic_ncols=True, mininterval=0.5)
 
 
 @torch.no_grad()

@@ -74,7 +74,8 @@ def render_cmd(concept, out, count, colour, size, position, style, background, s
 @click.option("--scale", default=2, show_default=True, help="upscale factor (nearest) of the grid")
 def sample_cmd(prompt, count, out, model, seed, steps, guidance, scale):
     """Generate COUNT images of PROMPT with the base model and save them as one grid PNG."""
-    from .generate import generate, grid
+    from ..generation import images as generate
+    from ..images import grid
 
     if count < 1:
         raise TextinvError("-n must be at least 1")

@@ -60,7 +60,8 @@ def prompt_set() -> list[dict]:
 def measure(model="mini", per_prompt: int = 8, seed: int = 0, steps: int = 30, guidance: float = 4.0,
             grid_path: str | Path | None = None, pipe=None, progress: bool = True) -> dict:
     from ..models import load_pipeline
-    from .generate import generate, grid
+    from ..generation import images as generate
+    from ..images import grid
     from .judge import judge
 
     pipe = pipe or load_pipeline(model)

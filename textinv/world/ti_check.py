@@ -100,7 +100,7 @@ def train_token(pipe, images, steps: int = 400, lr: float = 5e-3, batch: int = 1
 def run_check(model="mini", target: str = "bowtie", init_word: str = "shape", steps: int = 400, lr: float = 5e-3,
               count: int = 32, seed: int = 0, n_train: int = 5, guidance: float = 4.0, pipe=None, progress: bool = True) -> dict:
     from ..models import load_pipeline
-    from .generate import generate
+    from ..generation import images as generate
     from .judge import judge
     from .render import sample
 
