@@ -185,3 +185,9 @@ def test_nearest_words_finds_the_word_an_embedding_copies(sd_pipe):
     e = Embedding("s", {"clip": table[star : star + 1].clone() + 1e-4})
     near = tk.nearest_words(e, sd_pipe, k=3)
     assert near["clip"][0][0][0] == "star" and near["clip"][0][0][1] > 0.99
+
+
+def test_shipped_clip_tokenizer_is_the_real_49408_token_vocabulary():
+    tok = tokenizer()
+    assert len(tok) == 49408 and tok.model_max_length == 77
+    assert tok("a photo of a red star").input_ids == [49406, 320, 1125, 539, 320, 736, 1565, 49407]
