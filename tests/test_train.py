@@ -225,7 +225,7 @@ def test_two_processes_train_data_parallel_and_write_once(tmp_path):
     make_sd().save_pretrained(model)
     imgs = shapes(tmp_path / "imgs")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "textinv", "train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "textinv", "train",
            "--model", str(model), "--images", str(imgs), "--token", "<d>", "--steps", "4", "--batch", "2",
            "--out", str(tmp_path / "run")]
     res = subprocess.run(cmd, env=env, capture_output=True, timeout=300)

@@ -286,6 +286,11 @@ def train(config: TrainConfig | None = None, pipe=None, **overrides) -> TrainRes
         _save_state(out / STATE_FILE, cfg, params, optimizer, cfg.steps)
     for p in params:
         p.requires_grad_(False)
+    if dist.num_processes > 1:
+        # Every process leaves together and closes its process group: a gloo group torn down by the
+        # interpreter's exit can abort (SIGABRT) the process that leaves last.
+        dist.wait_for_everyone()
+        torch.distributed.destroy_process_group()
     return TrainResult(out, path, final, cfg.steps, time.perf_counter() - t0, loss_value, main_process)
 
 
