@@ -214,7 +214,7 @@ class TriggerState:
             self._matcher = table
         return self._matcher
 
-    def find(self, text: str) -> list[tuple[int, int, int, Applied]]:
+    def find(self, text: str) -> list[tuple[int, int, int, int, Applied]]:
         """Trigger occurrences: (first token, token count, char start, char end, embedding)."""
         ids, offsets = self._tokenize(text)
         table = self.matcher()
@@ -237,7 +237,6 @@ class TriggerState:
         """Replace every trigger with its internal tokens, keeping A1111's chunk rule."""
         if not self.applied:
             return text
-        ids, _ = self._tokenize(text)
         hits = self.find(text)
         if not hits:
             return text
