@@ -138,11 +138,10 @@ class TriggerState:
             new.append(Applied(emb, triggers, tokens))
         for enc in self.encoders:
             _add_tokens(enc.tokenizer, [t for a in new for t in a.tokens])
-            rows = [a.embedding.vectors[enc.slot].detach().to("cpu", torch.float32) for a in new]
+            # Rows already applied are taken from the live module: training may have moved them.
             module = enc.text_encoder.get_input_embeddings()
             old = module.extra.data if isinstance(module, TriggerEmbedding) else torch.zeros(0, enc.width)
-            tokens = [t for a in list(self.applied.values()) + new for t in a.tokens]
-            self._install(enc, tokens, torch.cat([old.to("cpu", torch.float32)] + rows))
+            self._install(enc, list(self.applied.values()) + new, torch.cat([old.to("cpu", torch.float32), _rows(enc, new)]))
         for a in new:
             self.applied[a.embedding.name.lower()] = a
         self._matcher = None
@@ -167,18 +166,16 @@ class TriggerState:
             if not keep:
                 enc.text_encoder.set_input_embeddings(enc.base)
                 continue
-            tokens = [t for a in keep for t in a.tokens]
-            _add_tokens(enc.tokenizer, tokens)
-            rows = [a.embedding.vectors[enc.slot].detach().to("cpu", torch.float32) for a in keep]
-            self._install(enc, tokens, torch.cat(rows))
+            _add_tokens(enc.tokenizer, [t for a in keep for t in a.tokens])
+            self._install(enc, keep, _rows(enc, keep))
         self.applied = {a.embedding.name.lower(): a for a in keep}
         self._matcher = None
 
     @staticmethod
-    def _install(enc: _Encoder, tokens: list[str], extra: torch.Tensor) -> None:
+    def _install(enc: _Encoder, applied: list[Applied], extra: torch.Tensor) -> None:
         # Learned vectors stay float32 whatever the encoder's dtype; TriggerEmbedding casts on lookup.
         device = next(enc.base.parameters()).device
-        ids = enc.tokenizer.convert_tokens_to_ids(tokens)
+        ids = enc.tokenizer.convert_tokens_to_ids([t for a in applied for t in a.tokens])
         enc.text_encoder.set_input_embeddings(TriggerEmbedding(enc.base, extra.to(device), ids))
 
     def _unique(self, tokens: list[str]) -> list[str]:
@@ -255,6 +252,13 @@ class TriggerState:
             pos_char, pos_tok = end, first + n
         out.append(text[pos_char:])
         return re.sub(r" {2,}", " ", "".join(out)).strip()
+
+
+def _rows(enc: _Encoder, applied: list[Applied]) -> torch.Tensor:
+    """The vectors ``applied`` embeddings give this encoder, stacked as float32 CPU rows."""
+    if not applied:
+        return torch.zeros(0, enc.width)
+    return torch.cat([a.embedding.vectors[enc.slot].detach().to("cpu", torch.float32) for a in applied])
 
 
 def _inside_word(text: str, start: int, end: int) -> bool:
