@@ -233,3 +233,26 @@ def test_two_processes_train_data_parallel_and_write_once(tmp_path):
     assert res.stdout.decode().count("wrote ") == 1  # only the main process reports and writes
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 4
     assert formats.load(tmp_path / "run" / "d.safetensors").num_vectors == 1
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_pretokenized_prompts_encode_exactly_like_encode_prompt(kind):
+    from textinv.training import PromptTable
+
+    pipe = make_sd(32) if kind == "sd" else make_sdxl(32, 48)
+    emb = formats.Embedding("<t>", {"clip": torch.randn(2, 32)} if kind == "sd"
+                            else {"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 48)})
+    tokens.apply(pipe, emb)
+    templates, captions = ["a photo of a [name]", "[name], [filewords]"], ["red block", "blue", "red block"]
+    table = PromptTable(pipe, templates, "<t>", captions)
+    which, views = torch.tensor([0, 1, 1, 0]), torch.tensor([2, 0, 1, 1])
+    hidden, pooled = table.encode(which, views, "cpu")
+    prompts = [fill_template(templates[int(t)], "<t>", captions[int(v)]) for t, v in zip(which, views)]
+    if kind == "sd":
+        want = pipe.encode_prompt(prompts, "cpu", 1, False)[0]
+        assert pooled is None
+    else:
+        want, _, want_pooled, _ = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
+                                                     do_classifier_free_guidance=False)
+        assert torch.equal(pooled, want_pooled)
+    assert torch.equal(hidden, want)

@@ -132,12 +132,34 @@ def _check_out_dir(out: Path, resume: bool) -> None:
         raise TextinvError(f"--out {out}: already holds a training run; pass --resume to continue it, or choose another folder")
 
 
-def _encode(pipe, prompts: list[str], device):
-    """Prompt embeddings with gradients (SDXL also returns its pooled/time conditioning)."""
-    if getattr(pipe, "text_encoder_2", None) is None:
-        return pipe.encode_prompt(prompts, device, 1, False)[0], None
-    embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-    return embeds, pooled
+class PromptTable:
+    """Every training prompt (template × caption), tokenized once up front.
+
+    A step then gathers ids and runs the text encoders directly, as ``encode_prompt`` would (SD:
+    last hidden state; SDXL: both encoders' penultimate states, the second's pooled projection)
+    but without tokenizing, twice, every prompt of every step.
+    """
+
+    def __init__(self, pipe, templates: list[str], token: str, captions: list[str]):
+        self.captions = sorted(set(captions))
+        self.caption_of = torch.tensor([self.captions.index(c) for c in captions])
+        prompts = [tokens.expand(pipe, data.fill_template(t, token, c)) for t in templates for c in self.captions]
+        self.shape = (len(templates), len(self.captions))
+        self.encoders = [te for _, te in tokens.encoder_pairs(pipe)]
+        self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        self.ids = []
+        for tok, _ in tokens.encoder_pairs(pipe):
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+            self.ids.append(ids.view(*self.shape, -1))
+
+    def encode(self, template_idx: torch.Tensor, view_idx: torch.Tensor, device):
+        """Hidden states (and SDXL's pooled embedding) of the prompts (template, caption of view)."""
+        rows = [ids[template_idx, self.caption_of[view_idx]].to(device) for ids in self.ids]
+        if not self.sdxl:
+            return self.encoders[0](rows[0])[0], None
+        outs = [te(r, output_hidden_states=True) for te, r in zip(self.encoders, rows)]
+        return torch.cat([o.hidden_states[-2] for o in outs], dim=-1), outs[-1][0]
 
 
 # ------------------------------------------------------------------------------------ train
@@ -212,6 +234,7 @@ def train(config: TrainConfig | None = None, pipe=None, **overrides) -> TrainRes
         write_text(out / "config.json", json.dumps(config_json, indent=2, default=str))
 
     # -- the loop --------------------------------------------------------------------------
+    prompt_table = PromptTable(pipe, templates, cfg.token, captions)
     added = None
     if getattr(pipe, "text_encoder_2", None) is not None:
         added = pipe._get_add_time_ids((resolution, resolution), (0, 0), (resolution, resolution), dtype=pipe.unet.dtype,
@@ -230,7 +253,6 @@ def train(config: TrainConfig | None = None, pipe=None, **overrides) -> TrainRes
             g = step_generator(cfg.seed, step, micro, dist.process_index)
             idx = torch.randint(len(views), (cfg.batch,), generator=g)
             which = torch.randint(len(templates), (cfg.batch,), generator=g)
-            prompts = [data.fill_template(templates[int(t)], cfg.token, captions[int(i)]) for i, t in zip(idx, which)]
             latents = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)
             noise = torch.randn(latents.shape, generator=g)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch,), generator=g)
@@ -239,7 +261,7 @@ def train(config: TrainConfig | None = None, pipe=None, **overrides) -> TrainRes
                 target = noise_scheduler.get_velocity(latents, noise, t)
             else:
                 target = noise
-            hidden, pooled = _encode(pipe, prompts, dev)
+            hidden, pooled = prompt_table.encode(which, idx, dev)
             kwargs = {}
             if pooled is not None:
                 kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": added.repeat(cfg.batch, 1).to(dev)}
