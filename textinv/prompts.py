@@ -1,0 +1,218 @@
+"""Prompts as AUTOMATIC1111 reads them: attention weights, 75-token chunks, embedding triggers.
+
+* Weights: ``(word:1.2)`` sets a weight, ``(word)`` multiplies by 1.1, ``[word]`` by 1/1.1, nesting
+  multiplies, ``\\(`` ``\\)`` ``\\[`` ``\\]`` ``\\\\`` are literal, unclosed brackets close at the end, and
+  ``BREAK`` (upper case) starts a new chunk.  A weight applies to embedding triggers inside it
+  too: every vector of a multi-vector embedding gets it.
+* Chunks: 75 tokens between a start and an end token, as many chunks as the prompt needs; an
+  embedding never straddles two chunks (the chunk is padded and it starts the next one).
+* Encoding: each chunk goes through the text encoder(s) on its own; each token's hidden state is
+  multiplied by its weight, then the chunk is rescaled so that its mean equals the unweighted
+  mean (A1111's rule); chunks are concatenated along the sequence.  SDXL: both encoders'
+  penultimate hidden states side by side, and the pooled embedding of the first chunk.
+
+Not copied from A1111: its "comma backtrack" (ending a full chunk at a recent comma) is not done.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from . import tokens
+from .errors import TextinvError
+
+CHUNK = tokens.CHUNK
+_ATTENTION = re.compile(r"\\\(|\\\)|\\\[|\\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|\]|[^\\()\[\]:]+|:")
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+BREAK = None  # weight marker of a BREAK segment in parse()'s output
+
+
+def parse(text: str, where: str = "prompt") -> list[tuple[str, float | None]]:
+    """``[(text, weight), ...]`` with adjacent equal weights merged; ``("BREAK", None)`` marks BREAK."""
+    res: list[list] = []
+    opened_round: list[int] = []
+    opened_square: list[int] = []
+
+    def multiply(start: int, factor: float) -> None:
+        for seg in res[start:]:
+            if seg[1] is not None:
+                seg[1] *= factor
+
+    for m in _ATTENTION.finditer(text):
+        piece, weight = m.group(0), m.group(1)
+        if piece.startswith("\\"):
+            res.append([piece[1:], 1.0])
+        elif piece == "(":
+            opened_round.append(len(res))
+        elif piece == "[":
+            opened_square.append(len(res))
+        elif weight is not None and opened_round:
+            try:
+                value = float(weight)
+            except ValueError:
+                raise TextinvError(f"{where}: bad weight {weight!r} in {m.group(0).strip()!r}") from None
+            multiply(opened_round.pop(), value)
+        elif piece == ")" and opened_round:
+            multiply(opened_round.pop(), 1.1)
+        elif piece == "]" and opened_square:
+            multiply(opened_square.pop(), 1 / 1.1)
+        else:
+            for i, part in enumerate(_BREAK.split(piece)):
+                if i:
+                    res.append(["BREAK", BREAK])
+                res.append([part, 1.0])
+    for start in opened_round:
+        multiply(start, 1.1)
+    for start in opened_square:
+        multiply(start, 1 / 1.1)
+    merged: list[list] = []
+    for seg in res:
+        if seg[0] == "" and seg[1] is not None:
+            continue
+        if merged and seg[1] is not None and merged[-1][1] == seg[1]:
+            merged[-1][0] += seg[0]
+        else:
+            merged.append(seg)
+    return [(t, w) for t, w in merged] or [("", 1.0)]
+
+
+@dataclass
+class Piece:
+    """A prompt piece: plain text, an embedding (its internal tokens), or a BREAK."""
+
+    kind: str  # "text", "emb" or "break"
+    text: str = ""
+    applied: tokens.Applied | None = None
+    weight: float = 1.0
+
+
+@dataclass
+class Parsed:
+    pieces: list[Piece]
+    used: list[tokens.Applied]  # embeddings the prompt calls, in order of first use
+
+    @property
+    def weighted(self) -> bool:
+        return any(p.kind == "break" or p.weight != 1.0 for p in self.pieces)
+
+
+def split(pipe, text: str, where: str = "prompt") -> Parsed:
+    """Weights parsed and triggers found (on CLIP tokens, as :func:`textinv.tokens.expand` does)."""
+    st = tokens.state(pipe, create=False)
+    pieces, used = [], []
+    for seg, weight in parse(text, where):
+        if weight is BREAK:
+            pieces.append(Piece("break"))
+            continue
+        hits = st.find(seg) if st is not None and st.applied else []
+        pos = 0
+        for _first, _n, start, end, a in hits:
+            if seg[pos:start].strip():
+                pieces.append(Piece("text", seg[pos:start], weight=weight))
+            pieces.append(Piece("emb", applied=a, weight=weight))
+            if all(a is not u for u in used):
+                used.append(a)
+            pos = end
+        if seg[pos:].strip():
+            pieces.append(Piece("text", seg[pos:], weight=weight))
+    return Parsed(pieces, used)
+
+
+def chunks(parsed: Parsed, tokenizer) -> list[tuple[list[int], list[float]]]:
+    """A1111's 77-token chunks (ids, per-token weights) of a parsed prompt for one tokenizer."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    out: list[tuple[list[int], list[float]]] = []
+    ids: list[int] = []
+    weights: list[float] = []
+
+    def close() -> None:
+        nonlocal ids, weights
+        fill = CHUNK - len(ids)
+        out.append(([bos] + ids + [eos] + [pad] * fill, [1.0] + weights + [1.0] * (fill + 1)))
+        ids, weights = [], []
+
+    for p in parsed.pieces:
+        if p.kind == "break":
+            close()
+        elif p.kind == "emb":
+            new = tokenizer.convert_tokens_to_ids(p.applied.tokens)
+            if len(ids) + len(new) > CHUNK:
+                close()
+            ids += new
+            weights += [p.weight] * len(new)
+        else:
+            for t in tokenizer(p.text, add_special_tokens=False, truncation=False)["input_ids"]:
+                if len(ids) == CHUNK:
+                    close()
+                ids.append(t)
+                weights.append(p.weight)
+    if ids or not out:
+        close()
+    return out
+
+
+@dataclass
+class Encoded:
+    embeds: torch.Tensor  # [1, 77 * chunks, D]
+    pooled: torch.Tensor | None  # [1, P] for SDXL
+
+
+def _run(text_encoder, ids: torch.Tensor, sdxl: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if sdxl:
+        out = text_encoder(ids, output_hidden_states=True)
+        return out.hidden_states[-2], out[0]
+    mask = None
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        mask = torch.ones_like(ids)
+    return text_encoder(ids, attention_mask=mask)[0], None
+
+
+@torch.no_grad()
+def encode(pipe, parsed: Parsed) -> Encoded:
+    """Prompt embeddings for ``prompt_embeds=`` (and ``pooled_prompt_embeds=`` on SDXL)."""
+    pairs = tokens.encoder_pairs(pipe)
+    sdxl = len(pairs) == 2
+    per_encoder, pooled = [], None
+    for k, (tok, te) in enumerate(pairs):
+        device = te.device
+        states = []
+        for j, (ids, weights) in enumerate(chunks(parsed, tok)):
+            z, pool = _run(te, torch.tensor([ids], device=device), sdxl)
+            if any(w != 1.0 for w in weights):
+                w = torch.tensor(weights, device=device, dtype=z.dtype).view(1, -1, 1)
+                before = z.float().mean()
+                z = z * w
+                z = z * (before / z.float().mean()).to(z.dtype)
+            states.append(z)
+            if k == len(pairs) - 1 and j == 0 and sdxl:
+                pooled = pool
+        per_encoder.append(torch.cat(states, dim=1))
+    n = min(s.shape[1] for s in per_encoder)  # equal unless a tokenizer split text differently
+    embeds = torch.cat([s[:, :n] for s in per_encoder], dim=-1)
+    return Encoded(embeds, pooled)
+
+
+def pad_to(a: Encoded, length: int, filler: Encoded) -> Encoded:
+    """Lengthen ``a`` to ``length`` tokens with copies of the one-chunk ``filler`` (an empty prompt)."""
+    missing = (length - a.embeds.shape[1]) // filler.embeds.shape[1]
+    if missing <= 0:
+        return a
+    return Encoded(torch.cat([a.embeds] + [filler.embeds] * missing, dim=1), a.pooled)
+
+
+TRIGGER_LIKE = re.compile(r"<(?!\|)([^<>\s]+)>|\bembedding:([\w.\-]+)")
+
+
+def unmatched_triggers(pipe, text: str) -> list[str]:
+    """Words that look like triggers (``<x>``, ``embedding:x``) but call no applied embedding."""
+    st = tokens.state(pipe, create=False)
+    known = {t.lower() for a in (st.applied.values() if st else []) for t in a.triggers}
+    out = []
+    for m in TRIGGER_LIKE.finditer(text):
+        name = m.group(1) or re.sub(r"\.(pt|safetensors|bin)$", "", m.group(2))
+        if name.lower() not in known and m.group(0) not in out:
+            out.append(m.group(0))
+    return out
