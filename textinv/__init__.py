@@ -5,6 +5,7 @@
     textinv.apply(pipe, [emb, "embeddings/"])  # trigger words in a diffusers SD/SDXL pipeline
     textinv.remove(pipe)                       # exact restore
     textinv.train(images="photos/", token="<my-cat>", init="cat", steps=500)
+    textinv.generate("a (my-cat:1.2) on the moon", embeddings=["embeddings/"], n=4, out="outputs")
 """
 __version__ = "0.1.0"
 
@@ -20,5 +21,12 @@ def train(*args, **kwargs):
     return _train(*args, **kwargs)
 
 
-__all__ = ["Embedding", "EmbeddingFileError", "ModelMismatchError", "TextinvError", "apply", "expand", "load",
+def generate(*args, **kwargs):
+    """Generate images of an A1111-style prompt; see :func:`textinv.generation.generate`."""
+    from .generation import generate as _generate
+
+    return _generate(*args, **kwargs)
+
+
+__all__ = ["Embedding", "EmbeddingFileError", "ModelMismatchError", "TextinvError", "apply", "expand", "generate", "load",
            "load_all", "remove", "save", "train"]

@@ -24,3 +24,270 @@ def images(pipe, prompts: list[str], *, seed: int = 0, steps: int = DEFAULT_STEP
         bar.update(len(chunk))
     bar.close()
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# textinv generate: A1111-style prompts, embeddings from files and libraries, PNG parameters
+# ------------------------------------------------------------------------------------------
+import functools  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+A1111_GUIDANCE = 7.0  # A1111's default CFG scale (the built-in mini model uses DEFAULT_GUIDANCE)
+UNET_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+              "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
+
+
+@dataclass
+class Generation:
+    """What :func:`generate` made: images, their seeds and infotexts, and the files written."""
+
+    images: list[Image.Image]
+    seeds: list[int]
+    parameters: list[str]
+    files: list[Path] = field(default_factory=list)
+    grid: Path | None = None
+    used: list[str] = field(default_factory=list)  # embeddings the prompt or negative prompt called
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_cached(path: str, mtime_ns: int, size: int) -> str:
+    from .formats import sha256_file
+
+    return sha256_file(path)
+
+
+def _sha256(path: Path) -> str:
+    st = path.stat()
+    return _sha256_cached(str(path), st.st_mtime_ns, st.st_size)
+
+
+def model_identity(model) -> tuple[str | None, str | None]:
+    """(A1111 ``Model`` name, ``Model hash``) of a ``--model`` value.
+
+    The hash is A1111's: the first 10 hex digits of the checkpoint file's sha256.  A diffusers
+    folder has no single checkpoint, so its UNet weights file is hashed instead; a hub id is
+    hashed from its locally cached UNet file when there is one.
+    """
+    from .models import MINI_NAME, MINI_PATH, resolve_model
+
+    if model is None or str(model) == MINI_NAME:
+        name, where = MINI_NAME, MINI_PATH
+    else:
+        where = Path(resolve_model(model))
+        name = where.stem if where.is_file() else where.name
+    unet = None
+    if where.is_file():
+        unet = where
+    elif where.is_dir():
+        unet = next((where / "unet" / f for f in UNET_FILES if (where / "unet" / f).is_file()), None)
+    elif str(model).count("/") == 1:
+        name = str(model)
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            for f in UNET_FILES:
+                hit = try_to_load_from_cache(str(model), f"unet/{f}")
+                if isinstance(hit, str):
+                    unet = Path(hit)
+                    break
+        except Exception:  # noqa: BLE001 - a hash is a courtesy; never fail generation for it
+            unet = None
+    return name, (_sha256(unet)[:10] if unet is not None else None)
+
+
+def embedding_hash(emb) -> str | None:
+    """A1111's ``TI hashes`` entry: the first 12 hex digits of the embedding file's sha256."""
+    path = getattr(emb, "path", None)
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():  # diffusers SDXL folder: its first file stands for it
+        path = path / "learned_embeds.safetensors"
+    return _sha256(path)[:12] if path.is_file() else None
+
+
+def load_embeddings(sources) -> list:
+    """Embeddings from files, library folders or Embedding objects; an empty library is an error."""
+    from . import formats
+    from .errors import TextinvError
+
+    if sources is None:
+        return []
+    if isinstance(sources, (str, os.PathLike, formats.Embedding)):
+        sources = [sources]
+    out = []
+    for src in sources:
+        if isinstance(src, formats.Embedding):
+            out.append(src)
+            continue
+        found = formats.load_all(src, on_error=lambda p, e: warnings.warn(f"skipped {p}: {e}", stacklevel=3))
+        if not found:
+            raise TextinvError(f"{src}: no embedding files found")
+        out.extend(found)
+    return out
+
+
+def parse_size(size) -> tuple[int, int] | None:
+    from .errors import TextinvError
+
+    if size is None or isinstance(size, tuple):
+        return size
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", str(size))
+    if not m or int(m.group(1)) % 8 or int(m.group(2)) % 8 or not int(m.group(1)) or not int(m.group(2)):
+        raise TextinvError(f"--size: expected WxH with multiples of 8 like 512x512, got {size!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _next_index(out: Path) -> int:
+    taken = [int(m.group(1)) for p in out.glob("*.png") if (m := re.match(r"(\d{5})-", p.name))] if out.is_dir() else []
+    return max(taken, default=-1) + 1
+
+
+@torch.no_grad()
+def generate(prompt: str, negative: str | None = None, *, embeddings=None, model=None, pipe=None, n: int = 1,
+             seed: int = 0, steps: int = DEFAULT_STEPS, guidance: float | None = None, sampler: str | None = None,
+             size=None, out: str | os.PathLike | None = None, batch: int = 8, progress: bool = False) -> Generation:
+    """Generate ``n`` images of an A1111-style prompt (weights, long prompts, embedding triggers).
+
+    ``embeddings``: files, library folders or Embedding objects, applied for this call only (made
+    for another model family: skipped with a warning); embeddings already applied to ``pipe`` work
+    too.  Image ``i`` uses seed ``seed + i``.  ``sampler``: an A1111 name (see
+    :mod:`textinv.samplers`; default: the model's own scheduler).  With ``out``, every image is
+    written as ``NNNNN-SEED.png`` carrying A1111's ``parameters`` chunk, plus ``grid-NNNNN.png``.
+    """
+    from . import __version__, pngmeta, prompts, samplers, tokens
+    from .errors import TextinvError
+    from .images import grid as make_grid
+    from .models import MINI_NAME, load_pipeline
+
+    if n < 1 or batch < 1 or steps < 1:
+        raise TextinvError(f"-n, --batch and --steps must be at least 1 (got {n}, {batch}, {steps})")
+    wh = parse_size(size)
+    embs = load_embeddings(embeddings)
+    if pipe is None:
+        pipe = load_pipeline(model)
+        name, model_hash = model_identity(model)
+    elif model is not None:
+        name, model_hash = model_identity(model)
+    else:
+        where = getattr(pipe, "name_or_path", None)
+        name, model_hash = model_identity(where) if where and Path(where).exists() else (None, None)
+    if guidance is None:
+        guidance = DEFAULT_GUIDANCE if name == MINI_NAME else A1111_GUIDANCE
+    added = []
+    if embs:
+        added = tokens.apply(pipe, embs, on_mismatch="skip")
+        if not added:
+            family = tokens.state(pipe).family
+            raise TextinvError(f"none of the {len(embs)} embeddings given fits this model ({family}): nothing to use")
+    original_scheduler = pipe.scheduler
+    try:
+        if sampler:
+            pipe.scheduler = samplers.make(pipe, sampler)
+        sampler_name = samplers.name_of(pipe.scheduler)
+        for where_, text in (("prompt", prompt), ("negative prompt", negative or "")):
+            for word in prompts.unmatched_triggers(pipe, text):
+                warnings.warn(f"{where_}: {word!r} matches no loaded embedding", stacklevel=2)
+        pos = prompts.split(pipe, prompt, "prompt")
+        neg = prompts.split(pipe, negative or "", "negative prompt")
+        used = list({id(a): a for a in pos.used + neg.used}.values())
+        sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        tok0 = tokens.encoder_pairs(pipe)[0][0]
+        long = len(prompts.chunks(pos, tok0)) > 1 or len(prompts.chunks(neg, tok0)) > 1
+        kwargs = {}
+        if not sdxl or pos.weighted or neg.weighted or long:
+            # Encoded once for all images: no per-image (or per-batch) tokenization or encoder pass.
+            pe, ne = prompts.encode(pipe, pos), prompts.encode(pipe, neg)
+            length = max(pe.embeds.shape[1], ne.embeds.shape[1])
+            empty = prompts.encode(pipe, prompts.split(pipe, "", "negative prompt"))
+            pe, ne = prompts.pad_to(pe, length, empty), prompts.pad_to(ne, length, empty)
+            if sdxl and not negative and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+                ne = prompts.Encoded(torch.zeros_like(ne.embeds), torch.zeros_like(ne.pooled))
+            dtype = pipe.unet.dtype
+            kwargs = {"prompt_embeds": pe.embeds.to(dtype), "negative_prompt_embeds": ne.embeds.to(dtype)}
+            if sdxl:
+                kwargs |= {"pooled_prompt_embeds": pe.pooled.to(dtype), "negative_pooled_prompt_embeds": ne.pooled.to(dtype)}
+        if wh is None:
+            factor = getattr(pipe, "vae_scale_factor", 8)
+            side = int(pipe.unet.config.sample_size) * factor
+            wh = (side, side)
+        width, height = wh
+        from tqdm.auto import tqdm
+
+        pipe.scheduler.set_timesteps(steps)
+        per_batch = len(pipe.scheduler.timesteps)
+        bar = tqdm(total=per_batch * n, desc="sampling", unit="step", disable=not progress, mininterval=0.5)
+
+        def on_step(_pipe, _i, _t, kw):
+            bar.update(1)
+            return kw
+
+        images_: list[Image.Image] = []
+        for i in range(0, n, batch):
+            b = min(batch, n - i)
+            gens = [torch.Generator().manual_seed(seed + i + j) for j in range(b)]
+            if kwargs:
+                call = {k: v.expand(b, *v.shape[1:]) for k, v in kwargs.items()}
+            else:
+                call = {"prompt": [prompt] * b, "negative_prompt": [negative] * b if negative else None}
+            images_ += pipe(**call, num_inference_steps=steps, guidance_scale=guidance, generator=gens, width=width,
+                            height=height, callback_on_step_end=on_step).images
+        bar.close()
+    finally:
+        pipe.scheduler = original_scheduler
+        if added:
+            tokens.remove(pipe, [a.embedding.name for a in added])
+    ti = {a.embedding.name: h for a in used if (h := embedding_hash(a.embedding))}
+    seeds = [seed + i for i in range(n)]
+    params = [pngmeta.format_parameters(prompt, negative, {
+        "Steps": steps, "Sampler": sampler_name, "CFG scale": float(guidance), "Seed": s, "Size": f"{width}x{height}",
+        "Model hash": model_hash, "Model": name, "TI hashes": ti, "Version": f"textinv {__version__}"}) for s in seeds]
+    result = Generation(images_, seeds, params, used=[a.embedding.name for a in used])
+    if out is not None:
+        out = Path(out)
+        first = _next_index(out)
+        for k, (img, s, text) in enumerate(zip(images_, seeds, params)):
+            result.files.append(pngmeta.save_png(img, out / f"{first + k:05d}-{s}.png", text))
+        if n > 1:
+            result.grid = pngmeta.save_png(make_grid(images_), out / f"grid-{first:05d}.png", params[0])
+    return result
+
+
+def regenerate(png, *, embeddings=None, model=None, pipe=None, out=None, progress: bool = False) -> Generation:
+    """Re-create an image from its A1111 ``parameters`` chunk (same seed: same image on CPU)."""
+    from . import pngmeta
+    from .errors import TextinvError
+
+    prompt, negative, params = pngmeta.parse_parameters(pngmeta.read_parameters(png))
+
+    def get(key, cast, default=None):
+        if key not in params:
+            return default
+        try:
+            return cast(params[key])
+        except ValueError:
+            raise TextinvError(f"{png}: bad {key!r} value {params[key]!r} in its parameters") from None
+
+    if model is None and pipe is None:
+        named = params.get("Model")
+        model = None if named in (None, "", "mini") else named
+    embs = load_embeddings(embeddings)
+    for name, h in pngmeta.parse_ti_hashes(params.get("TI hashes", "")).items():
+        match = [e for e in embs if e.name.lower() == name.lower()]
+        if not match:
+            warnings.warn(f"{png}: uses embedding {name!r} ({h}), which no --embeddings file provides", stacklevel=2)
+        elif embedding_hash(match[0]) not in (None, h):
+            warnings.warn(f"{png}: embedding {name!r} has hash {embedding_hash(match[0])}, the image was made with {h}", stacklevel=2)
+    result = generate(prompt, negative or None, embeddings=embs, model=model, pipe=pipe, n=1,
+                      seed=get("Seed", int, 0), steps=get("Steps", int, DEFAULT_STEPS),
+                      guidance=get("CFG scale", float), sampler=params.get("Sampler"), size=params.get("Size"),
+                      out=out, progress=progress)
+    want = params.get("Model hash")
+    got = pngmeta.parse_parameters(result.parameters[0])[2].get("Model hash")
+    if want and got and want != got:
+        warnings.warn(f"{png}: made with model hash {want}, this model's is {got}: the image will differ", stacklevel=2)
+    return result
