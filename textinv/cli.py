@@ -213,3 +213,141 @@ def _register_world():
 
 
 _register_world()
+
+
+# --------------------------------------------------------------------------------- generate
+def _sampler_help() -> str:
+    from .samplers import names
+
+    return "A1111 sampler name: " + ", ".join(f"'{n}'" for n in names()) + " (default: the model's own scheduler)."
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@click.option("--negative", default=None, help="Negative prompt (weights and embedding triggers work here too).")
+@click.option("--embeddings", "-e", multiple=True, type=click.Path(path_type=Path), help="Embedding file or library folder (repeatable).")
+@click.option("--model", "-m", default=None, help="Hub id, diffusers folder, single-file checkpoint, or 'mini' (default).")
+@click.option("-n", "count", default=1, show_default=True, help="Number of images; image i uses seed SEED+i.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--steps", default=30, show_default=True)
+@click.option("--guidance", type=float, default=None, help="CFG scale (default 7; 4 for the mini model).")
+@click.option("--sampler", default=None, help=_sampler_help())
+@click.option("--size", default=None, help="WxH, e.g. 512x512 (default: the model's native size).")
+@click.option("--batch", default=8, show_default=True, help="Images per pipeline call.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("outputs"), show_default=True)
+@click.option("--from-png", "from_png", type=click.Path(path_type=Path), default=None,
+              help="Re-create an image from its A1111 'parameters' chunk (PROMPT is then not given).")
+def generate(prompt, negative, embeddings, model, count, seed, steps, guidance, sampler, size, batch, out, from_png):
+    """Generate images; PROMPT uses A1111 syntax: (word:1.2), (word), [word], embedding triggers."""
+    from . import generation
+
+    if from_png is not None:
+        if prompt is not None:
+            raise TextinvError("--from-png takes its prompt from the image; give no PROMPT")
+        result = generation.regenerate(from_png, embeddings=list(embeddings), model=model, out=out, progress=True)
+    else:
+        if prompt is None:
+            raise TextinvError("PROMPT: missing (or use --from-png IMAGE)")
+        result = generation.generate(prompt, negative, embeddings=list(embeddings), model=model, n=count, seed=seed,
+                                     steps=steps, guidance=guidance, sampler=sampler, size=size, out=out, batch=batch,
+                                     progress=True)
+    for path in result.files:
+        click.echo(f"wrote {path}")
+    if result.grid is not None:
+        click.echo(f"wrote {result.grid} (grid)")
+    if result.used:
+        click.echo(f"embeddings used: {', '.join(result.used)}")
+
+
+# ------------------------------------------------------------------------- library commands
+@main.command("list")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def list_(folder, as_json):
+    """Table of a library folder: trigger, family, vectors, steps, size, short hash."""
+    from .library import rows
+
+    table = rows(folder)
+    if as_json:
+        click.echo(json.dumps(table, indent=2))
+        return
+    head = ["trigger", "family", "vectors", "steps", "size", "hash", "file"]
+    cells = [[str(r["trigger"]), r["family"], str(r["vectors"]), "" if r["steps"] is None else str(r["steps"]),
+              "" if r["size"] is None else f"{r['size']:,}", r["hash"] or "", r["file"]] for r in table]
+    widths = [max(len(x) for x in col) for col in zip(head, *cells)]
+    for line in [head] + cells:
+        click.echo("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())
+    click.echo(f"{len(table)} embedding{'s' if len(table) != 1 else ''}")
+
+
+def _save_as(emb, out: Path, fmt) -> None:
+    from . import formats
+
+    written = formats.save(emb, out, fmt)
+    click.echo(f"wrote {written} ({formats.detect_format(written)}, trigger {emb.name!r}, {emb.num_vectors} vectors, {emb.family})")
+
+
+def _trigger_of(out: Path) -> str:
+    return out.stem if out.suffix else out.name
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--weights", default=None, help="Comma-separated weights, one per file (default: equal).")
+@click.option("--concat", is_flag=True, help="Stack all vectors into one longer embedding instead of averaging.")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output file (format from its extension).")
+@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default=None)
+def merge(files, weights, concat, out, fmt):
+    """Merge embeddings: a weighted average (same family and vector count) or --concat."""
+    from . import formats, library
+
+    if weights is not None and concat:
+        raise TextinvError("--weights and --concat exclude each other")
+    ws = None
+    if weights is not None:
+        try:
+            ws = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise TextinvError(f"--weights: expected numbers like 0.5,0.5, got {weights!r}") from None
+    embs = [formats.load(f) for f in files]
+    name = _trigger_of(out)
+    emb = library.concat(embs, name=name) if concat else library.merge(embs, ws, name=name)
+    _save_as(emb, out, fmt)
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("factor", type=str)
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output file (format from its extension).")
+@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default=None)
+def scale(file, factor, out, fmt):
+    """Multiply every vector of an embedding by FACTOR."""
+    from . import formats, library
+
+    try:
+        value = float(factor)
+    except ValueError:
+        raise TextinvError(f"FACTOR: expected a number, got {factor!r}") from None
+    emb = library.scale(formats.load(file), value, name=_trigger_of(out))
+    _save_as(emb, out, fmt)
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--model", "-m", default=None, help="Hub id, diffusers folder, single-file checkpoint, or 'mini' (default).")
+@click.option("--top", default=5, show_default=True, help="Words per vector.")
+def nearest(file, model, top):
+    """The vocabulary words closest (cosine) to each vector of an embedding."""
+    from . import formats, tokens
+    from .models import load_pipeline
+
+    if top < 1:
+        raise TextinvError(f"--top: must be at least 1, got {top}")
+    emb = formats.load(file)
+    near = tokens.nearest_words(emb, load_pipeline(model), k=top)
+    if not near:
+        raise TextinvError(f"{file}: {tokens.describe_widths(emb)}; the model has no matching text encoder")
+    for slot, per_vector in near.items():
+        click.echo(f"{emb.name} ({slot}):")
+        for i, words in enumerate(per_vector):
+            click.echo(f"  v{i}: " + ", ".join(f"{w} {s:.2f}" for w, s in words))

@@ -1,0 +1,87 @@
+"""Embedding libraries: list a folder, merge, concatenate and scale embeddings."""
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import formats
+from .errors import TextinvError
+from .formats import Embedding
+
+
+def _size(path: Path | None) -> int | None:
+    if path is None or not path.exists():
+        return None
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return path.stat().st_size
+
+
+def rows(folder) -> list[dict]:
+    """One row per embedding in a library folder (or file): trigger, family, vectors, steps, size, hash."""
+    from .generation import embedding_hash
+
+    folder = Path(folder)
+    if not folder.exists():
+        raise TextinvError(f"{folder}: no such file or folder")
+    found = formats.load_all(folder, on_error=lambda p, e: warnings.warn(f"skipped {p}: {e}", stacklevel=3))
+    out = []
+    for emb in found:
+        step = emb.meta.get("step")
+        out.append({
+            "trigger": emb.name, "family": emb.family, "vectors": emb.num_vectors,
+            "steps": step if isinstance(step, int) or (isinstance(step, str) and step.isdigit()) else None,
+            "size": _size(emb.path), "hash": embedding_hash(emb),
+            "file": str(emb.path.relative_to(folder)) if emb.path and folder.is_dir() else str(emb.path or folder),
+        })
+    return out
+
+
+def _check_same_family(embs: list[Embedding], what: str) -> None:
+    first = embs[0]
+    for e in embs[1:]:
+        if e.widths != first.widths:
+            raise TextinvError(f"{what}: {e.name!r} is made for {e.family} ({e.widths}), "
+                               f"{first.name!r} for {first.family} ({first.widths}): cannot combine")
+
+
+def merge(embs: list[Embedding], weights: list[float] | None = None, *, name: str = "merged") -> Embedding:
+    """Weighted average of embeddings with the same family and vector count (default: equal weights)."""
+    if len(embs) < 2:
+        raise TextinvError("merge: needs at least two embeddings")
+    weights = list(weights) if weights is not None else [1.0 / len(embs)] * len(embs)
+    if len(weights) != len(embs):
+        raise TextinvError(f"--weights: {len(weights)} weights for {len(embs)} embeddings")
+    if not all(math.isfinite(w) for w in weights):
+        raise TextinvError(f"--weights: not finite: {weights}")
+    _check_same_family(embs, "merge")
+    counts = {e.num_vectors for e in embs}
+    if len(counts) != 1:
+        detail = ", ".join(f"{e.name!r} {e.num_vectors}" for e in embs)
+        raise TextinvError(f"merge: a weighted average needs equal vector counts ({detail}); use --concat to stack them")
+    vectors = {slot: sum(w * e.vectors[slot].float() for w, e in zip(weights, embs)) for slot in embs[0].vectors}
+    meta = {"merged_from": [e.name for e in embs], "merge_weights": weights}
+    return Embedding(name, vectors, meta)
+
+
+def concat(embs: list[Embedding], *, name: str = "merged") -> Embedding:
+    """All vectors of the embeddings, in order, as one embedding (same family required)."""
+    if len(embs) < 2:
+        raise TextinvError("merge: needs at least two embeddings")
+    _check_same_family(embs, "merge --concat")
+    total = sum(e.num_vectors for e in embs)
+    if total > formats.MAX_VECTORS:
+        raise TextinvError(f"merge --concat: {total} vectors, more than the {formats.MAX_VECTORS} a prompt chunk can hold")
+    vectors = {slot: torch.cat([e.vectors[slot].float() for e in embs]) for slot in embs[0].vectors}
+    return Embedding(name, vectors, {"merged_from": [e.name for e in embs]})
+
+
+def scale(emb: Embedding, factor: float, *, name: str | None = None) -> Embedding:
+    """Every vector multiplied by ``factor`` (a common way to weaken or strengthen an embedding)."""
+    if not math.isfinite(factor):
+        raise TextinvError(f"FACTOR: must be a finite number, got {factor}")
+    meta = {k: v for k, v in emb.meta.items() if k in formats.CARRIED_META}
+    return Embedding(name or emb.name, {s: t.float() * factor for s, t in emb.vectors.items()}, meta)
