@@ -184,8 +184,12 @@ def encode(pipe, parsed: Parsed) -> Encoded:
             if any(w != 1.0 for w in weights):
                 w = torch.tensor(weights, device=device, dtype=z.dtype).view(1, -1, 1)
                 before = z.float().mean()
-                z = z * w
-                z = z * (before / z.float().mean()).to(z.dtype)
+                weighted = z * w
+                after = weighted.float().mean()
+                # A1111 keeps the chunk's mean; an encoder whose outputs average to ~0 (a random,
+                # untrained one) has no mean to keep, and dividing by it would blow up.
+                scale_ok = min(before.abs(), after.abs()) > 1e-3 * z.float().abs().mean()
+                z = weighted * (before / after).to(z.dtype) if scale_ok else weighted
             states.append(z)
             if k == len(pairs) - 1 and j == 0 and sdxl:
                 pooled = pool

@@ -1,6 +1,8 @@
 """Samplers by their AUTOMATIC1111 names, built from the pipeline's own scheduler config."""
 from __future__ import annotations
 
+import re
+
 from .errors import TextinvError
 
 # A1111 name → (diffusers scheduler class, options)
@@ -46,7 +48,12 @@ def make(pipe, name: str):
     config = dict(pipe.scheduler.config)
     for k in ("use_karras_sigmas", "algorithm_type"):
         config.pop(k, None)
-    return getattr(diffusers, cls_name).from_config(config, **options)
+    try:
+        return getattr(diffusers, cls_name).from_config(config, **options)
+    except ImportError as e:  # LMS needs scipy, DPM++ SDE torchsde: optional packages
+        missing = re.search(r"requires the (\w+) library", str(e))
+        need = missing.group(1) if missing else "an optional package"
+        raise TextinvError(f"--sampler: {key or name!r} needs {need} (pip install {need})") from None
 
 
 def name_of(scheduler) -> str:

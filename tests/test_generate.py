@@ -1,0 +1,260 @@
+"""textinv generate: A1111 prompt weights and chunks, embedding libraries, samplers, PNG parameters."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import textinv
+import textinv.tokens as tk
+from textinv import formats, generation, pngmeta, prompts, samplers
+from textinv.cli import main
+from textinv.errors import TextinvError
+from textinv.formats import Embedding
+
+
+def emb(name, n=1, width=32, seed=0, scale=0.5):
+    g = torch.Generator().manual_seed(seed)
+    return Embedding(name, {"clip": torch.randn(n, width, generator=g) * scale})
+
+
+def library(folder, *embs):
+    for i, e in enumerate(embs):
+        formats.save(e, folder / f"{e.name}{'.pt' if i % 2 == 0 else '.safetensors'}")
+    return folder
+
+
+# ------------------------------------------------------------------------------- parsing
+@pytest.mark.parametrize("text, expected", [
+    ("a (b:1.5) c", [("a ", 1.0), ("b", 1.5), (" c", 1.0)]),
+    ("(b)", [("b", 1.1)]),
+    ("[b]", [("b", 1 / 1.1)]),
+    ("((b))", [("b", 1.1 * 1.1)]),
+    ("((b):2)", [("b", 2.2)]),
+    (r"\(b\) \[c\]", [("(b) [c]", 1.0)]),
+    ("(b", [("b", 1.1)]),
+    ("a: b", [("a: b", 1.0)]),
+    ("(embedding:cat:0.5)", [("embedding:cat", 0.5)]),
+    ("a BREAK b", [("a", 1.0), ("BREAK", None), ("b", 1.0)]),
+    ("", [("", 1.0)]),
+])
+def test_parse_follows_a1111_attention_syntax(text, expected):
+    got = prompts.parse(text)
+    assert [t for t, _ in got] == [t for t, _ in expected]
+    def rounded(ws):
+        return [w if w is None else round(w, 6) for _, w in ws]
+
+    assert rounded(got) == rounded(expected)
+
+
+def test_bad_weight_is_a_one_line_error():
+    with pytest.raises(TextinvError, match="prompt: bad weight"):
+        prompts.parse("(cat:1.2.3)")
+
+
+# ------------------------------------------------------------------ triggers in libraries
+def test_library_triggers_longest_match_case_three_syntaxes_and_negative(sd_pipe, tmp_path):
+    lib = library(tmp_path / "lib", emb("cat", seed=1), emb("cat-toy", 3, seed=2), emb("bad-hands", 2, seed=3))
+    tk.apply(sd_pipe, [lib])
+    for text in ("a CAT-TOY here", "a <cat-toy> here", "a embedding:Cat-Toy here", "a (cat-toy:1.3) here"):
+        assert [a.embedding.name for a in prompts.split(sd_pipe, text).used] == ["cat-toy"], text
+    assert [a.embedding.name for a in prompts.split(sd_pipe, "a cat and a cat-toy").used] == ["cat", "cat-toy"]
+    assert prompts.split(sd_pipe, "concatenate").used == []  # whole words only
+    tk.remove(sd_pipe)
+    out = generation.generate("a <cat-toy>", "bad-hands", embeddings=[lib], pipe=sd_pipe, steps=1)
+    assert out.used == ["cat-toy", "bad-hands"]
+    params = pngmeta.parse_parameters(out.parameters[0])[2]
+    hashes = pngmeta.parse_ti_hashes(params["TI hashes"])
+    assert hashes == {"cat-toy": formats.short_hash(lib / "cat-toy.safetensors"), "bad-hands": formats.short_hash(lib / "bad-hands.pt")}
+    assert tk.state(sd_pipe, create=False) is None  # applied for the call only
+
+
+def test_unknown_trigger_like_words_warn(sd_pipe, tmp_path):
+    lib = library(tmp_path / "lib", emb("cat"))
+    with pytest.warns(UserWarning) as record:
+        generation.generate("a <cat> and <nope>", "embedding:missing", embeddings=[lib], pipe=sd_pipe, steps=1)
+    text = " ".join(str(w.message) for w in record)
+    assert "'<nope>' matches no loaded embedding" in text and "embedding:missing" in text and "<cat>" not in text
+
+
+# ----------------------------------------------------------------------------- encoding
+def test_unweighted_encoding_equals_the_pipelines_own(sd_pipe, tmp_path):
+    tk.apply(sd_pipe, [emb("cat-toy", 3)])
+    text = "a photo of a cat-toy on a table"
+    ours = prompts.encode(sd_pipe, prompts.split(sd_pipe, text)).embeds
+    theirs = sd_pipe.encode_prompt(text, "cpu", 1, False)[0]
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.fixture(scope="module")
+def mini():
+    from textinv.models import load_pipeline
+
+    return load_pipeline()
+
+
+def test_weight_moves_every_vector_of_a_trigger_monotonically(mini):
+    tk.apply(mini, [emb("cat-toy", 3, width=64, scale=0.2)])
+    base = prompts.encode(mini, prompts.split(mini, "a photo of a cat-toy")).embeds[0]
+    dists = []
+    for w in (1.1, 1.3, 1.6, 2.0):
+        z = prompts.encode(mini, prompts.split(mini, f"a photo of a (cat-toy:{w})")).embeds[0]
+        per_token = (z - base).norm(dim=-1)
+        # tokens: <start> a photo of a v0 v1 v2 <end>: all three vectors moved, far more than the rest
+        assert (per_token[5:8] > 5 * per_token[1:5].max()).all(), (w, per_token[:9])
+        dists.append(per_token[5:8].sum().item())
+    tk.remove(mini)
+    assert dists == sorted(dists) and dists[0] > 0
+
+
+def test_long_prompts_use_75_token_chunks_and_embeddings_never_straddle(sd_pipe):
+    tk.apply(sd_pipe, [emb("cat-toy", 3)])
+    parsed = prompts.split(sd_pipe, "a " * 73 + "cat-toy and more")
+    chunks = prompts.chunks(parsed, sd_pipe.tokenizer)
+    assert len(chunks) == 2 and all(len(ids) == 77 for ids, _ in chunks)
+    trigger = sd_pipe.tokenizer.convert_tokens_to_ids(tk.state(sd_pipe).applied["cat-toy"].tokens)
+    assert chunks[1][0][1:4] == trigger  # padded out of chunk 1, starts chunk 2
+    assert prompts.encode(sd_pipe, parsed).embeds.shape == (1, 154, 32)
+    out = generation.generate("a " * 100, "(ugly:1.2)", pipe=sd_pipe, steps=1)  # negative padded to 2 chunks
+    assert len(out.images) == 1
+
+
+# ----------------------------------------------------------------------- model families
+def test_mismatched_family_is_skipped_with_a_warning(sd_pipe, tmp_path):
+    lib = library(tmp_path / "lib", emb("cat"), emb("sd15-thing", width=768))
+    with pytest.warns(UserWarning, match="skipped: embedding 'sd15-thing' is 768-wide"):
+        out = generation.generate("a cat", embeddings=[lib], pipe=sd_pipe, steps=1)
+    assert out.used == ["cat"]
+
+
+def test_nothing_usable_is_an_error(sd_pipe, tmp_path):
+    lib = library(tmp_path / "lib", emb("a", width=768), emb("b", width=1024))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(TextinvError, match="none of the 2 embeddings given fits"):
+            generation.generate("a", embeddings=[lib], pipe=sd_pipe, steps=1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TextinvError, match="no embedding files found"):
+        generation.generate("a", embeddings=[tmp_path / "empty"], pipe=sd_pipe, steps=1)
+
+
+def test_cli_nothing_usable_exits_2_with_one_error_line(tmp_path):
+    lib = library(tmp_path / "lib", emb("a", width=768))
+    res = CliRunner().invoke(main, ["generate", "a", "-e", str(lib), "--steps", "1", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "none of the 1 embeddings" in errors[0] and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--size", "31x32"], "--size"), (["--sampler", "Nope"], "unknown sampler"), (["-n", "0"], "at least 1"),
+])
+def test_cli_bad_arguments_exit_2(tmp_path, args, words):
+    res = CliRunner().invoke(main, ["generate", "a", "--steps", "1", "--out", str(tmp_path / "o"), *args])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and words in res.output, res.output
+
+
+# ----------------------------------------------------------------------------- samplers
+def test_every_sampler_builds_and_names_itself(sd_pipe):
+    for name in samplers.names():
+        try:
+            s = samplers.make(sd_pipe, name)
+        except TextinvError as e:
+            assert name in ("DPM++ SDE", "LMS", "LMS Karras") and "needs" in str(e) and "pip install" in str(e)
+            continue
+        assert samplers.name_of(s) == name
+    assert samplers.name_of(samplers.make(sd_pipe, "euler A")) == "Euler a"
+
+
+# ------------------------------------------------------------------------------- SDXL
+def test_sdxl_plain_and_weighted_prompts(sdxl_pipe):
+    xl = Embedding("xl-cat", {"clip_l": torch.randn(2, 32) * 0.3, "clip_g": torch.randn(2, 48) * 0.3})
+    plain = generation.generate("a xl-cat", embeddings=[xl], pipe=sdxl_pipe, steps=1, size="16x16")
+    weighted = generation.generate("a (xl-cat:1.4)", "(blurry:1.2)", embeddings=[xl], pipe=sdxl_pipe, steps=1, size="16x16")
+    assert plain.used == weighted.used == ["xl-cat"]
+    assert plain.images[0].size == weighted.images[0].size == (16, 16)
+    assert np.asarray(plain.images[0]).tolist() != np.asarray(weighted.images[0]).tolist()
+
+
+# ---------------------------------------------------------------- PNG parameters round trip
+def test_parameters_layout_and_parse():
+    text = pngmeta.format_parameters("a, b", "ugly", {
+        "Steps": 30, "Sampler": "Euler a", "CFG scale": 7.0, "Seed": 123, "Size": "512x512", "Model hash": "1a2b3c4d5e",
+        "Model": "name", "TI hashes": {"x": "0123456789ab", "y": "ba9876543210"}, "Version": "textinv 0.1.0"})
+    assert text == ('a, b\nNegative prompt: ugly\nSteps: 30, Sampler: Euler a, CFG scale: 7, Seed: 123, Size: 512x512, '
+                    'Model hash: 1a2b3c4d5e, Model: name, TI hashes: "x: 0123456789ab, y: ba9876543210", Version: textinv 0.1.0')
+    prompt, negative, params = pngmeta.parse_parameters(text)
+    assert (prompt, negative, params["Sampler"], params["Seed"]) == ("a, b", "ugly", "Euler a", "123")
+    assert pngmeta.parse_ti_hashes(params["TI hashes"]) == {"x": "0123456789ab", "y": "ba9876543210"}
+
+
+def test_from_png_recreates_the_same_pixels(tmp_path):
+    lib = library(tmp_path / "lib", emb("cat-toy", 2, width=64, scale=0.2), emb("blur", 1, width=64, seed=5, scale=0.2))
+    runner = CliRunner()
+    res = runner.invoke(main, ["generate", "a (cat-toy:1.2) on the [left]", "--negative", "blur", "-e", str(lib), "-n", "2",
+                               "--seed", "7", "--steps", "3", "--sampler", "Euler a", "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    first, second = sorted((tmp_path / "a").glob("0*.png"))
+    assert (tmp_path / "a" / "grid-00000.png").is_file() and second.name == "00001-8.png"
+    params = pngmeta.read_parameters(second)
+    assert params.startswith("a (cat-toy:1.2) on the [left]\nNegative prompt: blur\nSteps: 3, Sampler: Euler a, CFG scale: 4, Seed: 8, Size: 32x32, Model hash: ")
+    assert f'TI hashes: "cat-toy: {formats.short_hash(lib / "cat-toy.pt")}, blur: ' in params
+    res = runner.invoke(main, ["generate", "--from-png", str(second), "-e", str(lib), "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    again = tmp_path / "b" / "00000-8.png"
+    assert np.array_equal(np.asarray(Image.open(second)), np.asarray(Image.open(again)))
+    assert pngmeta.read_parameters(again) == params
+    # Without the embeddings: a warning names the missing one (and the image differs).
+    res = runner.invoke(main, ["generate", "--from-png", str(second), "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0 and "uses embedding 'cat-toy'" in res.output
+
+
+def test_from_png_without_parameters_is_an_error(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    res = CliRunner().invoke(main, ["generate", "--from-png", str(tmp_path / "x.png")])
+    assert res.exit_code == 2 and "no A1111 'parameters' text chunk" in res.output
+
+
+def test_images_keeps_its_signature_and_seeds(sd_pipe):
+    a = generation.images(sd_pipe, ["a", "b"], seed=3, steps=1, batch=1)
+    b = generation.generate("b", pipe=sd_pipe, seed=4, steps=1, guidance=generation.DEFAULT_GUIDANCE)
+    assert np.abs(np.asarray(a[1], dtype=int) - np.asarray(b.images[0], dtype=int)).max() <= 1
+
+
+def test_python_api_is_exported():
+    assert textinv.generate and textinv.apply and textinv.remove and textinv.load
+
+
+# --------------------------------------------------------------------------- learning
+def test_learning_embedding_pulls_generations_to_its_concept_and_pushes_away_as_negative(tmp_path):
+    """Full suite only (minutes): a trained embedding draws its concept; as a negative it is avoided."""
+    from textinv import evaluate
+    from textinv.demo import INIT_WORD, DemoSettings, render_training_set, world_templates
+    from textinv.models import load_pipeline
+    from textinv.training import train
+    from textinv.world import spec
+    from textinv.world.judge import judge
+
+    concept = spec.unnamed_shapes()[0]
+    render_training_set(concept, tmp_path / "images", seed=0)
+    pipe = load_pipeline()
+    s = DemoSettings()
+    result = train(images=str(tmp_path / "images"), token="<t>", init=INIT_WORD, templates=str(world_templates(tmp_path)),
+                   steps=s.steps, lr=s.lr, batch=s.batch, flip=False, seed=0, out=str(tmp_path / "run"), pipe=pipe,
+                   progress=False)
+    tk.remove(pipe)
+    trained = result.embedding_path
+
+    def share(prompt, negative=None):
+        out = generation.generate(prompt, negative, embeddings=[trained], pipe=pipe, n=16, steps=generation.DEFAULT_STEPS)
+        return float(np.mean([v["shape"] == concept for v in judge(out.images)]))
+
+    base = share(evaluate.FIDELITY_PROBE.prompt(INIT_WORD))
+    pulled = share(evaluate.FIDELITY_PROBE.prompt("<t>"))
+    pushed = share(evaluate.FIDELITY_PROBE.prompt(INIT_WORD), negative="<t>")
+    assert pulled >= base + 0.15, (pulled, base)
+    assert pushed <= base, (pushed, base)
