@@ -58,6 +58,7 @@ def test_multi_token_init_spreads_over_vectors_like_a1111(sd_pipe):
 def test_templates_and_filewords(tmp_path):
     assert fill_template("a photo of a [name], [filewords]", "<t>", "red block") == "a photo of a <t>, red block"
     assert fill_template("{} in the style of [filewords]", "<t>", "") == "<t> in the style of"
+    assert fill_template("a photo of [filewords]", "<t>", "a red [name] on the left") == "a photo of a red <t> on the left"
     (tmp_path / "00012-a red block.png").write_bytes(b"")
     (tmp_path / "7-blue_ring.png").write_bytes(b"")
     (tmp_path / "7-blue_ring.txt").write_text("  a  ring,\n blue ")

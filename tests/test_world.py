@@ -173,6 +173,18 @@ def test_cli_render_unnamed_concept(tmp_path):
     assert len(list(tmp_path.glob("*.png"))) == 2
 
 
+@pytest.mark.parametrize("concept", [spec.unnamed_shapes()[0], spec.unnamed_styles()[0]])
+def test_cli_render_captions_name_everything_but_the_concept(tmp_path, concept):
+    r = CliRunner().invoke(_cli(), ["world", "render", concept, "-n", "4", "--colour", "blue", "--captions", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    captions = [p.read_text().strip() for p in sorted(tmp_path.glob("*.txt"))]
+    assert len(captions) == 4
+    for cap in captions:
+        assert cap.count("[name]") == 1 and " blue " in cap, cap
+        assert not any(re.search(rf"\b{h}\b", cap) for h in spec.hidden_names()), cap
+        assert not re.search(r"corner|point|sides", cap), cap  # no shape descriptor: the word must learn it
+
+
 def test_cli_errors_are_one_line(tmp_path):
     r = CliRunner().invoke(_cli(), ["world", "render", "no-such-thing", str(tmp_path)])
     assert r.exit_code == 2

@@ -6,6 +6,7 @@ exit with status 2; there is never a traceback for bad input.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -31,6 +32,8 @@ class _Group(click.Group):
 def main():
     """textinv — Textual Inversion: train, store, convert and use embedding files."""
     warnings.showwarning = _show_warning
+    # the libraries' import-time notices (e.g. "requires torchvision") are not the user's business
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

@@ -123,13 +123,15 @@ def load_templates(spec: str | Path) -> list[str]:
     lines = [line for line in lines if line and not line.startswith("#")]
     if not lines:
         raise TextinvError(f"--templates {spec}: the file holds no templates")
-    if not any(("[name]" in t or "{}" in t) for t in lines):
-        raise TextinvError(f"--templates {spec}: no template contains [name] or {{}}; the trigger would never be trained")
+    if not any(("[name]" in t or "{}" in t or "[filewords]" in t) for t in lines):
+        raise TextinvError(f"--templates {spec}: no template contains [name], {{}} or [filewords]; "
+                           "the trigger would never be trained")
     return lines
 
 
 def fill_template(template: str, name: str, words: str) -> str:
-    text = template.replace("[name]", name).replace("{}", name).replace("[filewords]", words)
+    """Captions go in first, so a caption may itself hold the trigger ("a red [name] on the left")."""
+    text = template.replace("[filewords]", words).replace("[name]", name).replace("{}", name)
     return re.sub(r"\s+([,.])", r"\1", " ".join(text.split())).strip(" ,")
 
 

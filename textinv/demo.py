@@ -37,18 +37,24 @@ class DemoSettings:
     batch: int = 8
     vectors: int = 1
     n: int = 16  # images per prompt for the metrics
+    captions: bool = True  # IMG.txt beside each picture naming its colour, size, … so the word learns the shape only
 
 
-def world_templates(out: Path) -> Path:
-    """The mini world's own caption templates, as a textinv template file ([name] = the trigger)."""
+def world_templates(out: Path, captions: bool = False) -> Path:
+    """The mini world's caption templates as a textinv template file: the trigger alone in the
+    noun phrase ("a photo of a [name]"), or the whole captioned phrase ("a photo of [filewords]")."""
     from .world import spec
 
     path = out / "templates.txt"
-    write_text(path, "\n".join(t.replace("{np}", "[name]") for t in spec.TEMPLATES) + "\n")
+    lines = [t.replace("a {np}", "[filewords]") if captions else t.replace("{np}", "[name]") for t in spec.TEMPLATES]
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 
-def render_training_set(concept: str, folder: Path, n: int = 5, seed: int = 0, **fixed) -> list[Path]:
+def render_training_set(concept: str, folder: Path, n: int = 5, seed: int = 0, captions: bool = False,
+                        **fixed) -> list[Path]:
+    """``n`` renders of ``concept``; with ``captions``, an IMG.txt beside each one describing
+    everything but the shape, which is ``[name]`` (as a user captions their photos)."""
     from .world import render
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -57,6 +63,8 @@ def render_training_set(concept: str, folder: Path, n: int = 5, seed: int = 0, *
         s = render.sample(10_000 + seed, i, shape=concept, **fixed)
         path = folder / f"{i:02d}.png"
         s.image.save(path)
+        if captions:
+            write_text(path.with_suffix(".txt"), render.describe(s.attrs, "[name]") + "\n")
         paths.append(path)
     return paths
 
@@ -73,13 +81,13 @@ def run(out: Path, concept: str | None = None, seed: int = 0, settings: DemoSett
     out.mkdir(parents=True, exist_ok=True)
     token = f"<{concept}>"
     echo(f"1/4 rendering 5 training images of an unnamed shape → {out / 'images'}")
-    render_training_set(concept, out / "images", seed=seed)
+    render_training_set(concept, out / "images", seed=seed, captions=settings.captions)
     pipe = load_pipeline(model)
     echo(f"2/4 baseline: the init word {INIT_WORD!r} alone")
     base = evaluate.judge_scores(pipe, INIT_WORD, "shape", concept, n=settings.n, seed=seed, keep_images=True)
     echo(f"3/4 training {token} ({settings.steps} steps)")
     cfg = TrainConfig(images=str(out / "images"), token=token, model=model, init=INIT_WORD, vectors=settings.vectors,
-                      templates=str(world_templates(out)), steps=settings.steps, lr=settings.lr, batch=settings.batch,
+                      templates=str(world_templates(out, settings.captions)), steps=settings.steps, lr=settings.lr, batch=settings.batch,
                       flip=False, seed=seed, out=str(out / "run"), resume=(out / "run" / "state.pt").exists())
     result = train(cfg, pipe=pipe)
     train_seconds = result.seconds

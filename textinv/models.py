@@ -44,9 +44,19 @@ def _single_file_is_sdxl(path: Path) -> bool:
     return False  # .ckpt: diffusers' own detection decides below
 
 
+def _quiet_loading() -> None:
+    """No per-component "Loading weights" bars: loading takes seconds and the bars bury our output."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+
+
 def load_pipeline(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "fp32", device: str = "cpu"):
     """Load a text-to-image pipeline; errors are one line naming ``model`` and the problem."""
     DiffusionPipeline, SDPipeline, SDXLPipeline = _pipeline_classes()
+    _quiet_loading()
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     where = resolve_model(model)
     path = Path(where)

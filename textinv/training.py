@@ -143,7 +143,11 @@ class PromptTable:
     def __init__(self, pipe, templates: list[str], token: str, captions: list[str]):
         self.captions = sorted(set(captions))
         self.caption_of = torch.tensor([self.captions.index(c) for c in captions])
-        prompts = [tokens.expand(pipe, data.fill_template(t, token, c)) for t in templates for c in self.captions]
+        filled = [data.fill_template(t, token, c) for t in templates for c in self.captions]
+        if not any(token in p for p in filled):
+            raise TextinvError(f"--templates: no prompt contains the trigger {token!r} (e.g. {filled[0]!r}); "
+                               "put [name] in the templates or in the captions")
+        prompts = [tokens.expand(pipe, p) for p in filled]
         self.shape = (len(templates), len(self.captions))
         self.encoders = [te for _, te in tokens.encoder_pairs(pipe)]
         self.sdxl = getattr(pipe, "text_encoder_2", None) is not None

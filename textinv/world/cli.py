@@ -1,4 +1,6 @@
-"""``textinv world ...``: render, sample, judge, train-base, quality, ti-check.
+"""``textinv world ...``: render, sample, judge, train-base, quality, train-judge.
+
+Learnability (textual inversion of an unnamed shape) is `textinv demo --concept SHAPE`.
 
 Heavy imports (torch, diffusers) happen inside the commands so ``textinv --help`` stays fast.
 """
@@ -32,12 +34,14 @@ def world():
 @click.option("--background", type=_choice("background"), help="fix the background")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--scale", default=1, show_default=True, help="upscale factor (nearest) for viewing")
-def render_cmd(concept, out, count, colour, size, position, style, background, seed, scale):
+@click.option("--captions", is_flag=True,
+              help="also write IMG.txt captions naming every other attribute, with [name] for the concept")
+def render_cmd(concept, out, count, colour, size, position, style, background, seed, scale, captions):
     """Write a user-like training set of CONCEPT (a shape, or a style) as PNGs into OUT.
 
     Attributes not fixed by flags vary from image to image.
     """
-    from .render import sample
+    from .render import describe, sample
 
     fixed = dict(colour=colour, size=size, position=position, style=style, background=background)
     if concept in spec.SHAPES:
@@ -60,6 +64,10 @@ def render_cmd(concept, out, count, colour, size, position, style, background, s
 
             img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
         img.save(out / f"{concept}_{i:03d}.png")
+        if captions:
+            shape_concept = concept in spec.SHAPES
+            caption = describe(s.attrs, noun="[name]" if shape_concept else None, style=None if shape_concept else "[name]")
+            (out / f"{concept}_{i:03d}.txt").write_text(caption + "\n")
     click.echo(f"wrote {count} images of {concept} to {out}")
 
 
@@ -113,7 +121,9 @@ def judge_cmd(images):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--images", "n_images", default=60000, show_default=True, help="rendered training images")
 @click.option("--vae-steps", default=1200, show_default=True)
-@click.option("--unet-minutes", default=58.0, show_default=True, help="wall-clock budget of the UNet+text stage")
+@click.option("--minutes", default=88.0, show_default=True,
+              help="wall-clock budget of the whole command; the UNet stage fills what render and VAE leave")
+@click.option("--unet-minutes", default=None, type=float, help="budget of the UNet+text stage alone (overrides --minutes)")
 @click.option("--unet-steps", default=None, type=int, help="fixed number of UNet steps (overrides --unet-minutes)")
 @click.option("--batch", default=64, show_default=True)
 @click.option("--lr", default=5e-4, show_default=True)
@@ -121,7 +131,7 @@ def judge_cmd(images):
               help="log and checkpoints (default: OUT.work next to OUT)")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="continue training this saved model (VAE kept) instead of starting from scratch")
-def train_base_cmd(out, seed, n_images, vae_steps, unet_minutes, unet_steps, batch, lr, workdir, init_from):
+def train_base_cmd(out, seed, n_images, vae_steps, minutes, unet_minutes, unet_steps, batch, lr, workdir, init_from):
     """Train the mini model (VAE, then UNet + text encoder with EMA) from scratch on the world."""
     from ..models import MINI_PATH
     from .train_base import train_base
@@ -129,7 +139,7 @@ def train_base_cmd(out, seed, n_images, vae_steps, unet_minutes, unet_steps, bat
     out = out or MINI_PATH
     if workdir is None and Path(out).resolve() == MINI_PATH.resolve():
         workdir = Path("/tmp/textinv-train-base")
-    s = train_base(Path(out), seed=seed, n_images=n_images, vae_steps=vae_steps, unet_minutes=unet_minutes,
+    s = train_base(Path(out), seed=seed, n_images=n_images, vae_steps=vae_steps, minutes=minutes, unet_minutes=unet_minutes,
                    unet_steps=unet_steps, batch=batch, lr=lr, text_lr=lr, workdir=workdir,
                    init_from=init_from)
     click.echo(f"trained in {s['minutes']:.1f} min ({s['unet_steps']} UNet steps); wrote {out}")
@@ -149,23 +159,6 @@ def quality_cmd(model, per_prompt, seed, steps, guidance, grid_path):
 
     res = measure(model, per_prompt=per_prompt, seed=seed, steps=steps, guidance=guidance, grid_path=grid_path)
     click.echo(format_table(res))
-
-
-@world.command("ti-check")
-@click.option("--model", default="mini", show_default=True)
-@click.option("--shape", "target", default="bowtie", show_default=True, type=_choice("shape"))
-@click.option("--init", "init_word", default="shape", show_default=True)
-@click.option("--steps", default=400, show_default=True)
-@click.option("--lr", default=5e-3, show_default=True)
-@click.option("-n", "count", default=32, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-def ti_check_cmd(model, target, init_word, steps, lr, count, seed):
-    """Validate learnability: textual inversion of one shape on the frozen base model."""
-    from .ti_check import run_check
-
-    r = run_check(model=model, target=target, init_word=init_word, steps=steps, lr=lr, count=count, seed=seed)
-    for k, v in r.items():
-        click.echo(f"{k}: {v}")
 
 
 @world.command("train-judge")

@@ -77,7 +77,8 @@ def make_caption(a: dict[str, str], rng: np.random.Generator) -> str:
             pre.append(_pick(rng, pre_words))
     if rng.random() < spec.MENTION["colour"]:
         pre.append(_pick(rng, spec.COLOURS[a["colour"]]["words"]))
-    if rng.random() < spec.MENTION["descriptor"]:  # the first descriptor is the specific one
+    describe = spec.MENTION["descriptor" if sh["named"] else "descriptor_unnamed"]
+    if rng.random() < describe:  # the first descriptor is the specific one
         post.insert(0, sh["desc"][0] if rng.random() < 0.75 else _pick(rng, sh["desc"]))
     if rng.random() < spec.MENTION["position"]:
         post.append(_pick(rng, spec.POSITIONS[a["position"]]["words"]))
@@ -88,6 +89,22 @@ def make_caption(a: dict[str, str], rng: np.random.Generator) -> str:
         np_ += " " + " ".join(post)
     text = _pick(rng, spec.TEMPLATES).format(np=np_)
     return _articles(text)
+
+
+def describe(a: dict[str, str], noun: str | None = None, style: str | None = None) -> str:
+    """A complete, careful caption of a render, every attribute named and no shape descriptor
+    (what a user writes in an IMG.txt beside a training picture); ``noun``/``style`` stand in for
+    the shape's/style's word, e.g. "[name]" for the concept being taught."""
+    sh, st = spec.SHAPES[a["shape"]], spec.STYLES[a["style"]]
+    noun = noun or (sh["words"][0] if sh["named"] else spec.GENERIC_SHAPE_WORDS[0])
+    words = [spec.SIZES[a["size"]]["words"][0]]
+    if style:
+        words.append(style)
+    elif a["style"] != "solid":  # plain is the default look: left unsaid
+        words.append((st["pre"] if st["named"] else spec.GENERIC_STYLE_PRE)[0])
+    words += [spec.COLOURS[a["colour"]]["words"][0], noun, spec.POSITIONS[a["position"]]["words"][0],
+              spec.BACKGROUNDS[a["background"]]["words"][0]]
+    return _articles("a " + " ".join(w for w in words if w))
 
 
 def _articles(text: str) -> str:

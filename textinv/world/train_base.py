@@ -216,7 +216,8 @@ def train_base(
     n_images: int = 60000,
     vae_steps: int = 1200,
     vae_batch: int = 64,
-    unet_minutes: float = 58.0,
+    minutes: float = 88.0,
+    unet_minutes: float | None = None,
     unet_steps: int | None = None,
     batch: int = 64,
     lr: float = 5e-4,
@@ -229,7 +230,12 @@ def train_base(
     threads: int = 2,
     init_from: Path | None = None,
 ) -> dict:
-    """Run the whole recipe; returns a summary dict.  ``unet_steps`` None = fit ``unet_minutes``."""
+    """Run the whole recipe; returns a summary dict.
+
+    The UNet stage runs ``unet_steps`` steps if given (exactly reproducible), else it fills the
+    wall-clock left of ``minutes`` for the whole command (or ``unet_minutes`` for the stage alone);
+    the step count it reached is in the summary, so ``--unet-steps`` can replay the run.
+    """
     from transformers import CLIPTokenizer
     from tqdm import tqdm
 
@@ -280,6 +286,10 @@ def train_base(
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample
         vae_mse = F.mse_loss(rec, x).item()
     log(f"vae done in {time.time() - t0:.0f}s; scaling_factor {sf:.4f}; recon mse(mean) {vae_mse:.5f}", logfile)
+
+    if unet_minutes is None:  # what is left of the whole command's budget (2 min kept for saving)
+        unet_minutes = max(1.0, minutes - (time.time() - t_start) / 60 - 2.0)
+    log(f"unet stage: {unet_steps or 'fit'} steps, budget {unet_minutes:.1f} min", logfile)
 
     from diffusers import DDPMScheduler
 
@@ -350,7 +360,7 @@ def train_base(
     bar.close()
     save_pipeline(out, vae, ema_u.model, ema_t.model)
     summary = {
-        "seed": seed, "n_images": n_images, "vae_steps": vae_steps, "unet_steps": step, "batch": batch,
+        "seed": seed, "n_images": n_images, "unet_minutes": unet_minutes, "vae_steps": vae_steps, "unet_steps": step, "batch": batch,
         "lr": lr, "text_lr": text_lr, "scaling_factor": sf, "vae_recon_mse": vae_mse,
         "final_loss": float(np.mean(losses[-200:])), "minutes": (time.time() - t_start) / 60,
         "init_from": str(init_from) if init_from else None,
