@@ -296,7 +296,7 @@ def train(config: TrainConfig | None = None, pipe=None, **overrides) -> TrainRes
             continue
         _log(out, {"step": done, "loss": round(total, 6), "lr": lr, "seconds": round(time.perf_counter() - t0, 3)})
         progress.update(1)
-        progress.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.2g}")
+        progress.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.2g}", refresh=False)  # the bar redraws on its own clock
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
             last_good = _save(out, pipe, applied, cfg, done, suffix=f"-{done}", subdir="embeddings")
             _save_state(out / STATE_FILE, cfg, params, optimizer, done)
