@@ -147,6 +147,13 @@ def _next_index(out: Path) -> int:
     return max(taken, default=-1) + 1
 
 
+def _long(pipe, *parsed) -> bool:
+    from . import prompts, tokens
+
+    tok = tokens.encoder_pairs(pipe)[0][0]
+    return any(len(prompts.chunks(p, tok)) > 1 for p in parsed)
+
+
 @torch.no_grad()
 def generate(prompt: str, negative: str | None = None, *, embeddings=None, model=None, pipe=None, n: int = 1,
              seed: int = 0, steps: int = DEFAULT_STEPS, guidance: float | None = None, sampler: str | None = None,
@@ -196,15 +203,14 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
         neg = prompts.split(pipe, negative or "", "negative prompt")
         used = list({id(a): a for a in pos.used + neg.used}.values())
         sdxl = getattr(pipe, "text_encoder_2", None) is not None
-        tok0 = tokens.encoder_pairs(pipe)[0][0]
-        long = len(prompts.chunks(pos, tok0)) > 1 or len(prompts.chunks(neg, tok0)) > 1
         kwargs = {}
-        if not sdxl or pos.weighted or neg.weighted or long:
+        if not sdxl or pos.weighted or neg.weighted or _long(pipe, pos, neg):
             # Encoded once for all images: no per-image (or per-batch) tokenization or encoder pass.
             pe, ne = prompts.encode(pipe, pos), prompts.encode(pipe, neg)
             length = max(pe.embeds.shape[1], ne.embeds.shape[1])
-            empty = prompts.encode(pipe, prompts.split(pipe, "", "negative prompt"))
-            pe, ne = prompts.pad_to(pe, length, empty), prompts.pad_to(ne, length, empty)
+            if pe.embeds.shape[1] != ne.embeds.shape[1]:
+                empty = prompts.encode(pipe, prompts.split(pipe, "", "negative prompt"))
+                pe, ne = prompts.pad_to(pe, length, empty), prompts.pad_to(ne, length, empty)
             if sdxl and not negative and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
                 ne = prompts.Encoded(torch.zeros_like(ne.embeds), torch.zeros_like(ne.pooled))
             dtype = pipe.unet.dtype
