@@ -25,15 +25,23 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--concepts", nargs="+", default=spec.unnamed_shapes())
     ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="textinv-demo-table-")))
+    ap.add_argument("--model", default=None, help="default: the built-in mini model")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--lr", default=None)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--vectors", type=int, default=None)
+    ap.add_argument("--no-captions", action="store_true", help="train on the trigger alone, no IMG.txt captions")
     args = ap.parse_args()
     settings = demo.DemoSettings()
-    if args.steps:
-        settings.steps = args.steps
+    for key in ("steps", "lr", "batch", "vectors"):
+        if getattr(args, key) is not None:
+            setattr(settings, key, getattr(args, key))
+    settings.captions = not args.no_captions
     rows = {}
     for concept in args.concepts:
         for seed in args.seeds:
-            m = demo.run(args.out / f"{concept}-{seed}", concept=concept, seed=seed, settings=settings, echo=lambda *_: None)
+            m = demo.run(args.out / f"{concept}-{seed}", concept=concept, seed=seed, settings=settings,
+                         model=args.model, echo=lambda *_: None)
             rows.setdefault(concept, []).append(m)
             print(f"{concept:<8} seed {seed}: fidelity {m['fidelity']:.2f} (baseline {m['baseline_fidelity']:.2f}), "
                   f"editability {m['editability']:.2f}, train {m['train_seconds']:.0f} s", flush=True)

@@ -60,3 +60,19 @@ def test_default_model_is_the_mini_folder(tmp_path, monkeypatch):
     make_sd().save_pretrained(tmp_path / "mini")
     assert resolve_model(None) == resolve_model("mini") == str(tmp_path / "mini")
     assert type(load_pipeline()).__name__ == "StableDiffusionPipeline"
+
+
+def test_single_file_checkpoint_that_cannot_load_offline_names_the_file_and_the_fix(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ckpt = tmp_path / "model.safetensors"  # SD-1.x-looking keys, but no config can be fetched offline
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
+               "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(8, 4)}, str(ckpt))
+    with pytest.raises(TextinvError) as err:
+        load_pipeline(ckpt)
+    msg = str(err.value)
+    assert msg.startswith(str(ckpt)) and "--config" in msg and "\n" not in msg
+    with pytest.raises(TextinvError, match="cannot load this single-file checkpoint") as err:
+        load_pipeline(ckpt, config=tmp_path)  # a config, but the weights are incomplete
+    assert "\n" not in str(err.value)

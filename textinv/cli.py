@@ -167,8 +167,10 @@ def convert(src, dst, fmt, name, select, preview):
 @click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default="diffusers", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder (default runs/TOKEN).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last save.")
+@click.option("--config", "model_config", default=None,
+              help="For a single-file --model: a diffusers folder or hub id with the same architecture's configs (needed offline).")
 def train(images, token, model, init, vectors, mode, templates, steps, lr, batch, grad_accum, resolution, crops, flip,
-          seed, precision, grad_checkpointing, compile_, save_every, preview_every, fmt, out, resume):
+          seed, precision, grad_checkpointing, compile_, save_every, preview_every, fmt, out, resume, model_config):
     """Train a textual inversion embedding from a folder of images."""
     from .training import TrainConfig, train as run
 
@@ -176,7 +178,7 @@ def train(images, token, model, init, vectors, mode, templates, steps, lr, batch
                       templates=templates, steps=steps, lr=lr, batch=batch, grad_accum=grad_accum, resolution=resolution,
                       crops=crops, flip=flip, seed=seed, precision=precision, grad_checkpointing=grad_checkpointing,
                       compile=compile_, save_every=save_every, preview_every=preview_every, format=fmt,
-                      out=str(out) if out else None, resume=resume)
+                      out=str(out) if out else None, resume=resume, model_config=model_config)
     result = run(cfg)
     if result.is_main_process:
         click.echo(f"wrote {result.embedding_path} ({result.steps} steps, {result.seconds:.0f} s, last loss {result.loss:.4f})")

@@ -53,8 +53,14 @@ def _quiet_loading() -> None:
     tlog.disable_progress_bar()
 
 
-def load_pipeline(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "fp32", device: str = "cpu"):
-    """Load a text-to-image pipeline; errors are one line naming ``model`` and the problem."""
+def load_pipeline(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "fp32", device: str = "cpu",
+                  config: str | os.PathLike | None = None):
+    """Load a text-to-image pipeline; errors are one line naming ``model`` and the problem.
+
+    ``config`` (single-file checkpoints only): a diffusers folder or hub id whose component
+    configs describe the checkpoint's architecture.  Without it diffusers fetches a default config
+    from the hub, which an offline machine cannot do.
+    """
     DiffusionPipeline, SDPipeline, SDXLPipeline = _pipeline_classes()
     _quiet_loading()
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -69,7 +75,12 @@ def load_pipeline(model: str | os.PathLike | None = None, *, dtype: str | torch.
             if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
                 raise TextinvError(f"{where}: not a model checkpoint (expected {', '.join(sorted(SINGLE_FILE_SUFFIXES))})")
             cls = SDXLPipeline if _single_file_is_sdxl(path) else SDPipeline
-            pipe = cls.from_single_file(where, dtype=torch_dtype)
+            extra = {"config": str(config)} if config else {}
+            try:
+                pipe = cls.from_single_file(where, dtype=torch_dtype, **extra)
+            except Exception as e:  # diffusers raises many kinds here (OSError, SingleFileComponentError, …)
+                hint = "" if config else "; pass --config with a diffusers folder (or hub id) of the same architecture"
+                raise TextinvError(f"{where}: cannot load this single-file checkpoint ({str(e).splitlines()[0]}){hint}") from None
         elif path.suffix.lower() in SINGLE_FILE_SUFFIXES or where.startswith((".", "/", "~")):
             raise TextinvError(f"{where}: no such file or folder")
         else:

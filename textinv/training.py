@@ -45,6 +45,7 @@ class TrainConfig:
     images: str
     token: str
     model: str | None = None  # None: the built-in mini model
+    model_config: str | None = None  # single-file models: a diffusers folder / hub id with the configs
     init: str | None = None  # None: "*" (A1111's default), or the word itself in replace mode
     vectors: int = 1
     mode: str = "object"
@@ -192,7 +193,7 @@ def train(config: TrainConfig | None = None, pipe=None, **overrides) -> TrainRes
 
     # -- the model, frozen ---------------------------------------------------------------
     if pipe is None:
-        pipe = load_pipeline(cfg.model, dtype=cfg.precision, device=str(dist.device))
+        pipe = load_pipeline(cfg.model, dtype=cfg.precision, device=str(dist.device), config=cfg.model_config)
     for module in (pipe.unet, pipe.vae, *[te for _, te in tokens.encoder_pairs(pipe)]):
         module.requires_grad_(False)
         module.eval()
