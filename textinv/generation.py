@@ -181,8 +181,8 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
     elif model is not None:
         name, model_hash = model_identity(model)
     else:
-        where = getattr(pipe, "name_or_path", None)
-        name, model_hash = model_identity(where) if where and Path(where).exists() else (None, None)
+        where = getattr(pipe, "name_or_path", None)  # a folder, file or hub id the pipeline was loaded from
+        name, model_hash = model_identity(where) if where else (None, None)
     if guidance is None:
         guidance = DEFAULT_GUIDANCE if name == MINI_NAME else A1111_GUIDANCE
     added = []
