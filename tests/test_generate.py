@@ -76,9 +76,10 @@ def test_library_triggers_longest_match_case_three_syntaxes_and_negative(sd_pipe
 def test_unknown_trigger_like_words_warn(sd_pipe, tmp_path):
     lib = library(tmp_path / "lib", emb("cat"))
     with pytest.warns(UserWarning) as record:
-        generation.generate("a <cat> and <nope>", "embedding:missing", embeddings=[lib], pipe=sd_pipe, steps=1)
+        generation.generate("a <cat> and <nope> <lora:x:0.8>", "embedding:missing", embeddings=[lib], pipe=sd_pipe, steps=1)
     text = " ".join(str(w.message) for w in record)
-    assert "'<nope>' matches no loaded embedding" in text and "embedding:missing" in text and "<cat>" not in text
+    assert "'<nope>' matches no loaded embedding" in text and "embedding:missing" in text
+    assert "<cat>" not in text and "lora" not in text
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -97,6 +98,15 @@ def mini():
     return load_pipeline()
 
 
+def test_sdxl_unweighted_encoding_equals_the_pipelines_own(sdxl_pipe):
+    tk.apply(sdxl_pipe, [Embedding("xl-cat", {"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 48)})])
+    text = "a photo of a xl-cat on a table"
+    ours = prompts.encode(sdxl_pipe, prompts.split(sdxl_pipe, text))
+    embeds, _, pooled, _ = sdxl_pipe.encode_prompt(text, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    torch.testing.assert_close(ours.embeds, embeds)
+    torch.testing.assert_close(ours.pooled, pooled)
+
+
 def test_weight_moves_every_vector_of_a_trigger_monotonically(mini):
     tk.apply(mini, [emb("cat-toy", 3, width=64, scale=0.2)])
     base = prompts.encode(mini, prompts.split(mini, "a photo of a cat-toy")).embeds[0]
@@ -107,6 +117,7 @@ def test_weight_moves_every_vector_of_a_trigger_monotonically(mini):
         # tokens: <start> a photo of a v0 v1 v2 <end>: all three vectors moved, far more than the rest
         assert (per_token[5:8] > 5 * per_token[1:5].max()).all(), (w, per_token[:9])
         dists.append(per_token[5:8].sum().item())
+        torch.testing.assert_close(z.mean(), base.mean())  # A1111: the chunk keeps its unweighted mean
     tk.remove(mini)
     assert dists == sorted(dists) and dists[0] > 0
 

@@ -207,7 +207,8 @@ def pad_to(a: Encoded, length: int, filler: Encoded) -> Encoded:
     return Encoded(torch.cat([a.embeds] + [filler.embeds] * missing, dim=1), a.pooled)
 
 
-TRIGGER_LIKE = re.compile(r"<(?!\|)([^<>\s]+)>|\bembedding:([\w.\-]+)")
+# <name> or embedding:name; not <lora:name:0.8> and the like (A1111's extra networks, not embeddings)
+TRIGGER_LIKE = re.compile(r"<(?!\|)([^<>\s:]+)>|\bembedding:([\w.\-]+)")
 
 
 def unmatched_triggers(pipe, text: str) -> list[str]:
