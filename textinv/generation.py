@@ -281,6 +281,11 @@ def regenerate(png, *, embeddings=None, model=None, pipe=None, out=None, progres
     if model is None and pipe is None:
         named = params.get("Model")
         model = None if named in (None, "", "mini") else named
+    sampler = params.get("Sampler")
+    if sampler and params.get("Schedule type", "").lower() == "karras":  # A1111 ≥ 1.9 writes the schedule apart
+        from .samplers import SAMPLERS
+
+        sampler = f"{sampler} Karras" if f"{sampler} Karras" in SAMPLERS else sampler
     embs = load_embeddings(embeddings)
     for name, h in pngmeta.parse_ti_hashes(params.get("TI hashes", "")).items():
         match = [e for e in embs if e.name.lower() == name.lower()]
@@ -290,7 +295,7 @@ def regenerate(png, *, embeddings=None, model=None, pipe=None, out=None, progres
             warnings.warn(f"{png}: embedding {name!r} has hash {embedding_hash(match[0])}, the image was made with {h}", stacklevel=2)
     result = generate(prompt, negative or None, embeddings=embs, model=model, pipe=pipe, n=1,
                       seed=get("Seed", int, 0), steps=get("Steps", int, DEFAULT_STEPS),
-                      guidance=get("CFG scale", float), sampler=params.get("Sampler"), size=params.get("Size"),
+                      guidance=get("CFG scale", float), sampler=sampler, size=params.get("Size"),
                       out=out, progress=progress)
     want = params.get("Model hash")
     got = pngmeta.parse_parameters(result.parameters[0])[2].get("Model hash")
