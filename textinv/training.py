@@ -168,8 +168,12 @@ class PromptTable:
 
 
 # ------------------------------------------------------------------------------------ train
-def train(config: TrainConfig | None = None, pipe=None, **overrides) -> TrainResult:
-    """Train one embedding.  ``train(images=..., token=..., steps=...)`` or ``train(TrainConfig(...))``."""
+def train(config: TrainConfig | None = None, pipe=None, on_save=None, **overrides) -> TrainResult:
+    """Train one embedding.  ``train(images=..., token=..., steps=...)`` or ``train(TrainConfig(...))``.
+
+    ``on_save(step, path)`` is called after each ``save_every`` save (the trigger is applied to
+    ``pipe`` with the current vectors); returning True stops training there (early stopping).
+    """
     cfg = dataclasses.replace(config, **overrides) if config else TrainConfig(**overrides)
     if cfg.mode not in MODES:
         raise TextinvError(f"--mode {cfg.mode!r}: choose one of {', '.join(MODES)}")
@@ -187,6 +191,8 @@ def train(config: TrainConfig | None = None, pipe=None, **overrides) -> TrainRes
 
     dist = PartialState(cpu=not torch.cuda.is_available())  # several CPU processes talk over gloo
     main_process = dist.is_main_process
+    if on_save is not None and dist.num_processes > 1:
+        raise TextinvError("early stopping / --pick-best during training needs a single process")
     if main_process:
         _check_out_dir(out, cfg.resume)
     images = data.load_images(cfg.images)
@@ -248,6 +254,7 @@ def train(config: TrainConfig | None = None, pipe=None, **overrides) -> TrainRes
     dev, dtype = pipe.unet.device, pipe.unet.dtype
     progress = _progress(cfg, start) if main_process else None
     t0, smoothed, loss_value = time.perf_counter(), None, float("nan")
+    last_step = cfg.steps
     last_good = None
     for step in range(start, cfg.steps):
         lr = lr_at(schedule, step)
@@ -301,16 +308,19 @@ def train(config: TrainConfig | None = None, pipe=None, **overrides) -> TrainRes
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
             last_good = _save(out, pipe, applied, cfg, done, suffix=f"-{done}", subdir="embeddings")
             _save_state(out / STATE_FILE, cfg, params, optimizer, done)
+            if on_save is not None and on_save(done, last_good):
+                last_step = done
+                break
         if cfg.preview_every and done % cfg.preview_every == 0:
             preview(pipe, cfg, templates, out / "previews" / f"{done:06d}.png")
     if progress is not None:
         progress.close()
 
-    final = _current(applied, cfg, cfg.steps, pipe)
+    final = _current(applied, cfg, last_step, pipe)
     path = out / f"{_file_stem(cfg.token)}{_suffix(cfg.format, final)}"
     if main_process:
         formats.save(final, path, cfg.format)
-        _save_state(out / STATE_FILE, cfg, params, optimizer, cfg.steps)
+        _save_state(out / STATE_FILE, cfg, params, optimizer, last_step)
     for p in params:
         p.requires_grad_(False)
     if dist.num_processes > 1:
@@ -318,7 +328,7 @@ def train(config: TrainConfig | None = None, pipe=None, **overrides) -> TrainRes
         # interpreter's exit can abort (SIGABRT) the process that leaves last.
         dist.wait_for_everyone()
         torch.distributed.destroy_process_group()
-    return TrainResult(out, path, final, cfg.steps, time.perf_counter() - t0, loss_value, main_process)
+    return TrainResult(out, path, final, last_step, time.perf_counter() - t0, loss_value, main_process)
 
 
 # ------------------------------------------------------------------------------- pieces
