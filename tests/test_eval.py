@@ -42,3 +42,157 @@ def test_on_save_sees_every_save_and_can_stop_training_early(tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert torch.equal(formats.load(res.embedding_path).vectors["clip"],
                        formats.load(tmp_path / "run" / "embeddings" / "blk-4.safetensors").vectors["clip"])
+
+
+# ------------------------------------------------------------------------- metric math
+def test_pairwise_mean_is_the_papers_averaging_on_known_vectors():
+    from textinv.metrics import cosine_of_means, mean_pairwise_cosine
+
+    a = [[1.0, 0.0], [0.0, 1.0]]
+    b = [[1.0, 0.0]]
+    assert mean_pairwise_cosine(a, b) == pytest.approx(0.5)  # (1 + 0) / 2
+    assert cosine_of_means(a, b) == pytest.approx(2 ** -0.5)  # what we do *not* report
+    assert mean_pairwise_cosine([[3.0, 4.0]], [[6.0, 8.0]]) == pytest.approx(1.0)  # scale-free
+    assert mean_pairwise_cosine([[1.0, 0.0]], [[-2.0, 0.0]]) == pytest.approx(-1.0)
+    x = [[1.0, 0.0], [0.6, 0.8]]
+    y = [[0.0, 1.0], [0.8, 0.6], [1.0, 0.0]]
+    cos = [[0.0, 0.8, 1.0], [0.8, 0.96, 0.6]]
+    assert mean_pairwise_cosine(x, y) == pytest.approx(np.mean(cos))
+
+
+def test_text_similarity_prompt_has_the_trigger_removed():
+    from textinv.metrics import without_trigger
+
+    assert without_trigger("a photo of <cat> on the moon", "<cat>") == "a photo of on the moon"
+    assert without_trigger("Elmo holding a <cat>", "<cat>") == "Elmo holding a"
+    assert without_trigger("an oil painting of my-cat, detailed", "my-cat") == "an oil painting of, detailed"
+    assert without_trigger("a cats' my-catnip", "my-cat") == "a cats' my-catnip"  # whole words only
+
+
+# -------------------------------------------------------------- tiny CLIP / DINO models
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from conftest import tokenizer
+
+    folder = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=77),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                        image_size=32, patch_size=8), projection_dim=16)
+    CLIPModel(cfg).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_dino(tmp_path_factory):
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    folder = tmp_path_factory.mktemp("dino")
+    torch.manual_seed(1)
+    ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                       patch_size=8), add_pooling_layer=False).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def test_clip_and_dino_scorers_load_from_a_folder_and_embed_like_the_models(tiny_clip, tiny_dino):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from textinv.metrics import ClipScorer, DinoScorer
+
+    clip, dino = ClipScorer(str(tiny_clip)), DinoScorer(str(tiny_dino))
+    imgs = [Image.new("RGB", (48, 40), c) for c in ((200, 20, 20), (20, 200, 20), (20, 20, 200))]
+    f = clip.images(imgs)
+    assert f.shape == (3, 16) and torch.allclose(f.norm(dim=-1), torch.ones(3))
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    px = clip.processor(images=imgs, return_tensors="pt")["pixel_values"]
+    ids = CLIPTokenizer.from_pretrained(tiny_clip)(["a photo of on the moon"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(pixel_values=px, **ids)
+    assert torch.allclose(f, out.image_embeds, atol=1e-5)  # CLIPModel's own normalised projections
+    assert torch.allclose(clip.texts(["a photo of on the moon"]), out.text_embeds, atol=1e-5)
+    d = dino.images(imgs)
+    assert d.shape == (3, 32) and torch.allclose(d.norm(dim=-1), torch.ones(3))
+
+
+def test_missing_clip_weights_fail_in_one_line_naming_the_option(tmp_path):
+    from textinv.metrics import ClipScorer, DinoScorer
+
+    with pytest.raises(TextinvError, match=r"^--clip .*nope: cannot load CLIP weights") as e:
+        ClipScorer(str(tmp_path / "nope"))
+    assert "\n" not in str(e.value)
+    with pytest.raises(TextinvError, match=r"^--dino openai/no-such-dino: cannot load DINO weights \(HF_HUB_OFFLINE=1"):
+        DinoScorer("openai/no-such-dino")
+
+
+def test_paper_metric_scores_generated_images_against_training_images_and_texts(tiny_clip, tiny_dino):
+    from textinv.metrics import ClipScorer, DinoScorer, mean_pairwise_cosine
+    from textinv import generation
+
+    pipe = make_sd()
+    clip = ClipScorer(str(tiny_clip))
+    # the "training image" is exactly what "a photo of red" draws with seed 0: image similarity 1
+    same = generation.images(pipe, ["a photo of red"], seed=0, steps=2, guidance=4.0)
+    metric = evaluate.PaperMetric(same, clip, DinoScorer(str(tiny_dino)))
+    r = metric(pipe, "red", n=1, seed=0, steps=2, guidance=4.0)
+    assert r["fidelity"] == pytest.approx(1.0, abs=1e-5) and r["dino"] == pytest.approx(1.0, abs=1e-5)
+    assert [p["prompt"] for p in r["probes"]] == ["a photo of red", "a photo of red on the moon",
+                                                  "an oil painting of red", "Elmo holding a red"]
+    moon = generation.images(pipe, ["a photo of red on the moon"], seed=0, steps=2, guidance=4.0)
+    want = mean_pairwise_cosine(clip.images(moon), clip.texts(["a photo of on the moon"]))
+    assert r["probes"][1]["text"] == "a photo of on the moon" and r["probes"][1]["text_similarity"] == pytest.approx(want, abs=1e-5)
+    assert r["editability"] == pytest.approx(np.mean([p["text_similarity"] for p in r["probes"][1:]]))
+
+
+# ----------------------------------------------------------------------- best-step rule
+def curve(fid, edit, every=50):
+    return [{"step": every * (i + 1), "fidelity": f, "editability": e} for i, (f, e) in enumerate(zip(fid, edit))]
+
+
+def test_best_step_is_the_trade_off_peak_not_either_axis_alone():
+    # fidelity keeps rising, editability falls: sqrt(f·e) peaks at step 200
+    fid = [0.10, 0.40, 0.60, 0.75, 0.85, 0.90]
+    edit = [0.30, 0.28, 0.26, 0.24, 0.14, 0.08]
+    pts = curve(fid, edit)
+    scores = [evaluate.tradeoff_score(f, e) for f, e in zip(fid, edit)]
+    assert int(np.argmax(scores)) == 3
+    assert evaluate.best_step(pts, tolerance=0.0) == 200
+    assert evaluate.best_step(pts) == 200  # step 150 is 9 % lower: outside the 5 % tolerance
+
+
+def test_best_step_prefers_the_earliest_of_a_plateau_and_ignores_scale():
+    fid = [0.2, 0.70, 0.80, 0.81, 0.80]
+    edit = [0.3, 0.50, 0.50, 0.51, 0.50]
+    assert evaluate.best_step(curve(fid, edit)) == 150  # within 5 % of the best (step 200)
+    assert evaluate.best_step(curve(fid, edit), tolerance=0.0) == 200
+    # CLIP-like scales (image ~0.7, text ~0.25): multiplying an axis by a constant never changes the pick
+    assert evaluate.best_step(curve([f * 0.9 for f in fid], [e * 0.5 for e in edit])) == 150
+    assert evaluate.best_step(curve([0.5, 0.0], [0.0, 0.9])) == 50  # all zero: the earliest
+    assert evaluate.best_step([]) is None
+
+
+def test_early_stop_after_patience_saves_without_a_better_score():
+    t = evaluate.StepTracker(metric=None, pipe=None, trigger="t", patience=2)
+    verdicts = []
+    for step, (f, e) in enumerate([(0.2, 0.2), (0.5, 0.3), (0.6, 0.3), (0.55, 0.3), (0.6, 0.29)], 1):
+        t.points.append({"step": step, "fidelity": f, "editability": e, "score": evaluate.tradeoff_score(f, e)})
+        verdicts.append(t.should_stop())
+    assert verdicts == [False, False, False, False, True]
+
+
+# --------------------------------------------------------------------- prompts, probes
+def test_prompts_file_placeholders_and_judge_probes(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("# editing prompts\na photo of S* on the moon\n\nan oil painting of [name]\na blue {} on the left\n")
+    assert evaluate.read_prompts(f) == ["a photo of {} on the moon", "an oil painting of {}", "a blue {} on the left"]
+    probes = evaluate.judge_probes(["a photo of a {}", "a blue {} on the left", "a big striped {}"])
+    assert [p.want for p in probes] == [{}, {"colour": "blue", "position": "left"}, {"size": "large", "style": "striped"}]
+    assert evaluate.judge_probes(["a red {}"])[0] == evaluate.FIDELITY_PROBE  # fidelity needs a plain prompt
+    f.write_text("a photo with no trigger\n")
+    with pytest.raises(TextinvError, match=r"--prompts .*p.txt:1: write the trigger"):
+        evaluate.read_prompts(f)

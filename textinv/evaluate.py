@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import generation
+from .errors import TextinvError
 
 
 @dataclass
@@ -76,3 +77,416 @@ def kl_to_uniform(dist: dict[str, float]) -> float:
     """KL(p ‖ uniform) in nats: 0 for a perfectly balanced distribution, ln K for a single colour."""
     k = len(dist)
     return float(sum(p * np.log(p * k) for p in dist.values() if p > 0))
+
+
+# ------------------------------------------------------------------------------------------
+# Metric backends: the world's judge (mini world) and the paper's CLIP/DINO similarities
+# ------------------------------------------------------------------------------------------
+# The paper's prompts: reconstruction "a photo of S*"; editing prompts from its figures.
+PAPER_RECONSTRUCTION = "a photo of {}"
+PAPER_EDIT_PROMPTS = ["a photo of {} on the moon", "an oil painting of {}", "Elmo holding a {}"]
+TRIGGER_PLACEHOLDERS = ("[name]", "S*", "<S*>", "{}")
+THUMB = 128  # report thumbnails: longest side in pixels
+
+
+def read_prompts(path) -> list[str]:
+    """A prompts file: one prompt a line, ``#`` comments; the trigger written ``{}``, ``[name]`` or ``S*``."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TextinvError(f"--prompts {path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    out = []
+    for no, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        for ph in TRIGGER_PLACEHOLDERS[:-1]:
+            line = line.replace(ph, "{}")
+        if line.count("{}") != 1 or line.replace("{}", "").count("{") or line.count("}") != 1:
+            raise TextinvError(f"--prompts {path}:{no}: write the trigger once as {{}}, [name] or S* in {line!r}")
+        out.append(line)
+    if not out:
+        raise TextinvError(f"--prompts {path}: no prompts in the file")
+    return out
+
+
+def judge_probes(templates: list[str]) -> list[Probe]:
+    """Probes for the judge from plain prompts: the world's attribute words a prompt names
+    ("a blue {}" → colour blue) are what its images must show; a prompt naming none measures fidelity."""
+    import re
+
+    from .world import spec
+
+    probes = []
+    for t in templates:
+        want, text = {}, t.lower()
+        for attr in ("colour", "size", "position", "style", "background"):
+            for value, entry in spec.ATTRIBUTES[attr].items():
+                words = entry.get("words", []) + entry.get("pre", []) + entry.get("post", [])
+                if any(re.search(rf"(?<!\w){re.escape(w)}(?!\w)", text) for w in words):
+                    want[attr] = value
+                    break
+        probes.append(Probe(t, want))
+    if all(p.want for p in probes):
+        probes.insert(0, FIDELITY_PROBE)
+    return probes
+
+
+def _thumbs(images, k: int = 8) -> list[bytes]:
+    """The first ``k`` images as small PNG bytes (what the report shows; kept for every step)."""
+    import io
+
+    out = []
+    for im in images[:k]:
+        im = im.convert("RGB")
+        if max(im.size) > THUMB:
+            im = im.copy()
+            im.thumbnail((THUMB, THUMB))
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+class JudgeMetric:
+    """Fidelity and editability counted by the mini world's judge (see :func:`judge_scores`)."""
+
+    backend = "judge"
+    labels = {"fidelity": "fidelity (judge: concept drawn)", "editability": "editability (judge: concept + asked attribute)"}
+
+    def __init__(self, concept: str, probes: list[Probe] | None = None, attribute: str = "shape"):
+        self.concept, self.attribute = concept, attribute
+        self.probes = probes or [FIDELITY_PROBE, *EDIT_PROBES]
+
+    def describe(self) -> dict:
+        return {"backend": self.backend, "concept": self.concept, "prompts": [p.template for p in self.probes],
+                "fidelity": "share of images of the prompts naming only the concept that the judge calls the concept",
+                "editability": "share of images of the composed prompts showing the concept and every asked attribute"}
+
+    def __call__(self, pipe, trigger: str, *, n: int, seed: int, steps: int, guidance: float, probes=None) -> dict:
+        out = judge_scores(pipe, trigger, self.attribute, self.concept, n=n, seed=seed, probes=probes or self.probes,
+                           steps=steps, guidance=guidance, keep_images=True)
+        out["thumbs"] = {p: _thumbs(imgs) for p, imgs in out.pop("images").items()}
+        return out
+
+    def fidelity_only(self) -> list[Probe]:
+        return [p for p in self.probes if not p.want]
+
+
+class PaperMetric:
+    """The paper's protocol: CLIP image similarity to the training images (fidelity), CLIP text
+    similarity to the editing prompts without S* (editability), and DINO image similarity."""
+
+    backend = "clip"
+    labels = {"fidelity": "image similarity (CLIP)", "editability": "text similarity (CLIP)"}
+
+    def __init__(self, training_images, clip, dino=None, edit_prompts: list[str] | None = None,
+                 reconstruction: str = PAPER_RECONSTRUCTION):
+        if not training_images:
+            raise TextinvError("--images: no training images to compare with")
+        self.clip, self.dino = clip, dino
+        self.reconstruction = reconstruction
+        self.edit_prompts = edit_prompts or list(PAPER_EDIT_PROMPTS)
+        self.train_clip = clip.images(training_images)
+        self.train_dino = dino.images(training_images) if dino is not None else None
+
+    def describe(self) -> dict:
+        return {"backend": self.backend, "clip": self.clip.source, "dino": self.dino.source if self.dino else None,
+                "reconstruction": self.reconstruction, "prompts": self.edit_prompts,
+                "fidelity": "mean over (generated, training) image pairs of the CLIP image cosine similarity",
+                "editability": "mean over editing prompts and their images of the CLIP cosine similarity between "
+                               "the image and the prompt with S* removed",
+                "dino": "as fidelity, with DINO CLS embeddings",
+                "averaging": "per-pair cosines averaged (the paper's code: (A @ B.T).mean() of normalised embeddings)"}
+
+    def fidelity_only(self) -> list[str]:
+        return [self.reconstruction]
+
+    def __call__(self, pipe, trigger: str, *, n: int, seed: int, steps: int, guidance: float, probes=None) -> dict:
+        from .metrics import mean_pairwise_cosine, without_trigger
+
+        templates = probes if probes is not None else [self.reconstruction, *self.edit_prompts]
+        rows, thumbs, edit = [], {}, []
+        fidelity = dino = None
+        for t in templates:
+            prompt = t.format(trigger)
+            imgs = generation.images(pipe, [prompt] * n, seed=seed, steps=steps, guidance=guidance)
+            feats = self.clip.images(imgs)
+            thumbs[prompt] = _thumbs(imgs)
+            if t == self.reconstruction:
+                fidelity = mean_pairwise_cosine(feats, self.train_clip)
+                row = {"prompt": prompt, "image_similarity": fidelity}
+                if self.dino is not None:
+                    dino = mean_pairwise_cosine(self.dino.images(imgs), self.train_dino)
+                    row["dino_similarity"] = dino
+            else:
+                text = without_trigger(prompt, trigger)
+                sim = mean_pairwise_cosine(feats, self.clip.texts([text]))
+                edit.append(sim)
+                row = {"prompt": prompt, "text": text, "text_similarity": sim}
+            rows.append(row)
+        return {"fidelity": fidelity, "editability": float(np.mean(edit)) if edit else None, "dino": dino,
+                "probes": rows, "thumbs": thumbs}
+
+
+def world_sized(pipe) -> bool:
+    """Whether the model draws pictures of the mini world's size (then the judge can read them)."""
+    from .world import spec
+
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    return int(pipe.unet.config.sample_size) * factor == spec.IMAGE_SIZE
+
+
+def infer_concept(images) -> str:
+    """The shape the judge sees in most training images (at least 60 % of them must agree)."""
+    from collections import Counter
+
+    from .world.judge import judge
+
+    verdicts = Counter(v["shape"] for v in judge(images))
+    shape, count = verdicts.most_common(1)[0]
+    if count < 0.6 * len(images):
+        seen = ", ".join(f"{k} {c}" for k, c in verdicts.most_common())
+        raise TextinvError(f"--images: the judge sees no single shape in the training images ({seen}); pass --concept SHAPE")
+    return shape
+
+
+def choose_metric(pipe, training_images, *, concept: str | None = None, clip: str | None = None,
+                  dino: str | None = None, prompts: list[str] | None = None, device: str = "cpu"):
+    """The metric backend, by one rule:
+
+    1. ``--clip``/``--dino`` given: the paper's CLIP/DINO similarities;
+    2. ``--concept`` given: the world's judge;
+    3. otherwise the judge when the model draws at the mini world's size (32×32) — the concept is
+       then the shape the judge sees in the training images — else the paper's metrics with the
+       default CLIP ViT-B/32 and DINO ViT-S/16 weights.
+    """
+    from . import metrics
+    from .world import spec
+
+    if concept and (clip or dino):
+        raise TextinvError("--concept (the judge) and --clip/--dino (CLIP metrics) exclude each other; choose one")
+    if concept or (not clip and not dino and world_sized(pipe)):
+        if concept and concept not in spec.labels("shape"):
+            raise TextinvError(f"--concept {concept!r}: choose one of the world's shapes {', '.join(spec.labels('shape'))}")
+        concept = concept or infer_concept(training_images)
+        return JudgeMetric(concept, judge_probes(prompts) if prompts else None)
+    clip_scorer = metrics.ClipScorer(clip or metrics.DEFAULT_CLIP, device=device)
+    dino_scorer = metrics.DinoScorer(dino or metrics.DEFAULT_DINO, device=device)
+    return PaperMetric(training_images, clip_scorer, dino_scorer, prompts)
+
+
+# ------------------------------------------------------------------------------------------
+# The trade-off over a run's saves, and the recommended step
+# ------------------------------------------------------------------------------------------
+BEST_STEP_RULE = ("score = sqrt(fidelity × editability) (geometric mean: unchanged in order by each axis's scale, "
+                  "zero when either axis is); the recommended step is the earliest save whose score is within "
+                  "{tol:.0%} of the highest score")
+
+
+def tradeoff_score(fidelity: float | None, editability: float | None) -> float:
+    if fidelity is None or editability is None:
+        return 0.0
+    return float(np.sqrt(max(fidelity, 0.0) * max(editability, 0.0)))
+
+
+def best_step(points: list[dict], tolerance: float = 0.05) -> int | None:
+    """The recommended step (see :data:`BEST_STEP_RULE`): the earliest step whose trade-off score is
+    at least ``(1 - tolerance)`` × the best score.  ``points``: dicts with step, fidelity, editability."""
+    scored = sorted((p["step"], tradeoff_score(p.get("fidelity"), p.get("editability"))) for p in points)
+    if not scored:
+        return None
+    top = max(s for _, s in scored)
+    return next(step for step, s in scored if s >= (1 - tolerance) * top)
+
+
+class StepTracker:
+    """Measures the embedding at each save (``train(on_save=...)`` or over a run's files) and
+    says when to stop: ``patience`` saves in a row without a higher trade-off score."""
+
+    def __init__(self, metric, pipe, trigger: str, *, n: int = 8, seed: int = 0, steps: int = generation.DEFAULT_STEPS,
+                 guidance: float = generation.DEFAULT_GUIDANCE, patience: int | None = None, echo=None):
+        self.metric, self.pipe, self.trigger = metric, pipe, trigger
+        self.n, self.seed, self.steps, self.guidance, self.patience = n, seed, steps, guidance, patience
+        self.echo = echo
+        self.points: list[dict] = []
+        self.thumbs: dict[int, dict[str, list[bytes]]] = {}
+
+    def measure(self, step: int, trigger: str | None = None) -> dict:
+        r = self.metric(self.pipe, trigger or self.trigger, n=self.n, seed=self.seed, steps=self.steps, guidance=self.guidance)
+        point = {"step": step, "fidelity": r["fidelity"], "editability": r["editability"],
+                 "score": tradeoff_score(r["fidelity"], r["editability"]), "probes": r["probes"]}
+        if r.get("dino") is not None:
+            point["dino"] = r["dino"]
+        self.points = [p for p in self.points if p["step"] != step] + [point]
+        self.points.sort(key=lambda p: p["step"])
+        self.thumbs[step] = r["thumbs"]
+        if self.echo:
+            extra = f", dino {point['dino']:.3f}" if "dino" in point else ""
+            self.echo(f"step {step}: fidelity {_fmt(point['fidelity'])}, editability {_fmt(point['editability'])}{extra}, "
+                      f"score {point['score']:.3f}")
+        return point
+
+    def __call__(self, step: int, path=None) -> bool:
+        """``on_save`` for :func:`textinv.training.train`: measure; True = stop training."""
+        self.measure(step)
+        return self.should_stop()
+
+    def should_stop(self) -> bool:
+        if not self.patience or len(self.points) <= self.patience:
+            return False
+        scores = [p["score"] for p in self.points]
+        return max(scores[-self.patience:]) <= max(scores[:-self.patience])
+
+    def has(self, step: int) -> bool:
+        return any(p["step"] == step for p in self.points)
+
+    def evaluation(self, *, target, model, images, training, baseline: dict | None = None, tolerance: float = 0.05,
+                   extra_thumbs: dict | None = None) -> "Evaluation":
+        """Everything measured so far, with the recommended step, as an :class:`Evaluation`."""
+        result = {"target": str(target), "model": str(model or "mini"), "images": str(images), "trigger": self.trigger,
+                  "metric": self.metric.describe(), "labels": self.metric.labels, "n": self.n, "seed": self.seed,
+                  "sampling_steps": self.steps, "guidance": self.guidance, "points": self.points, "baseline": baseline,
+                  "best_step": best_step(self.points, tolerance), "rule": BEST_STEP_RULE.format(tol=tolerance),
+                  "tolerance": tolerance}
+        return Evaluation(result, dict(extra_thumbs or self.thumbs), _thumbs(training, k=len(training)))
+
+
+def _fmt(x) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+def run_embeddings(run_dir) -> tuple[dict, list[tuple[int, "object"]]]:
+    """A training run's config and its saved embeddings as (step, path), intermediate and final."""
+    import json
+    import re
+    from pathlib import Path
+
+    from . import formats
+    from .training import _file_stem
+
+    run_dir = Path(run_dir)
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TextinvError(f"{run_dir}: not a textinv training run (config.json: {getattr(e, 'strerror', None) or e})") from None
+    stem = _file_stem(cfg["token"])
+    found: dict[int, Path] = {}
+    for p in sorted((run_dir / "embeddings").glob(f"{stem}-*")):
+        m = re.fullmatch(rf"{re.escape(stem)}-(\d+)", p.name.split(".")[0] if p.is_file() else p.name)
+        if m and formats.is_embedding_candidate(p):
+            found[int(m.group(1))] = p
+    for p in sorted(run_dir.iterdir()):
+        if (p.name.split(".")[0] == stem and p.is_file() or p.name == stem and p.is_dir()) and formats.is_embedding_candidate(p) \
+                and p.name != "state.pt":
+            step = formats.load(p).meta.get("step")
+            step = int(step) if str(step).isdigit() else int(cfg.get("steps", 0))
+            found[step] = p
+    if not found:
+        raise TextinvError(f"{run_dir}: no embeddings saved in this run yet")
+    return cfg, sorted(found.items())
+
+
+# ------------------------------------------------------------------------------------------
+# textinv eval: a run folder (every save) or one embedding file
+# ------------------------------------------------------------------------------------------
+@dataclass
+class Evaluation:
+    result: dict  # what metrics.json holds
+    thumbs: dict = field(default_factory=dict)  # step (or "baseline") → prompt → PNG bytes
+    training: list = field(default_factory=list)  # training images as PNG bytes
+
+
+def default_guidance(model) -> float:
+    """The guidance ``textinv generate`` uses for this model."""
+    from .models import MINI_NAME
+
+    return generation.DEFAULT_GUIDANCE if generation.model_identity(model)[0] == MINI_NAME else generation.A1111_GUIDANCE
+
+
+def evaluate_path(target, *, images=None, model=None, concept: str | None = None, clip: str | None = None,
+                  dino: str | None = None, prompts_file=None, n: int = 16, seed: int = 0,
+                  steps: int = generation.DEFAULT_STEPS, guidance: float | None = None, baseline: bool = True,
+                  tolerance: float = 0.05, pipe=None, echo=None) -> Evaluation:
+    """Measure a training run's saves (the trade-off curve and the recommended step) or one embedding."""
+    from pathlib import Path
+
+    import torch
+
+    from . import data, formats, tokens
+    from .models import load_pipeline
+
+    target, model_config = Path(target), None
+    if not target.exists():
+        raise TextinvError(f"{target}: no such file or folder")
+    if n < 1 or steps < 1:
+        raise TextinvError(f"-n and --steps must be at least 1 (got {n}, {steps})")
+    if target.is_dir() and (target / "config.json").is_file():
+        cfg, saves = run_embeddings(target)
+        trigger, init = cfg["token"], cfg.get("init")
+        images = images or cfg.get("images")
+        if model is None:
+            model, model_config = cfg.get("model"), cfg.get("model_config")
+    else:
+        found = formats.load_all(target)
+        if len(found) != 1:
+            raise TextinvError(f"{target}: holds {len(found)} embeddings; pass one embedding file or a training run folder")
+        emb = found[0]
+        trigger, init = emb.name, emb.meta.get("init_text")
+        step = emb.meta.get("step")
+        saves = [(int(step) if str(step).isdigit() else 0, target)]
+    if not images:
+        raise TextinvError("--images: needed (the training images to compare with / to read the concept from)")
+    training = [item.image for item in data.load_images(images)]
+    if pipe is None:
+        pipe = load_pipeline(model, device="cuda" if torch.cuda.is_available() else "cpu", config=model_config)
+    if guidance is None:
+        guidance = default_guidance(model)
+    prompts = read_prompts(prompts_file) if prompts_file else None
+    metric = choose_metric(pipe, training, concept=concept, clip=clip, dino=dino, prompts=prompts,
+                           device=str(pipe.unet.device))
+    tracker = StepTracker(metric, pipe, trigger, n=n, seed=seed, steps=steps, guidance=guidance, echo=echo)
+    for step, path in saves:
+        emb = formats.load(path, name=trigger)
+        tokens.apply(pipe, emb)
+        try:
+            tracker.measure(step)
+        finally:
+            tokens.remove(pipe, trigger)
+    thumbs = dict(tracker.thumbs)
+    base = None
+    if baseline and init and init.strip() not in ("", "*"):
+        r = metric(pipe, init, n=n, seed=seed, steps=steps, guidance=guidance)
+        base = {"init": init, "fidelity": r["fidelity"], "editability": r["editability"],
+                "score": tradeoff_score(r["fidelity"], r["editability"]), "probes": r["probes"]}
+        if r.get("dino") is not None:
+            base["dino"] = r["dino"]
+        thumbs["baseline"] = r["thumbs"]
+        if echo:
+            echo(f"baseline (init {init!r}): fidelity {_fmt(base['fidelity'])}, editability {_fmt(base['editability'])}")
+    return tracker.evaluation(target=target, model=model, images=images, training=training, baseline=base,
+                              tolerance=tolerance, extra_thumbs=thumbs)
+
+
+def pick_best(tracker: StepTracker, result, cfg, tolerance: float = 0.05) -> tuple[int, "object"]:
+    """``textinv train --pick-best``: the recommended step's embedding becomes the run's final file
+    (``result.embedding_path``); the last step's embedding stays as ``embeddings/NAME-LAST``."""
+    from . import formats
+    from .training import _file_stem, _suffix
+
+    if not tracker.has(result.steps):
+        tracker.measure(result.steps)  # the trigger still holds the final vectors
+    best = best_step(tracker.points, tolerance)
+    if best is None or best == result.steps:
+        return result.steps, result.embedding_path
+    stem, suffix = _file_stem(cfg.token), _suffix(cfg.format, result.embedding)
+    folder = result.out / "embeddings"
+    last = folder / f"{stem}-{result.steps}{suffix}"
+    if not last.exists():
+        formats.save(result.embedding, last, cfg.format)
+    chosen = formats.load(folder / f"{stem}-{best}{suffix}", name=result.embedding.name)
+    formats.save(chosen, result.embedding_path, cfg.format)
+    return best, result.embedding_path
