@@ -1,6 +1,13 @@
 """Generation with trigger words: fixed-seed, batched sampling through any diffusers pipeline."""
 from __future__ import annotations
 
+import functools
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import torch
 from PIL import Image
 
@@ -29,12 +36,6 @@ def images(pipe, prompts: list[str], *, seed: int = 0, steps: int = DEFAULT_STEP
 # ------------------------------------------------------------------------------------------
 # textinv generate: A1111-style prompts, embeddings from files and libraries, PNG parameters
 # ------------------------------------------------------------------------------------------
-import functools  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import warnings  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 A1111_GUIDANCE = 7.0  # A1111's default CFG scale (the built-in mini model uses DEFAULT_GUIDANCE)
 UNET_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
