@@ -168,11 +168,13 @@ class PromptTable:
 
 
 # ------------------------------------------------------------------------------------ train
-def train(config: TrainConfig | None = None, pipe=None, on_save=None, **overrides) -> TrainResult:
+def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=None, **overrides) -> TrainResult:
     """Train one embedding.  ``train(images=..., token=..., steps=...)`` or ``train(TrainConfig(...))``.
 
     ``on_save(step, path)`` is called after each ``save_every`` save (the trigger is applied to
     ``pipe`` with the current vectors); returning True stops training there (early stopping).
+    ``on_step(step, loss)`` is called after every step (and its preview); returning True stops
+    training there, with the final embedding and state at that step (the web UI's Stop button).
     """
     cfg = dataclasses.replace(config, **overrides) if config else TrainConfig(**overrides)
     if cfg.mode not in MODES:
@@ -193,6 +195,8 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, **override
     main_process = dist.is_main_process
     if on_save is not None and dist.num_processes > 1:
         raise TextinvError("early stopping / --pick-best during training needs a single process")
+    if on_step is not None and dist.num_processes > 1:
+        raise TextinvError("stopping training from a callback needs a single process")
     if main_process:
         _check_out_dir(out, cfg.resume)
     images = data.load_images(cfg.images)
@@ -313,6 +317,9 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, **override
                 break
         if cfg.preview_every and done % cfg.preview_every == 0:
             preview(pipe, cfg, templates, out / "previews" / f"{done:06d}.png")
+        if on_step is not None and on_step(done, total) and done < cfg.steps:
+            last_step = done
+            break
     if progress is not None:
         progress.close()
 
