@@ -264,6 +264,26 @@ def generate(prompt, negative, embeddings, model, count, seed, steps, guidance, 
         click.echo(f"embeddings used: {', '.join(result.used)}")
 
 
+# --------------------------------------------------------------------------------------- ui
+@main.command()
+@click.option("--library", type=click.Path(path_type=Path), default=Path("~/.textinv/embeddings"), show_default=True,
+              help="Embeddings folder: the Library tab's table; trained embeddings are added to it.")
+@click.option("--model", "-m", default=None, help="Hub id, diffusers folder, single-file checkpoint, or 'mini' (default).")
+@click.option("--config", "model_config", default=None,
+              help="For a single-file --model: a diffusers folder or hub id with the same architecture's configs (needed offline).")
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("~/.textinv/ui"), show_default=True,
+              help="Where training runs, generated images and downloads go (runs/, outputs/, downloads/).")
+@click.option("--port", default=7860, show_default=True, help="Port on 127.0.0.1 (the app is never served beyond this machine).")
+@click.option("--max-upload-mb", default=200, show_default=True, help="Larger uploads are refused in the page.")
+@click.option("--open", "open_browser", is_flag=True, help="Open the page in the default browser.")
+def ui(library, model, model_config, workdir, port, max_upload_mb, open_browser):
+    """A local web app (Gradio) on 127.0.0.1: train, generate and manage the embeddings library."""
+    from . import ui as webui
+
+    webui.launch(library, model, workdir=workdir, model_config=model_config, port=port, max_upload_mb=max_upload_mb,
+                 open_browser=open_browser)
+
+
 # ------------------------------------------------------------------------- library commands
 @main.command("list")
 @click.argument("folder", type=click.Path(path_type=Path))

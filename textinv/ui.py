@@ -1,0 +1,772 @@
+"""``textinv ui``: a local web app (Gradio) to train, generate and manage embeddings.
+
+Two layers.  :class:`App` is plain Python — training jobs, generation, the library folder —
+and raises :class:`~textinv.errors.TextinvError` for anything a user can get wrong; it is
+tested without a browser.  :func:`build` wires it to Gradio components: every handler turns an
+error into a message in the page (a status box and a warning toast), so a bad upload or a bad
+setting never stops the server.
+
+Offline by design: analytics are off, there are no share links, the server listens on
+127.0.0.1 only, and fonts and scripts come from the installed package.
+"""
+from __future__ import annotations
+
+import html
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+import traceback
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import TextinvError
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+HOST = "127.0.0.1"
+DEFAULT_LIBRARY = Path("~/.textinv/embeddings")
+DEFAULT_WORKDIR = Path("~/.textinv/ui")
+DEFAULT_MAX_UPLOAD_MB = 200  # a LoRA bundle may carry embeddings; checkpoints are refused anyway
+MAX_IMAGE_BYTES = 50 << 20
+MODEL_DEFAULT_SAMPLER = "(model default)"
+EXPORT_SUFFIX = {"diffusers": ".safetensors", "a1111": ".pt", "kohya": ".safetensors", "sdxl": ".safetensors", "png": ".png"}
+NAME_RE = re.compile(r"[\w][\w.-]*")
+
+
+# ------------------------------------------------------------------------------------ warnings
+_sink = threading.local()
+
+
+def _route_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings raised while a handler collects them go to that handler (per thread); others to stderr."""
+    lines = getattr(_sink, "lines", None)
+    if lines is not None:
+        lines.append(str(message))
+    else:
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def install_warning_router() -> None:
+    """Route ``warnings`` per thread: training and generation run at the same time."""
+    warnings.showwarning = _route_warning
+    warnings.simplefilter("always", UserWarning)  # the same bad file twice gives the message twice
+
+
+@contextmanager
+def collecting():
+    """Collect the warnings this thread raises, e.g. ``skipped notes.png: not a readable image``."""
+    saved = getattr(_sink, "lines", None)
+    _sink.lines = []
+    try:
+        yield _sink.lines
+    finally:
+        _sink.lines = saved
+
+
+def _describe_error(e: BaseException) -> str:
+    if isinstance(e, TextinvError):
+        return str(e)
+    return f"unexpected error: {type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "-", name).strip("-.") or "embedding"
+
+
+# ------------------------------------------------------------------------------------ training
+@dataclass
+class TrainJob:
+    """One training run in a background thread; the page polls :meth:`snapshot`."""
+
+    token: str
+    out: Path
+    total: int
+    thread: threading.Thread | None = None
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    result: object | None = None  # TrainResult
+    library_path: Path | None = None
+    error: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def on_step(self, step: int, loss: float) -> bool:
+        self.losses.append((step, float(loss)))
+        return self.stop_event.is_set()
+
+    def previews(self) -> list[Path]:
+        return sorted((self.out / "previews").glob("*.png"))
+
+    def status(self) -> str:
+        step = self.losses[-1][0] if self.losses else 0
+        seconds = time.time() - self.started
+        if self.error:
+            return f"Training failed: {self.error}"
+        if self.running:
+            if not self.losses:
+                return f"Starting: loading the model and encoding the images ({seconds:.0f} s)…"
+            loss = self.losses[-1][1]
+            stopping = " — stopping…" if self.stop_event.is_set() else ""
+            return f"Training {self.token}: step {step}/{self.total}, loss {loss:.4f}, {seconds:.0f} s{stopping}"
+        if self.result is not None:
+            r = self.result
+            how = "Stopped" if r.steps < self.total else "Done"
+            where = f"; added to the library as {self.library_path.name}" if self.library_path else ""
+            return f"{how} at step {r.steps}/{self.total} ({r.seconds:.0f} s, last loss {r.loss:.4f}): {r.embedding_path}{where}"
+        return "Not started."
+
+
+# ------------------------------------------------------------------------------------ the app
+class App:
+    """The web app's state and actions, independent of Gradio."""
+
+    def __init__(self, library=None, model=None, *, workdir=None, model_config=None, preview_every: int = 20):
+        install_warning_router()
+        self.library = Path(library or DEFAULT_LIBRARY).expanduser().resolve()
+        self.workdir = Path(workdir or DEFAULT_WORKDIR).expanduser().resolve()
+        self.model = model
+        self.model_config = model_config
+        self.preview_every = preview_every
+        for d in (self.library, self.runs, self.outputs, self.downloads, self.uploads):
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise TextinvError(f"{d}: cannot create this folder ({e.strerror or e})") from None
+        self.job: TrainJob | None = None
+        self._pipe = None
+        self._pipe_lock = threading.RLock()
+        self._job_lock = threading.Lock()
+        self._nearest_cache: dict[tuple, str] = {}
+
+    runs = property(lambda self: self.workdir / "runs")
+    outputs = property(lambda self: self.workdir / "outputs")
+    downloads = property(lambda self: self.workdir / "downloads")
+    uploads = property(lambda self: self.workdir / "uploads")
+
+    @property
+    def model_name(self) -> str:
+        return str(self.model or "mini")
+
+    # -- the generation pipeline (shared by Generate and the library's nearest words) ----------
+    def pipe(self):
+        with self._pipe_lock:
+            if self._pipe is None:
+                from .models import load_pipeline
+
+                self._pipe = load_pipeline(self.model, config=self.model_config)
+            return self._pipe
+
+    def check_fits(self, emb) -> None:
+        """ModelMismatchError (a TextinvError) unless ``emb`` is made for this app's model."""
+        from . import tokens
+
+        with self._pipe_lock:
+            tokens.state(self.pipe()).check(emb)
+
+    # -- training ------------------------------------------------------------------------------
+    def check_images(self, paths) -> tuple[list[Path], list[str]]:
+        """(usable images, one message per unusable file)."""
+        from .data import IMAGE_SUFFIXES, open_image
+
+        good, bad = [], []
+        for p in map(Path, paths or []):
+            try:
+                if p.stat().st_size > MAX_IMAGE_BYTES:
+                    raise TextinvError(f"{p.name}: {p.stat().st_size / 2**20:.0f} MB is too large for a training image "
+                                       f"(limit {MAX_IMAGE_BYTES >> 20} MB)")
+                if p.suffix.lower() not in IMAGE_SUFFIXES:
+                    raise TextinvError(f"{p.name}: not an image file (expected {', '.join(sorted(IMAGE_SUFFIXES))})")
+                with collecting():
+                    open_image(p)
+                good.append(p)
+            except Exception as e:  # noqa: BLE001 - PIL raises many kinds (DecompressionBombError, …)
+                bad.append(_describe_error(e) if isinstance(e, TextinvError) else f"{p.name}: not a usable image ({_describe_error(e)})")
+        return good, bad
+
+    def start_training(self, images=None, folder: str | None = None, *, token: str, init: str | None = None,
+                       vectors: int = 1, mode: str = "object", steps: int = 500, lr: str = "5e-3", batch: int = 4,
+                       preview_every: int | None = None, seed: int = 0) -> TrainJob:
+        from .training import MODES, TrainConfig, parse_lr
+
+        with self._job_lock:
+            if self.job is not None and self.job.running:
+                raise TextinvError(f"a training run ({self.job.token}) is going; stop it first")
+            token = (token or "").strip()
+            if not token:
+                raise TextinvError("Token: give the new trigger word, e.g. <my-cat>")
+            if mode not in MODES:
+                raise TextinvError(f"Mode {mode!r}: choose one of {', '.join(MODES)}")
+            steps, vectors, batch, seed = int(steps or 0), int(vectors or 0), int(batch or 0), int(seed or 0)
+            if steps < 1 or vectors < 1 or batch < 1:
+                raise TextinvError("Steps, vectors and batch must be at least 1")
+            parse_lr(lr)
+            preview_every = self.preview_every if preview_every is None else int(preview_every)
+            run = self.runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{_safe_name(token)}"
+            if folder and str(folder).strip():
+                source = Path(str(folder).strip()).expanduser()
+                if not source.is_dir():
+                    raise TextinvError(f"Folder {source}: not a folder on this machine")
+                if images:
+                    raise TextinvError("give either dropped images or a folder, not both")
+                image_dir = source
+                notes = []
+            else:
+                good, notes = self.check_images(images)
+                if not good:
+                    detail = ("; ".join(notes)) if notes else "drop 3–5 or more pictures of the concept, or give a folder"
+                    raise TextinvError(f"no usable training images: {detail}")
+                image_dir = run / "images"
+                image_dir.mkdir(parents=True)
+                for i, p in enumerate(good):
+                    shutil.copyfile(p, image_dir / f"{i:03d}-{_safe_name(p.stem)}{p.suffix.lower()}")
+            cfg = TrainConfig(images=str(image_dir), token=token, model=self.model, model_config=self.model_config,
+                              init=(init or "").strip() or None, vectors=vectors, mode=mode, steps=steps, lr=str(lr),
+                              batch=batch, seed=seed, preview_every=max(0, preview_every), out=str(run), progress=False)
+            job = TrainJob(token, run, steps, warnings=list(notes))
+            job.thread = threading.Thread(target=self._train, args=(job, cfg), name=f"textinv-train-{token}", daemon=True)
+            self.job = job
+            job.thread.start()
+            return job
+
+    def _train(self, job: TrainJob, cfg) -> None:
+        from .training import train
+
+        with collecting() as lines:
+            try:
+                job.result = train(cfg, on_step=job.on_step)
+                job.library_path = self._add_trained(job.result)
+            except Exception as e:  # noqa: BLE001 - shown in the page; the server goes on
+                job.error = _describe_error(e)
+                if not isinstance(e, TextinvError):
+                    traceback.print_exc()
+            finally:
+                job.warnings += lines
+
+    def _add_trained(self, result) -> Path:
+        """A1111 keeps trained embeddings in its embeddings folder: so do we (an older file of that name goes to .trash)."""
+        from . import formats
+
+        emb = result.embedding
+        path = self.library / f"{_safe_name(emb.name)}.safetensors"
+        if path.exists():
+            self._to_trash(path)
+        return formats.save(emb, path, "sdxl" if emb.is_sdxl else "diffusers")
+
+    def stop_training(self) -> str:
+        job = self.job
+        if job is None or not job.running:
+            return "No training run is going."
+        job.stop_event.set()
+        return f"Stopping {job.token} after the current step…"
+
+    def export(self, fmt: str) -> Path:
+        """The last run's embedding in ``fmt``, as a file to download."""
+        job = self.job
+        if job is None or job.result is None:
+            raise TextinvError("nothing to download yet: train an embedding first (or use the Library tab)")
+        return self._export(job.result.embedding, fmt)
+
+    def _export(self, emb, fmt: str) -> Path:
+        from . import formats
+
+        if fmt not in EXPORT_SUFFIX:
+            raise TextinvError(f"format {fmt!r}: choose one of {', '.join(EXPORT_SUFFIX)}")
+        stem = _safe_name(emb.name)
+        folder = self.downloads / fmt
+        if emb.is_sdxl and fmt == "diffusers":  # diffusers' SDXL layout is a two-file folder: send it zipped
+            written = formats.save(emb, folder / stem, fmt)
+            return Path(shutil.make_archive(str(folder / stem), "zip", root_dir=written.parent, base_dir=written.name))
+        return formats.save(emb, folder / f"{stem}{EXPORT_SUFFIX[fmt]}", fmt)
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate(self, prompt: str, negative: str = "", picked=None, *, seed: int = 0, sampler: str | None = None,
+                 steps: int = 30, n: int = 4, guidance: float | None = None):
+        """(Generation, warnings).  No embeddings picked: the whole library, as A1111 loads its folder."""
+        from .generation import generate
+
+        if not (prompt or "").strip():
+            raise TextinvError("Prompt: empty")
+        n, steps, seed = int(n or 0), int(steps or 0), int(seed or 0)
+        if not 1 <= n <= 64:
+            raise TextinvError("Images: between 1 and 64")
+        entries = self.entries()
+        if picked:
+            missing = [k for k in picked if k not in entries]
+            if missing:
+                raise TextinvError(f"{', '.join(missing)}: no longer in the library; refresh the list")
+            embeddings = [entries[k] for k in picked]
+        else:
+            embeddings = [e for e in entries.values() if self._fits(e)]
+        sampler = None if sampler in (None, "", MODEL_DEFAULT_SAMPLER) else sampler
+        with collecting() as lines, self._pipe_lock:
+            result = generate(prompt, (negative or "").strip() or None, embeddings=embeddings or None, model=self.model,
+                              pipe=self.pipe(), n=n, seed=seed, steps=steps, guidance=guidance or None, sampler=sampler,
+                              out=self.outputs, batch=8)
+        return result, list(lines)
+
+    def _fits(self, emb) -> bool:
+        try:
+            self.check_fits(emb)
+            return True
+        except TextinvError:
+            return False
+
+    # -- the library ---------------------------------------------------------------------------
+    def scan(self) -> tuple[dict, list[str]]:
+        """(key → Embedding for every usable embedding in the library, one line per unusable file)."""
+        from . import formats
+
+        problems: list[str] = []
+        with collecting():
+            found = formats.load_all(self.library, on_error=lambda p, e: problems.append(f"not usable: {e}"))
+        return {self._key(emb): emb for emb in found}, problems
+
+    def entries(self) -> dict:
+        return self.scan()[0]
+
+    def _key(self, emb) -> str:
+        rel = Path(emb.path).relative_to(self.library) if emb.path else Path("?")
+        return f"{emb.name}  ({rel})"
+
+    def rows(self) -> tuple[list[list], list[str]]:
+        """The library table (trigger, family, vectors, steps, hash, nearest words, file) and warnings."""
+        from .generation import embedding_hash
+
+        entries, problems = self.scan()
+        rows = []
+        for key, emb in entries.items():
+            step = emb.meta.get("step")
+            rows.append([emb.name, emb.family, emb.num_vectors, "" if step is None else str(step),
+                         embedding_hash(emb) or "", self.nearest(emb), str(Path(emb.path).relative_to(self.library))])
+        return rows, problems
+
+    def nearest(self, emb, k: int = 3) -> str:
+        """'v0: word, word, word; v1: …' in this app's model, or why not."""
+        from . import tokens
+
+        try:
+            stamp = Path(emb.path).stat().st_mtime_ns if emb.path else None
+        except OSError:
+            stamp = None
+        key = (str(emb.path), emb.name, stamp)
+        if key not in self._nearest_cache:
+            try:
+                self.check_fits(emb)
+                with self._pipe_lock:
+                    near = tokens.nearest_words(emb, self.pipe(), k=k)
+                per_vector = next(iter(near.values())) if near else []
+                text = "; ".join(f"v{i}: " + ", ".join(w for w, _ in words) for i, words in enumerate(per_vector[:4]))
+                if len(per_vector) > 4:
+                    text += f"; … ({len(per_vector)} vectors)"
+            except TextinvError:
+                text = f"— (not for this model: {tokens.describe_widths(emb)})"
+            self._nearest_cache[key] = text
+        return self._nearest_cache[key]
+
+    def get(self, key: str):
+        entries = self.entries()
+        if not key:
+            raise TextinvError("pick an embedding first")
+        if key not in entries:
+            raise TextinvError(f"{key}: no longer in the library; refresh the list")
+        return entries[key]
+
+    def inspect(self, key: str) -> str:
+        from .cli import describe
+
+        emb = self.get(key)
+        info = describe(Path(emb.path), emb)
+        lines = [f"{k}: {v}" for k, v in info.items() if k not in ("norms", "meta", "dtype")]
+        lines += [f"norms {slot}: " + " ".join(f"{x:.3g}" for x in norms) for slot, norms in info["norms"].items()]
+        lines += [f"meta {k}: {v}" for k, v in info["meta"].items()]
+        lines.append(f"nearest words ({self.model_name}): {self.nearest(emb, k=5)}")
+        return "\n".join(lines)
+
+    def convert(self, key: str, fmt: str) -> Path:
+        return self._export(self.get(key), fmt)
+
+    def _new_name(self, name: str) -> Path:
+        name = (name or "").strip()
+        if not NAME_RE.fullmatch(name):
+            raise TextinvError(f"New name {name!r}: use letters, digits, '-', '_' or '.' (it becomes the trigger word)")
+        path = self.library / f"{name}.safetensors"
+        if path.exists() or any(e.name.lower() == name.lower() for e in self.entries().values()):
+            raise TextinvError(f"{name}: the library already has an embedding of that name; choose another")
+        return path
+
+    def _save_new(self, emb, path: Path) -> Path:
+        from . import formats
+
+        return formats.save(emb, path, "sdxl" if emb.is_sdxl else "diffusers")
+
+    def merge(self, keys, weights: str = "", concat: bool = False, name: str = "") -> Path:
+        from . import library
+
+        keys = list(keys or [])
+        if len(keys) < 2:
+            raise TextinvError("merge: pick at least two embeddings")
+        path = self._new_name(name)
+        embs = [self.get(k) for k in keys]
+        ws = None
+        if (weights or "").strip():
+            if concat:
+                raise TextinvError("weights and concatenation exclude each other")
+            try:
+                ws = [float(w) for w in weights.split(",")]
+            except ValueError:
+                raise TextinvError(f"Weights: expected numbers like 0.5,0.5, got {weights!r}") from None
+        emb = library.concat(embs, name=path.stem) if concat else library.merge(embs, ws, name=path.stem)
+        return self._save_new(emb, path)
+
+    def scale(self, key: str, factor, name: str = "") -> Path:
+        from . import library
+
+        try:
+            value = float(factor)
+        except (TypeError, ValueError):
+            raise TextinvError(f"Factor: expected a number, got {factor!r}") from None
+        path = self._new_name(name)
+        return self._save_new(library.scale(self.get(key), value, name=path.stem), path)
+
+    def _to_trash(self, path: Path) -> Path:
+        trash = self.library / ".trash"  # hidden: library scans skip it; the user can take files back
+        trash.mkdir(exist_ok=True)
+        dest = trash / f"{time.strftime('%Y%m%d-%H%M%S')}-{path.name}"
+        shutil.move(str(path), dest)
+        return dest
+
+    def delete(self, key: str) -> str:
+        emb = self.get(key)
+        path = Path(emb.path)
+        others = [e.name for e in self.entries().values() if e.path == emb.path and e.name != emb.name]
+        dest = self._to_trash(path)
+        also = f" (with {', '.join(others)}, bundled in the same file)" if others else ""
+        return f"Deleted {emb.name}{also}: {path.name} moved to {dest}"
+
+    def add_files(self, paths) -> tuple[list[str], list[str]]:
+        """Add uploaded embedding files (any format, PNG cards included): (added, refused), one line each."""
+        from . import formats
+
+        added, refused = [], []
+        for p in map(Path, paths or []):
+            name = p.name
+            try:
+                dest = self.library / _safe_name(name)
+                if dest.suffix.lower() not in formats.CANDIDATE_SUFFIXES:
+                    raise TextinvError(f"{name}: not an embedding file (expected {', '.join(sorted(formats.CANDIDATE_SUFFIXES))})")
+                with collecting():
+                    found = formats.load_all(p)  # the restricted unpickler: a malicious .pt is refused here
+                if not found:
+                    raise TextinvError(f"{name}: holds no embedding")
+                for emb in found:
+                    self.check_fits(emb)
+                if dest.exists():
+                    raise TextinvError(f"{name}: the library already has a file of that name; delete it first")
+                taken = {e.name.lower() for e in self.entries().values()}
+                stem_names = [dest.stem if e.source_format not in ("png-card", "lora-bundle") else e.name for e in found]
+                clash = [n for n in stem_names if n.lower() in taken]
+                if clash:
+                    raise TextinvError(f"{name}: the library already has an embedding triggered by {clash[0]!r}; delete or rename it first")
+                shutil.copyfile(p, dest)
+                added.append(f"added {dest.name}: " + ", ".join(f"{e.name} ({e.family}, {e.num_vectors} vectors)" for e in found))
+            except TextinvError as e:
+                refused.append(f"refused {e}" if str(e).startswith(name) else f"refused {name}: {e}")
+            except Exception as e:  # noqa: BLE001
+                refused.append(f"refused {name}: {_describe_error(e)}")
+        return added, refused
+
+
+# ------------------------------------------------------------------------------------ the page
+LIBRARY_HEADERS = ["trigger", "family", "vectors", "steps", "hash", "nearest words", "file"]
+CSS = """
+#previews img, #gen-gallery img { image-rendering: pixelated; }
+.status textarea { font-family: monospace; }
+"""
+
+
+def _gr():
+    try:
+        import gradio as gr
+    except ImportError:
+        raise TextinvError("the web UI needs Gradio: pip install 'textinv[ui]' (or pip install gradio)") from None
+    return gr
+
+
+def build(app: App):
+    """The Gradio Blocks of the app (not launched)."""
+    gr = _gr()
+    import pandas as pd
+
+    from . import samplers
+
+    def warn(messages) -> None:
+        for m in messages[:8]:
+            gr.Warning(html.escape(m), duration=15)
+
+    def loss_frame(job: TrainJob | None):
+        pts = job.losses if job else []
+        rows, ema = [], None
+        for step, loss in pts:
+            ema = loss if ema is None else 0.9 * ema + 0.1 * loss
+            rows += [(step, loss, "loss"), (step, ema, "smoothed")]
+        return pd.DataFrame(rows, columns=["step", "loss", "series"])
+
+    def gallery(job: TrainJob | None):
+        return [(str(p), f"step {int(p.stem)}") for p in job.previews()] if job else []
+
+    def library_choices():
+        return [(k, k) for k in app.entries()]
+
+    with gr.Blocks(title="textinv", analytics_enabled=False) as demo:
+        gr.Markdown(f"# textinv\nTextual Inversion on **{html.escape(app.model_name)}** · library `{html.escape(str(app.library))}`")
+        with gr.Tabs():
+            # ------------------------------------------------------------------------- Train
+            with gr.Tab("Train", id="train"):
+                with gr.Row():
+                    with gr.Column():
+                        t_images = gr.File(label="Training images (drop 3–5 or more)", file_count="multiple",
+                                           type="filepath", elem_id="train-images")
+                        t_folder = gr.Textbox(label="…or a folder on this machine", placeholder="/path/to/photos",
+                                              elem_id="train-folder")
+                        t_check = gr.Textbox(label="Images", interactive=False, lines=2, elem_id="train-check",
+                                             elem_classes="status")
+                    with gr.Column():
+                        t_token = gr.Textbox(label="Token (the new trigger word)", placeholder="<my-cat>", elem_id="token")
+                        t_init = gr.Textbox(label="Init text", placeholder="cat (default '*')", elem_id="init")
+                        with gr.Row():
+                            t_vectors = gr.Number(label="Vectors", value=1, precision=0, minimum=1, maximum=75, elem_id="vectors")
+                            t_steps = gr.Number(label="Steps", value=500, precision=0, minimum=1, elem_id="steps")
+                        t_mode = gr.Radio(["object", "style", "replace"], value="object", label="Mode", elem_id="mode")
+                        with gr.Accordion("More settings", open=False):
+                            t_lr = gr.Textbox(label="Learning rate (or A1111 schedule)", value="5e-3", elem_id="lr")
+                            t_batch = gr.Number(label="Batch", value=4, precision=0, minimum=1, elem_id="batch")
+                            t_preview = gr.Number(label="Preview every N steps (0: none)", value=app.preview_every,
+                                                  precision=0, minimum=0, elem_id="preview-every")
+                            t_seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
+                        with gr.Row():
+                            t_start = gr.Button("Start training", variant="primary", elem_id="start")
+                            t_stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                t_status = gr.Textbox(label="Status", interactive=False, lines=3, elem_id="train-status", elem_classes="status")
+                with gr.Row():
+                    t_plot = gr.LinePlot(loss_frame(None), x="step", y="loss", color="series", title="Training loss",
+                                         height=260, elem_id="loss-plot")
+                    t_previews = gr.Gallery(label="Previews (fixed seeds)", columns=2, height=300, object_fit="contain",
+                                            elem_id="previews")
+                with gr.Row():
+                    t_format = gr.Dropdown(list(EXPORT_SUFFIX), value="a1111", label="Download as", elem_id="export-format")
+                    t_export = gr.Button("Prepare download", elem_id="export")
+                    t_file = gr.File(label="Embedding file", interactive=False, height=110, elem_id="train-download")
+
+            # ------------------------------------------------------------------------- Generate
+            with gr.Tab("Generate", id="generate") as gen_tab:
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        g_prompt = gr.Textbox(label="Prompt (A1111 syntax; embeddings by their trigger)", lines=2,
+                                              placeholder="a red <my-shape> on the left", elem_id="prompt")
+                        g_negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
+                        g_embs = gr.Dropdown(choices=[], value=[], multiselect=True, label="Embeddings (none picked: the whole library)",
+                                             elem_id="gen-embeddings")
+                    with gr.Column(scale=2):
+                        with gr.Row():
+                            g_seed = gr.Number(label="Seed", value=0, precision=0, elem_id="gen-seed")
+                            g_steps = gr.Number(label="Steps", value=30, precision=0, minimum=1, elem_id="gen-steps")
+                            g_n = gr.Number(label="Images (grid)", value=4, precision=0, minimum=1, maximum=64, elem_id="gen-n")
+                        g_sampler = gr.Dropdown([MODEL_DEFAULT_SAMPLER] + samplers.names(), value=MODEL_DEFAULT_SAMPLER,
+                                                label="Sampler", elem_id="sampler")
+                        g_cfg = gr.Number(label="CFG scale (0: the model's default)", value=0, elem_id="cfg")
+                        g_go = gr.Button("Generate", variant="primary", elem_id="generate")
+                g_status = gr.Textbox(label="Status", interactive=False, lines=2, elem_id="gen-status", elem_classes="status")
+                g_gallery = gr.Gallery(label="Images", columns=4, height=360, object_fit="contain", elem_id="gen-gallery")
+                g_params = gr.Textbox(label="parameters (written into every PNG)", interactive=False, lines=3, elem_id="gen-params")
+                g_files = gr.File(label="PNG files", file_count="multiple", interactive=False, height=160, elem_id="gen-files")
+
+            # ------------------------------------------------------------------------- Library
+            with gr.Tab("Library", id="library") as lib_tab:
+                with gr.Row():
+                    l_refresh = gr.Button("Refresh", elem_id="lib-refresh", scale=0)
+                    l_upload = gr.File(label="Add embedding files (.pt, .safetensors, .bin, PNG cards…)", file_count="multiple",
+                                       type="filepath", elem_id="lib-upload")
+                l_status = gr.Textbox(label="Status", interactive=False, lines=3, elem_id="lib-status", elem_classes="status")
+                l_table = gr.Dataframe(headers=LIBRARY_HEADERS, interactive=False, wrap=True, elem_id="lib-table")
+                with gr.Row():
+                    l_pick = gr.Dropdown(choices=[], label="Embedding", elem_id="lib-pick", scale=2)
+                    l_inspect = gr.Button("Inspect", elem_id="lib-inspect", scale=0)
+                    l_delete = gr.Button("Delete (moves to .trash)", variant="stop", elem_id="lib-delete", scale=0)
+                l_info = gr.Textbox(label="Details", interactive=False, lines=8, elem_id="lib-info", elem_classes="status")
+                with gr.Accordion("Convert", open=False):
+                    with gr.Row():
+                        l_format = gr.Dropdown(list(EXPORT_SUFFIX), value="a1111", label="Format", elem_id="lib-format")
+                        l_convert = gr.Button("Convert", elem_id="lib-convert")
+                        l_file = gr.File(label="Converted file", interactive=False, height=110, elem_id="lib-download")
+                with gr.Accordion("Scale", open=False):
+                    with gr.Row():
+                        l_factor = gr.Number(label="Factor", value=0.7, elem_id="lib-factor")
+                        l_scale_name = gr.Textbox(label="New name", elem_id="lib-scale-name")
+                        l_scale = gr.Button("Scale", elem_id="lib-scale")
+                with gr.Accordion("Merge", open=False):
+                    with gr.Row():
+                        l_merge_pick = gr.Dropdown(choices=[], multiselect=True, label="Embeddings", elem_id="lib-merge-pick")
+                        l_weights = gr.Textbox(label="Weights (e.g. 0.3,0.7; empty: equal)", elem_id="lib-weights")
+                        l_concat = gr.Checkbox(label="Concatenate vectors instead", elem_id="lib-concat")
+                        l_merge_name = gr.Textbox(label="New name", elem_id="lib-merge-name")
+                        l_merge = gr.Button("Merge", elem_id="lib-merge")
+
+        # ----------------------------------------------------------------------------- handlers
+        def on_images(paths):
+            good, bad = app.check_images(paths)
+            warn(bad)
+            if not paths:
+                return ""
+            return "\n".join([f"{len(good)} usable image{'s' if len(good) != 1 else ''}"] + [f"skipped {m}" for m in bad])
+
+        t_images.change(on_images, t_images, t_check)
+
+        def on_start(paths, folder, token, init, vectors, mode, steps, lr, batch, preview_every, seed):
+            try:
+                job = app.start_training(paths, folder, token=token, init=init, vectors=vectors, mode=mode, steps=steps,
+                                         lr=lr, batch=batch, preview_every=preview_every, seed=seed)
+            except Exception as e:  # noqa: BLE001 - every error is a message in the page
+                msg = _describe_error(e)
+                warn([msg])
+                yield f"Error: {msg}", gr.skip(), gr.skip(), gr.skip()
+                return
+            warn(job.warnings)
+            shown = len(job.warnings)
+            while True:
+                alive = job.running
+                if len(job.warnings) > shown:
+                    warn(job.warnings[shown:])
+                    shown = len(job.warnings)
+                notes = "".join(f"\nwarning: {w}" for w in job.warnings)
+                yield job.status() + notes, loss_frame(job), gallery(job), gr.skip()
+                if not alive:
+                    break
+                time.sleep(0.5)
+            if job.error:
+                warn([job.error])
+                yield job.status(), gr.skip(), gr.skip(), gr.skip()
+            else:
+                yield job.status(), loss_frame(job), gallery(job), gr.update(choices=library_choices())
+
+        t_start.click(on_start, [t_images, t_folder, t_token, t_init, t_vectors, t_mode, t_steps, t_lr, t_batch, t_preview, t_seed],
+                      [t_status, t_plot, t_previews, g_embs], concurrency_limit=1)
+        t_stop.click(app.stop_training, None, t_status, concurrency_limit=None)
+
+        def on_export(fmt):
+            try:
+                return str(app.export(fmt))
+            except Exception as e:  # noqa: BLE001
+                warn([_describe_error(e)])
+                return None
+
+        t_export.click(on_export, t_format, t_file)
+
+        def on_generate(prompt, negative, picked, seed, steps, n, sampler, cfg):
+            try:
+                result, notes = app.generate(prompt, negative, picked, seed=seed, sampler=sampler, steps=steps, n=n,
+                                             guidance=float(cfg or 0) or None)
+            except Exception as e:  # noqa: BLE001
+                msg = _describe_error(e)
+                warn([msg])
+                return f"Error: {msg}", gr.skip(), gr.skip(), gr.skip()
+            warn(notes)
+            files = [str(p) for p in result.files]
+            shown = ([(str(result.grid), "grid")] if result.grid else []) + [(f, f"seed {s}") for f, s in zip(files, result.seeds)]
+            used = ", ".join(result.used) or "none"
+            status = "\n".join([f"{len(files)} image(s) in {app.outputs}; embeddings used: {used}"] + [f"warning: {w}" for w in notes])
+            return status, shown, result.parameters[0], files
+
+        g_go.click(on_generate, [g_prompt, g_negative, g_embs, g_seed, g_steps, g_n, g_sampler, g_cfg],
+                   [g_status, g_gallery, g_params, g_files], concurrency_limit=1)
+
+        def refresh(message: str = ""):
+            try:
+                rows, notes = app.rows()
+            except Exception as e:  # noqa: BLE001
+                msg = _describe_error(e)
+                warn([msg])
+                return f"Error: {msg}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            choices = library_choices()
+            text = "\n".join(filter(None, [message, f"{len(rows)} embedding(s) in {app.library}"] + notes))
+            return (text, pd.DataFrame(rows, columns=LIBRARY_HEADERS), gr.update(choices=choices),
+                    gr.update(choices=choices), gr.update(choices=choices))
+
+        lib_outputs = [l_status, l_table, l_pick, l_merge_pick, g_embs]
+        l_refresh.click(lambda: refresh(), None, lib_outputs)
+        lib_tab.select(lambda: refresh(), None, lib_outputs)
+        gen_tab.select(lambda: gr.update(choices=library_choices()), None, g_embs)
+
+        def on_upload(paths):
+            if not paths:
+                return (gr.skip(),) * (len(lib_outputs) + 1)
+            added, refused = app.add_files(paths)
+            warn(refused)
+            return *refresh("\n".join(added + refused)), None  # an empty drop zone, ready for the next file
+
+        l_upload.upload(on_upload, l_upload, lib_outputs + [l_upload])
+
+        def guarded(fn, after_refresh: bool = False):
+            """Run a library action; errors become the status line."""
+            def run(*args):
+                try:
+                    message = fn(*args)
+                except Exception as e:  # noqa: BLE001
+                    msg = _describe_error(e)
+                    warn([msg])
+                    return (f"Error: {msg}",) + (gr.skip(),) * (len(lib_outputs) - 1) if after_refresh else f"Error: {msg}"
+                return refresh(message) if after_refresh else message
+            return run
+
+        l_inspect.click(guarded(app.inspect), l_pick, l_info)
+        l_delete.click(guarded(app.delete, after_refresh=True), l_pick, lib_outputs)
+        l_scale.click(guarded(lambda k, f, n: f"wrote {app.scale(k, f, n).name}", after_refresh=True),
+                      [l_pick, l_factor, l_scale_name], lib_outputs)
+        l_merge.click(guarded(lambda ks, w, c, n: f"wrote {app.merge(ks, w, c, n).name}", after_refresh=True),
+                      [l_merge_pick, l_weights, l_concat, l_merge_name], lib_outputs)
+
+        def on_convert(key, fmt):
+            try:
+                path = app.convert(key, fmt)
+                return str(path), f"converted to {fmt}: {path.name}"
+            except Exception as e:  # noqa: BLE001
+                msg = _describe_error(e)
+                warn([msg])
+                return None, f"Error: {msg}"
+
+        l_convert.click(on_convert, [l_pick, l_format], [l_file, l_status])
+        demo.load(lambda: refresh(), None, lib_outputs)
+        demo.load(lambda: app.job.status() if app.job else "", None, t_status)  # a reloaded page sees the run
+    demo.queue(default_concurrency_limit=2)
+    return demo
+
+
+def launch(library=None, model=None, *, workdir=None, model_config=None, port: int = 7860,
+           max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB, open_browser: bool = False, block: bool = True):
+    """Start the app on 127.0.0.1; returns (demo, url).  ``block=False`` returns at once (tests)."""
+    install_warning_router()
+    app = App(library, model, workdir=workdir, model_config=model_config)
+    demo = build(app)
+    _, url, _ = demo.launch(server_name=HOST, server_port=port, share=False, inbrowser=open_browser,
+                            prevent_thread_lock=True, quiet=True, max_file_size=f"{int(max_upload_mb)}mb",
+                            allowed_paths=[str(app.library), str(app.workdir)], show_error=True, ssr_mode=False,
+                            css=CSS)
+    demo.textinv_app = app
+    print(f"textinv ui: {url} (model {app.model_name}, library {app.library}); Ctrl+C stops it", file=sys.stderr)
+    if block:
+        try:
+            demo.block_thread()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            demo.close()
+    return demo, url
