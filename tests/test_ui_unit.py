@@ -1,0 +1,157 @@
+"""The web UI's actions without a browser: textinv.ui.App on the mini model, and train(on_step=...)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from textinv import formats
+from textinv.errors import TextinvError
+from textinv.formats import Embedding
+
+pytest.importorskip("gradio", reason="the web UI needs gradio (pip install -e '.[test]')")
+
+from textinv import ui  # noqa: E402
+
+MINI_WIDTH = 64
+
+
+def mini_emb(name: str, n: int = 1, seed: int = 0) -> Embedding:
+    g = torch.Generator().manual_seed(seed)
+    return Embedding(name, {"clip": torch.randn(n, MINI_WIDTH, generator=g) * 0.3}, {"step": 7})
+
+
+class _Evil:
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ui-app")
+    return ui.App(root / "library", None, workdir=root / "work")
+
+
+def pictures(folder: Path, n: int = 3) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        a = np.full((32, 32, 3), 230, np.uint8)
+        a[8:24, 4 + 2 * i : 20 + 2 * i] = (200, 30, 30)
+        Image.fromarray(a).save(folder / f"{i}.png")
+        out.append(folder / f"{i}.png")
+    return out
+
+
+def test_check_images_names_each_bad_file(tmp_path, app):
+    good = pictures(tmp_path)
+    (tmp_path / "notes.png").write_text("not a picture")
+    (tmp_path / "notes.txt").write_text("hello")
+    ok, bad = app.check_images(good + [tmp_path / "notes.png", tmp_path / "notes.txt"])
+    assert ok == good
+    assert len(bad) == 2 and bad[0].startswith("notes.png: not a readable image") and bad[1].startswith("notes.txt: not an image file")
+
+
+def test_training_input_errors_are_messages(tmp_path, app):
+    with pytest.raises(TextinvError, match="no usable training images: x.png"):
+        (tmp_path / "x.png").write_bytes(b"\x89PNG broken")
+        app.start_training([tmp_path / "x.png"], token="<t>")
+    with pytest.raises(TextinvError, match="Token"):
+        app.start_training(pictures(tmp_path / "a"), token=" ")
+    with pytest.raises(TextinvError, match="not a folder"):
+        app.start_training(None, str(tmp_path / "missing"), token="<t>")
+    with pytest.raises(TextinvError, match="--lr"):
+        app.start_training(pictures(tmp_path / "b"), token="<t>", lr="fast")
+    with pytest.raises(TextinvError, match="nothing to download yet"):
+        ui.App(tmp_path / "lib", workdir=tmp_path / "w").export("a1111")
+
+
+def test_add_files_refuses_malicious_wrong_family_and_junk_and_adds_cards(tmp_path, app):
+    marker = tmp_path / "PWNED"
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.zeros(1, 768)}, "name": _Evil(marker)},
+               tmp_path / "evil.pt")
+    sd15 = formats.save(Embedding("sd15", {"clip": torch.randn(2, 768)}), tmp_path / "sd15.pt")
+    (tmp_path / "readme.txt").write_text("hi")
+    photo = pictures(tmp_path / "p", 1)[0]
+    card = formats.save(mini_emb("card-shape", 2), tmp_path / "card.png", "png")
+    plain = formats.save(mini_emb("blob"), tmp_path / "blob.pt")
+    added, refused = app.add_files([tmp_path / "evil.pt", sd15, tmp_path / "readme.txt", photo, card, plain])
+    assert not marker.exists()
+    assert refused[0].startswith("refused evil.pt: ") and "never allowed" in refused[0]
+    assert refused[1].startswith("refused sd15.pt: ") and "768-wide: made for SD 1.x" in refused[1]
+    assert refused[2].startswith("refused readme.txt: not an embedding file")
+    assert refused[3].startswith("refused 0.png")
+    assert len(refused) == 4
+    assert added == ["added card.png: card-shape (the textinv mini model, 2 vectors)",
+                     "added blob.pt: blob (the textinv mini model, 1 vectors)"]
+    again, refused = app.add_files([plain])
+    assert not again and "already has a file of that name" in refused[0]
+
+
+def test_library_table_inspect_convert_scale_merge_delete(app):
+    rows, problems = app.rows()
+    table = {r[0]: r for r in rows}
+    assert {"card-shape", "blob"} <= set(table) and not problems
+    trig, family, vectors, steps, short, near, file = table["card-shape"]
+    assert (family, vectors, steps, file) == ("the textinv mini model", 2, "7", "card.png")
+    assert len(short) == 12 and near.startswith("v0: ") and "; v1: " in near
+    keys = {e.name: k for k, e in app.entries().items()}
+    details = app.inspect(keys["blob"])
+    assert "trigger: blob" in details and "short_hash: " in details and "nearest words (mini): v0: " in details
+    for fmt, detected in {"diffusers": "diffusers", "a1111": "a1111", "kohya": "kohya", "png": "png-card"}.items():
+        out = app.convert(keys["blob"], fmt)
+        assert formats.load(out).name == "blob" and formats.detect_format(out) == detected
+    with pytest.raises(TextinvError, match="format 'sdxl' needs an SDXL embedding"):
+        app.convert(keys["blob"], "sdxl")
+    scaled = app.scale(keys["blob"], "0.5", "blob-half")
+    assert torch.allclose(formats.load(scaled).vectors["clip"], app.entries()[keys["blob"]].vectors["clip"].float() * 0.5)
+    with pytest.raises(TextinvError, match="already has an embedding of that name"):
+        app.scale(keys["blob"], 2, "blob-half")
+    with pytest.raises(TextinvError, match="Factor"):
+        app.scale(keys["blob"], "big", "blob-big")
+    with pytest.raises(TextinvError, match="equal vector counts"):
+        app.merge([keys["blob"], keys["card-shape"]], name="mix")
+    merged = app.merge([keys["blob"], keys["card-shape"]], concat=True, name="stack")
+    assert formats.load(merged).num_vectors == 3
+    message = app.delete(keys["blob"])
+    assert "moved to" in message and not (app.library / "blob.pt").exists()
+    assert list((app.library / ".trash").glob("*-blob.pt"))
+    assert "blob" not in {e.name for e in app.entries().values()}
+    with pytest.raises(TextinvError, match="no longer in the library"):
+        app.inspect(keys["blob"])
+
+
+def test_generate_uses_the_library_and_writes_parameters(app):
+    from textinv import pngmeta
+
+    with pytest.raises(TextinvError, match="Prompt"):
+        app.generate("  ")
+    result, notes = app.generate("a card-shape", n=2, steps=4, seed=3)
+    assert result.used == ["card-shape"] and len(result.files) == 2 and not notes
+    prompt, _, params = pngmeta.parse_parameters(pngmeta.read_parameters(result.files[0]))
+    assert prompt == "a card-shape" and params["Seed"] == "3" and "card-shape" in params["TI hashes"]
+
+
+def test_train_on_step_stops_with_the_final_embedding_at_that_step(tmp_path):
+    from conftest import make_sd
+
+    from textinv.training import train
+
+    seen = []
+
+    def on_step(step, loss):
+        seen.append((step, loss))
+        return step == 3
+
+    pictures(tmp_path / "imgs")
+    result = train(images=str(tmp_path / "imgs"), token="<stopme>", steps=10, batch=1, out=str(tmp_path / "run"),
+                   progress=False, pipe=make_sd(), on_step=on_step)
+    assert [s for s, _ in seen] == [1, 2, 3] and all(np.isfinite(l) for _, l in seen)
+    assert result.steps == 3 and formats.load(result.embedding_path).meta["step"] == 3
