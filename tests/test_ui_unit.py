@@ -139,6 +139,24 @@ def test_generate_uses_the_library_and_writes_parameters(app):
     assert prompt == "a card-shape" and params["Seed"] == "3" and "card-shape" in params["TI hashes"]
 
 
+def test_training_thread_stops_on_request_and_adds_the_embedding_to_the_library(tmp_path, app):
+    import time
+
+    job = app.start_training(pictures(tmp_path / "imgs"), token="<stop-me>", init="shape", steps=5000, preview_every=0)
+    with pytest.raises(TextinvError, match="a training run .* is going"):
+        app.start_training(pictures(tmp_path / "more"), token="<other>")
+    deadline = time.time() + 120
+    while not job.losses and job.running and time.time() < deadline:
+        time.sleep(0.2)
+    assert "Stopping <stop-me>" in app.stop_training()
+    job.thread.join(120)
+    assert job.error is None and not job.running
+    assert 1 <= job.result.steps < 5000 and job.status().startswith(f"Stopped at step {job.result.steps}/5000")
+    assert job.library_path == app.library / "stop-me.safetensors"
+    assert formats.load(job.library_path).meta["step"] == job.result.steps
+    assert app.export("png").name == "stop-me.png" and app.stop_training() == "No training run is going."
+
+
 def test_train_on_step_stops_with_the_final_embedding_at_that_step(tmp_path):
     from conftest import make_sd
 

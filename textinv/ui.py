@@ -56,6 +56,8 @@ def install_warning_router() -> None:
     """Route ``warnings`` per thread: training and generation run at the same time."""
     warnings.showwarning = _route_warning
     warnings.simplefilter("always", UserWarning)  # the same bad file twice gives the message twice
+    for noisy in (FutureWarning, DeprecationWarning):  # Gradio's plots call pandas APIs pandas 3 deprecates
+        warnings.filterwarnings("ignore", category=noisy, module=r"(gradio|pandas)(\.|$)")
 
 
 @contextmanager
@@ -261,6 +263,13 @@ class App:
         if path.exists():
             self._to_trash(path)
         return formats.save(emb, path, "sdxl" if emb.is_sdxl else "diffusers")
+
+    def close(self, timeout: float = 60) -> None:
+        """Stop a running training run and wait for it (the server is shutting down)."""
+        job = self.job
+        if job is not None and job.running:
+            job.stop_event.set()
+            job.thread.join(timeout)
 
     def stop_training(self) -> str:
         job = self.job
@@ -768,5 +777,6 @@ def launch(library=None, model=None, *, workdir=None, model_config=None, port: i
         except KeyboardInterrupt:
             pass
         finally:
+            app.close()
             demo.close()
     return demo, url
