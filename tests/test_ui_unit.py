@@ -173,3 +173,14 @@ def test_train_on_step_stops_with_the_final_embedding_at_that_step(tmp_path):
                    progress=False, pipe=make_sd(), on_step=on_step)
     assert [s for s, _ in seen] == [1, 2, 3] and all(np.isfinite(l) for _, l in seen)
     assert result.steps == 3 and formats.load(result.embedding_path).meta["step"] == 3
+
+
+def test_cli_ui_command_is_registered():
+    from click.testing import CliRunner
+
+    from textinv.cli import main
+
+    out = CliRunner().invoke(main, ["ui", "--help"])
+    assert out.exit_code == 0
+    for option in ("--library", "--model", "--workdir", "--port", "--max-upload-mb"):
+        assert option in out.output

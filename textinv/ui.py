@@ -524,10 +524,12 @@ def build(app: App):
 
     def loss_frame(job: TrainJob | None):
         pts = job.losses if job else []
+        every = max(1, len(pts) // 500)  # a few hundred points a series, however long the run
         rows, ema = [], None
-        for step, loss in pts:
+        for i, (step, loss) in enumerate(pts):
             ema = loss if ema is None else 0.9 * ema + 0.1 * loss
-            rows += [(step, loss, "loss"), (step, ema, "smoothed")]
+            if i % every == 0 or i == len(pts) - 1:
+                rows += [(step, loss, "loss"), (step, ema, "smoothed")]
         return pd.DataFrame(rows, columns=["step", "loss", "series"])
 
     def gallery(job: TrainJob | None):
@@ -649,8 +651,7 @@ def build(app: App):
                 warn([msg])
                 yield f"Error: {msg}", gr.skip(), gr.skip(), gr.skip()
                 return
-            warn(job.warnings)
-            shown = len(job.warnings)
+            shown = len(job.warnings)  # the skipped images were already reported on upload
             while True:
                 alive = job.running
                 if len(job.warnings) > shown:
