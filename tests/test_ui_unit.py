@@ -137,6 +137,11 @@ def test_generate_uses_the_library_and_writes_parameters(app):
     assert result.used == ["card-shape"] and len(result.files) == 2 and not notes
     prompt, _, params = pngmeta.parse_parameters(pngmeta.read_parameters(result.files[0]))
     assert prompt == "a card-shape" and params["Seed"] == "3" and "card-shape" in params["TI hashes"]
+    key = next(k for k, e in app.entries().items() if e.name == "card-shape")
+    picked, _ = app.generate("a card-shape", picked=[key], n=1, steps=2, sampler="Euler a")
+    assert picked.used == ["card-shape"] and "Sampler: Euler a" in picked.parameters[0]
+    with pytest.raises(TextinvError, match="no longer in the library"):
+        app.generate("a card-shape", picked=["gone  (gone.pt)"], n=1, steps=2)
 
 
 def test_training_thread_stops_on_request_and_adds_the_embedding_to_the_library(tmp_path, app):
