@@ -196,3 +196,114 @@ def test_prompts_file_placeholders_and_judge_probes(tmp_path):
     f.write_text("a photo with no trigger\n")
     with pytest.raises(TextinvError, match=r"--prompts .*p.txt:1: write the trigger"):
         evaluate.read_prompts(f)
+
+
+# --------------------------------------------------------------- the CLI: eval, --pick-best
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    make_sd().save_pretrained(folder)
+    return folder
+
+
+def test_train_pick_best_then_eval_a_run_writes_curve_report_and_table(tmp_path, tiny_model, tiny_clip, tiny_dino, monkeypatch):
+    from click.testing import CliRunner
+
+    from textinv.cli import main
+
+    imgs = blocks(tmp_path / "imgs")
+    run = tmp_path / "run"
+    runner = CliRunner()
+    res = runner.invoke(main, ["train", "--images", str(imgs), "--token", "<blk>", "--init", "square", "--model", str(tiny_model),
+                               "--steps", "6", "--batch", "2", "--save-every", "2", "--out", str(run), "--pick-best",
+                               "--eval-n", "2", "--clip", str(tiny_clip), "--dino", str(tiny_dino)])
+    assert res.exit_code == 0, res.output
+    picked = json.loads((run / "eval" / "metrics.json").read_text())
+    assert [p["step"] for p in picked["points"]] == [2, 4, 6]
+    best = picked["best_step"]
+    assert best == evaluate.best_step(picked["points"]) and f"← recommended" in res.output
+    final = formats.load(run / "blk.safetensors")
+    assert final.meta["step"] == best
+    assert torch.equal(final.vectors["clip"], formats.load(run / "embeddings" / f"blk-{best}.safetensors").vectors["clip"])
+    assert (run / "embeddings" / "blk-6.safetensors").is_file()  # the last step is kept
+    assert picked["metric"]["backend"] == "clip" and "per-pair" in picked["metric"]["averaging"]
+
+    res = runner.invoke(main, ["eval", str(run), "-n", "2", "--steps", "2", "--clip", str(tiny_clip), "--dino", str(tiny_dino)])
+    assert res.exit_code == 0, res.output
+    out = run / "eval"
+    m = json.loads((out / "metrics.json").read_text())
+    assert [p["step"] for p in m["points"]] == [2, 4, 6] and m["baseline"]["init"] == "square"
+    assert all({"fidelity", "editability", "dino", "score"} <= set(p) for p in m["points"])
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 3 + 1 + 4 * 2 and "Recommended step" in page
+    assert "src=\"http" not in page and "src='http" not in page  # self-contained
+    assert "recommended step:" in res.output and "init 'square'" in res.output
+
+    # one embedding file: one point, written beside it
+    res = runner.invoke(main, ["eval", str(run / "embeddings" / "blk-2.safetensors"), "--images", str(imgs), "--model",
+                               str(tiny_model), "-n", "1", "--steps", "1", "--no-baseline", "--clip", str(tiny_clip),
+                               "--dino", str(tiny_dino)])
+    assert res.exit_code == 0, res.output
+    assert [p["step"] for p in json.loads((run / "embeddings" / "blk-2-eval" / "metrics.json").read_text())["points"]] == [2]
+
+
+def test_eval_errors_are_one_line_with_exit_2(tmp_path, tiny_model):
+    from click.testing import CliRunner
+
+    from textinv.cli import main
+
+    runner = CliRunner()
+    emb = tmp_path / "e.safetensors"
+    formats.save(formats.Embedding("e", {"clip": torch.randn(1, 32)}), emb)
+    cases = [
+        (["eval", str(tmp_path / "missing")], "no such file"),
+        (["eval", str(emb)], "--images: needed"),
+        (["eval", str(emb), "--images", str(blocks(tmp_path / "i")), "--model", str(tiny_model)],
+         "--clip openai/clip-vit-base-patch32: cannot load CLIP weights (HF_HUB_OFFLINE=1"),
+        (["eval", str(emb), "--images", str(tmp_path / "i"), "--model", str(tiny_model), "--concept", "bowtie", "--clip", "x"],
+         "exclude each other"),
+        (["eval", str(emb), "--images", str(tmp_path / "i"), "--model", str(tiny_model), "--concept", "blob"], "--concept 'blob'"),
+    ]
+    for args, message in cases:
+        res = runner.invoke(main, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert message in res.output and res.output.count("\n") == 1, res.output
+
+
+# ------------------------------------------------------------------ the mini world (judge)
+def test_judge_metrics_separate_a_trained_embedding_from_a_random_vector_and_the_init_word(tmp_path):
+    """On the built-in mini model, with the demo's settings and fixed seeds.  The margins are those of
+    test_learning.py (fidelity ≥ +0.15), not tuned to a model: a learned word must beat both."""
+    import textinv.tokens as tk
+    from textinv.demo import INIT_WORD, DemoSettings, render_training_set, world_templates
+    from textinv.models import load_pipeline
+    from textinv.world import spec
+
+    concept, s = spec.unnamed_shapes()[0], DemoSettings()
+    render_training_set(concept, tmp_path / "images", seed=0, captions=s.captions)
+    pipe = load_pipeline()
+    assert evaluate.world_sized(pipe)
+    training = [Image.open(p).convert("RGB") for p in sorted((tmp_path / "images").glob("*.png"))]
+    metric = evaluate.choose_metric(pipe, training)  # the rule: a 32×32 model and no --clip → the judge
+    assert isinstance(metric, evaluate.JudgeMetric) and metric.concept == concept
+    kw = dict(n=16, seed=0, steps=30, guidance=4.0)
+    train(images=str(tmp_path / "images"), token="<t>", init=INIT_WORD, vectors=s.vectors, lr=s.lr, batch=s.batch,
+          steps=s.steps, templates=str(world_templates(tmp_path, s.captions)), flip=False, seed=0,
+          out=str(tmp_path / "run"), pipe=pipe, progress=False)
+    learned = metric(pipe, "<t>", **kw)
+    tk.remove(pipe)
+    table = pipe.text_encoder.get_input_embeddings().weight.detach()
+    g = torch.Generator().manual_seed(0)
+    vector = torch.randn(1, table.shape[1], generator=g)
+    vector *= table.norm(dim=-1).mean() / vector.norm()  # a random direction with a typical token's norm
+    tk.apply(pipe, formats.Embedding("<r>", {"clip": vector}))
+    random = metric(pipe, "<r>", **kw)
+    tk.remove(pipe)
+    init = metric(pipe, INIT_WORD, **kw)
+    summary = {k: (round(r["fidelity"], 3), round(r["editability"], 3)) for k, r in
+               (("learned", learned), ("random", random), ("init", init))}
+    assert learned["fidelity"] >= random["fidelity"] + 0.15, summary
+    assert learned["fidelity"] >= init["fidelity"] + 0.15, summary
+    score = {k: evaluate.tradeoff_score(*v) for k, v in summary.items()}
+    assert score["learned"] > max(score["random"], score["init"]), summary

@@ -169,19 +169,36 @@ def convert(src, dst, fmt, name, select, preview):
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last save.")
 @click.option("--config", "model_config", default=None,
               help="For a single-file --model: a diffusers folder or hub id with the same architecture's configs (needed offline).")
+@click.option("--pick-best", is_flag=True, help="Measure every save (as textinv eval does) and make the recommended step the final embedding.")
+@click.option("--early-stop", is_flag=True, help="Stop once --patience saves in a row bring no better fidelity × editability score.")
+@click.option("--patience", default=3, show_default=True, help="Saves without improvement before --early-stop stops.")
+@click.option("--eval-n", default=8, show_default=True, help="Images per prompt when measuring saves (--pick-best / --early-stop).")
+@click.option("--concept", default=None, help="Mini world: the shape the judge should see (default: read off the training images).")
+@click.option("--clip", default=None, help="CLIP weights (folder or hub id) for measuring saves on real models.")
+@click.option("--dino", default=None, help="DINO weights (folder or hub id) for measuring saves on real models.")
 def train(images, token, model, init, vectors, mode, templates, steps, lr, batch, grad_accum, resolution, crops, flip,
-          seed, precision, grad_checkpointing, compile_, save_every, preview_every, fmt, out, resume, model_config):
+          seed, precision, grad_checkpointing, compile_, save_every, preview_every, fmt, out, resume, model_config,
+          pick_best, early_stop, patience, eval_n, concept, clip, dino):
     """Train a textual inversion embedding from a folder of images."""
     from .training import TrainConfig, train as run
 
+    measure = pick_best or early_stop
+    if measure and not save_every:
+        save_every = max(1, steps // 10)
+        click.echo(f"--save-every {save_every}: saves to measure for --pick-best/--early-stop", err=True)
     cfg = TrainConfig(images=str(images), token=token, model=model, init=init, vectors=vectors, mode=mode,
                       templates=templates, steps=steps, lr=lr, batch=batch, grad_accum=grad_accum, resolution=resolution,
                       crops=crops, flip=flip, seed=seed, precision=precision, grad_checkpointing=grad_checkpointing,
                       compile=compile_, save_every=save_every, preview_every=preview_every, format=fmt,
                       out=str(out) if out else None, resume=resume, model_config=model_config)
-    result = run(cfg)
+    pipe = tracker = training_images = None
+    if measure:
+        pipe, tracker, training_images = _measuring(cfg, concept, clip, dino, eval_n, patience if early_stop else None)
+    result = run(cfg, pipe=pipe, on_save=tracker)
     if result.is_main_process:
         click.echo(f"wrote {result.embedding_path} ({result.steps} steps, {result.seconds:.0f} s, last loss {result.loss:.4f})")
+    if tracker is not None:
+        _finish_measuring(cfg, result, tracker, training_images, pick_best)
 
 
 # ------------------------------------------------------------------------------------- demo
@@ -376,3 +393,73 @@ def nearest(file, model, top):
         click.echo(f"{emb.name} ({slot}):")
         for i, words in enumerate(per_vector):
             click.echo(f"  v{i}: " + ", ".join(f"{w} {s:.2f}" for w, s in words))
+
+
+# ------------------------------------------------------------- eval, train --pick-best (issue 6)
+def _measuring(cfg, concept, clip, dino, n, patience):
+    """The pipeline, a StepTracker for train(on_save=...) and the training images."""
+    import torch
+
+    from . import data, evaluate
+    from .models import load_pipeline
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = load_pipeline(cfg.model, dtype=cfg.precision, device=device, config=cfg.model_config)
+    training_images = [item.image for item in data.load_images(cfg.images)]
+    metric = evaluate.choose_metric(pipe, training_images, concept=concept, clip=clip, dino=dino, device=device)
+    tracker = evaluate.StepTracker(metric, pipe, cfg.token, n=n, seed=cfg.seed, guidance=evaluate.default_guidance(cfg.model),
+                                   patience=patience, echo=lambda msg: click.echo(f"\n  measured {msg}", err=True))
+    return pipe, tracker, training_images
+
+
+def _finish_measuring(cfg, result, tracker, training_images, pick_best):
+    from . import evaluate
+    from .report import format_table, write_outputs
+
+    if pick_best:
+        best, path = evaluate.pick_best(tracker, result, cfg)
+        note = "the last step's" if best == result.steps else f"step {best}'s (the last step's is in {result.out / 'embeddings'})"
+        click.echo(f"--pick-best: {path} holds {note} embedding")
+    elif not tracker.has(result.steps):
+        tracker.measure(result.steps)
+    ev = tracker.evaluation(target=result.out, model=cfg.model, images=cfg.images, training=training_images)
+    click.echo(format_table(ev.result))
+    paths = write_outputs(ev, result.out / "eval")
+    click.echo(f"wrote {paths['report']}, {paths['curve']}, {paths['metrics']}")
+
+
+@main.command("eval")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--images", type=click.Path(path_type=Path), default=None, help="Training images (default: the run's own).")
+@click.option("--model", "-m", default=None, help="Hub id, diffusers folder, single-file checkpoint, or 'mini' (default: the run's model).")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
+              help="Editing prompts, one a line, the trigger written {} / [name] / S* (default: the paper's; the judge's on the mini world).")
+@click.option("-n", "count", default=16, show_default=True, help="Images per prompt.")
+@click.option("--concept", default=None, help="Measure with the mini world's judge, for this shape (default when the model draws 32×32: the shape the judge sees in the training images).")
+@click.option("--clip", default=None, help="CLIP weights, folder or hub id (default for other models: openai/clip-vit-base-patch32).")
+@click.option("--dino", default=None, help="DINO weights, folder or hub id (default for other models: facebook/dino-vits16).")
+@click.option("--seed", default=0, show_default=True, help="Image i of every prompt uses seed SEED+i.")
+@click.option("--steps", default=30, show_default=True, help="Sampling steps per image.")
+@click.option("--guidance", type=float, default=None, help="CFG scale (default as textinv generate: 7; 4 for the mini model).")
+@click.option("--tolerance", default=0.05, show_default=True, help="Best-step rule: the earliest step within this fraction of the best score.")
+@click.option("--baseline/--no-baseline", default=True, show_default=True, help="Also measure the init word.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder (default RUN/eval, or NAME-eval beside a file).")
+def eval_(target, images, model, prompts_file, count, concept, clip, dino, seed, steps, guidance, tolerance, baseline, out):
+    """Measure an embedding or every save of a training run: fidelity, editability, the trade-off curve, the best step."""
+    from . import evaluate
+    from .report import format_table, write_outputs
+
+    if not 0 <= tolerance < 1:
+        raise TextinvError(f"--tolerance {tolerance}: must be in [0, 1)")
+    ev = evaluate.evaluate_path(target, images=images, model=model, concept=concept, clip=clip, dino=dino,
+                                prompts_file=prompts_file, n=count, seed=seed, steps=steps, guidance=guidance,
+                                baseline=baseline, tolerance=tolerance, echo=lambda msg: click.echo(f"measured {msg}", err=True))
+    if out is None:
+        run = target.is_dir() and (target / "config.json").is_file()
+        out = target / "eval" if run else target.parent / f"{target.stem}-eval"
+    click.echo(format_table(ev.result))
+    r = ev.result
+    if r["best_step"] is not None and len(r["points"]) > 1:
+        click.echo(f"recommended step: {r['best_step']} ({r['rule']})")
+    paths = write_outputs(ev, out)
+    click.echo(f"wrote {paths['report']}, {paths['curve']}, {paths['metrics']}")

@@ -194,7 +194,7 @@ class PaperMetric:
         self.train_dino = dino.images(training_images) if dino is not None else None
 
     def describe(self) -> dict:
-        return {"backend": self.backend, "clip": self.clip.source, "dino": self.dino.source if self.dino else None,
+        return {"backend": self.backend, "clip_weights": self.clip.source, "dino_weights": self.dino.source if self.dino else None,
                 "reconstruction": self.reconstruction, "prompts": self.edit_prompts,
                 "fidelity": "mean over (generated, training) image pairs of the CLIP image cosine similarity",
                 "editability": "mean over editing prompts and their images of the CLIP cosine similarity between "

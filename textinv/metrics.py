@@ -14,6 +14,7 @@ L2-normalised embeddings); not the cosine between mean embeddings, which is larg
 """
 from __future__ import annotations
 
+import contextlib
 import re
 
 import numpy as np
@@ -51,11 +52,20 @@ def without_trigger(prompt: str, trigger: str) -> str:
     return re.sub(r"\s+([,.;:!?])", r"\1", re.sub(r"\s+", " ", out)).strip(" ,")
 
 
+@contextlib.contextmanager
 def _quiet():
+    """No "Loading weights" bars or backend notices while loading (the user's settings are restored)."""
     import transformers.utils.logging as tlog
 
+    level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
     tlog.set_verbosity_error()
     tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bars:
+            tlog.enable_progress_bar()
 
 
 def _load(kind: str, option: str, source: str, device: str):
@@ -64,15 +74,15 @@ def _load(kind: str, option: str, source: str, device: str):
 
     from transformers import AutoImageProcessor, AutoModel
 
-    _quiet()
     try:
-        model = AutoModel.from_pretrained(str(source)).to(device).eval()
-        processor = AutoImageProcessor.from_pretrained(str(source))
-        tokenizer = None
-        if kind == "CLIP":
-            from transformers import AutoTokenizer
+        with _quiet():
+            model = AutoModel.from_pretrained(str(source)).to(device).eval()
+            processor = AutoImageProcessor.from_pretrained(str(source))
+            tokenizer = None
+            if kind == "CLIP":
+                from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(str(source))
+                tokenizer = AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError, KeyError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1: only weights already in the local cache can load)" if offline else ""
