@@ -198,6 +198,27 @@ def test_prompts_file_placeholders_and_judge_probes(tmp_path):
         evaluate.read_prompts(f)
 
 
+def test_a_runs_saves_are_found_by_step_whatever_the_token(tmp_path):
+    run = tmp_path / "run"
+    (run / "embeddings").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"token": "<my.cat>", "steps": 30}))
+
+    def emb(step):
+        return formats.Embedding("x", {"clip": torch.randn(1, 32)}, meta={"step": step})
+
+    for step in (20, 10):
+        formats.save(emb(step), run / "embeddings" / f"my.cat-{step}.pt")
+    formats.save(emb(7), run / "embeddings" / "my-7.pt")  # another token's file
+    formats.save(emb(30), run / "my.cat.pt")
+    torch.save({"step": 30}, run / "state.pt")
+    cfg, saves = evaluate.run_embeddings(run)
+    assert [(step, p.name) for step, p in saves] == [(10, "my.cat-10.pt"), (20, "my.cat-20.pt"), (30, "my.cat.pt")]
+    with pytest.raises(TextinvError, match="not a textinv training run"):
+        evaluate.run_embeddings(tmp_path)
+    assert evaluate.default_guidance(None) == evaluate.default_guidance("mini") == 4.0
+    assert evaluate.default_guidance("runwayml/stable-diffusion-v1-5") == 7.0
+
+
 # --------------------------------------------------------------- the CLI: eval, --pick-best
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):

@@ -366,7 +366,7 @@ def run_embeddings(run_dir) -> tuple[dict, list[tuple[int, "object"]]]:
     from pathlib import Path
 
     from . import formats
-    from .training import _file_stem
+    from .training import STATE_FILE, _file_stem
 
     run_dir = Path(run_dir)
     try:
@@ -376,12 +376,11 @@ def run_embeddings(run_dir) -> tuple[dict, list[tuple[int, "object"]]]:
     stem = _file_stem(cfg["token"])
     found: dict[int, Path] = {}
     for p in sorted((run_dir / "embeddings").glob(f"{stem}-*")):
-        m = re.fullmatch(rf"{re.escape(stem)}-(\d+)", p.name.split(".")[0] if p.is_file() else p.name)
+        m = re.fullmatch(rf"{re.escape(stem)}-(\d+)", p.stem if p.is_file() else p.name)
         if m and formats.is_embedding_candidate(p):
             found[int(m.group(1))] = p
     for p in sorted(run_dir.iterdir()):
-        if (p.name.split(".")[0] == stem and p.is_file() or p.name == stem and p.is_dir()) and formats.is_embedding_candidate(p) \
-                and p.name != "state.pt":
+        if (p.stem if p.is_file() else p.name) == stem and p.name != STATE_FILE and formats.is_embedding_candidate(p):
             step = formats.load(p).meta.get("step")
             step = int(step) if str(step).isdigit() else int(cfg.get("steps", 0))
             found[step] = p
@@ -401,10 +400,13 @@ class Evaluation:
 
 
 def default_guidance(model) -> float:
-    """The guidance ``textinv generate`` uses for this model."""
-    from .models import MINI_NAME
+    """The guidance ``textinv generate`` uses for this model (the built-in mini model's own, else A1111's)."""
+    from pathlib import Path
 
-    return generation.DEFAULT_GUIDANCE if generation.model_identity(model)[0] == MINI_NAME else generation.A1111_GUIDANCE
+    from .models import MINI_NAME, MINI_PATH
+
+    mini = model is None or str(model) == MINI_NAME or (Path(model).exists() and Path(model).resolve() == MINI_PATH.resolve())
+    return generation.DEFAULT_GUIDANCE if mini else generation.A1111_GUIDANCE
 
 
 def evaluate_path(target, *, images=None, model=None, concept: str | None = None, clip: str | None = None,
