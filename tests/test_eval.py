@@ -28,15 +28,23 @@ def blocks(folder: Path, n: int = 3) -> Path:
 
 # ------------------------------------------------------------------------ training hook
 def test_on_save_sees_every_save_and_can_stop_training_early(tmp_path):
+    from textinv import generation
+
     seen = []
+    pipe = make_sd()
 
     def on_save(step, path):
         seen.append((step, Path(path).name))
+        generation.images(pipe, ["a photo of <blk>"] * 2, steps=2)  # measuring with the training pipeline
         return step >= 4
 
-    res = train(images=str(blocks(tmp_path / "imgs")), token="<blk>", init="square", steps=8, batch=2, save_every=2,
-                out=str(tmp_path / "run"), pipe=make_sd(), progress=False, on_save=on_save)
+    imgs = blocks(tmp_path / "imgs")
+    res = train(images=str(imgs), token="<blk>", init="square", steps=8, batch=2, save_every=2,
+                out=str(tmp_path / "run"), pipe=pipe, progress=False, on_save=on_save)
     assert seen == [(2, "blk-2.safetensors"), (4, "blk-4.safetensors")]
+    plain = train(images=str(imgs), token="<blk>", init="square", steps=4, batch=2, out=str(tmp_path / "plain"),
+                  pipe=make_sd(), progress=False)
+    assert torch.equal(plain.embedding.vectors["clip"], res.embedding.vectors["clip"])  # measuring changed nothing
     assert res.steps == 4 and formats.load(res.embedding_path).meta["step"] == 4
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
