@@ -196,8 +196,9 @@ def test_early_stop_after_patience_saves_without_a_better_score():
 # --------------------------------------------------------------------- prompts, probes
 def test_prompts_file_placeholders_and_judge_probes(tmp_path):
     f = tmp_path / "p.txt"
-    f.write_text("# editing prompts\na photo of S* on the moon\n\nan oil painting of [name]\na blue {} on the left\n")
-    assert evaluate.read_prompts(f) == ["a photo of {} on the moon", "an oil painting of {}", "a blue {} on the left"]
+    f.write_text("# editing prompts\na photo of S* on the moon\n\nan oil painting of [name]\na blue {} on the left\nElmo holding a <S*>\n")
+    assert evaluate.read_prompts(f) == ["a photo of {} on the moon", "an oil painting of {}", "a blue {} on the left",
+                                        "Elmo holding a {}"]
     probes = evaluate.judge_probes(["a photo of a {}", "a blue {} on the left", "a big striped {}"])
     assert [p.want for p in probes] == [{}, {"colour": "blue", "position": "left"}, {"size": "large", "style": "striped"}]
     assert evaluate.judge_probes(["a red {}"])[0] == evaluate.FIDELITY_PROBE  # fidelity needs a plain prompt

@@ -85,7 +85,7 @@ def kl_to_uniform(dist: dict[str, float]) -> float:
 # The paper's prompts: reconstruction "a photo of S*"; editing prompts from its figures.
 PAPER_RECONSTRUCTION = "a photo of {}"
 PAPER_EDIT_PROMPTS = ["a photo of {} on the moon", "an oil painting of {}", "Elmo holding a {}"]
-TRIGGER_PLACEHOLDERS = ("[name]", "S*", "<S*>", "{}")
+TRIGGER_PLACEHOLDERS = ("[name]", "<S*>", "S*", "{}")  # replaced in this order
 THUMB = 128  # report thumbnails: longest side in pixels
 
 
