@@ -191,6 +191,8 @@ def test_early_stop_after_patience_saves_without_a_better_score():
         t.points.append({"step": step, "fidelity": f, "editability": e, "score": evaluate.tradeoff_score(f, e)})
         verdicts.append(t.should_stop())
     assert verdicts == [False, False, False, False, True]
+    t.points = [{"step": s, "score": 0.0} for s in range(1, 6)]
+    assert not t.should_stop()  # no score yet: not a plateau, keep training
 
 
 # --------------------------------------------------------------------- prompts, probes

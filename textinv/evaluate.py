@@ -339,7 +339,8 @@ class StepTracker:
         if not self.patience or len(self.points) <= self.patience:
             return False
         scores = [p["score"] for p in self.points]
-        return max(scores[-self.patience:]) <= max(scores[:-self.patience])
+        best_before = max(scores[:-self.patience])
+        return best_before > 0 and max(scores[-self.patience:]) <= best_before  # nothing learned yet: go on
 
     def has(self, step: int) -> bool:
         return any(p["step"] == step for p in self.points)
