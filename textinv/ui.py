@@ -652,16 +652,22 @@ def build(app: App):
                 yield f"Error: {msg}", gr.skip(), gr.skip(), gr.skip()
                 return
             shown = len(job.warnings)  # the skipped images were already reported on upload
+            plotted = previews = -1
             while True:
                 alive = job.running
                 if len(job.warnings) > shown:
                     warn(job.warnings[shown:])
                     shown = len(job.warnings)
                 notes = "".join(f"\nwarning: {w}" for w in job.warnings)
-                yield job.status() + notes, loss_frame(job), gallery(job), gr.skip()
+                # the plot and the gallery are sent only when they changed: the page stays light
+                plot = loss_frame(job) if len(job.losses) != plotted else gr.skip()
+                grids = gallery(job)
+                shown_grids = grids if len(grids) != previews else gr.skip()
+                plotted, previews = len(job.losses), len(grids)
+                yield job.status() + notes, plot, shown_grids, gr.skip()
                 if not alive:
                     break
-                time.sleep(0.5)
+                time.sleep(1.0)
             if job.error:
                 warn([job.error])
                 yield job.status(), gr.skip(), gr.skip(), gr.skip()
@@ -669,7 +675,8 @@ def build(app: App):
                 yield job.status(), loss_frame(job), gallery(job), gr.update(choices=library_choices())
 
         t_start.click(on_start, [t_images, t_folder, t_token, t_init, t_vectors, t_mode, t_steps, t_lr, t_batch, t_preview, t_seed],
-                      [t_status, t_plot, t_previews, g_embs], concurrency_limit=1)
+                      [t_status, t_plot, t_previews, g_embs], concurrency_limit=1,
+                      show_progress="hidden")  # the status line is the progress; no animation to repaint for minutes
         t_stop.click(app.stop_training, None, t_status, concurrency_limit=None)
 
         def on_export(fmt):
