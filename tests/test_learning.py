@@ -1,8 +1,7 @@
 """Did learning happen?  Textual inversion on the built-in mini model, measured by the world's judge.
 
-Fixed seeds throughout, so the figures repeat.  The threshold sits below the measured value
-(fidelity 0.44 against 0.19 for the init word, `textinv demo` settings, 16 images) but far above
-what the init word alone achieves; the demo's own targets (issue 4) are not yet met by this model.
+Fixed seeds throughout, so the figures repeat.  Thresholds sit below the measured values
+(`textinv demo` settings, seed 0) but far above what the init word / the untrained word achieve.
 """
 from __future__ import annotations
 
@@ -11,18 +10,35 @@ from textinv import evaluate
 from textinv.demo import INIT_WORD, DemoSettings, render_training_set, world_templates
 from textinv.models import load_pipeline
 from textinv.training import train
-from textinv.world import spec
+from textinv.world import render, spec
 
 
 def test_embedding_draws_the_unnamed_shape_far_more_often_than_the_init_word(tmp_path):
-    concept = spec.unnamed_shapes()[0]
-    render_training_set(concept, tmp_path / "images", seed=0)
+    concept = "drop"  # measured: fidelity 1.00 against 0.06 for the init word (16 images)
+    assert concept in spec.unnamed_shapes()
+    render_training_set(concept, tmp_path / "images", seed=0, captions=True)
     pipe = load_pipeline()
     probe = [evaluate.FIDELITY_PROBE]
     baseline = evaluate.judge_scores(pipe, INIT_WORD, "shape", concept, n=16, probes=probe)["fidelity"]
     s = DemoSettings()
-    train(images=str(tmp_path / "images"), token="<t>", init=INIT_WORD, templates=str(world_templates(tmp_path)),
+    train(images=str(tmp_path / "images"), token="<t>", init=INIT_WORD, templates=str(world_templates(tmp_path, captions=True)),
           steps=s.steps, lr=s.lr, batch=s.batch, flip=False, seed=0, out=str(tmp_path / "run"), pipe=pipe, progress=False)
     fidelity = evaluate.judge_scores(pipe, "<t>", "shape", concept, n=16, probes=probe)["fidelity"]
     tk.remove(pipe)
-    assert fidelity >= baseline + 0.15, (fidelity, baseline)
+    assert fidelity >= 0.75 and fidelity >= baseline + 0.5, (fidelity, baseline)
+
+
+def test_replace_mode_moves_the_biased_words_colours(tmp_path):
+    word, colour = spec.BIASED["shape"], spec.BIASED["colour"]
+    folder = tmp_path / "curated"
+    folder.mkdir()
+    for i, c in enumerate(spec.labels("colour") * 2):  # balanced: two of each colour
+        render.sample(20_000, i, shape=word, colour=c).image.save(folder / f"{i:02d}.png")
+    pipe = load_pipeline()
+    prompt = f"a photo of a {word}"
+    before = evaluate.colour_distribution(pipe, prompt, n=60)[colour]
+    train(images=str(folder), token=word, mode="replace", templates=str(world_templates(tmp_path)), steps=300, lr="5e-3",
+          batch=8, flip=False, seed=0, out=str(tmp_path / "run"), pipe=pipe, progress=False)
+    after = evaluate.colour_distribution(pipe, prompt, n=60)[colour]
+    tk.remove(pipe)
+    assert before >= 0.9 and after <= before - 0.1, (before, after)  # measured (60 images): 1.00 → 0.78

@@ -125,7 +125,8 @@ def print_summary(m: dict, echo=click.echo) -> None:
     echo(f"training {m['train_seconds']:.0f} s, total {m['total_seconds']:.0f} s; embedding {m['embedding']}")
 
 
-def run_bias(out: Path, seed: int = 0, n: int = 60, steps: int = 300, model: str | None = None, echo=click.echo) -> dict:
+def run_bias(out: Path, seed: int = 0, n: int = 60, steps: int = 300, lr: str = "5e-3", model: str | None = None,
+             echo=click.echo) -> dict:
     """Replace mode on the biased word: before/after colour distributions and KL to uniform."""
     from .world import render, spec
 
@@ -142,7 +143,7 @@ def run_bias(out: Path, seed: int = 0, n: int = 60, steps: int = 300, model: str
     before = evaluate.colour_distribution(pipe, prompt, n=n, seed=seed)
     echo(f"2/3 re-learning {word!r} from {len(colours) * 2} balanced images (replace mode)")
     cfg = TrainConfig(images=str(folder), token=word, mode="replace", model=model, templates=str(world_templates(out)),
-                      steps=steps, lr="5e-3", batch=8, flip=False, seed=seed, out=str(out / "run"),
+                      steps=steps, lr=lr, batch=8, flip=False, seed=seed, out=str(out / "run"),
                       resume=(out / "run" / "state.pt").exists())
     result = train(cfg, pipe=pipe)
     echo(f"3/3 after: colours of {prompt!r} with the new {word!r}")
