@@ -524,13 +524,10 @@ def build(app: App):
 
     def loss_frame(job: TrainJob | None):
         pts = job.losses if job else []
-        every = max(1, len(pts) // 500)  # a few hundred points a series, however long the run
-        rows, ema = [], None
-        for i, (step, loss) in enumerate(pts):
-            ema = loss if ema is None else 0.9 * ema + 0.1 * loss
-            if i % every == 0 or i == len(pts) - 1:
-                rows += [(step, loss, "loss"), (step, ema, "smoothed")]
-        return pd.DataFrame(rows, columns=["step", "loss", "series"])
+        every = max(1, len(pts) // 500)  # a few hundred points, however long the run
+        rows = [p for i, p in enumerate(pts) if i % every == 0 or i == len(pts) - 1]
+        # explicit dtypes, also when empty: Gradio picks each axis's scale (numeric or categorical) from them
+        return pd.DataFrame(rows, columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
 
     def gallery(job: TrainJob | None):
         return [(str(p), f"step {int(p.stem)}") for p in job.previews()] if job else []
@@ -569,7 +566,7 @@ def build(app: App):
                             t_stop = gr.Button("Stop", variant="stop", elem_id="stop")
                 t_status = gr.Textbox(label="Status", interactive=False, lines=3, elem_id="train-status", elem_classes="status")
                 with gr.Row():
-                    t_plot = gr.LinePlot(loss_frame(None), x="step", y="loss", color="series", title="Training loss",
+                    t_plot = gr.LinePlot(loss_frame(None), x="step", y="loss", title="Training loss",
                                          height=260, elem_id="loss-plot")
                     t_previews = gr.Gallery(label="Previews (fixed seeds)", columns=2, height=300, object_fit="contain",
                                             elem_id="previews")
