@@ -204,7 +204,7 @@ def train(images, token, model, init, vectors, mode, templates, steps, lr, batch
 # ------------------------------------------------------------------------------------- demo
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("textinv-demo"), show_default=True)
-@click.option("--concept", default=None, help="Which unnamed shape of the mini world to learn (default: the first).")
+@click.option("--concept", default=None, help="Which unnamed shape of the mini world to learn: drop (default), arrow, bowtie or tee.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--steps", type=int, default=None, help="Training steps (default: the tuned demo setting).")
 @click.option("-n", "count", type=int, default=None, help="Images per prompt for the metrics.")
