@@ -6,7 +6,7 @@ On the built-in mini model, same seeds, steps, guidance and image count, times:
     prompt calling two of them and a negative prompt calling the third — including applying and
     removing the embeddings, parsing, A1111 chunking/weighting and the infotexts (no files written);
   * textinv's prompt work alone (apply + parse + encode + remove), the part that is not sampling.
-Prints median wall-clock seconds over ``--repeats`` runs and the overhead; asserts nothing.
+Prints median wall-clock seconds over ``--repeats`` interleaved runs and the overhead; asserts nothing.
 Usage: python benchmarks/generate_overhead.py [-n 8] [--steps 20] [--repeats 3]
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     pipe = load_pipeline()
@@ -72,7 +72,18 @@ def main() -> None:
             prompts.encode(pipe, prompts.split(pipe, text))
         tk.remove(pipe)
 
-    t_plain, t_ours, t_prompt = timed(plain, args.repeats), timed(ours, args.repeats), timed(prompt_work, args.repeats)
+    # interleaved, so that the machine's drifts (other processes, clocks) hit both paths alike
+    plain(), ours()
+    pairs = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        plain()
+        t_p = time.perf_counter() - t
+        t = time.perf_counter()
+        ours()
+        pairs.append((t_p, time.perf_counter() - t))
+    t_plain, t_ours = statistics.median(p for p, _ in pairs), statistics.median(o for _, o in pairs)
+    t_prompt = timed(prompt_work, args.repeats)
     print(f"mini model, {args.n} images × {args.steps} steps, one batch, median of {args.repeats}")
     print(f"  diffusers pipeline, plain prompt, no embeddings : {t_plain:7.3f} s")
     print(f"  textinv.generate, 3 embeddings, weighted prompt : {t_ours:7.3f} s  "
