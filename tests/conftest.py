@@ -5,6 +5,7 @@ Nothing here touches the network: every model is built from a config with random
 from __future__ import annotations
 
 import os
+import pathlib
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -102,3 +103,24 @@ def shared_fixtures():
     if not folder.is_dir():
         pytest.skip(f"{folder} is absent (the shared/ folder must sit beside the repository)")
     return folder
+
+
+class Touch:
+    """A pickle payload that, if ever unpickled, creates ``marker`` (via os.system, exec or Path.touch)."""
+
+    def __init__(self, how: str, marker):
+        self.how, self.marker = how, str(marker)
+
+    def __reduce__(self):
+        if self.how == "system":
+            return (os.system, (f"touch {self.marker}",))
+        if self.how == "exec":
+            return (exec, (f"open({self.marker!r}, 'w').close()",))
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def malicious_pt(path: Path, marker: Path, how: str = "system", zipfile: bool = True) -> Path:
+    """An A1111-shaped .pt whose ``name`` is a :class:`Touch` payload."""
+    payload = {"string_to_token": {"*": 265}, "string_to_param": {"*": torch.zeros(1, 768)}, "name": Touch(how, marker)}
+    torch.save(payload, path, _use_new_zipfile_serialization=zipfile)
+    return path

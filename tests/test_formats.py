@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import pathlib
 import pickle
 
@@ -21,6 +20,8 @@ from safetensors.torch import save_file
 from textinv import formats
 from textinv.errors import EmbeddingFileError
 from textinv.formats import Embedding, detect_format, is_embedding_candidate, load, load_all, save
+
+from conftest import Touch, malicious_pt
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 RICK = FIXTURES / "a1111-card-rick.png"
@@ -416,25 +417,11 @@ def test_library_folder(tmp_path):
 # Safety: nothing in a file ever runs
 # --------------------------------------------------------------------------------------------
 
-class _Touch:
-    def __init__(self, how, marker):
-        self.how, self.marker = how, str(marker)
-
-    def __reduce__(self):
-        if self.how == "system":
-            return (os.system, (f"touch {self.marker}",))
-        if self.how == "exec":
-            return (exec, (f"open({self.marker!r}, 'w').close()",))
-        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
-
-
 @pytest.mark.parametrize("zipfile", [True, False])
 @pytest.mark.parametrize("how", ["system", "exec", "path"])
 def test_malicious_pickle_refused(tmp_path, how, zipfile):
     marker = tmp_path / "MARKER"
-    payload = {"string_to_token": {"*": 265},
-               "string_to_param": {"*": vec(1, 768)}, "name": _Touch(how, marker)}
-    torch.save(payload, tmp_path / "bad.pt", _use_new_zipfile_serialization=zipfile)
+    malicious_pt(tmp_path / "bad.pt", marker, how, zipfile)
     msg = expect_error(tmp_path / "bad.pt", "not an embedding file", "never allowed")
     assert {"system": "system", "exec": "exec", "path": "getattr"}[how] in msg
     expect_error(tmp_path / "bad.pt", call=detect_format)
@@ -443,7 +430,7 @@ def test_malicious_pickle_refused(tmp_path, how, zipfile):
 
 def test_plain_malicious_pickle_refused(tmp_path):
     marker = tmp_path / "MARKER"
-    (tmp_path / "bad.bin").write_bytes(pickle.dumps(_Touch("system", marker), protocol=2))
+    (tmp_path / "bad.bin").write_bytes(pickle.dumps(Touch("system", marker), protocol=2))
     expect_error(tmp_path / "bad.bin", "never allowed")
     assert not marker.exists()
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import malicious_pt
+
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("TEXTINV_ARTIFACTS", "/tmp/textinv-ui-artifacts"))
 STEPS = int(os.environ.get("TEXTINV_UI_TEST_STEPS", "40"))  # a preview every STEPS/2; fewer on an overloaded machine
@@ -38,16 +40,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class _Evil:
-    """A pickle that would run a shell command when loaded."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +80,7 @@ def test_browser_train_preview_download_generate_and_bad_uploads(server, tmp_pat
     fake.write_text("not a picture")
     marker = tmp_path / "PWNED"
     evil = tmp_path / "evil.pt"
-    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.zeros(1, 768)}, "name": _Evil(marker)}, evil)
+    malicious_pt(evil, marker)
     sd15 = formats.save(formats.Embedding("sd15-style", {"clip": torch.randn(2, 768)}), tmp_path / "sd15-style.pt")
     huge = tmp_path / "huge.safetensors"  # over the server's --max-upload-mb 1
     huge.write_bytes(os.urandom(3 << 20))

@@ -1,7 +1,6 @@
 """The web UI's actions without a browser: textinv.ui.App on the mini model, and train(on_step=...)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,8 @@ from textinv import formats
 from textinv.errors import TextinvError
 from textinv.formats import Embedding
 
+from conftest import malicious_pt
+
 pytest.importorskip("gradio", reason="the web UI needs gradio (pip install -e '.[test]')")
 
 from textinv import ui  # noqa: E402
@@ -23,14 +24,6 @@ MINI_WIDTH = 64
 def mini_emb(name: str, n: int = 1, seed: int = 0) -> Embedding:
     g = torch.Generator().manual_seed(seed)
     return Embedding(name, {"clip": torch.randn(n, MINI_WIDTH, generator=g) * 0.3}, {"step": 7})
-
-
-class _Evil:
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +68,7 @@ def test_training_input_errors_are_messages(tmp_path, app):
 
 def test_add_files_refuses_malicious_wrong_family_and_junk_and_adds_cards(tmp_path, app):
     marker = tmp_path / "PWNED"
-    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.zeros(1, 768)}, "name": _Evil(marker)},
-               tmp_path / "evil.pt")
+    malicious_pt(tmp_path / "evil.pt", marker)
     sd15 = formats.save(Embedding("sd15", {"clip": torch.randn(2, 768)}), tmp_path / "sd15.pt")
     (tmp_path / "readme.txt").write_text("hi")
     photo = pictures(tmp_path / "p", 1)[0]
