@@ -22,22 +22,24 @@ def _size(path: Path | None) -> int | None:
 
 def rows(folder) -> list[dict]:
     """One row per embedding in a library folder (or file): trigger, family, vectors, steps, size, hash."""
-    from .generation import embedding_hash
-
     folder = Path(folder)
     if not folder.exists():
         raise TextinvError(f"{folder}: no such file or folder")
     found = formats.load_all(folder, on_error=lambda p, e: warnings.warn(f"skipped {p}: {e}", stacklevel=3))
-    out = []
-    for emb in found:
-        step = emb.meta.get("step")
-        out.append({
-            "trigger": emb.name, "family": emb.family, "vectors": emb.num_vectors,
-            "steps": step if isinstance(step, int) or (isinstance(step, str) and step.isdigit()) else None,
-            "size": _size(emb.path), "hash": embedding_hash(emb),
-            "file": str(emb.path.relative_to(folder)) if emb.path and folder.is_dir() else str(emb.path or folder),
-        })
-    return out
+    return [row(emb, folder) for emb in found]
+
+
+def row(emb: Embedding, folder: Path) -> dict:
+    """The library table's facts about one embedding found in ``folder`` (also the web UI's table)."""
+    from .generation import embedding_hash
+
+    step = emb.meta.get("step")
+    return {
+        "trigger": emb.name, "family": emb.family, "vectors": emb.num_vectors,
+        "steps": step if isinstance(step, int) or (isinstance(step, str) and step.isdigit()) else None,
+        "size": _size(emb.path), "hash": embedding_hash(emb),
+        "file": str(emb.path.relative_to(folder)) if emb.path and folder.is_dir() else str(emb.path or folder),
+    }
 
 
 def _check_same_family(embs: list[Embedding], what: str) -> None:

@@ -349,14 +349,14 @@ class App:
 
     def rows(self) -> tuple[list[list], list[str]]:
         """The library table (trigger, family, vectors, steps, hash, nearest words, file) and warnings."""
-        from .generation import embedding_hash
+        from .library import row
 
         entries, problems = self.scan()
         rows = []
-        for key, emb in entries.items():
-            step = emb.meta.get("step")
-            rows.append([emb.name, emb.family, emb.num_vectors, "" if step is None else str(step),
-                         embedding_hash(emb) or "", self.nearest(emb), str(Path(emb.path).relative_to(self.library))])
+        for emb in entries.values():
+            r = row(emb, self.library)
+            rows.append([r["trigger"], r["family"], r["vectors"], "" if r["steps"] is None else str(r["steps"]),
+                         r["hash"] or "", self.nearest(emb), r["file"]])
         return rows, problems
 
     def nearest(self, emb, k: int = 3) -> str:
