@@ -106,6 +106,33 @@ def test_remove_restores_tokenizer_and_table_exactly(sd_pipe):
     assert len(sd_pipe.tokenizer) == before_len + 4
 
 
+def test_apply_remove_cycles_reuse_tokenizer_states_and_respect_outside_changes(sd_pipe, monkeypatch):
+    tok = sd_pipe.tokenizer
+    original = dict(vars(tok))
+    cat = emb("my-cat", n=2)
+    tk.apply(sd_pipe, cat)
+    tk.remove(sd_pipe)
+    # remove puts back the very objects the tokenizer had, not a copy of them
+    assert all(vars(tok)[k] is v for k, v in original.items()) and vars(tok).keys() == original.keys()
+    # the same embeddings again (textinv.generate, call after call): no tokenizer rebuilt
+    loads = []
+    real_loads = tk.pickle.loads
+    monkeypatch.setattr(tk.pickle, "loads", lambda b: loads.append(1) or real_loads(b))
+    for _ in range(3):
+        tk.apply(sd_pipe, cat)
+        assert torch.equal(input_rows(sd_pipe, "my-cat"), cat.vectors["clip"])
+        tk.remove(sd_pipe)
+    assert loads == []
+    # a token someone else adds meanwhile survives the next cycle, and the triggers still work
+    tok.add_tokens(["<user-word>"])
+    n = len(tok)
+    tk.apply(sd_pipe, cat)
+    assert len(tok) == n + 2 and tok.convert_tokens_to_ids("<user-word>") == n - 1
+    assert torch.equal(input_rows(sd_pipe, "my-cat"), cat.vectors["clip"])
+    tk.remove(sd_pipe)
+    assert len(tok) == n and tok.convert_tokens_to_ids("<user-word>") == n - 1
+
+
 def test_replace_mode_changes_only_the_existing_word(sd_pipe):
     doctor = emb("doctor", seed=7)
     prompts = ["a photo of a doctor", "a photo of a nurse", "a photo of doctors", "a photo of a doctoral student"]

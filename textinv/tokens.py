@@ -25,6 +25,8 @@ import functools
 import os
 import pickle
 import re
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -84,7 +86,7 @@ class _Encoder:
     tokenizer: object
     text_encoder: nn.Module
     base: nn.Module  # the original embedding module, put back by remove()
-    snapshot: bytes  # the pristine tokenizer, pickled, restored in place by remove()
+    variants: "_TokenizerStates"  # the pristine tokenizer state and ready-made ones with triggers added
 
     @property
     def width(self) -> int:
@@ -137,7 +139,7 @@ class TriggerState:
             tokens = self._unique(tokens)
             new.append(Applied(emb, triggers, tokens))
         for enc in self.encoders:
-            _add_tokens(enc.tokenizer, [t for a in new for t in a.tokens])
+            enc.variants.switch(enc.tokenizer, [t for a in [*self.applied.values(), *new] for t in a.tokens])
             # Rows already applied are taken from the live module: training may have moved them.
             module = enc.text_encoder.get_input_embeddings()
             old = module.extra.data if isinstance(module, TriggerEmbedding) else torch.zeros(0, enc.width)
@@ -160,13 +162,10 @@ class TriggerState:
     def _remove(self, keys: list[str]) -> None:
         keep = [a for k, a in self.applied.items() if k not in keys]
         for enc in self.encoders:
-            restored = pickle.loads(enc.snapshot)
-            enc.tokenizer.__dict__.clear()
-            enc.tokenizer.__dict__.update(restored.__dict__)
+            enc.variants.switch(enc.tokenizer, [t for a in keep for t in a.tokens])
             if not keep:
                 enc.text_encoder.set_input_embeddings(enc.base)
                 continue
-            _add_tokens(enc.tokenizer, [t for a in keep for t in a.tokens])
             self._install(enc, keep, _rows(enc, keep))
         self.applied = {a.embedding.name.lower(): a for a in keep}
         self._matcher = None
@@ -254,6 +253,64 @@ class TriggerState:
         return re.sub(r" {2,}", " ", "".join(out)).strip()
 
 
+class _TokenizerStates:
+    """One tokenizer's pristine state and a few ready-made states with trigger tokens added.
+
+    A tokenizer cannot forget added tokens, and rebuilding a CLIP tokenizer from a snapshot costs
+    ~90 ms, more than the rest of applying and removing embeddings together.  So the live
+    tokenizer object is switched (its ``__dict__`` swapped) between the untouched original state,
+    which ``remove`` puts back as the very same objects, and copies that already hold the internal
+    tokens of the embeddings in use: a ``generate`` call with the same embeddings as the last
+    one switches twice and copies nothing.  Copies are checked before reuse, so tokens anyone
+    else added to the tokenizer are never lost or leaked.
+    """
+
+    KEEP = 8  # ready-made states kept per tokenizer
+    _by_tokenizer: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    def __init__(self, tokenizer):
+        self._capture(tokenizer)
+        self.current: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, tokenizer) -> "_TokenizerStates":
+        st = cls._by_tokenizer.get(tokenizer)
+        if st is None or (not st.current and len(tokenizer) != st.length):  # changed by someone else meanwhile
+            st = cls._by_tokenizer[tokenizer] = cls(tokenizer)
+        return st
+
+    def _capture(self, tokenizer) -> None:
+        self.pristine = dict(vars(tokenizer))
+        self.length = len(tokenizer)
+        self.snapshot = pickle.dumps(tokenizer)
+        self.ready: OrderedDict[tuple[str, ...], dict] = OrderedDict()
+
+    def switch(self, tokenizer, added: list[str]) -> None:
+        """Make ``tokenizer`` the pristine one plus exactly the tokens ``added``, in that order."""
+        key = tuple(added)
+        if len(tokenizer) != self.length + len(self.current):  # someone added tokens: keep their state as the base
+            if self.current:
+                self.ready.pop(self.current, None)
+            else:
+                self._capture(tokenizer)
+        if key == self.current:
+            return
+        if not key:
+            state = self.pristine
+        else:
+            state = self.ready.pop(key, None)
+            if state is None:
+                copy = pickle.loads(self.snapshot)
+                _add_tokens(copy, added)
+                state = dict(vars(copy))
+            self.ready[key] = state
+            while len(self.ready) > self.KEEP:
+                self.ready.popitem(last=False)
+        vars(tokenizer).clear()
+        vars(tokenizer).update(state)
+        self.current = key
+
+
 def _rows(enc: _Encoder, applied: list[Applied]) -> torch.Tensor:
     """The vectors ``applied`` embeddings give this encoder, stacked as float32 CPU rows."""
     if not applied:
@@ -317,7 +374,7 @@ def state(pipe, create: bool = True) -> TriggerState | None:
         pairs = encoder_pairs(pipe)
         slots = [SINGLE_KEY] if len(pairs) == 1 else list(SDXL_KEYS)
         encoders = [
-            _Encoder(slot, tok, te, te.get_input_embeddings(), pickle.dumps(tok)) for slot, (tok, te) in zip(slots, pairs)
+            _Encoder(slot, tok, te, te.get_input_embeddings(), _TokenizerStates.of(tok)) for slot, (tok, te) in zip(slots, pairs)
         ]
         st = TriggerState(encoders)
         object.__setattr__(pipe, "_textinv", st)
