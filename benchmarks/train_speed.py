@@ -5,7 +5,8 @@ the batch every step, put the whole token table in AdamW, and copy the original 
 every untouched row after each step.  textinv's loop is ``textinv.train`` itself.
 
 Prints steps/s (steady state, after warm-up steps) and peak memory above the starting point for
-both, and their ratio.  Asserts nothing.
+both, and their ratio; and the *floor*, the text encoder and UNet forward/backward alone, which
+bounds what any loop on this model can reach.  Asserts nothing.
 
     python benchmarks/train_speed.py                 # the built-in mini model
     python benchmarks/train_speed.py --model PATH --steps 60 --batch 4
@@ -128,6 +129,35 @@ def reference_loop(pipe, folder: Path, token: str, steps: int, batch: int, lr: f
     return (steps - warmup) / (time.perf_counter() - t_start)
 
 
+def floor_loop(pipe, steps: int, batch: int, warmup: int, seed: int = 0) -> float:
+    """The work every textual-inversion loop must do: text encoder and UNet forward, backward to
+    the prompt's input vectors.  No data, no noise schedule, no optimizer: an upper bound on the
+    steps/s of any loop on this model, and so on the ratio any loop can reach over the reference."""
+    tok, te, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
+    for m in (te, unet, pipe.vae):
+        m.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    ids = tok(["a photo of a shape"] * batch, padding="max_length", max_length=tok.model_max_length,
+              return_tensors="pt").input_ids.to(unet.device)
+    size = int(unet.config.sample_size)
+    latents = torch.randn(batch, unet.config.in_channels, size, size, generator=g).to(unet.device)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(unet.device)
+    table = te.get_input_embeddings()
+    vector = torch.zeros(table.embedding_dim, device=unet.device, requires_grad=True)
+    hook = table.register_forward_hook(lambda _m, _i, out: out + vector)  # a trainable input, as a trigger row is
+    try:
+        t_start = None
+        for step in range(steps):
+            if step == warmup:
+                t_start = time.perf_counter()
+            loss = F.mse_loss(unet(latents, t, te(ids)[0]).sample.float(), latents.float())
+            loss.backward()
+            vector.grad = None
+    finally:
+        hook.remove()
+    return (steps - warmup) / (time.perf_counter() - t_start)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="default: the built-in mini model")
@@ -153,10 +183,15 @@ def main() -> None:
     with PeakMemory(args.device) as mem_ref:
         ref = reference_loop(pipe, folder, "<bench>", args.steps, args.batch, 5e-3, args.warmup)
 
+    pipe = load_pipeline(args.model, device=args.device)
+    floor = floor_loop(pipe, args.steps, args.batch, args.warmup)
+
     print(f"{'loop':<12}{'steps/s':>10}{'peak MB':>10}")
     print(f"{'textinv':<12}{ours:>10.2f}{mem_ours.mb:>10.0f}")
     print(f"{'reference':<12}{ref:>10.2f}{mem_ref.mb:>10.0f}")
-    print(f"speed ratio textinv/reference: {ours / ref:.2f}x")
+    print(f"{'floor':<12}{floor:>10.2f}{'':>10}   (text encoder + UNet forward/backward only: no loop is faster)")
+    print(f"speed ratio textinv/reference: {ours / ref:.2f}x  (the floor's: {floor / ref:.2f}x; "
+          f"textinv runs at {ours / floor:.0%} of the floor)")
 
 
 if __name__ == "__main__":
