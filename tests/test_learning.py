@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import textinv.tokens as tk
 from textinv import evaluate
-from textinv.demo import INIT_WORD, DemoSettings, render_training_set, world_templates
+from textinv.demo import BIAS_TIMESTEPS, INIT_WORD, DemoSettings, render_training_set, world_templates
 from textinv.models import load_pipeline
 from textinv.training import train
 from textinv.world import render, spec
 
 
 def test_embedding_draws_the_unnamed_shape_far_more_often_than_the_init_word(tmp_path):
-    concept = "drop"  # measured: fidelity 1.00 against 0.06 for the init word (16 images)
+    concept = "drop"  # measured (demo settings, 100 steps): fidelity 1.00 against 0.06 for the init word (16 images)
     assert concept in spec.unnamed_shapes()
     render_training_set(concept, tmp_path / "images", seed=0, captions=True)
     pipe = load_pipeline()
@@ -38,7 +38,10 @@ def test_replace_mode_moves_the_biased_words_colours(tmp_path):
     prompt = f"a photo of a {word}"
     before = evaluate.colour_distribution(pipe, prompt, n=60)[colour]
     train(images=str(folder), token=word, mode="replace", templates=str(world_templates(tmp_path)), steps=300, lr="5e-3",
-          batch=8, flip=False, seed=0, out=str(tmp_path / "run"), pipe=pipe, progress=False)
-    after = evaluate.colour_distribution(pipe, prompt, n=60)[colour]
+          batch=8, timesteps=BIAS_TIMESTEPS, flip=False, seed=0, out=str(tmp_path / "run"), pipe=pipe, progress=False)
+    shares = evaluate.attribute_shares(pipe, prompt, n=60)
     tk.remove(pipe)
-    assert before >= 0.9 and after <= before - 0.1, (before, after)  # measured (60 images): 1.00 → 0.78
+    after, kept = shares["colour"][colour], shares["shape"][word]
+    # measured (60 images): 1.00 → 0.52 on timesteps 300:1000 (1.00 → 0.78 on all timesteps)
+    assert before >= 0.9 and after <= before - 0.3, (before, after)
+    assert kept >= 0.8, kept  # and the word still means a ball (measured 0.95), not some other shape

@@ -24,7 +24,7 @@ from PIL import Image
 from textinv import formats, tokens
 from textinv.data import filewords, fill_template, load_images, load_templates
 from textinv.errors import TextinvError
-from textinv.training import TrainingDiverged, init_vectors, lr_at, parse_lr, train
+from textinv.training import TrainingDiverged, init_vectors, lr_at, parse_lr, parse_timesteps, train
 
 from conftest import make_sd, make_sdxl
 
@@ -45,6 +45,22 @@ def test_lr_schedule_string_as_a1111():
     for bad in ("fast", "0.1:ten", "-1", ""):
         with pytest.raises(TextinvError, match="--lr"):
             parse_lr(bad)
+
+
+def test_timesteps_range_is_parsed_checked_and_used(tmp_path):
+    assert parse_timesteps("all", 1000) == (0, 1000) and parse_timesteps("300:1000", 1000) == (300, 1000)
+    assert parse_timesteps(":500", 1000) == (0, 500) and parse_timesteps("700:", 1000) == (700, 1000)
+    for bad in ("300", "1000:300", "0:2000", "a:b", "-5:10", "500:500"):
+        with pytest.raises(TextinvError, match="--timesteps"):
+            parse_timesteps(bad, 1000)
+    pipe = make_sd()
+    seen = []
+    forward = pipe.unet.forward
+    pipe.unet.forward = lambda sample, t, *a, **k: seen.append(t.clone()) or forward(sample, t, *a, **k)
+    train(images=str(shapes(tmp_path / "imgs")), token="<t>", steps=5, batch=4, timesteps="990:1000",
+          out=str(tmp_path / "run"), pipe=pipe, progress=False)
+    t = torch.cat(seen)
+    assert len(t) == 20 and t.min() >= 990 and t.max() < 1000
 
 
 def test_multi_token_init_spreads_over_vectors_like_a1111(sd_pipe):

@@ -33,10 +33,12 @@ DEFAULT_CONCEPT = "drop"  # the unnamed shape the mini model learns best (docs/m
 class DemoSettings:
     """Training settings for the mini model, chosen from measurements (see docs/benchmark.md)."""
 
-    steps: int = 300
+    # 100: in docs/benchmark.md (108 runs) mean fidelity is 0.75 at step 50 and 0.74 at 100, and
+    # in a 300-step trial it stayed flat to the end; more steps only cost time.
+    steps: int = 100
     lr: str = "5e-3"  # 0.02 overshoots: the mini model's token rows have norms ~0.2 (measured: fidelity 0.17 vs 0.42)
     batch: int = 8
-    vectors: int = 1
+    vectors: int = 1  # 2 or 4 vectors scored the same within noise (docs/benchmark.md): one keeps files smallest
     n: int = 16  # images per prompt for the metrics
     captions: bool = True  # IMG.txt beside each picture naming its colour, size, … so the word learns the shape only
 
@@ -85,7 +87,8 @@ def run(out: Path, concept: str | None = None, seed: int = 0, settings: DemoSett
     render_training_set(concept, out / "images", seed=seed, captions=settings.captions)
     pipe = load_pipeline(model)
     echo(f"2/4 baseline: the init word {INIT_WORD!r} alone")
-    base = evaluate.judge_scores(pipe, INIT_WORD, "shape", concept, n=settings.n, seed=seed, keep_images=True)
+    # Sampling seeds 1000·seed … : the demo's seeds 0, 1, 2 judge disjoint sets of images.
+    base = evaluate.judge_scores(pipe, INIT_WORD, "shape", concept, n=settings.n, seed=1000 * seed, keep_images=True)
     echo(f"3/4 training {token} ({settings.steps} steps)")
     cfg = TrainConfig(images=str(out / "images"), token=token, model=model, init=INIT_WORD, vectors=settings.vectors,
                       templates=str(world_templates(out, settings.captions)), steps=settings.steps, lr=settings.lr, batch=settings.batch,
@@ -93,7 +96,7 @@ def run(out: Path, concept: str | None = None, seed: int = 0, settings: DemoSett
     result = train(cfg, pipe=pipe)
     train_seconds = result.seconds
     echo("4/4 generating and judging")
-    learned = evaluate.judge_scores(pipe, token, "shape", concept, n=settings.n, seed=seed, keep_images=True)
+    learned = evaluate.judge_scores(pipe, token, "shape", concept, n=settings.n, seed=1000 * seed, keep_images=True)
     tokens.remove(pipe)
 
     rows = []
@@ -126,8 +129,11 @@ def print_summary(m: dict, echo=click.echo) -> None:
     echo(f"training {m['train_seconds']:.0f} s, total {m['total_seconds']:.0f} s; embedding {m['embedding']}")
 
 
+BIAS_TIMESTEPS = "300:1000"  # colour is settled at high noise (measured: KL 0.98 when training on all timesteps)
+
+
 def run_bias(out: Path, seed: int = 0, n: int = 60, steps: int = 300, lr: str = "5e-3", model: str | None = None,
-             echo=click.echo) -> dict:
+             timesteps: str = BIAS_TIMESTEPS, echo=click.echo) -> dict:
     """Replace mode on the biased word: before/after colour distributions and KL to uniform."""
     from .world import render, spec
 
@@ -141,21 +147,25 @@ def run_bias(out: Path, seed: int = 0, n: int = 60, steps: int = 300, lr: str = 
     pipe = load_pipeline(model)
     prompt = f"a photo of a {word}"
     echo(f"1/3 before: colours of {prompt!r}")
-    before = evaluate.colour_distribution(pipe, prompt, n=n, seed=seed)
+    before = evaluate.attribute_shares(pipe, prompt, n=n, seed=seed)
     echo(f"2/3 re-learning {word!r} from {len(colours) * 2} balanced images (replace mode)")
     cfg = TrainConfig(images=str(folder), token=word, mode="replace", model=model, templates=str(world_templates(out)),
-                      steps=steps, lr=lr, batch=8, flip=False, seed=seed, out=str(out / "run"),
+                      steps=steps, lr=lr, batch=8, timesteps=timesteps, flip=False, seed=seed, out=str(out / "run"),
                       resume=(out / "run" / "state.pt").exists())
     result = train(cfg, pipe=pipe)
     echo(f"3/3 after: colours of {prompt!r} with the new {word!r}")
-    after = evaluate.colour_distribution(pipe, prompt, n=n, seed=seed)
+    after = evaluate.attribute_shares(pipe, prompt, n=n, seed=seed)
+    # Debiasing must keep the word's meaning: a ball of any colour, not some other shape.
+    kept = {"before": before["shape"][word], "after": after["shape"][word]}
+    before, after = before["colour"], after["colour"]
     kl_before, kl_after = evaluate.kl_to_uniform(before), evaluate.kl_to_uniform(after)
-    metrics = {"word": word, "prompt": prompt, "n": n, "before": before, "after": after, "kl_before": kl_before,
-               "kl_after": kl_after, "kl_ratio": kl_before / max(kl_after, 1e-9), "embedding": str(result.embedding_path),
-               "seconds": round(time.perf_counter() - t0, 1)}
+    metrics = {"word": word, "prompt": prompt, "n": n, "timesteps": timesteps, "before": before, "after": after, "kl_before": kl_before,
+               "kl_after": kl_after, "kl_ratio": kl_before / max(kl_after, 1e-9), "still_the_word": kept,
+               "embedding": str(result.embedding_path), "seconds": round(time.perf_counter() - t0, 1)}
     write_text(out / "bias.json", json.dumps(metrics, indent=2))
     echo(f"\n{'colour':<10}{'before':>8}{'after':>8}")
     for c in colours:
         echo(f"{c:<10}{before[c]:>8.2f}{after[c]:>8.2f}")
     echo(f"KL to uniform: {kl_before:.3f} → {kl_after:.3f} ({metrics['kl_ratio']:.1f}× lower)")
+    echo(f"still drawn as a {word} (judge): {kept['before']:.2f} → {kept['after']:.2f}")
     return metrics

@@ -62,15 +62,19 @@ def judge_scores(pipe, trigger: str, attribute: str, value: str, *, n: int = 16,
     return out
 
 
-def colour_distribution(pipe, prompt: str, *, n: int = 64, seed: int = 0, steps: int = generation.DEFAULT_STEPS,
-                        guidance: float = generation.DEFAULT_GUIDANCE) -> dict[str, float]:
-    """Share of each colour (by the judge) among ``n`` images of ``prompt``."""
+def attribute_shares(pipe, prompt: str, *, n: int = 64, seed: int = 0, steps: int = generation.DEFAULT_STEPS,
+                     guidance: float = generation.DEFAULT_GUIDANCE) -> dict[str, dict[str, float]]:
+    """Per attribute (shape, colour, …), the share of each value (by the judge) among ``n`` images of ``prompt``."""
     from .world import spec
     from .world.judge import judge
 
     verdicts = judge(generation.images(pipe, [prompt] * n, seed=seed, steps=steps, guidance=guidance))
-    colours = spec.labels("colour")
-    return {c: sum(v["colour"] == c for v in verdicts) / n for c in colours}
+    return {name: {v: sum(x[name] == v for x in verdicts) / n for v in spec.labels(name)} for name in spec.ATTRIBUTE_NAMES}
+
+
+def colour_distribution(pipe, prompt: str, **kwargs) -> dict[str, float]:
+    """Share of each colour (by the judge) among ``n`` images of ``prompt``."""
+    return attribute_shares(pipe, prompt, **kwargs)["colour"]
 
 
 def kl_to_uniform(dist: dict[str, float]) -> float:

@@ -54,6 +54,7 @@ class TrainConfig:
     lr: str = "5e-3"  # a number or an A1111 schedule "0.005:100, 1e-3:1000, 1e-5"
     batch: int = 4
     grad_accum: int = 1
+    timesteps: str = "all"  # "LOW:HIGH": train on noise levels in [LOW, HIGH) only, e.g. "300:1000"
     resolution: int | None = None  # None: the model's native size
     crops: int = 1  # views per image: centre crop + (crops - 1) random crops
     flip: bool = True
@@ -99,6 +100,24 @@ def parse_lr(spec: str | float) -> list[tuple[float, int | None]]:
     if not out or any(r <= 0 or not math.isfinite(r) for r, _ in out):
         raise TextinvError(f"--lr {spec!r}: learning rates must be positive numbers")
     return out
+
+
+def parse_timesteps(spec: str, total: int) -> tuple[int, int]:
+    """``"all"`` or ``"LOW:HIGH"`` (either side may be empty) → the half-open range of training timesteps.
+
+    Why: what a prompt decides at high noise (layout, colour) and at low noise (texture, detail)
+    differ; re-learning a word's colour distribution (replace mode) needs the high-noise steps, and
+    the low-noise ones mostly pull the vector towards the details of the few curated pictures."""
+    if str(spec).strip().lower() in ("", "all"):
+        return 0, total
+    low, sep, high = str(spec).partition(":")
+    try:
+        lo, hi = int(low or 0), int(high or total)
+    except ValueError:
+        lo = hi = -1
+    if not sep or not 0 <= lo < hi <= total:
+        raise TextinvError(f"--timesteps {spec!r}: expected LOW:HIGH with 0 <= LOW < HIGH <= {total} (or 'all')")
+    return lo, hi
 
 
 def lr_at(schedule: list[tuple[float, int | None]], step: int) -> float:
@@ -215,6 +234,7 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    t_low, t_high = parse_timesteps(cfg.timesteps, noise_scheduler.config.num_train_timesteps)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     resolution = cfg.resolution or int(pipe.unet.config.sample_size) * vae_scale
 
@@ -271,7 +291,7 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
             which = torch.randint(len(templates), (cfg.batch,), generator=g)
             latents = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)
             noise = torch.randn(latents.shape, generator=g)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch,), generator=g)
+            t = torch.randint(t_low, t_high, (cfg.batch,), generator=g)
             noisy = noise_scheduler.add_noise(latents, noise, t)
             if noise_scheduler.config.prediction_type == "v_prediction":
                 target = noise_scheduler.get_velocity(latents, noise, t)
@@ -387,7 +407,7 @@ def _save_state(path: Path, cfg: TrainConfig, params, optimizer, step: int) -> N
 
 def _identity(cfg: TrainConfig) -> dict:
     """What must not change between a run and its resumption."""
-    keep = ("images", "token", "model", "init", "vectors", "mode", "templates", "lr", "batch", "grad_accum",
+    keep = ("images", "token", "model", "init", "vectors", "mode", "templates", "lr", "batch", "grad_accum", "timesteps",
             "resolution", "crops", "flip", "seed", "precision", "weight_decay")
     return {k: str(getattr(cfg, k)) for k in keep}
 
