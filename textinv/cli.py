@@ -190,8 +190,7 @@ def train(images, token, model, init, vectors, mode, templates, steps, lr, batch
         click.echo(f"--save-every {save_every}: saves to measure for --pick-best/--early-stop", err=True)
     cfg = TrainConfig(images=str(images), token=token, model=model, init=init, vectors=vectors, mode=mode,
                       templates=templates, steps=steps, lr=lr, batch=batch, grad_accum=grad_accum, timesteps=timesteps,
-                      resolution=resolution,
-                      crops=crops, flip=flip, seed=seed, precision=precision, grad_checkpointing=grad_checkpointing,
+                      resolution=resolution, crops=crops, flip=flip, seed=seed, precision=precision, grad_checkpointing=grad_checkpointing,
                       compile=compile_, save_every=save_every, preview_every=preview_every, format=fmt,
                       out=str(out) if out else None, resume=resume, model_config=model_config)
     pipe = tracker = training_images = None

@@ -274,8 +274,9 @@ class _TokenizerStates:
 
     @classmethod
     def of(cls, tokenizer) -> "_TokenizerStates":
+        """The states of ``tokenizer``, kept for as long as it lives (changes by others: see ``switch``)."""
         st = cls._by_tokenizer.get(tokenizer)
-        if st is None or (not st.current and len(tokenizer) != st.length):  # changed by someone else meanwhile
+        if st is None:
             st = cls._by_tokenizer[tokenizer] = cls(tokenizer)
         return st
 
