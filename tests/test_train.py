@@ -63,6 +63,27 @@ def test_timesteps_range_is_parsed_checked_and_used(tmp_path):
     assert len(t) == 20 and t.min() >= 990 and t.max() < 1000
 
 
+@pytest.mark.parametrize("make", [make_sd, make_sdxl])
+def test_guidance_fits_the_guided_prediction_with_a_frozen_empty_prompt_branch(tmp_path, make):
+    pipe = make()
+    calls = []
+    forward = pipe.unet.forward
+    pipe.unet.forward = lambda sample, t, hidden, *a, **k: calls.append((hidden.requires_grad, torch.is_grad_enabled())) or forward(sample, t, hidden, *a, **k)
+    images = str(shapes(tmp_path / "imgs"))
+    plain = train(images=images, token="<t>", steps=3, batch=2, out=str(tmp_path / "plain"), pipe=pipe, progress=False)
+    assert len(calls) == 3
+    calls.clear()
+    cfg = train(images=images, token="<t>", steps=3, batch=2, guidance=4.0, out=str(tmp_path / "cfg"), pipe=pipe, progress=False)
+    # per step: the trigger's branch (with gradient) and the empty prompt's (no gradient, one extra forward)
+    assert calls == [(True, True), (False, False)] * 3
+    a, b = formats.load(plain.embedding_path), formats.load(cfg.embedding_path)
+    assert all(torch.isfinite(v).all() for v in b.vectors.values())
+    assert any(not torch.allclose(a.vectors[k], b.vectors[k]) for k in a.vectors)  # a different objective, other vectors
+    for bad in (0.5, float("nan")):
+        with pytest.raises(TextinvError, match="--guidance"):
+            train(images=images, token="<t>", steps=1, guidance=bad, out=str(tmp_path / "bad"), pipe=pipe, progress=False)
+
+
 def test_multi_token_init_spreads_over_vectors_like_a1111(sd_pipe):
     table = sd_pipe.text_encoder.get_input_embeddings().weight
     ids = sd_pipe.tokenizer("red star", add_special_tokens=False).input_ids

@@ -157,6 +157,8 @@ def convert(src, dst, fmt, name, select, preview):
 @click.option("--grad-accum", default=1, show_default=True)
 @click.option("--timesteps", default="all", show_default=True,
               help="LOW:HIGH: train on these noise levels only (of 1000), e.g. 300:1000 to re-learn a word's colours (replace mode).")
+@click.option("--guidance", "train_guidance", default=1.0, show_default=True,
+              help="Fit the prediction the sampler uses at this classifier-free guidance scale (e.g. 4); 1: the plain loss.")
 @click.option("--resolution", type=int, default=None, help="Training size in pixels (default: the model's native size).")
 @click.option("--crops", default=1, show_default=True, help="Views per image: a centre crop plus random crops.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Also train on mirrored views.")
@@ -178,7 +180,7 @@ def convert(src, dst, fmt, name, select, preview):
 @click.option("--concept", default=None, help="Mini world: the shape the judge should see (default: read off the training images).")
 @click.option("--clip", default=None, help="CLIP weights (folder or hub id) for measuring saves on real models.")
 @click.option("--dino", default=None, help="DINO weights (folder or hub id) for measuring saves on real models.")
-def train(images, token, model, init, vectors, mode, templates, steps, lr, batch, grad_accum, timesteps, resolution, crops, flip,
+def train(images, token, model, init, vectors, mode, templates, steps, lr, batch, grad_accum, timesteps, train_guidance, resolution, crops, flip,
           seed, precision, grad_checkpointing, compile_, save_every, preview_every, fmt, out, resume, model_config,
           pick_best, early_stop, patience, eval_n, concept, clip, dino):
     """Train a textual inversion embedding from a folder of images."""
@@ -190,7 +192,7 @@ def train(images, token, model, init, vectors, mode, templates, steps, lr, batch
         click.echo(f"--save-every {save_every}: saves to measure for --pick-best/--early-stop", err=True)
     cfg = TrainConfig(images=str(images), token=token, model=model, init=init, vectors=vectors, mode=mode,
                       templates=templates, steps=steps, lr=lr, batch=batch, grad_accum=grad_accum, timesteps=timesteps,
-                      resolution=resolution, crops=crops, flip=flip, seed=seed, precision=precision, grad_checkpointing=grad_checkpointing,
+                      guidance=train_guidance, resolution=resolution, crops=crops, flip=flip, seed=seed, precision=precision, grad_checkpointing=grad_checkpointing,
                       compile=compile_, save_every=save_every, preview_every=preview_every, format=fmt,
                       out=str(out) if out else None, resume=resume, model_config=model_config)
     pipe = tracker = training_images = None

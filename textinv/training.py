@@ -55,6 +55,7 @@ class TrainConfig:
     batch: int = 4
     grad_accum: int = 1
     timesteps: str = "all"  # "LOW:HIGH": train on noise levels in [LOW, HIGH) only, e.g. "300:1000"
+    guidance: float = 1.0  # >1: fit the classifier-free-guided prediction at this scale (see guided())
     resolution: int | None = None  # None: the model's native size
     crops: int = 1  # views per image: centre crop + (crops - 1) random crops
     flip: bool = True
@@ -185,6 +186,35 @@ class PromptTable:
         outs = [te(r, output_hidden_states=True) for te, r in zip(self.encoders, rows)]
         return torch.cat([o.hidden_states[-2] for o in outs], dim=-1), outs[-1][0]
 
+    @torch.no_grad()
+    def unconditional(self, pipe, device):
+        """The empty prompt's hidden states (and pooled embedding), as the pipelines' guidance uses."""
+        rows = [tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids.to(device)
+                for tok, _ in tokens.encoder_pairs(pipe)]
+        if not self.sdxl:
+            return self.encoders[0](rows[0])[0], None
+        outs = [te(r, output_hidden_states=True) for te, r in zip(self.encoders, rows)]
+        hidden, pooled = torch.cat([o.hidden_states[-2] for o in outs], dim=-1), outs[-1][0]
+        if getattr(pipe.config, "force_zeros_for_empty_prompt", False):  # SDXL's default: zeros, not the encoded ""
+            return torch.zeros_like(hidden), torch.zeros_like(pooled)
+        return hidden, pooled
+
+
+def guided(unet, pred, noisy, t, uncond, scale: float, kwargs: dict) -> torch.Tensor:
+    """The prediction a sampler uses at guidance ``scale``: uncond + scale·(cond − uncond).
+
+    Why: the plain loss fits the *conditional* distribution, but images are sampled with guidance,
+    which sharpens whatever the conditional slightly prefers (a word re-learned from a balanced set
+    still comes out mostly in its old colour).  Fitting the guided prediction instead fits what the
+    sampler will draw.  The unconditional branch is frozen (no gradient): one extra UNet forward."""
+    hidden, pooled = uncond
+    extra = dict(kwargs)
+    if pooled is not None:
+        extra["added_cond_kwargs"] = dict(kwargs["added_cond_kwargs"], text_embeds=pooled.expand(len(noisy), -1))
+    with torch.no_grad():
+        base = unet(noisy, t, hidden.to(noisy.dtype).expand(len(noisy), -1, -1), **extra).sample
+    return base + scale * (pred - base)
+
 
 # ------------------------------------------------------------------------------------ train
 def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=None, **overrides) -> TrainResult:
@@ -204,6 +234,8 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
         raise TextinvError("--steps, --batch and --grad-accum must be at least 1")
     if cfg.format not in formats.SAVE_FORMATS:
         raise TextinvError(f"--format {cfg.format!r}: choose one of {', '.join(formats.SAVE_FORMATS)}")
+    if not (math.isfinite(cfg.guidance) and cfg.guidance >= 1.0):
+        raise TextinvError(f"--guidance {cfg.guidance}: must be a number >= 1 (1: the plain conditional loss)")
     schedule = parse_lr(cfg.lr)
     templates = data.load_templates(cfg.templates or ("style" if cfg.mode == "style" else "object"))
     out = cfg.resolved_out()
@@ -276,6 +308,7 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
                                        text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
     # diffusers' .device/.dtype walk every module (milliseconds per call): look them up once.
     dev, dtype = pipe.unet.device, pipe.unet.dtype
+    uncond = prompt_table.unconditional(pipe, dev) if cfg.guidance > 1 else None
     progress = _progress(cfg, start) if main_process else None
     t0, smoothed, loss_value = time.perf_counter(), None, float("nan")
     last_step = cfg.steps
@@ -302,6 +335,8 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
             if pooled is not None:
                 kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": added.repeat(cfg.batch, 1).to(dev)}
             pred = unet(noisy.to(dev, dtype), t.to(dev), hidden.to(dtype), **kwargs).sample
+            if uncond is not None:
+                pred = guided(unet, pred, noisy.to(dev, dtype), t.to(dev), uncond, cfg.guidance, kwargs)
             loss = F.mse_loss(pred.float(), target.to(dev).float())
             if not torch.isfinite(loss):
                 what = "NaN" if torch.isnan(loss) else "infinite"
@@ -407,7 +442,7 @@ def _save_state(path: Path, cfg: TrainConfig, params, optimizer, step: int) -> N
 
 def _identity(cfg: TrainConfig) -> dict:
     """What must not change between a run and its resumption."""
-    keep = ("images", "token", "model", "init", "vectors", "mode", "templates", "lr", "batch", "grad_accum", "timesteps",
+    keep = ("images", "token", "model", "init", "vectors", "mode", "templates", "lr", "batch", "grad_accum", "timesteps", "guidance",
             "resolution", "crops", "flip", "seed", "precision", "weight_decay")
     return {k: str(getattr(cfg, k)) for k in keep}
 
