@@ -217,7 +217,10 @@ def test_from_png_recreates_the_same_pixels(tmp_path):
     res = runner.invoke(main, ["generate", "--from-png", str(second), "-e", str(lib), "--out", str(tmp_path / "b")])
     assert res.exit_code == 0, res.output
     again = tmp_path / "b" / "00000-8.png"
-    assert np.array_equal(np.asarray(Image.open(second)), np.asarray(Image.open(again)))
+    # Same seed, same pixels; the first was drawn in a batch of 2 and this one alone, and CPU kernels
+    # round differently by batch size, so a stray pixel may differ by one level (measured: 1 of 3072).
+    diff = np.abs(np.asarray(Image.open(second), dtype=int) - np.asarray(Image.open(again), dtype=int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.005
     assert pngmeta.read_parameters(again) == params
     # Without the embeddings: a warning names the missing one (and the image differs).
     res = runner.invoke(main, ["generate", "--from-png", str(second), "--out", str(tmp_path / "c")])

@@ -49,11 +49,16 @@ def test_captions_agree_with_labels():
                 if value != a[attr]:
                     for w in entry["words"]:
                         assert not re.search(rf"\b{w}\b", cap), (cap, a, attr)
+        # (bowtie's descriptor "pinched in the middle" holds the centre phrase: a known overlap, kept
+        # because the committed model was trained with it; docs/mini-world.md)
+        bare = cap
+        for d in sh["desc"]:
+            bare = bare.replace(d, "")
         for attr in ("position", "background"):
             for value, entry in spec.ATTRIBUTES[attr].items():
                 if value != a[attr]:
                     for w in entry["words"]:
-                        assert w not in cap, (cap, a, attr)
+                        assert w not in bare, (cap, a, attr)
         for value, st in spec.STYLES.items():
             if value != a["style"]:
                 for w in st["pre"] + st["post"]:

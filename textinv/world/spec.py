@@ -32,9 +32,9 @@ SHAPES: dict[str, dict] = {
     "moon":     {"named": True, "kind": "moon", "words": ["moon", "crescent"], "desc": ["with two points", "with round sides"]},
     "ball":     {"named": True, "kind": "ball", "words": ["ball"], "desc": ["with no corners", "with round sides"]},
     # unnamed: their keys are internal labels only; captions use GENERIC_SHAPE_WORDS
-    "bowtie":   {"named": False, "kind": "bowtie", "desc": ["with six corners", "with straight sides"]},
+    "bowtie":   {"named": False, "kind": "bowtie", "desc": ["pinched in the middle", "with a narrow waist"]},
     "arrow":    {"named": False, "kind": "arrow", "desc": ["with seven corners", "with straight sides"]},
-    "tee":      {"named": False, "kind": "tee", "desc": ["with eight corners", "with straight sides"]},
+    "tee":      {"named": False, "kind": "tee", "desc": ["with a flat top", "with a long stem"]},
     "drop":     {"named": False, "kind": "drop", "desc": ["with a round end", "with one point"]},
 }
 GENERIC_SHAPE_WORDS = ["shape", "thing", "object"]
@@ -57,9 +57,9 @@ SIZES: dict[str, dict] = {
 
 # ---- positions: centre x as a fraction of the width -----------------------------------------
 POSITIONS: dict[str, dict] = {
-    "left":   {"x": 10.5 / 32, "words": ["on the left", "at the left"]},
+    "left":   {"x": 9.0 / 32, "words": ["on the left", "at the left"]},
     "center": {"x": 16.0 / 32, "words": ["in the middle", "in the center"]},
-    "right":  {"x": 21.5 / 32, "words": ["on the right", "at the right"]},
+    "right":  {"x": 23.0 / 32, "words": ["on the right", "at the right"]},
 }
 
 # ---- fill styles ------------------------------------------------------------------------------

@@ -156,6 +156,8 @@ def save_pipeline(out: Path, vae, unet, te, dtype=torch.float16, copy_tokenizer:
     out.mkdir(parents=True, exist_ok=True)
     for name, m in (("vae", vae), ("unet", unet), ("text_encoder", te)):
         mc = copy.deepcopy(m).to(dtype)
+        if hasattr(mc, "_internal_dict"):  # diffusers records where a model came from (--init-from): not ours to ship
+            mc._internal_dict.pop("_name_or_path", None)
         mc.save_pretrained(out / name, safe_serialization=True)
     # fp16 on disk, but declare float32 so that a plain from_pretrained() (no torch_dtype) gives a
     # consistent fp32 pipeline: transformers 5 would otherwise load the text encoder in fp16
