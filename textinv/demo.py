@@ -130,10 +130,15 @@ def print_summary(m: dict, echo=click.echo) -> None:
 
 
 BIAS_TIMESTEPS = "300:1000"  # colour is settled at high noise (measured: KL 0.98 when training on all timesteps)
+# Fit the prediction the sampler uses (guidance 4) part of the way: the plain loss leaves red at ~0.55
+# (guidance sharpens what the conditional slightly prefers); fitting guidance 2 or 4 balances the
+# colours further but the word stops drawing balls (0.63 / 0.25), because in this model the ball's
+# look is tied to red.  Measured on seed 0, 60 images: docs/evaluation.md.
+BIAS_GUIDANCE = 1.5
 
 
 def run_bias(out: Path, seed: int = 0, n: int = 60, steps: int = 300, lr: str = "5e-3", model: str | None = None,
-             timesteps: str = BIAS_TIMESTEPS, echo=click.echo) -> dict:
+             timesteps: str = BIAS_TIMESTEPS, guidance: float = BIAS_GUIDANCE, echo=click.echo) -> dict:
     """Replace mode on the biased word: before/after colour distributions and KL to uniform."""
     from .world import render, spec
 
@@ -142,15 +147,18 @@ def run_bias(out: Path, seed: int = 0, n: int = 60, steps: int = 300, lr: str = 
     out.mkdir(parents=True, exist_ok=True)
     folder = out / "curated"
     folder.mkdir(exist_ok=True)
-    for i, colour in enumerate(colours * 2):  # a small, balanced, curated set: two of each colour
-        render.sample(20_000 + seed, i, shape=word, colour=colour).image.save(folder / f"{i:02d}-{colour}.png")
+    # A small curated set that changes only what should change: two of each colour, every one in
+    # the word's usual solid fill (the model draws "ball" solid 95 % of the time; mixed fills taught
+    # it outlines too).
+    for i, colour in enumerate(colours * 2):
+        render.sample(20_000 + seed, i, shape=word, colour=colour, style="solid").image.save(folder / f"{i:02d}-{colour}.png")
     pipe = load_pipeline(model)
     prompt = f"a photo of a {word}"
     echo(f"1/3 before: colours of {prompt!r}")
     before = evaluate.attribute_shares(pipe, prompt, n=n, seed=seed)
     echo(f"2/3 re-learning {word!r} from {len(colours) * 2} balanced images (replace mode)")
     cfg = TrainConfig(images=str(folder), token=word, mode="replace", model=model, templates=str(world_templates(out)),
-                      steps=steps, lr=lr, batch=8, timesteps=timesteps, flip=False, seed=seed, out=str(out / "run"),
+                      steps=steps, lr=lr, batch=8, timesteps=timesteps, guidance=guidance, flip=False, seed=seed, out=str(out / "run"),
                       resume=(out / "run" / "state.pt").exists())
     result = train(cfg, pipe=pipe)
     echo(f"3/3 after: colours of {prompt!r} with the new {word!r}")
@@ -159,7 +167,7 @@ def run_bias(out: Path, seed: int = 0, n: int = 60, steps: int = 300, lr: str = 
     kept = {"before": before["shape"][word], "after": after["shape"][word]}
     before, after = before["colour"], after["colour"]
     kl_before, kl_after = evaluate.kl_to_uniform(before), evaluate.kl_to_uniform(after)
-    metrics = {"word": word, "prompt": prompt, "n": n, "timesteps": timesteps, "before": before, "after": after, "kl_before": kl_before,
+    metrics = {"word": word, "prompt": prompt, "n": n, "timesteps": timesteps, "guidance": guidance, "before": before, "after": after, "kl_before": kl_before,
                "kl_after": kl_after, "kl_ratio": kl_before / max(kl_after, 1e-9), "still_the_word": kept,
                "embedding": str(result.embedding_path), "seconds": round(time.perf_counter() - t0, 1)}
     write_text(out / "bias.json", json.dumps(metrics, indent=2))
