@@ -180,24 +180,22 @@ class PromptTable:
 
     def encode(self, template_idx: torch.Tensor, view_idx: torch.Tensor, device):
         """Hidden states (and SDXL's pooled embedding) of the prompts (template, caption of view)."""
-        rows = [ids[template_idx, self.caption_of[view_idx]].to(device) for ids in self.ids]
-        if not self.sdxl:
-            return self.encoders[0](rows[0])[0], None
-        outs = [te(r, output_hidden_states=True) for te, r in zip(self.encoders, rows)]
-        return torch.cat([o.hidden_states[-2] for o in outs], dim=-1), outs[-1][0]
+        return self._run([ids[template_idx, self.caption_of[view_idx]].to(device) for ids in self.ids])
 
     @torch.no_grad()
     def unconditional(self, pipe, device):
         """The empty prompt's hidden states (and pooled embedding), as the pipelines' guidance uses."""
-        rows = [tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids.to(device)
-                for tok, _ in tokens.encoder_pairs(pipe)]
+        hidden, pooled = self._run([tok([""], padding="max_length", max_length=tok.model_max_length,
+                                        return_tensors="pt").input_ids.to(device) for tok, _ in tokens.encoder_pairs(pipe)])
+        if self.sdxl and getattr(pipe.config, "force_zeros_for_empty_prompt", False):  # SDXL's default: zeros, not the encoded ""
+            return torch.zeros_like(hidden), torch.zeros_like(pooled)
+        return hidden, pooled
+
+    def _run(self, rows):
         if not self.sdxl:
             return self.encoders[0](rows[0])[0], None
         outs = [te(r, output_hidden_states=True) for te, r in zip(self.encoders, rows)]
-        hidden, pooled = torch.cat([o.hidden_states[-2] for o in outs], dim=-1), outs[-1][0]
-        if getattr(pipe.config, "force_zeros_for_empty_prompt", False):  # SDXL's default: zeros, not the encoded ""
-            return torch.zeros_like(hidden), torch.zeros_like(pooled)
-        return hidden, pooled
+        return torch.cat([o.hidden_states[-2] for o in outs], dim=-1), outs[-1][0]
 
 
 def guided(unet, pred, noisy, t, uncond, scale: float, kwargs: dict) -> torch.Tensor:
@@ -212,7 +210,7 @@ def guided(unet, pred, noisy, t, uncond, scale: float, kwargs: dict) -> torch.Te
     if pooled is not None:
         extra["added_cond_kwargs"] = dict(kwargs["added_cond_kwargs"], text_embeds=pooled.expand(len(noisy), -1))
     with torch.no_grad():
-        base = unet(noisy, t, hidden.to(noisy.dtype).expand(len(noisy), -1, -1), **extra).sample
+        base = unet(noisy, t, hidden.expand(len(noisy), -1, -1), **extra).sample
     return base + scale * (pred - base)
 
 
@@ -308,7 +306,10 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
                                        text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
     # diffusers' .device/.dtype walk every module (milliseconds per call): look them up once.
     dev, dtype = pipe.unet.device, pipe.unet.dtype
-    uncond = prompt_table.unconditional(pipe, dev) if cfg.guidance > 1 else None
+    uncond = None
+    if cfg.guidance > 1:  # the empty prompt's branch is frozen: encode it once
+        empty, empty_pooled = prompt_table.unconditional(pipe, dev)
+        uncond = (empty.to(dtype), empty_pooled)
     progress = _progress(cfg, start) if main_process else None
     t0, smoothed, loss_value = time.perf_counter(), None, float("nan")
     last_step = cfg.steps
@@ -334,9 +335,10 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
             kwargs = {}
             if pooled is not None:
                 kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": added.repeat(cfg.batch, 1).to(dev)}
-            pred = unet(noisy.to(dev, dtype), t.to(dev), hidden.to(dtype), **kwargs).sample
+            noisy, t = noisy.to(dev, dtype), t.to(dev)
+            pred = unet(noisy, t, hidden.to(dtype), **kwargs).sample
             if uncond is not None:
-                pred = guided(unet, pred, noisy.to(dev, dtype), t.to(dev), uncond, cfg.guidance, kwargs)
+                pred = guided(unet, pred, noisy, t, uncond, cfg.guidance, kwargs)
             loss = F.mse_loss(pred.float(), target.to(dev).float())
             if not torch.isfinite(loss):
                 what = "NaN" if torch.isnan(loss) else "infinite"
