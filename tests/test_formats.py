@@ -6,6 +6,7 @@ shared/reference/embedding-formats.md); the real A1111 card is read in place fro
 from __future__ import annotations
 
 import base64
+import io
 import json
 import pathlib
 import pickle
@@ -136,7 +137,9 @@ def test_sdxl_round_trip(tmp_path, fmt, filename, detected):
     assert back.is_sdxl and back.num_vectors == 2
     assert_same(emb, back)
     assert detect_format(path) == detected
-    assert back.name == ("xl-style" if fmt == "png" else path.stem)
+    # SDXL cards hold only {clip_l, clip_g} (A1111's SDXL branch detaches every value), so their
+    # name is the file's, as for every SDXL file.
+    assert back.name == path.stem
 
 
 def test_sdxl_tiny_test_model_widths(tmp_path):
@@ -528,9 +531,48 @@ def test_bad_paths(tmp_path):
 def test_oversized_file_refused(tmp_path, monkeypatch):
     torch.save({"emb_params": vec(75, 1024)}, tmp_path / "big.pt")
     save_file({"a": vec(75, 1024), "b": vec(75, 1024)}, tmp_path / "big.safetensors")
+    torch.save({"emb_params": vec(75, 1024)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
     monkeypatch.setattr(formats, "MAX_FILE_BYTES", 100_000)
+    monkeypatch.setattr(formats, "MAX_TORCH_ZIP_BYTES", 1_000_000)
+    expect_error(tmp_path / "legacy.pt", "too large", "limit 98 kB")  # read whole: the small limit
+    assert load(tmp_path / "big.pt").num_vectors == 75  # a torch zip is memory-mapped: the large one
+    monkeypatch.setattr(formats, "MAX_TORCH_ZIP_BYTES", 100_000)
     expect_error(tmp_path / "big.pt", "too large")
     expect_error(tmp_path / "big.safetensors", "no bundled embeddings")
+
+
+def test_cpu_saved_diffusers_bin_with_the_whole_table_behind_its_view_is_read(tmp_path):
+    # diffusers' training script saves weight[a:b].detach().cpu(): on a CPU that is a view, and
+    # torch.save stores its whole storage, the 49,4xx x 768 table (~145 MB) behind one row.
+    table = torch.randn(49409, 768)
+    torch.save({"<birb-style>": table[49408:49409].detach().cpu()}, tmp_path / "learned_embeds.bin")
+    assert (tmp_path / "learned_embeds.bin").stat().st_size > 140 << 20
+    emb = load(tmp_path / "learned_embeds.bin")
+    assert emb.meta["token"] == "<birb-style>" and torch.equal(emb.vectors["clip"], table[49408:49409])
+    # Only the slice is kept: the tensor owns its data, 768 floats, not the table.
+    assert emb.vectors["clip"].untyped_storage().nbytes() == 768 * 4
+
+
+def test_torch_zip_bombs_and_absurd_shapes_refused(tmp_path):
+    import zipfile
+
+    # A pickle entry far beyond any embedding's (the data.pkl is what gets unpickled in memory).
+    buf = formats.torch_zip_bytes({"emb_params": vec(1, 768)})
+    with zipfile.ZipFile(io.BytesIO(buf)) as src, zipfile.ZipFile(tmp_path / "bomb.pt", "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("data.pkl"):
+                data += b"\x00" * (formats.MAX_PICKLE_BYTES + 1)
+            dst.writestr(info.filename, data)
+    expect_error(tmp_path / "bomb.pt", "its pickle is", "limit")
+    # A view that is the whole table, not a slice of it: too many vectors, refused before copying.
+    torch.save({"<x>": torch.zeros(49408, 768)}, tmp_path / "table.bin")
+    expect_error(tmp_path / "table.bin", "49408 vectors")
+    # A sparse 2 GB "zip": refused by its size, without reading it.
+    with open(tmp_path / "huge.pt", "wb") as f:
+        f.write(b"PK\x03\x04")
+        f.truncate(2 << 30)
+    expect_error(tmp_path / "huge.pt", "too large")
 
 
 def test_pixel_card_with_damaged_data(tmp_path):

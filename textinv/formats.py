@@ -15,6 +15,7 @@ import pickle
 import re
 import struct
 import warnings
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,11 @@ def short_hash(path: str | Path) -> str:
 MAX_VECTORS = 75  # A1111's limit: an embedding must fit in one 75-token prompt chunk
 MAX_WIDTH = 4096  # wider than any known text encoder: certainly not an embedding
 MAX_FILE_BYTES = 64 << 20  # bigger files are checkpoints or LoRAs: only LoRA bundles may be
+# A diffusers .bin saved on a CPU stores the whole token table behind its one-row view (SD 1.x
+# ~150 MB, SDXL clip_g ~250 MB).  Torch zips are memory-mapped and only the referenced slice is
+# read, so they may be this large; the pickle inside is what could be a bomb, and it is bounded.
+MAX_TORCH_ZIP_BYTES = 1 << 30
+MAX_PICKLE_BYTES = 4 << 20
 MAX_CARD_JSON_BYTES = 64 << 20  # bound on what a card's zlib stream may inflate to
 SDXL_WIDTHS = {"clip_l": 768, "clip_g": 1280}
 CARD_KEY = "sd-ti-embedding"
@@ -118,6 +124,10 @@ def _fail(path, problem) -> EmbeddingFileError:
 
 def _one_line(x) -> str:
     return " ".join(str(x).split())
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{n / 2**10:.0f} kB"
 
 
 class _NoCard(EmbeddingFileError):
@@ -248,7 +258,7 @@ def _read(path: Path) -> tuple[str, list[Embedding]]:
         if kind == "safetensors":
             data, st_meta = _read_safetensors(path)
         else:
-            data, st_meta = _read_pickle(path), {}
+            data, st_meta = _read_pickle(path, zipped=kind == "zip"), {}
         fmt, found = _classify_top(path, data)
         for emb in found:
             if fmt != "lora-bundle":
@@ -280,19 +290,25 @@ def _sniff(path: Path) -> str:
         kind = "safetensors"
     else:
         raise _fail(path, f"not an embedding file: unrecognised content (starts {head[:8]!r})")
-    if size > MAX_FILE_BYTES and kind != "safetensors":
-        raise _fail(path, f"{size / 2**20:.0f} MB is too large for an embedding file "
-                          f"(limit {MAX_FILE_BYTES >> 20} MB; a checkpoint or LoRA?)")
+    limit = {"safetensors": None, "zip": MAX_TORCH_ZIP_BYTES}.get(kind, MAX_FILE_BYTES)
+    if limit is not None and size > limit:
+        raise _fail(path, f"{_size(size)} is too large for an embedding file "
+                          f"(limit {_size(limit)}; a checkpoint or LoRA?)")
     return kind
 
 
-def _read_pickle(path: Path):
-    """Unpickle with the allow-list of :mod:`textinv.safe_pickle`; nothing else can run."""
+def _read_pickle(path: Path, zipped: bool):
+    """Unpickle with the allow-list of :mod:`textinv.safe_pickle`; nothing else can run.
+
+    A torch zip is memory-mapped: tensors are views of the file until :func:`_check_vectors`
+    copies the slices an embedding uses, so a small view of a huge storage costs its slice."""
+    if zipped:
+        _check_pickle_entry(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # legacy files: "source code of class ... changed"
             return torch.load(path, map_location="cpu", pickle_module=safe_pickle,
-                              weights_only=False)
+                              weights_only=False, mmap=zipped)
     except pickle.UnpicklingError as err:
         if "never allowed" in str(err):
             raise _fail(path, f"not an embedding file: {err}") from None
@@ -300,6 +316,20 @@ def _read_pickle(path: Path):
     except Exception as err:  # torch raises RuntimeError, EOFError, ... for damaged files
         problem = f"corrupt or truncated torch file ({type(err).__name__}: {err})"
         raise _fail(path, problem) from None
+
+
+def _check_pickle_entry(path: Path) -> None:
+    """A torch zip's pickle (the only part that is not raw tensor data) must be small."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            pickles = [i for i in z.infolist() if i.filename.endswith("/data.pkl")]
+    except (zipfile.BadZipFile, OSError) as err:
+        raise _fail(path, f"corrupt or truncated torch file ({err})") from None
+    if len(pickles) != 1:
+        raise _fail(path, "corrupt torch file: no data.pkl entry (or several)")
+    if pickles[0].file_size > MAX_PICKLE_BYTES:
+        raise _fail(path, f"its pickle is {_size(pickles[0].file_size)}; an embedding's is a few kB "
+                          f"(limit {_size(MAX_PICKLE_BYTES)})")
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict]:
@@ -312,7 +342,7 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
             wanted = [k for k in keys if k.startswith("bundle_emb.")]
             if not wanted:
                 if size > MAX_FILE_BYTES:
-                    raise _fail(path, f"{size / 2**20:.0f} MB file with {len(keys)} tensors and "
+                    raise _fail(path, f"{_size(size)} file with {len(keys)} tensors and "
                                       "no bundled embeddings: not an embedding (a checkpoint or "
                                       "LoRA?)")
                 wanted = keys
@@ -440,7 +470,10 @@ def _check_vectors(path, vectors: dict, where: str = "") -> dict[str, torch.Tens
         if not bool(torch.isfinite(t).all()):
             raise _fail(path, f"{label}tensor contains NaN or infinite values (a diverged "
                               "training run?)")
-        out[key] = t.detach().to("cpu").contiguous()
+        t = t.detach().to("cpu")
+        # Own the data: a view of a larger (maybe memory-mapped) storage keeps all of it alive.
+        own = t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        out[key] = t if own else t.clone(memory_format=torch.contiguous_format)
     if set(out) == set(SDXL_KEYS):
         _check_sdxl_widths(path, int(out["clip_l"].shape[1]), int(out["clip_g"].shape[1]), where)
         if out["clip_l"].shape[0] != out["clip_g"].shape[0]:
@@ -712,11 +745,30 @@ def _canonical_safetensors(blob: bytes) -> bytes:
 
 
 def _write_torch(path: Path, obj) -> None:
-    # Saved to memory first: torch names the zip's root folder after the file, and the atomic
-    # write's temporary name would otherwise make every file's bytes different.
+    write_bytes(path, torch_zip_bytes(obj))
+
+
+def torch_zip_bytes(obj) -> bytes:
+    """``torch.save``'s zip, holding only the entries every AUTOMATIC1111 release accepts.
+
+    A1111's safe unpickler refuses a zip with any entry but ``data.pkl``, ``version`` and
+    ``data/<n>`` (newer releases also allow ``byteorder`` and ``.data/serialization_id``); recent
+    torch adds ``.format_version`` and ``.storage_alignment``, so its plain output is refused as
+    "possibly malicious".  ``torch.load`` reads the reduced zip as before (a missing byte order
+    means little-endian, the only one torch writes).  Saved to memory first: torch names the
+    zip's root folder after the file, and a temporary name would make every file's bytes
+    differ; fixed timestamps keep the bytes (and A1111's hash) the same run after run.
+    """
     buf = io.BytesIO()
     torch.save(obj, buf)
-    write_bytes(path, buf.getvalue())
+    out = io.BytesIO()
+    with zipfile.ZipFile(buf) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            root, _, entry = info.filename.partition("/")
+            if entry in ("data.pkl", "version") or re.fullmatch(r"data/\d+", entry):
+                dst.writestr(zipfile.ZipInfo(f"{root}/{entry}", date_time=(1980, 1, 1, 0, 0, 0)),
+                             src.read(info))
+    return out.getvalue()
 
 
 def _single(path: Path, emb: Embedding, fmt: str) -> torch.Tensor:
@@ -793,9 +845,10 @@ def _save_sdxl(emb: Embedding, path: Path, preview) -> None:
 
 def _save_png(emb: Embedding, path: Path, preview) -> None:
     """An A1111 card: the JSON in a tEXt chunk and, zlib-compressed, in the pixel blocks."""
-    if emb.is_sdxl:  # A1111 reads a card dict like a .pt dict: clip_l + clip_g works too
+    if emb.is_sdxl:
+        # A1111 reads a card like a .pt dict, and its SDXL branch detaches every value: anything
+        # beside the two tensors (a name, a step, a None) makes it fail.  The name is the file's.
         data = {k: emb.vectors[k] for k in SDXL_KEYS}
-        data.update({k: v for k, v in _a1111_dict(emb, None).items() if "string_to" not in k})
     else:
         data = _a1111_dict(emb, emb.vectors[SINGLE_KEY])
     text = json.dumps(data, default=_tensor_json).encode("utf-8")
