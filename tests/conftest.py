@@ -25,14 +25,21 @@ def tokenizer(pad: str = "<|endoftext|>"):
     return CLIPTokenizer.from_pretrained(TOKENIZER, pad_token=pad)
 
 
-def text_encoder(width: int, projection: bool = False, seed: int = 0):
+# The token ids real checkpoints' text encoder configs carry: SD 1.5, SD 2.x and SDXL base 1.0 say
+# bos 0, eos 2, pad 1 (legacy values; transformers then pools at argmax(input_ids)); configs written
+# since transformers' fix carry the tokenizer's real ids.
+LEGACY_IDS = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1)
+FIXED_IDS = dict(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+
+
+def text_encoder(width: int, projection: bool = False, seed: int = 0, legacy: bool = True, layers: int = 2):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(
-        vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
         num_attention_heads=4, max_position_embeddings=77, projection_dim=width,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        **(LEGACY_IDS if legacy else FIXED_IDS),
     )
     model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
     return model.eval()
@@ -48,7 +55,7 @@ def _vae():
     )
 
 
-def make_sd(width: int = 32):
+def make_sd(width: int = 32, legacy: bool = True):
     """A tiny SD 1.x-shaped pipeline; ``width`` 768 / 1024 mimics SD 1.x / SD 2.x text encoders."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -59,14 +66,15 @@ def make_sd(width: int = 32):
         cross_attention_dim=width, attention_head_dim=4, norm_num_groups=8,
     )
     pipe = StableDiffusionPipeline(
-        vae=_vae(), text_encoder=text_encoder(width), tokenizer=tokenizer(), unet=unet,
+        vae=_vae(), text_encoder=text_encoder(width, legacy=legacy), tokenizer=tokenizer(), unet=unet,
         scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def make_sdxl(width_l: int = 32, width_g: int = 48):
+def make_sdxl(width_l: int = 32, width_g: int = 48, legacy: bool = True):
+    """A tiny SDXL pipeline configured like SDXL base 1.0: legacy encoder ids, tokenizer_2 pads with "!"."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -80,7 +88,8 @@ def make_sdxl(width_l: int = 32, width_g: int = 48):
         norm_num_groups=8,
     )
     pipe = StableDiffusionXLPipeline(
-        vae=_vae(), text_encoder=text_encoder(width_l), text_encoder_2=text_encoder(width_g, projection=True, seed=1),
+        vae=_vae(), text_encoder=text_encoder(width_l, legacy=legacy),
+        text_encoder_2=text_encoder(width_g, projection=True, seed=1, legacy=legacy),
         tokenizer=tokenizer(), tokenizer_2=tokenizer(pad="!"), unet=unet, scheduler=EulerDiscreteScheduler(),
     )
     pipe.set_progress_bar_config(disable=True)

@@ -87,6 +87,7 @@ class _Encoder:
     text_encoder: nn.Module
     base: nn.Module  # the original embedding module, put back by remove()
     variants: "_TokenizerStates"  # the pristine tokenizer state and ready-made ones with triggers added
+    pooling_fix: object = None  # the forward hook of pool_at_end_token while triggers are applied
 
     @property
     def width(self) -> int:
@@ -164,7 +165,7 @@ class TriggerState:
         for enc in self.encoders:
             enc.variants.switch(enc.tokenizer, [t for a in keep for t in a.tokens])
             if not keep:
-                enc.text_encoder.set_input_embeddings(enc.base)
+                self._uninstall(enc)
                 continue
             self._install(enc, keep, _rows(enc, keep))
         self.applied = {a.embedding.name.lower(): a for a in keep}
@@ -176,6 +177,15 @@ class TriggerState:
         device = next(enc.base.parameters()).device
         ids = enc.tokenizer.convert_tokens_to_ids([t for a in applied for t in a.tokens])
         enc.text_encoder.set_input_embeddings(TriggerEmbedding(enc.base, extra.to(device), ids))
+        if enc.pooling_fix is None:
+            enc.pooling_fix = pool_at_end_token(enc.text_encoder, int(enc.base.num_embeddings))
+
+    @staticmethod
+    def _uninstall(enc: _Encoder) -> None:
+        enc.text_encoder.set_input_embeddings(enc.base)
+        if enc.pooling_fix is not None:
+            enc.pooling_fix.remove()
+            enc.pooling_fix = None
 
     def _unique(self, tokens: list[str]) -> list[str]:
         taken = {t for a in self.applied.values() for t in a.tokens}
@@ -310,6 +320,40 @@ class _TokenizerStates:
         vars(tokenizer).clear()
         vars(tokenizer).update(state)
         self.current = key
+
+
+def pool_at_end_token(text_encoder: nn.Module, vocab_size: int):
+    """Make a legacy-configured CLIP pool at the end token even when trigger tokens are present.
+
+    Why: the configs of SDXL base 1.0 and many SD checkpoints say ``eos_token_id: 2`` (a legacy
+    value), and transformers' CLIP then takes the pooled output at ``argmax(input_ids)``: the end
+    token only while every id is in the vocabulary.  Trigger tokens have ids above it, so the
+    trigger would become the pooled position, and SDXL (whose UNet takes the second encoder's
+    pooled output) would be conditioned unlike in AUTOMATIC1111 and ComfyUI, which splice vectors
+    at in-vocabulary ids.  The hook re-takes the pooled state where in-vocabulary ids put it:
+    the argmax with trigger ids left out (the first end token).  Hidden states are untouched;
+    configs with the fixed ``eos_token_id`` pool at the first end token already and get no hook.
+    Returns the hook's handle, or None.
+    """
+    model = next((m for m in text_encoder.modules()
+                  if getattr(m, "eos_token_id", None) == 2 and hasattr(m, "final_layer_norm")), None)
+    if model is None:
+        return None
+
+    def hook(module, args, kwargs, output):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None or not bool((ids >= vocab_size).any()):
+            return output
+        ids = ids.reshape(-1, ids.shape[-1])
+        hidden = output[0]
+        where = torch.where(ids >= vocab_size, -1, ids).argmax(dim=-1).to(hidden.device)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), where]
+        if isinstance(output, tuple):
+            return (output[0], pooled, *output[2:])
+        output.pooler_output = pooled
+        return output
+
+    return model.register_forward_hook(hook, with_kwargs=True)
 
 
 def _rows(enc: _Encoder, applied: list[Applied]) -> torch.Tensor:
