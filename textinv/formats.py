@@ -787,6 +787,11 @@ def _save_diffusers(emb: Embedding, path: Path, preview) -> None:
                                {"format": "pt", **_carried_metadata(emb)})
         return
     tensor = _single(path, emb, "diffusers")
+    if tensor.shape[0] == 1:
+        # One vector is stored 1-D, [D], as diffusers' older files do: every reader takes that
+        # (diffusers, A1111 and kohya unsqueeze it), while InvokeAI's model probe reads the width
+        # of a single-key file from shape[0] and so refuses a [1, D] file.
+        tensor = tensor[0]
     if path.suffix.lower() == ".bin":
         _write_torch(path, {emb.name: tensor})
     else:
