@@ -136,7 +136,21 @@ def fill_template(template: str, name: str, words: str) -> str:
 
 
 # ------------------------------------------------------------------------------ augmentation
-def variants(img: Image.Image, resolution: int, *, crops: int = 1, flip: bool = True, seed: int = 0) -> list[Image.Image]:
+@dataclass
+class View:
+    """One square training view and where it came from, as SDXL's size/crop conditioning needs it.
+
+    ``original_size`` is the source image's (height, width); ``crop_top_left`` the view's (top,
+    left) corner in the source scaled to the training size, as diffusers' SDXL scripts and kohya
+    pass them: a view cut from a small photo says it was upscaled, a side crop says it is one.
+    """
+
+    image: Image.Image
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+
+
+def views(img: Image.Image, resolution: int, *, crops: int = 1, flip: bool = True, seed: int = 0) -> list[View]:
     """Square training views of one image: a centre crop, ``crops - 1`` random crops, and mirrors.
 
     Views are fixed up front (seeded) so that their latents can be computed once and cached.
@@ -151,10 +165,16 @@ def variants(img: Image.Image, resolution: int, *, crops: int = 1, flip: bool = 
     out = []
     for x, y, s in boxes:
         view = img.crop((x, y, x + s, y + s)).resize((resolution, resolution), Image.Resampling.LANCZOS)
-        out.append(view)
-        if flip:
-            out.append(ImageOps.mirror(view))
+        k = resolution / s  # source pixels -> training pixels
+        out.append(View(view, (h, w), (round(y * k), round(x * k))))
+        if flip:  # the mirror image of the source, cut at the mirrored place
+            out.append(View(ImageOps.mirror(view), (h, w), (round(y * k), round((w - x - s) * k))))
     return out
+
+
+def variants(img: Image.Image, resolution: int, *, crops: int = 1, flip: bool = True, seed: int = 0) -> list[Image.Image]:
+    """The images of :func:`views`."""
+    return [v.image for v in views(img, resolution, crops=crops, flip=flip, seed=seed)]
 
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
@@ -174,8 +194,23 @@ def encode_latents(vae, pixels: torch.Tensor, batch: int = 16) -> tuple[torch.Te
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     means, stds = [], []
     param = next(vae.parameters())
-    for i in range(0, len(pixels), batch):
-        dist = vae.encode(pixels[i : i + batch].to(param.device, param.dtype)).latent_dist
-        means.append(((dist.mean - shift) * scale).float().cpu())
-        stds.append((dist.std * scale).float().cpu())
-    return torch.cat(means), torch.cat(stds)
+    # A VAE whose config says force_upcast (SDXL's, and diffusers' default) overflows in float16:
+    # encode in float32, as the pipelines decode, and put it back afterwards.
+    upcast = param.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        dtype = next(vae.parameters()).dtype
+        for i in range(0, len(pixels), batch):
+            dist = vae.encode(pixels[i : i + batch].to(param.device, dtype)).latent_dist
+            means.append(((dist.mean - shift) * scale).float().cpu())
+            stds.append((dist.std * scale).float().cpu())
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+    mean, std = torch.cat(means), torch.cat(stds)
+    if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+        why = "the VAE weights or images hold NaN" if dtype == torch.float32 else \
+            f"the VAE overflows in {str(dtype).removeprefix('torch.')}: use --precision fp32"
+        raise TextinvError(f"the VAE gave NaN/inf latents for the training images ({why})")
+    return mean, std

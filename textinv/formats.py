@@ -113,7 +113,7 @@ SAVE_FORMATS = ("diffusers", "a1111", "kohya", "sdxl", "png")
 CANDIDATE_SUFFIXES = {".pt", ".bin", ".safetensors", ".ckpt", ".png", ".webp"}
 DIFFUSERS_SDXL_STEMS = ("learned_embeds", "learned_embeds_2")  # 768-wide, then 1280-wide
 # Meta keys carried through every format that can hold them (safetensors metadata as textinv.*).
-CARRIED_META = ("step", "sd_checkpoint", "sd_checkpoint_name", "init_text")
+CARRIED_META = ("step", "sd_checkpoint", "sd_checkpoint_name", "init_text", "clip_skip")
 _XTI_KEY = re.compile(r"^(IN\d\d|MID|OUT\d\d)$")
 
 
@@ -807,6 +807,9 @@ def _a1111_dict(emb: Embedding, tensor) -> dict:
         "step": int(emb.meta.get("step") or 0),
         "sd_checkpoint": emb.meta.get("sd_checkpoint"),
         "sd_checkpoint_name": emb.meta.get("sd_checkpoint_name"),
+        # Not A1111's, and ignored by every reader (they take string_to_param): the Clip skip the
+        # embedding was trained with, when it was not 1.
+        **({"clip_skip": int(emb.meta["clip_skip"])} if (emb.meta.get("clip_skip") or 1) != 1 else {}),
     }
 
 

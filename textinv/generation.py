@@ -15,9 +15,14 @@ DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 4.0
 
 
+def clip_skip_kwargs(clip_skip: int) -> dict:
+    """A1111's "Clip skip: N" as a diffusers pipeline call takes it (its ``clip_skip`` counts from 0)."""
+    return {"clip_skip": clip_skip - 1} if clip_skip > 1 else {}
+
+
 @torch.no_grad()
 def images(pipe, prompts: list[str], *, seed: int = 0, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
-           negative: str | None = None, batch: int = 32, progress: bool = False) -> list[Image.Image]:
+           negative: str | None = None, batch: int = 32, progress: bool = False, clip_skip: int = 1) -> list[Image.Image]:
     """One image per prompt; image ``i`` always uses seed ``seed + i``, whatever the batching."""
     from tqdm.auto import tqdm
 
@@ -27,7 +32,8 @@ def images(pipe, prompts: list[str], *, seed: int = 0, steps: int = DEFAULT_STEP
         chunk = prompts[i : i + batch]
         gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
         neg = [negative] * len(chunk) if negative else None
-        out += pipe(chunk, negative_prompt=neg, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
+        out += pipe(chunk, negative_prompt=neg, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                    **clip_skip_kwargs(clip_skip)).images
         bar.update(len(chunk))
     bar.close()
     return out

@@ -160,18 +160,40 @@ class Encoded:
     pooled: torch.Tensor | None  # [1, P] for SDXL
 
 
-def _run(text_encoder, ids: torch.Tensor, sdxl: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def check_clip_skip(pipe, clip_skip: int) -> int:
+    """``clip_skip`` if this model can use it, else a one-line TextinvError naming the limit."""
+    pairs = tokens.encoder_pairs(pipe)
+    if len(pairs) == 2 and clip_skip != 1:
+        raise TextinvError(f"--clip-skip {clip_skip}: SDXL already takes its encoders' penultimate layer; "
+                           "A1111 ignores Clip skip for SDXL at its default settings (use 1)")
+    layers = int(pairs[0][1].config.num_hidden_layers)
+    if not 1 <= clip_skip <= layers:
+        raise TextinvError(f"--clip-skip {clip_skip}: must be between 1 and {layers} (this text encoder's layers)")
+    return clip_skip
+
+
+def run_encoder(text_encoder, ids: torch.Tensor, sdxl: bool, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The hidden states a prompt gives (and SDXL's pooled embedding): the one definition.
+
+    SD 1.x/2.x: the last layer, or with A1111's "Clip skip: N" the hidden state N-1 layers before
+    it, passed through the final layer norm.  SDXL: the penultimate layer, as its pipelines take
+    it, and the projected pooled output (at the end token; see tokens.pool_at_end_token).
+    """
     if sdxl:
         out = text_encoder(ids, output_hidden_states=True)
         return out.hidden_states[-2], out[0]
     mask = None
     if getattr(text_encoder.config, "use_attention_mask", False):
         mask = torch.ones_like(ids)
-    return text_encoder(ids, attention_mask=mask)[0], None
+    if clip_skip == 1:
+        return text_encoder(ids, attention_mask=mask)[0], None
+    out = text_encoder(ids, attention_mask=mask, output_hidden_states=True)
+    model = getattr(text_encoder, "text_model", text_encoder)  # transformers 4.x nests it
+    return model.final_layer_norm(out.hidden_states[-clip_skip]), None
 
 
 @torch.no_grad()
-def encode(pipe, parsed: Parsed) -> Encoded:
+def encode(pipe, parsed: Parsed, clip_skip: int = 1) -> Encoded:
     """Prompt embeddings for ``prompt_embeds=`` (and ``pooled_prompt_embeds=`` on SDXL)."""
     pairs = tokens.encoder_pairs(pipe)
     sdxl = len(pairs) == 2
@@ -180,7 +202,7 @@ def encode(pipe, parsed: Parsed) -> Encoded:
         device = te.device
         states = []
         for j, (ids, weights) in enumerate(chunks(parsed, tok)):
-            z, pool = _run(te, torch.tensor([ids], device=device), sdxl)
+            z, pool = run_encoder(te, torch.tensor([ids], device=device), sdxl, clip_skip)
             if any(w != 1.0 for w in weights):
                 w = torch.tensor(weights, device=device, dtype=z.dtype).view(1, -1, 1)
                 before = z.float().mean()

@@ -26,14 +26,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data, formats, tokens
+from . import data, formats, generation, prompts, tokens
 from .atomic import atomic_path, write_text
 from .errors import TextinvError
 from .formats import Embedding
-from .models import load_pipeline
+from .models import DTYPES, load_pipeline
 
 MODES = ("object", "style", "replace")
 STATE_FILE = "state.pt"
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what a scheduler config may say the UNet predicts
+MAX_SKIPPED_STEPS = 25  # fp16: this many overflowing steps in a row is not a transient, it is the model
 
 
 class TrainingDiverged(TextinvError):
@@ -60,8 +62,9 @@ class TrainConfig:
     crops: int = 1  # views per image: centre crop + (crops - 1) random crops
     flip: bool = True
     seed: int = 0
-    precision: str = "fp32"
-    grad_checkpointing: bool = False
+    precision: str = "fp32"  # of the frozen model; the learned vectors and their optimizer stay fp32
+    clip_skip: int = 1  # A1111's "Clip skip" (SD 1.x/2.x): 2 = the penultimate layer, as many fine-tunes need
+    grad_checkpointing: bool = False  # the UNet's (frozen text encoders run in eval mode, where it is a no-op)
     compile: bool = False
     weight_decay: float = 0.0
     save_every: int = 0  # 0: only the final embedding
@@ -161,7 +164,7 @@ class PromptTable:
     but without tokenizing, twice, every prompt of every step.
     """
 
-    def __init__(self, pipe, templates: list[str], token: str, captions: list[str]):
+    def __init__(self, pipe, templates: list[str], token: str, captions: list[str], clip_skip: int = 1):
         self.captions = sorted(set(captions))
         self.caption_of = torch.tensor([self.captions.index(c) for c in captions])
         filled = [data.fill_template(t, token, c) for t in templates for c in self.captions]
@@ -172,6 +175,7 @@ class PromptTable:
         self.shape = (len(templates), len(self.captions))
         self.encoders = [te for _, te in tokens.encoder_pairs(pipe)]
         self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        self.clip_skip = clip_skip
         self.ids = []
         for tok, _ in tokens.encoder_pairs(pipe):
             ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -192,10 +196,8 @@ class PromptTable:
         return hidden, pooled
 
     def _run(self, rows):
-        if not self.sdxl:
-            return self.encoders[0](rows[0])[0], None
-        outs = [te(r, output_hidden_states=True) for te, r in zip(self.encoders, rows)]
-        return torch.cat([o.hidden_states[-2] for o in outs], dim=-1), outs[-1][0]
+        outs = [prompts.run_encoder(te, r, self.sdxl, self.clip_skip) for te, r in zip(self.encoders, rows)]
+        return torch.cat([hidden for hidden, _ in outs], dim=-1), outs[-1][1]
 
 
 def guided(unet, pred, noisy, t, uncond, scale: float, kwargs: dict) -> torch.Tensor:
@@ -212,6 +214,63 @@ def guided(unet, pred, noisy, t, uncond, scale: float, kwargs: dict) -> torch.Te
     with torch.no_grad():
         base = unet(noisy, t, hidden.expand(len(noisy), -1, -1), **extra).sample
     return base + scale * (pred - base)
+
+
+def prediction_target(noise_scheduler, latents, noise, t) -> torch.Tensor:
+    """What the UNet is trained to predict, as its scheduler config says (ε, v or x₀)."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, t)
+    if kind == "sample":
+        return latents
+    raise TextinvError(f"the model's scheduler says prediction_type {kind!r}; textinv trains "
+                       f"{', '.join(PREDICTION_TYPES)} models")
+
+
+def denoising_loss(unet, noise_scheduler, latents, noise, t, hidden, added_cond=None, uncond=None,
+                   guidance: float = 1.0) -> torch.Tensor:
+    """The step's loss: noise the latents (DDPM), predict, mean squared error to the target.
+
+    The same math as the established recipe (diffusers' and A1111's trainers); tests check it
+    against a plain implementation.  ``added_cond``: SDXL's pooled text embedding and time ids.
+    """
+    dev, dtype = hidden.device, unet.dtype
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    target = prediction_target(noise_scheduler, latents, noise, t)
+    noisy, t = noisy.to(dev, dtype), t.to(dev)
+    kwargs = {"added_cond_kwargs": added_cond} if added_cond is not None else {}
+    pred = unet(noisy, t, hidden.to(dtype), **kwargs).sample
+    if uncond is not None:
+        pred = guided(unet, pred, noisy, t, uncond, guidance, kwargs)
+    return F.mse_loss(pred.float(), target.to(dev).float())
+
+
+def view_time_ids(pipe, views: list, resolution: int) -> torch.Tensor | None:
+    """SDXL's micro-conditioning per view: (original size, crop top-left, target size); None for SD."""
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return None
+    dim = pipe.text_encoder_2.config.projection_dim
+    rows = [pipe._get_add_time_ids(v.original_size, v.crop_top_left, (resolution, resolution), dtype=torch.float32,
+                                   text_encoder_projection_dim=dim) for v in views]
+    return torch.cat(rows)
+
+
+def _diverged(step: int, params, last_good, fp16: bool, table_norm: float) -> TrainingDiverged:
+    """Name the real cause of a NaN/inf: the vectors, or the half-precision forward pass."""
+    where = f"last good embedding: {last_good or 'none saved yet'}"
+    if not all(torch.isfinite(p).all() for p in params):
+        return TrainingDiverged(f"step {step}: the vectors became NaN/inf (learning rate too high?); {where}")
+    norm = max(float(p.detach().norm(dim=-1).max()) for p in params)
+    if norm > 100 * table_norm:
+        return TrainingDiverged(f"step {step}: the loss became NaN/inf with vectors of norm {norm:.3g} (the vocabulary's "
+                                f"are ~{table_norm:.2g}): the learning rate is too high; {where}")
+    if fp16:
+        return TrainingDiverged(f"step {step}: the loss became NaN/inf in the float16 forward pass with ordinary vectors "
+                                f"(norm {norm:.3g}): the model overflows in half precision; use --precision bf16 or fp32; {where}")
+    return TrainingDiverged(f"step {step}: the loss became NaN/inf with ordinary vectors (norm {norm:.3g}): the model "
+                            f"weights or the training images hold NaN/inf; {where}")
 
 
 # ------------------------------------------------------------------------------------ train
@@ -234,6 +293,8 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
         raise TextinvError(f"--format {cfg.format!r}: choose one of {', '.join(formats.SAVE_FORMATS)}")
     if not (math.isfinite(cfg.guidance) and cfg.guidance >= 1.0):
         raise TextinvError(f"--guidance {cfg.guidance}: must be a number >= 1 (1: the plain conditional loss)")
+    if cfg.precision not in DTYPES:
+        raise TextinvError(f"--precision {cfg.precision!r}: choose one of {', '.join(DTYPES)}")
     schedule = parse_lr(cfg.lr)
     templates = data.load_templates(cfg.templates or ("style" if cfg.mode == "style" else "object"))
     out = cfg.resolved_out()
@@ -252,18 +313,25 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
 
     # -- the model, frozen ---------------------------------------------------------------
     if pipe is None:
+        if cfg.precision == "fp16" and dist.device.type == "cpu":
+            raise TextinvError("--precision fp16: half precision is for GPUs; on a CPU it runs tens of times slower "
+                               "than fp32 (use fp32, or bf16 to halve memory)")
         pipe = load_pipeline(cfg.model, dtype=cfg.precision, device=str(dist.device), config=cfg.model_config)
     for module in (pipe.unet, pipe.vae, *[te for _, te in tokens.encoder_pairs(pipe)]):
         module.requires_grad_(False)
         module.eval()
-    if cfg.grad_checkpointing:
+    prompts.check_clip_skip(pipe, cfg.clip_skip)
+    if cfg.grad_checkpointing:  # works in eval mode for diffusers' UNet (transformers' encoders need train mode)
         pipe.unet.enable_gradient_checkpointing()
-        for _, te in tokens.encoder_pairs(pipe):
-            te.gradient_checkpointing_enable()
     unet = torch.compile(pipe.unet) if cfg.compile else pipe.unet
     from diffusers import DDPMScheduler
 
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    # The pipeline's prediction type, said explicitly: from_config drops values a config only
+    # holds as defaults of another scheduler class.
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config,
+                                                prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"))
+    if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
+        prediction_target(noise_scheduler, None, None, None)  # raises, naming the type
     t_low, t_high = parse_timesteps(cfg.timesteps, noise_scheduler.config.num_train_timesteps)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     resolution = cfg.resolution or int(pipe.unet.config.sample_size) * vae_scale
@@ -271,10 +339,10 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
     # -- images → cached latent distributions ------------------------------------------------
     views, captions = [], []
     for i, item in enumerate(images):
-        vs = data.variants(item.image, resolution, crops=cfg.crops, flip=cfg.flip, seed=cfg.seed * 1000 + i)
+        vs = data.views(item.image, resolution, crops=cfg.crops, flip=cfg.flip, seed=cfg.seed * 1000 + i)
         views += vs
         captions += [item.caption] * len(vs)
-    lat_mean, lat_std = data.encode_latents(pipe.vae, data.to_tensor(views))
+    lat_mean, lat_std = data.encode_latents(pipe.vae, data.to_tensor([v.image for v in views]))
 
     # -- the new word --------------------------------------------------------------------
     emb = _new_embedding(pipe, cfg)
@@ -288,10 +356,15 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
         module.extra.requires_grad_(True)
         params.append(module.extra)
     optimizer = torch.optim.AdamW(params, lr=lr_at(schedule, 0), weight_decay=cfg.weight_decay)
+    # float16 gradients below ~6e-8 vanish: scale the loss up (dynamically; a step whose gradients
+    # overflow is skipped and the scale lowered), as the established trainers do.  The vectors and
+    # AdamW's state are float32 throughout; bf16 has float32's range and needs no scaling.
+    fp16 = pipe.unet.dtype == torch.float16
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=fp16)
 
     start = 0
     if cfg.resume and (out / STATE_FILE).exists():
-        start = _load_state(out / STATE_FILE, cfg, params, optimizer)
+        start = _load_state(out / STATE_FILE, cfg, params, optimizer, scaler)
 
     config_json = dict(dataclasses.asdict(cfg), resolution=resolution, init=emb.meta["init_text"],
                        templates_used=templates, images_used=[str(i.path) for i in images], views=len(views))
@@ -299,13 +372,11 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
         write_text(out / "config.json", json.dumps(config_json, indent=2, default=str))
 
     # -- the loop --------------------------------------------------------------------------
-    prompt_table = PromptTable(pipe, templates, cfg.token, captions)
-    added = None
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        added = pipe._get_add_time_ids((resolution, resolution), (0, 0), (resolution, resolution), dtype=pipe.unet.dtype,
-                                       text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    prompt_table = PromptTable(pipe, templates, cfg.token, captions, cfg.clip_skip)
+    time_ids = view_time_ids(pipe, views, resolution)
     # diffusers' .device/.dtype walk every module (milliseconds per call): look them up once.
     dev, dtype = pipe.unet.device, pipe.unet.dtype
+    table_norm = float(state.encoders[0].base.weight.detach().float().norm(dim=-1).mean())
     uncond = None
     if cfg.guidance > 1:  # the empty prompt's branch is frozen: encode it once
         empty, empty_pooled = prompt_table.unconditional(pipe, dev)
@@ -314,6 +385,7 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
     t0, smoothed, loss_value = time.perf_counter(), None, float("nan")
     last_step = cfg.steps
     last_good = None
+    skipped_in_a_row = 0
     for step in range(start, cfg.steps):
         lr = lr_at(schedule, step)
         for group in optimizer.param_groups:
@@ -326,49 +398,41 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
             latents = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)
             noise = torch.randn(latents.shape, generator=g)
             t = torch.randint(t_low, t_high, (cfg.batch,), generator=g)
-            noisy = noise_scheduler.add_noise(latents, noise, t)
-            if noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, t)
-            else:
-                target = noise
             hidden, pooled = prompt_table.encode(which, idx, dev)
-            kwargs = {}
-            if pooled is not None:
-                kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": added.repeat(cfg.batch, 1).to(dev)}
-            noisy, t = noisy.to(dev, dtype), t.to(dev)
-            pred = unet(noisy, t, hidden.to(dtype), **kwargs).sample
-            if uncond is not None:
-                pred = guided(unet, pred, noisy, t, uncond, cfg.guidance, kwargs)
-            loss = F.mse_loss(pred.float(), target.to(dev).float())
-            if not torch.isfinite(loss):
-                what = "NaN" if torch.isnan(loss) else "infinite"
-                raise TrainingDiverged(f"step {step + 1}: the loss became {what} (learning rate too high?); "
-                                       f"last good embedding: {last_good or 'none saved yet'}")
-            (loss / cfg.grad_accum).backward()
+            added = None if pooled is None else {"text_embeds": pooled, "time_ids": time_ids[idx].to(dev, dtype)}
+            loss = denoising_loss(unet, noise_scheduler, latents, noise, t, hidden, added, uncond, cfg.guidance)
+            if not torch.isfinite(loss) and not fp16:  # fp16: an overflow is the scaler's to skip
+                raise _diverged(step + 1, params, last_good, fp16, table_norm)
+            scaler.scale(loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
         if dist.num_processes > 1:  # data-parallel: average the (tiny) gradients and the loss over processes
+            from accelerate.utils import reduce
+
             for p in params:
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= dist.num_processes
-            mean_loss = torch.tensor([total])
-            torch.distributed.all_reduce(mean_loss)
-            total = mean_loss.item() / dist.num_processes
-        optimizer.step()
+                p.grad = reduce(p.grad, reduction="mean")
+            total = reduce(torch.tensor([total], device=dist.device), reduction="mean").item()
+        scale = scaler.get_scale() if fp16 else 1.0
+        scaler.step(optimizer)  # without fp16: optimizer.step(); with it: unscale, skip if inf/NaN
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        if not all(torch.isfinite(p).all() for p in params):
-            raise TrainingDiverged(f"step {step + 1}: the vectors became NaN/inf (learning rate too high?); "
-                                   f"last good embedding: {last_good or 'none saved yet'}")
+        skipped = fp16 and scaler.get_scale() < scale
+        skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+        if skipped_in_a_row >= MAX_SKIPPED_STEPS or not all(torch.isfinite(p).all() for p in params):
+            raise _diverged(step + 1, params, last_good, fp16, table_norm)
         loss_value = total
         smoothed = total if smoothed is None else 0.95 * smoothed + 0.05 * total
         done = step + 1
         if not main_process:
             continue
-        _log(out, {"step": done, "loss": round(total, 6), "lr": lr, "seconds": round(time.perf_counter() - t0, 3)})
+        record = {"step": done, "loss": round(total, 6), "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
+        if fp16:
+            record |= {"loss_scale": scale, "skipped": skipped}
+        _log(out, record)
         progress.update(1)
         progress.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.2g}", refresh=False)  # the bar redraws on its own clock
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
             last_good = _save(out, pipe, applied, cfg, done, suffix=f"-{done}", subdir="embeddings")
-            _save_state(out / STATE_FILE, cfg, params, optimizer, done)
+            _save_state(out / STATE_FILE, cfg, params, optimizer, done, scaler)
             if on_save is not None and on_save(done, last_good):
                 last_step = done
                 break
@@ -384,7 +448,7 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
     path = out / f"{_file_stem(cfg.token)}{_suffix(cfg.format, final)}"
     if main_process:
         formats.save(final, path, cfg.format)
-        _save_state(out / STATE_FILE, cfg, params, optimizer, last_step)
+        _save_state(out / STATE_FILE, cfg, params, optimizer, last_step, scaler)
     for p in params:
         p.requires_grad_(False)
     if dist.num_processes > 1:
@@ -411,6 +475,8 @@ def _new_embedding(pipe, cfg: TrainConfig) -> Embedding:
     init = cfg.init if cfg.init is not None else (cfg.token if cfg.mode == "replace" else "*")
     vectors = {enc.slot: init_vectors(enc.tokenizer, enc.base.weight, init, cfg.vectors) for enc in state.encoders}
     meta = {"step": 0, "init_text": init, "mode": cfg.mode, "sd_checkpoint_name": str(cfg.model or "mini"), "sd_checkpoint": None}
+    if cfg.clip_skip > 1:  # the embedding is meant to be used with the same Clip skip
+        meta["clip_skip"] = cfg.clip_skip
     return Embedding(cfg.token, vectors, meta=meta)
 
 
@@ -436,25 +502,27 @@ def _save(out: Path, pipe, applied, cfg, step: int, suffix: str, subdir: str) ->
     return formats.save(emb, path, cfg.format)
 
 
-def _save_state(path: Path, cfg: TrainConfig, params, optimizer, step: int) -> None:
+def _save_state(path: Path, cfg: TrainConfig, params, optimizer, step: int, scaler) -> None:
     with atomic_path(path) as tmp:
         torch.save({"step": step, "params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
-                    "identity": _identity(cfg)}, tmp)
+                    "scaler": scaler.state_dict(), "identity": _identity(cfg)}, tmp)
 
 
 def _identity(cfg: TrainConfig) -> dict:
     """What must not change between a run and its resumption."""
     keep = ("images", "token", "model", "init", "vectors", "mode", "templates", "lr", "batch", "grad_accum", "timesteps", "guidance",
-            "resolution", "crops", "flip", "seed", "precision", "weight_decay")
+            "resolution", "crops", "flip", "seed", "precision", "clip_skip", "weight_decay")
     return {k: str(getattr(cfg, k)) for k in keep}
 
 
-def _load_state(path: Path, cfg: TrainConfig, params, optimizer) -> int:
+def _load_state(path: Path, cfg: TrainConfig, params, optimizer, scaler) -> int:
     try:
         st = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise TextinvError(f"{path}: cannot resume from this state file ({type(e).__name__}: {e})") from None
-    changed = {k: (v, _identity(cfg).get(k)) for k, v in st["identity"].items() if _identity(cfg).get(k) != v}
+    # A state from before a setting existed was made with its default.
+    defaults = {"clip_skip": "1"}
+    changed = {k: (v, now) for k in _identity(cfg) if (v := st["identity"].get(k, defaults.get(k))) != (now := _identity(cfg)[k])}
     if changed:
         k, (was, now) = next(iter(changed.items()))
         raise TextinvError(f"--resume: this run was started with {k}={was}, now {k}={now}; use the same settings or another --out")
@@ -462,6 +530,8 @@ def _load_state(path: Path, cfg: TrainConfig, params, optimizer) -> int:
         for p, saved in zip(params, st["params"]):
             p.copy_(saved)
     optimizer.load_state_dict(st["optimizer"])
+    if st.get("scaler"):
+        scaler.load_state_dict(st["scaler"])
     return int(st["step"])
 
 
@@ -486,7 +556,7 @@ def preview(pipe, cfg: TrainConfig, templates: list[str], path: Path, n: int = 4
     images = []
     for prompt in prompts:
         g = torch.Generator().manual_seed(cfg.seed)
-        images += pipe([prompt] * n, num_inference_steps=steps, generator=g).images
+        images += pipe([prompt] * n, num_inference_steps=steps, generator=g, **generation.clip_skip_kwargs(cfg.clip_skip)).images
     path.parent.mkdir(parents=True, exist_ok=True)
     grid(images, cols=n, labels=prompts, label_every=n, scale=max(1, 128 // images[0].width)).save(path)
     return path
