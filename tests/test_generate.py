@@ -273,3 +273,33 @@ def test_learning_embedding_pulls_generations_to_its_concept_and_pushes_away_as_
     pushed = share(evaluate.FIDELITY_PROBE.prompt(INIT_WORD), negative="<t>")
     assert pulled >= base + 0.15, (pulled, base)
     assert pushed <= base, (pushed, base)
+
+
+def test_clip_skip_is_written_read_back_and_changes_the_image(tmp_path):
+    runner = CliRunner()
+    common = ["--seed", "3", "--steps", "3", "--sampler", "Euler a"]
+    res = runner.invoke(main, ["generate", "a red ball", "--clip-skip", "2", *common, "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    skipped = tmp_path / "a" / "00000-3.png"
+    params = pngmeta.read_parameters(skipped)
+    assert ", Clip skip: 2, " in params and params.index("Model:") < params.index("Clip skip")  # A1111's place
+    res = runner.invoke(main, ["generate", "a red ball", *common, "--out", str(tmp_path / "plain")])
+    plain = tmp_path / "plain" / "00000-3.png"
+    assert "Clip skip" not in pngmeta.read_parameters(plain)  # A1111 writes it only when it is not 1
+    assert np.abs(np.asarray(Image.open(skipped), dtype=int) - np.asarray(Image.open(plain), dtype=int)).max() > 10
+    res = runner.invoke(main, ["generate", "--from-png", str(skipped), "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    again = np.asarray(Image.open(tmp_path / "b" / "00000-3.png"), dtype=int)
+    assert np.abs(again - np.asarray(Image.open(skipped), dtype=int)).max() <= 1
+    assert pngmeta.read_parameters(tmp_path / "b" / "00000-3.png") == params
+    # The mini model's text encoder has few layers: a deeper skip is one line, exit 2.
+    res = runner.invoke(main, ["generate", "a red ball", "--clip-skip", "40", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "--clip-skip 40: must be between 1 and" in res.output
+
+
+def test_clip_skip_in_plain_batches_and_refused_for_sdxl(sd_pipe, sdxl_pipe):
+    a = generation.images(sd_pipe, ["a cat", "a dog"], seed=1, steps=2, clip_skip=2)
+    b = generation.images(sd_pipe, ["a dog"], seed=2, steps=2, clip_skip=2)
+    assert np.array_equal(np.asarray(a[1]), np.asarray(b[0]))  # image i uses seed+i, encoded by textinv
+    with pytest.raises(TextinvError, match="SDXL already"):
+        textinv.generate("a cat", pipe=sdxl_pipe, steps=2, clip_skip=2)

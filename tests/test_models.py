@@ -76,3 +76,31 @@ def test_single_file_checkpoint_that_cannot_load_offline_names_the_file_and_the_
     with pytest.raises(TextinvError, match="cannot load this single-file checkpoint") as err:
         load_pipeline(ckpt, config=tmp_path)  # a config, but the weights are incomplete
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("command", ["inspect", "nearest", "generate", "eval", "train", "ui"])
+def test_every_command_taking_model_takes_config(command):
+    from click.testing import CliRunner
+
+    from textinv.cli import main
+
+    res = CliRunner().invoke(main, [command, "--help"])
+    assert res.exit_code == 0 and "--model" in res.output and "--config" in res.output
+
+
+def test_config_for_a_folder_model_or_a_mismatched_checkpoint_is_one_line(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from textinv.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    make_sd().save_pretrained(tmp_path / "model")
+    with pytest.raises(TextinvError, match="only for a single-file checkpoint"):
+        load_pipeline(tmp_path / "model", config=tmp_path / "model")
+    ckpt = tmp_path / "sd.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, str(ckpt))
+    res = CliRunner().invoke(main, ["generate", "a cat", "--model", str(ckpt), "--config", str(tmp_path / "model"),
+                                    "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "cannot load this single-file checkpoint" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output

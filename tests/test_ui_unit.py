@@ -181,3 +181,15 @@ def test_cli_ui_command_is_registered():
     assert out.exit_code == 0
     for option in ("--library", "--model", "--workdir", "--port", "--max-upload-mb"):
         assert option in out.output
+
+
+def test_generate_with_clip_skip_writes_it_and_bad_values_are_messages(tmp_path):
+    from textinv.ui import App
+
+    app = App(tmp_path / "lib", workdir=tmp_path / "work")
+    result, _ = app.generate("a red ball", n=1, steps=2, clip_skip=2)
+    assert "Clip skip: 2" in result.parameters[0]
+    with pytest.raises(TextinvError, match="--clip-skip 99"):
+        app.generate("a red ball", n=1, steps=2, clip_skip=99)
+    with pytest.raises(TextinvError, match="Clip skip: at least 1"):
+        app.start_training(folder=str(tmp_path), token="<x>", clip_skip=-1)

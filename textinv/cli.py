@@ -17,6 +17,14 @@ from .errors import TextinvError
 
 OUTPUT_FORMATS = ["diffusers", "a1111", "kohya", "sdxl", "png"]
 
+# Every command that takes --model takes --config (a single-file checkpoint offline needs it).
+config_option = click.option(
+    "--config", "model_config", default=None,
+    help="For a single-file --model: a diffusers folder or hub id with the same architecture's configs (needed offline).")
+clip_skip_option = click.option(
+    "--clip-skip", type=int, default=None,
+    help="A1111's Clip skip (SD 1.x/2.x): 2 = the penultimate text-encoder layer, as many fine-tunes expect. Default 1.")
+
 
 class _Group(click.Group):
     def invoke(self, ctx):
@@ -92,8 +100,9 @@ def _print_info(info: dict, nearest=None) -> None:
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", "-m", help="Also show each vector's nearest vocabulary words in this model (hub id, folder, file or 'mini').")
 @click.option("--top", default=5, show_default=True, help="How many nearest words per vector.")
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (one object per embedding).")
-def inspect(files, model, top, as_json):
+def inspect(files, model, top, model_config, as_json):
     """Describe embedding files: format, trigger, vectors, family, norms, metadata, hashes."""
     from . import formats, tokens
 
@@ -103,7 +112,7 @@ def inspect(files, model, top, as_json):
     if model:
         from .models import load_pipeline
 
-        pipe = load_pipeline(model)
+        pipe = load_pipeline(model, config=model_config)
     out = []
     for path, emb in found:
         info = describe(path, emb)
@@ -163,16 +172,17 @@ def convert(src, dst, fmt, name, select, preview):
 @click.option("--crops", default=1, show_default=True, help="Views per image: a centre crop plus random crops.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Also train on mirrored views.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="Model precision; learned vectors always stay fp32.")
-@click.option("--grad-checkpointing", is_flag=True, help="Trade compute for memory.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="The frozen model's precision (fp16: GPUs only, with loss scaling); learned vectors always stay fp32.")
+@clip_skip_option
+@click.option("--grad-checkpointing", is_flag=True, help="Recompute the UNet's activations in the backward pass: less memory, more time.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the UNet.")
 @click.option("--save-every", default=0, show_default=True, help="Also save NAME-STEP every N steps (and a resume point).")
 @click.option("--preview-every", default=0, show_default=True, help="Write a fixed-seed preview grid every N steps.")
 @click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default="diffusers", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder (default runs/TOKEN).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last save.")
-@click.option("--config", "model_config", default=None,
-              help="For a single-file --model: a diffusers folder or hub id with the same architecture's configs (needed offline).")
+@config_option
 @click.option("--pick-best", is_flag=True, help="Measure every save (as textinv eval does) and make the recommended step the final embedding.")
 @click.option("--early-stop", is_flag=True, help="Stop once --patience saves in a row bring no better fidelity × editability score.")
 @click.option("--patience", default=3, show_default=True, help="Saves without improvement before --early-stop stops.")
@@ -181,7 +191,7 @@ def convert(src, dst, fmt, name, select, preview):
 @click.option("--clip", default=None, help="CLIP weights (folder or hub id) for measuring saves on real models.")
 @click.option("--dino", default=None, help="DINO weights (folder or hub id) for measuring saves on real models.")
 def train(images, token, model, init, vectors, mode, templates, steps, lr, batch, grad_accum, timesteps, train_guidance, resolution, crops, flip,
-          seed, precision, grad_checkpointing, compile_, save_every, preview_every, fmt, out, resume, model_config,
+          seed, precision, clip_skip, grad_checkpointing, compile_, save_every, preview_every, fmt, out, resume, model_config,
           pick_best, early_stop, patience, eval_n, concept, clip, dino):
     """Train a textual inversion embedding from a folder of images."""
     from .training import TrainConfig, train as run
@@ -192,7 +202,8 @@ def train(images, token, model, init, vectors, mode, templates, steps, lr, batch
         click.echo(f"--save-every {save_every}: saves to measure for --pick-best/--early-stop", err=True)
     cfg = TrainConfig(images=str(images), token=token, model=model, init=init, vectors=vectors, mode=mode,
                       templates=templates, steps=steps, lr=lr, batch=batch, grad_accum=grad_accum, timesteps=timesteps,
-                      guidance=train_guidance, resolution=resolution, crops=crops, flip=flip, seed=seed, precision=precision, grad_checkpointing=grad_checkpointing,
+                      guidance=train_guidance, resolution=resolution, crops=crops, flip=flip, seed=seed, precision=precision,
+                      clip_skip=clip_skip or 1, grad_checkpointing=grad_checkpointing,
                       compile=compile_, save_every=save_every, preview_every=preview_every, format=fmt,
                       out=str(out) if out else None, resume=resume, model_config=model_config)
     pipe = tracker = training_images = None
@@ -263,20 +274,26 @@ def _sampler_help() -> str:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("outputs"), show_default=True)
 @click.option("--from-png", "from_png", type=click.Path(path_type=Path), default=None,
               help="Re-create an image from its A1111 'parameters' chunk (PROMPT is then not given).")
-def generate(prompt, negative, embeddings, model, count, seed, steps, guidance, sampler, size, batch, out, from_png):
+@clip_skip_option
+@config_option
+def generate(prompt, negative, embeddings, model, count, seed, steps, guidance, sampler, size, batch, out, from_png, clip_skip,
+             model_config):
     """Generate images; PROMPT uses A1111 syntax: (word:1.2), (word), [word], embedding triggers."""
     from . import generation
 
     if from_png is not None:
         if prompt is not None:
             raise TextinvError("--from-png takes its prompt from the image; give no PROMPT")
-        result = generation.regenerate(from_png, embeddings=list(embeddings), model=model, out=out, progress=True)
+        if clip_skip is not None:
+            raise TextinvError("--from-png takes Clip skip from the image's parameters; give no --clip-skip")
+        result = generation.regenerate(from_png, embeddings=list(embeddings), model=model, out=out, progress=True,
+                                       model_config=model_config)
     else:
         if prompt is None:
             raise TextinvError("PROMPT: missing (or use --from-png IMAGE)")
         result = generation.generate(prompt, negative, embeddings=list(embeddings), model=model, n=count, seed=seed,
                                      steps=steps, guidance=guidance, sampler=sampler, size=size, out=out, batch=batch,
-                                     progress=True)
+                                     progress=True, clip_skip=clip_skip or 1, model_config=model_config)
     for path in result.files:
         click.echo(f"wrote {path}")
     if result.grid is not None:
@@ -290,8 +307,7 @@ def generate(prompt, negative, embeddings, model, count, seed, steps, guidance, 
 @click.option("--library", type=click.Path(path_type=Path), default=Path("~/.textinv/embeddings"), show_default=True,
               help="Embeddings folder: the Library tab's table; trained embeddings are added to it.")
 @click.option("--model", "-m", default=None, help="Hub id, diffusers folder, single-file checkpoint, or 'mini' (default).")
-@click.option("--config", "model_config", default=None,
-              help="For a single-file --model: a diffusers folder or hub id with the same architecture's configs (needed offline).")
+@config_option
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("~/.textinv/ui"), show_default=True,
               help="Where training runs, generated images and downloads go (runs/, outputs/, downloads/).")
 @click.option("--port", default=7860, show_default=True, help="Port on 127.0.0.1 (the app is never served beyond this machine).")
@@ -382,7 +398,8 @@ def scale(file, factor, out, fmt):
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--model", "-m", default=None, help="Hub id, diffusers folder, single-file checkpoint, or 'mini' (default).")
 @click.option("--top", default=5, show_default=True, help="Words per vector.")
-def nearest(file, model, top):
+@config_option
+def nearest(file, model, top, model_config):
     """The vocabulary words closest (cosine) to each vector of an embedding."""
     from . import formats, tokens
     from .models import load_pipeline
@@ -390,7 +407,7 @@ def nearest(file, model, top):
     if top < 1:
         raise TextinvError(f"--top: must be at least 1, got {top}")
     emb = formats.load(file)
-    near = tokens.nearest_words(emb, load_pipeline(model), k=top)
+    near = tokens.nearest_words(emb, load_pipeline(model, config=model_config), k=top)
     if not near:
         raise TextinvError(f"{file}: {tokens.describe_widths(emb)}; the model has no matching text encoder")
     for slot, per_vector in near.items():
@@ -412,7 +429,7 @@ def _measuring(cfg, concept, clip, dino, n, patience):
     training_images = [item.image for item in data.load_images(cfg.images)]
     metric = evaluate.choose_metric(pipe, training_images, concept=concept, clip=clip, dino=dino, device=device)
     tracker = evaluate.StepTracker(metric, pipe, cfg.token, n=n, seed=cfg.seed, guidance=evaluate.default_guidance(cfg.model),
-                                   patience=patience, echo=lambda msg: click.echo(f"\n  measured {msg}", err=True))
+                                   clip_skip=cfg.clip_skip, patience=patience, echo=lambda msg: click.echo(f"\n  measured {msg}", err=True))
     return pipe, tracker, training_images
 
 
@@ -448,7 +465,10 @@ def _finish_measuring(cfg, result, tracker, training_images, pick_best):
 @click.option("--tolerance", default=0.05, show_default=True, help="Best-step rule: the earliest step within this fraction of the best score.")
 @click.option("--baseline/--no-baseline", default=True, show_default=True, help="Also measure the init word.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder (default RUN/eval, or NAME-eval beside a file).")
-def eval_(target, images, model, prompts_file, count, concept, clip, dino, seed, steps, guidance, tolerance, baseline, out):
+@clip_skip_option
+@config_option
+def eval_(target, images, model, prompts_file, count, concept, clip, dino, seed, steps, guidance, tolerance, baseline, out,
+          clip_skip, model_config):
     """Measure an embedding or every save of a training run: fidelity, editability, the trade-off curve, the best step."""
     from . import evaluate
     from .report import format_table, write_outputs
@@ -457,7 +477,8 @@ def eval_(target, images, model, prompts_file, count, concept, clip, dino, seed,
         raise TextinvError(f"--tolerance {tolerance}: must be in [0, 1)")
     ev = evaluate.evaluate_path(target, images=images, model=model, concept=concept, clip=clip, dino=dino,
                                 prompts_file=prompts_file, n=count, seed=seed, steps=steps, guidance=guidance,
-                                baseline=baseline, tolerance=tolerance, echo=lambda msg: click.echo(f"measured {msg}", err=True))
+                                baseline=baseline, tolerance=tolerance, echo=lambda msg: click.echo(f"measured {msg}", err=True),
+                                clip_skip=clip_skip, model_config=model_config)
     if out is None:
         run = target.is_dir() and (target / "config.json").is_file()
         out = target / "eval" if run else target.parent / f"{target.stem}-eval"

@@ -37,7 +37,7 @@ EDIT_PROBES = [
 
 def judge_scores(pipe, trigger: str, attribute: str, value: str, *, n: int = 16, seed: int = 0,
                  probes: list[Probe] | None = None, steps: int = generation.DEFAULT_STEPS,
-                 guidance: float = generation.DEFAULT_GUIDANCE, keep_images: bool = False) -> dict:
+                 guidance: float = generation.DEFAULT_GUIDANCE, keep_images: bool = False, clip_skip: int = 1) -> dict:
     """Judge-measured fidelity and editability of ``trigger`` for a concept ``attribute == value``."""
     from .world.judge import judge
 
@@ -45,7 +45,7 @@ def judge_scores(pipe, trigger: str, attribute: str, value: str, *, n: int = 16,
     rows, pictures = [], {}
     for probe in probes:
         prompt = probe.prompt(trigger)
-        imgs = generation.images(pipe, [prompt] * n, seed=seed, steps=steps, guidance=guidance)
+        imgs = generation.images(pipe, [prompt] * n, seed=seed, steps=steps, guidance=guidance, clip_skip=clip_skip)
         verdicts = judge(imgs)
         concept = [v[attribute] == value for v in verdicts]
         asked = [all(v[k] == w for k, w in probe.want.items()) for v in verdicts]
@@ -170,9 +170,10 @@ class JudgeMetric:
                 "fidelity": "share of images of the prompts naming only the concept that the judge calls the concept",
                 "editability": "share of images of the composed prompts showing the concept and every asked attribute"}
 
-    def __call__(self, pipe, trigger: str, *, n: int, seed: int, steps: int, guidance: float, probes=None) -> dict:
+    def __call__(self, pipe, trigger: str, *, n: int, seed: int, steps: int, guidance: float, probes=None,
+                 clip_skip: int = 1) -> dict:
         out = judge_scores(pipe, trigger, self.attribute, self.concept, n=n, seed=seed, probes=probes or self.probes,
-                           steps=steps, guidance=guidance, keep_images=True)
+                           steps=steps, guidance=guidance, keep_images=True, clip_skip=clip_skip)
         out["thumbs"] = {p: _thumbs(imgs) for p, imgs in out.pop("images").items()}
         return out
 
@@ -209,7 +210,8 @@ class PaperMetric:
     def fidelity_only(self) -> list[str]:
         return [self.reconstruction]
 
-    def __call__(self, pipe, trigger: str, *, n: int, seed: int, steps: int, guidance: float, probes=None) -> dict:
+    def __call__(self, pipe, trigger: str, *, n: int, seed: int, steps: int, guidance: float, probes=None,
+                 clip_skip: int = 1) -> dict:
         from .metrics import mean_pairwise_cosine, without_trigger
 
         templates = probes if probes is not None else [self.reconstruction, *self.edit_prompts]
@@ -217,7 +219,7 @@ class PaperMetric:
         fidelity = dino = None
         for t in templates:
             prompt = t.format(trigger)
-            imgs = generation.images(pipe, [prompt] * n, seed=seed, steps=steps, guidance=guidance)
+            imgs = generation.images(pipe, [prompt] * n, seed=seed, steps=steps, guidance=guidance, clip_skip=clip_skip)
             feats = self.clip.images(imgs)
             thumbs[prompt] = _thumbs(imgs)
             if t == self.reconstruction:
@@ -312,15 +314,17 @@ class StepTracker:
     says when to stop: ``patience`` saves in a row without a higher trade-off score."""
 
     def __init__(self, metric, pipe, trigger: str, *, n: int = 8, seed: int = 0, steps: int = generation.DEFAULT_STEPS,
-                 guidance: float = generation.DEFAULT_GUIDANCE, patience: int | None = None, echo=None):
-        self.metric, self.pipe, self.trigger = metric, pipe, trigger
+                 guidance: float = generation.DEFAULT_GUIDANCE, patience: int | None = None, echo=None,
+                 clip_skip: int = 1):
+        self.metric, self.pipe, self.trigger, self.clip_skip = metric, pipe, trigger, clip_skip
         self.n, self.seed, self.steps, self.guidance, self.patience = n, seed, steps, guidance, patience
         self.echo = echo
         self.points: list[dict] = []
         self.thumbs: dict[int, dict[str, list[bytes]]] = {}
 
     def measure(self, step: int, trigger: str | None = None) -> dict:
-        r = self.metric(self.pipe, trigger or self.trigger, n=self.n, seed=self.seed, steps=self.steps, guidance=self.guidance)
+        r = self.metric(self.pipe, trigger or self.trigger, n=self.n, seed=self.seed, steps=self.steps, guidance=self.guidance,
+                        clip_skip=self.clip_skip)
         point = {"step": step, "fidelity": r["fidelity"], "editability": r["editability"],
                  "score": tradeoff_score(r["fidelity"], r["editability"]), "probes": r["probes"]}
         if r.get("dino") is not None:
@@ -354,7 +358,8 @@ class StepTracker:
         """Everything measured so far, with the recommended step, as an :class:`Evaluation`."""
         result = {"target": str(target), "model": str(model or "mini"), "images": str(images), "trigger": self.trigger,
                   "metric": self.metric.describe(), "labels": self.metric.labels, "n": self.n, "seed": self.seed,
-                  "sampling_steps": self.steps, "guidance": self.guidance, "points": self.points, "baseline": baseline,
+                  "sampling_steps": self.steps, "guidance": self.guidance, "clip_skip": self.clip_skip,
+                  "points": self.points, "baseline": baseline,
                   "best_step": best_step(self.points, tolerance), "rule": BEST_STEP_RULE.format(tol=tolerance),
                   "tolerance": tolerance}
         return Evaluation(result, dict(extra_thumbs or self.thumbs), _thumbs(training, k=len(training)))
@@ -417,7 +422,8 @@ def default_guidance(model) -> float:
 def evaluate_path(target, *, images=None, model=None, concept: str | None = None, clip: str | None = None,
                   dino: str | None = None, prompts_file=None, n: int = 16, seed: int = 0,
                   steps: int = generation.DEFAULT_STEPS, guidance: float | None = None, baseline: bool = True,
-                  tolerance: float = 0.05, pipe=None, echo=None) -> Evaluation:
+                  tolerance: float = 0.05, pipe=None, echo=None, clip_skip: int | None = None,
+                  model_config=None) -> Evaluation:
     """Measure a training run's saves (the trade-off curve and the recommended step) or one embedding."""
     from pathlib import Path
 
@@ -426,7 +432,7 @@ def evaluate_path(target, *, images=None, model=None, concept: str | None = None
     from . import data, formats, tokens
     from .models import load_pipeline
 
-    target, model_config = Path(target), None
+    target = Path(target)
     if not target.exists():
         raise TextinvError(f"{target}: no such file or folder")
     if n < 1 or steps < 1:
@@ -436,13 +442,17 @@ def evaluate_path(target, *, images=None, model=None, concept: str | None = None
         trigger, init = cfg["token"], cfg.get("init")
         images = images or cfg.get("images")
         if model is None:
-            model, model_config = cfg.get("model"), cfg.get("model_config")
+            model, model_config = cfg.get("model"), model_config or cfg.get("model_config")
+        if clip_skip is None:  # measure the embedding as it was trained
+            clip_skip = int(cfg.get("clip_skip") or 1)
     else:
         found = formats.load_all(target)
         if len(found) != 1:
             raise TextinvError(f"{target}: holds {len(found)} embeddings; pass one embedding file or a training run folder")
         emb = found[0]
         trigger, init = emb.name, emb.meta.get("init_text")
+        if clip_skip is None:
+            clip_skip = int(emb.meta.get("clip_skip") or 1)
         step = emb.meta.get("step")
         saves = [(int(step) if str(step).isdigit() else 0, target)]
     if not images:
@@ -452,10 +462,14 @@ def evaluate_path(target, *, images=None, model=None, concept: str | None = None
         pipe = load_pipeline(model, device="cuda" if torch.cuda.is_available() else "cpu", config=model_config)
     if guidance is None:
         guidance = default_guidance(model)
+    from .prompts import check_clip_skip
+
+    check_clip_skip(pipe, clip_skip)
     prompts = read_prompts(prompts_file) if prompts_file else None
     metric = choose_metric(pipe, training, concept=concept, clip=clip, dino=dino, prompts=prompts,
                            device=str(pipe.unet.device))
-    tracker = StepTracker(metric, pipe, trigger, n=n, seed=seed, steps=steps, guidance=guidance, echo=echo)
+    tracker = StepTracker(metric, pipe, trigger, n=n, seed=seed, steps=steps, guidance=guidance, echo=echo,
+                          clip_skip=clip_skip)
     for step, path in saves:
         emb = formats.load(path, name=trigger)
         tokens.apply(pipe, emb)
@@ -466,7 +480,7 @@ def evaluate_path(target, *, images=None, model=None, concept: str | None = None
     thumbs = dict(tracker.thumbs)
     base = None
     if baseline and init and init.strip() not in ("", "*"):
-        r = metric(pipe, init, n=n, seed=seed, steps=steps, guidance=guidance)
+        r = metric(pipe, init, n=n, seed=seed, steps=steps, guidance=guidance, clip_skip=clip_skip)
         base = {"init": init, "fidelity": r["fidelity"], "editability": r["editability"],
                 "score": tradeoff_score(r["fidelity"], r["editability"]), "probes": r["probes"]}
         if r.get("dino") is not None:

@@ -15,9 +15,26 @@ DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 4.0
 
 
-def clip_skip_kwargs(clip_skip: int) -> dict:
-    """A1111's "Clip skip: N" as a diffusers pipeline call takes it (its ``clip_skip`` counts from 0)."""
-    return {"clip_skip": clip_skip - 1} if clip_skip > 1 else {}
+def clip_skip_kwargs(pipe, prompts_: list[str], negative: str | None, clip_skip: int) -> dict:
+    """What a pipeline call needs for A1111's "Clip skip: N": nothing at 1, else the prompt embeddings.
+
+    diffusers' own ``clip_skip`` (N - 1) reaches for ``text_encoder.text_model``, which
+    transformers 5's CLIPTextModel no longer has; textinv encodes the prompts itself instead.
+    """
+    if clip_skip == 1:
+        return {}
+    from . import prompts
+
+    prompts.check_clip_skip(pipe, clip_skip)
+    enc = [prompts.encode(pipe, prompts.split(pipe, p), clip_skip).embeds for p in prompts_]
+    neg = prompts.encode(pipe, prompts.split(pipe, negative or "", "negative prompt"), clip_skip).embeds
+    length = max(e.shape[1] for e in enc + [neg])
+    if any(e.shape[1] != length for e in enc + [neg]):
+        from .errors import TextinvError
+
+        raise TextinvError("--clip-skip with prompts longer than 75 tokens: give one prompt at a time")
+    dtype = pipe.unet.dtype
+    return {"prompt_embeds": torch.cat(enc).to(dtype), "negative_prompt_embeds": neg.expand(len(enc), -1, -1).to(dtype)}
 
 
 @torch.no_grad()
@@ -31,9 +48,9 @@ def images(pipe, prompts: list[str], *, seed: int = 0, steps: int = DEFAULT_STEP
     for i in range(0, len(prompts), batch):
         chunk = prompts[i : i + batch]
         gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-        neg = [negative] * len(chunk) if negative else None
-        out += pipe(chunk, negative_prompt=neg, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                    **clip_skip_kwargs(clip_skip)).images
+        call = clip_skip_kwargs(pipe, chunk, negative, clip_skip) or {
+            "prompt": chunk, "negative_prompt": [negative] * len(chunk) if negative else None}
+        out += pipe(**call, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
         bar.update(len(chunk))
     bar.close()
     return out
@@ -164,7 +181,8 @@ def _long(pipe, *parsed) -> bool:
 @torch.no_grad()
 def generate(prompt: str, negative: str | None = None, *, embeddings=None, model=None, pipe=None, n: int = 1,
              seed: int = 0, steps: int = DEFAULT_STEPS, guidance: float | None = None, sampler: str | None = None,
-             size=None, out: str | os.PathLike | None = None, batch: int = 8, progress: bool = False) -> Generation:
+             size=None, out: str | os.PathLike | None = None, batch: int = 8, progress: bool = False,
+             clip_skip: int = 1, model_config=None) -> Generation:
     """Generate ``n`` images of an A1111-style prompt (weights, long prompts, embedding triggers).
 
     ``embeddings``: files, library folders or Embedding objects, applied for this call only (made
@@ -172,6 +190,8 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
     too.  Image ``i`` uses seed ``seed + i``.  ``sampler``: an A1111 name (see
     :mod:`textinv.samplers`; default: the model's own scheduler).  With ``out``, every image is
     written as ``NNNNN-SEED.png`` carrying A1111's ``parameters`` chunk, plus ``grid-NNNNN.png``.
+    ``clip_skip``: A1111's "Clip skip" (SD 1.x/2.x).  ``model_config``: a single-file ``model``'s
+    diffusers config folder or hub id (see :func:`textinv.models.load_pipeline`).
     """
     from . import __version__, pngmeta, prompts, samplers, tokens
     from .errors import TextinvError
@@ -183,7 +203,7 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
     wh = parse_size(size)
     embs = load_embeddings(embeddings)
     if pipe is None:
-        pipe = load_pipeline(model)
+        pipe = load_pipeline(model, config=model_config)
         name, model_hash = model_identity(model)
     elif model is not None:
         name, model_hash = model_identity(model)
@@ -198,6 +218,7 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
         if not added:
             family = tokens.state(pipe).family
             raise TextinvError(f"none of the {len(embs)} embeddings given fits this model ({family}): nothing to use")
+    prompts.check_clip_skip(pipe, clip_skip)
     original_scheduler = pipe.scheduler
     try:
         if sampler:
@@ -213,10 +234,10 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
         kwargs = {}
         if not sdxl or pos.weighted or neg.weighted or _long(pipe, pos, neg):
             # Encoded once for all images: no per-image (or per-batch) tokenization or encoder pass.
-            pe, ne = prompts.encode(pipe, pos), prompts.encode(pipe, neg)
+            pe, ne = prompts.encode(pipe, pos, clip_skip), prompts.encode(pipe, neg, clip_skip)
             length = max(pe.embeds.shape[1], ne.embeds.shape[1])
             if pe.embeds.shape[1] != ne.embeds.shape[1]:
-                empty = prompts.encode(pipe, prompts.split(pipe, "", "negative prompt"))
+                empty = prompts.encode(pipe, prompts.split(pipe, "", "negative prompt"), clip_skip)
                 pe, ne = prompts.pad_to(pe, length, empty), prompts.pad_to(ne, length, empty)
             if sdxl and not negative and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
                 ne = prompts.Encoded(torch.zeros_like(ne.embeds), torch.zeros_like(ne.pooled))
@@ -258,7 +279,8 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
     seeds = [seed + i for i in range(n)]
     params = [pngmeta.format_parameters(prompt, negative, {
         "Steps": steps, "Sampler": sampler_name, "CFG scale": float(guidance), "Seed": s, "Size": f"{width}x{height}",
-        "Model hash": model_hash, "Model": name, "TI hashes": ti, "Version": f"textinv {__version__}"}) for s in seeds]
+        "Model hash": model_hash, "Model": name, "Clip skip": clip_skip if clip_skip > 1 else None, "TI hashes": ti,
+        "Version": f"textinv {__version__}"}) for s in seeds]
     result = Generation(images_, seeds, params, used=[a.embedding.name for a in used])
     if out is not None:
         out = Path(out)
@@ -270,7 +292,8 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
     return result
 
 
-def regenerate(png, *, embeddings=None, model=None, pipe=None, out=None, progress: bool = False) -> Generation:
+def regenerate(png, *, embeddings=None, model=None, pipe=None, out=None, progress: bool = False,
+               model_config=None) -> Generation:
     """Re-create an image from its A1111 ``parameters`` chunk (same seed: same image on CPU)."""
     from . import pngmeta
     from .errors import TextinvError
@@ -300,7 +323,17 @@ def regenerate(png, *, embeddings=None, model=None, pipe=None, out=None, progres
             warnings.warn(f"{png}: uses embedding {name!r} ({h}), which no --embeddings file provides", stacklevel=2)
         elif embedding_hash(match[0]) not in (None, h):
             warnings.warn(f"{png}: embedding {name!r} has hash {embedding_hash(match[0])}, the image was made with {h}", stacklevel=2)
+    if pipe is None:
+        from .models import load_pipeline
+
+        pipe = load_pipeline(model, config=model_config)
+    clip_skip = get("Clip skip", int, 1)
+    if clip_skip != 1 and getattr(pipe, "text_encoder_2", None) is not None:
+        # A1111 writes it for SDXL too, but ignores it there at its default settings.
+        warnings.warn(f"{png}: 'Clip skip: {clip_skip}' is ignored for SDXL, as A1111 does by default", stacklevel=2)
+        clip_skip = 1
     result = generate(prompt, negative or None, embeddings=embs, model=model, pipe=pipe, n=1,
+                      clip_skip=clip_skip,
                       seed=get("Seed", int, 0), steps=get("Steps", int, DEFAULT_STEPS),
                       guidance=get("CFG scale", float), sampler=sampler, size=params.get("Size"),
                       out=out, progress=progress)

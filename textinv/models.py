@@ -66,6 +66,9 @@ def load_pipeline(model: str | os.PathLike | None = None, *, dtype: str | torch.
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     where = resolve_model(model)
     path = Path(where)
+    if config and not path.is_file():
+        raise TextinvError(f"--config {config}: only for a single-file checkpoint; {where} is a diffusers folder or hub id, "
+                           "which carries its own configs")
     try:
         if path.is_dir():
             if not (path / "model_index.json").is_file():

@@ -197,7 +197,7 @@ class App:
 
     def start_training(self, images=None, folder: str | None = None, *, token: str, init: str | None = None,
                        vectors: int = 1, mode: str = "object", steps: int = 500, lr: str = "5e-3", batch: int = 4,
-                       preview_every: int | None = None, seed: int = 0) -> TrainJob:
+                       preview_every: int | None = None, seed: int = 0, clip_skip: int = 1) -> TrainJob:
         from .training import MODES, TrainConfig, parse_lr
 
         with self._job_lock:
@@ -209,6 +209,9 @@ class App:
             if mode not in MODES:
                 raise TextinvError(f"Mode {mode!r}: choose one of {', '.join(MODES)}")
             steps, vectors, batch, seed = int(steps or 0), int(vectors or 0), int(batch or 0), int(seed or 0)
+            clip_skip = int(clip_skip or 1)
+            if clip_skip < 1:  # the model's own limit (its layers) is checked when training loads it
+                raise TextinvError("Clip skip: at least 1")
             if steps < 1 or vectors < 1 or batch < 1:
                 raise TextinvError("Steps, vectors and batch must be at least 1")
             parse_lr(lr)
@@ -233,7 +236,8 @@ class App:
                     shutil.copyfile(p, image_dir / f"{i:03d}-{_safe_name(p.stem)}{p.suffix.lower()}")
             cfg = TrainConfig(images=str(image_dir), token=token, model=self.model, model_config=self.model_config,
                               init=(init or "").strip() or None, vectors=vectors, mode=mode, steps=steps, lr=str(lr),
-                              batch=batch, seed=seed, preview_every=max(0, preview_every), out=str(run), progress=False)
+                              batch=batch, seed=seed, clip_skip=clip_skip, preview_every=max(0, preview_every), out=str(run),
+                              progress=False)
             job = TrainJob(token, run, steps, warnings=list(notes))
             job.thread = threading.Thread(target=self._train, args=(job, cfg), name=f"textinv-train-{token}", daemon=True)
             self.job = job
@@ -299,7 +303,7 @@ class App:
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompt: str, negative: str = "", picked=None, *, seed: int = 0, sampler: str | None = None,
-                 steps: int = 30, n: int = 4, guidance: float | None = None):
+                 steps: int = 30, n: int = 4, guidance: float | None = None, clip_skip: int = 1):
         """(Generation, warnings).  No embeddings picked: the whole library, as A1111 loads its folder."""
         from .generation import generate
 
@@ -320,7 +324,7 @@ class App:
         with collecting() as lines, self._pipe_lock:
             result = generate(prompt, (negative or "").strip() or None, embeddings=embeddings or None, model=self.model,
                               pipe=self.pipe(), n=n, seed=seed, steps=steps, guidance=guidance or None, sampler=sampler,
-                              out=self.outputs, batch=8)
+                              out=self.outputs, batch=8, clip_skip=int(clip_skip or 1))
         return result, list(lines)
 
     def _fits(self, emb) -> bool:
@@ -561,6 +565,8 @@ def build(app: App):
                             t_preview = gr.Number(label="Preview every N steps (0: none)", value=app.preview_every,
                                                   precision=0, minimum=0, elem_id="preview-every")
                             t_seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
+                            t_clip_skip = gr.Number(label="Clip skip (A1111; 2 for many SD 1.x fine-tunes)", value=1,
+                                                    precision=0, minimum=1, elem_id="clip-skip")
                         with gr.Row():
                             t_start = gr.Button("Start training", variant="primary", elem_id="start")
                             t_stop = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -591,7 +597,9 @@ def build(app: App):
                             g_n = gr.Number(label="Images (grid)", value=4, precision=0, minimum=1, maximum=64, elem_id="gen-n")
                         g_sampler = gr.Dropdown([MODEL_DEFAULT_SAMPLER] + samplers.names(), value=MODEL_DEFAULT_SAMPLER,
                                                 label="Sampler", elem_id="sampler")
-                        g_cfg = gr.Number(label="CFG scale (0: the model's default)", value=0, elem_id="cfg")
+                        with gr.Row():
+                            g_cfg = gr.Number(label="CFG scale (0: the model's default)", value=0, elem_id="cfg")
+                            g_clip_skip = gr.Number(label="Clip skip", value=1, precision=0, minimum=1, elem_id="gen-clip-skip")
                         g_go = gr.Button("Generate", variant="primary", elem_id="generate")
                 g_status = gr.Textbox(label="Status", interactive=False, lines=2, elem_id="gen-status", elem_classes="status")
                 g_gallery = gr.Gallery(label="Images", columns=4, height=360, object_fit="contain", elem_id="gen-gallery")
@@ -639,10 +647,10 @@ def build(app: App):
 
         t_images.change(on_images, t_images, t_check)
 
-        def on_start(paths, folder, token, init, vectors, mode, steps, lr, batch, preview_every, seed):
+        def on_start(paths, folder, token, init, vectors, mode, steps, lr, batch, preview_every, seed, clip_skip):
             try:
                 job = app.start_training(paths, folder, token=token, init=init, vectors=vectors, mode=mode, steps=steps,
-                                         lr=lr, batch=batch, preview_every=preview_every, seed=seed)
+                                         lr=lr, batch=batch, preview_every=preview_every, seed=seed, clip_skip=clip_skip)
             except Exception as e:  # noqa: BLE001 - every error is a message in the page
                 msg = _describe_error(e)
                 warn([msg])
@@ -671,7 +679,8 @@ def build(app: App):
             else:
                 yield job.status(), loss_frame(job), gallery(job), gr.update(choices=library_choices())
 
-        t_start.click(on_start, [t_images, t_folder, t_token, t_init, t_vectors, t_mode, t_steps, t_lr, t_batch, t_preview, t_seed],
+        t_start.click(on_start, [t_images, t_folder, t_token, t_init, t_vectors, t_mode, t_steps, t_lr, t_batch, t_preview, t_seed,
+                                 t_clip_skip],
                       [t_status, t_plot, t_previews, g_embs], concurrency_limit=1,
                       show_progress="hidden")  # the status line is the progress; no animation to repaint for minutes
         t_stop.click(app.stop_training, None, t_status, concurrency_limit=None)
@@ -685,10 +694,10 @@ def build(app: App):
 
         t_export.click(on_export, t_format, t_file)
 
-        def on_generate(prompt, negative, picked, seed, steps, n, sampler, cfg):
+        def on_generate(prompt, negative, picked, seed, steps, n, sampler, cfg, clip_skip):
             try:
                 result, notes = app.generate(prompt, negative, picked, seed=seed, sampler=sampler, steps=steps, n=n,
-                                             guidance=float(cfg or 0) or None)
+                                             guidance=float(cfg or 0) or None, clip_skip=clip_skip)
             except Exception as e:  # noqa: BLE001
                 msg = _describe_error(e)
                 warn([msg])
@@ -700,7 +709,7 @@ def build(app: App):
             status = "\n".join([f"{len(files)} image(s) in {app.outputs}; embeddings used: {used}"] + [f"warning: {w}" for w in notes])
             return status, shown, result.parameters[0], files
 
-        g_go.click(on_generate, [g_prompt, g_negative, g_embs, g_seed, g_steps, g_n, g_sampler, g_cfg],
+        g_go.click(on_generate, [g_prompt, g_negative, g_embs, g_seed, g_steps, g_n, g_sampler, g_cfg, g_clip_skip],
                    [g_status, g_gallery, g_params, g_files], concurrency_limit=1)
 
         def refresh(message: str = ""):
