@@ -174,7 +174,8 @@ def test_clip_skip_is_checked_and_recorded_in_the_embedding(tmp_path):
         with pytest.raises(TextinvError, match=words):
             train(images=imgs, token="<c>", steps=1, clip_skip=bad, out=str(tmp_path / f"bad{bad}"), pipe=pipe, progress=False)
     res = train(images=imgs, token="<c>", steps=2, batch=1, clip_skip=2, out=str(tmp_path / "run"), pipe=make_sd(),
-                progress=False, format="a1111")
+                progress=False, format="a1111", preview_every=2)
+    assert (res.out / "previews" / "000002.png").is_file()  # previews are drawn with the same Clip skip
     assert formats.load(res.embedding_path).meta["clip_skip"] == 2
     path = formats.save(formats.load(res.embedding_path), tmp_path / "c.safetensors")
     assert formats.load(path).meta["clip_skip"] == 2

@@ -203,7 +203,7 @@ def train(images, token, model, init, vectors, mode, templates, steps, lr, batch
     cfg = TrainConfig(images=str(images), token=token, model=model, init=init, vectors=vectors, mode=mode,
                       templates=templates, steps=steps, lr=lr, batch=batch, grad_accum=grad_accum, timesteps=timesteps,
                       guidance=train_guidance, resolution=resolution, crops=crops, flip=flip, seed=seed, precision=precision,
-                      clip_skip=clip_skip or 1, grad_checkpointing=grad_checkpointing,
+                      clip_skip=1 if clip_skip is None else clip_skip, grad_checkpointing=grad_checkpointing,
                       compile=compile_, save_every=save_every, preview_every=preview_every, format=fmt,
                       out=str(out) if out else None, resume=resume, model_config=model_config)
     pipe = tracker = training_images = None
@@ -293,7 +293,7 @@ def generate(prompt, negative, embeddings, model, count, seed, steps, guidance, 
             raise TextinvError("PROMPT: missing (or use --from-png IMAGE)")
         result = generation.generate(prompt, negative, embeddings=list(embeddings), model=model, n=count, seed=seed,
                                      steps=steps, guidance=guidance, sampler=sampler, size=size, out=out, batch=batch,
-                                     progress=True, clip_skip=clip_skip or 1, model_config=model_config)
+                                     progress=True, clip_skip=1 if clip_skip is None else clip_skip, model_config=model_config)
     for path in result.files:
         click.echo(f"wrote {path}")
     if result.grid is not None:

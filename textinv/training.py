@@ -556,7 +556,8 @@ def preview(pipe, cfg: TrainConfig, templates: list[str], path: Path, n: int = 4
     images = []
     for prompt in prompts:
         g = torch.Generator().manual_seed(cfg.seed)
-        images += pipe([prompt] * n, num_inference_steps=steps, generator=g, **generation.clip_skip_kwargs(cfg.clip_skip)).images
+        call = generation.clip_skip_kwargs(pipe, [prompt] * n, None, cfg.clip_skip) or {"prompt": [prompt] * n}
+        images += pipe(**call, num_inference_steps=steps, generator=g).images
     path.parent.mkdir(parents=True, exist_ok=True)
     grid(images, cols=n, labels=prompts, label_every=n, scale=max(1, 128 // images[0].width)).save(path)
     return path
