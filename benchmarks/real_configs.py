@@ -88,6 +88,9 @@ def precision_figures(steps: int = 40) -> None:
 
 
 if __name__ == "__main__":
+    from diffusers.utils import logging as dlog
+
+    dlog.set_verbosity_error()  # pipe.to(dtype) on the test models: diffusers' casting advice, not ours
     torch.set_num_threads(2)
     sdxl_figures()
     precision_figures()

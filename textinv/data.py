@@ -183,6 +183,18 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
+def _cast_quietly(module, dtype) -> None:
+    """``module.to(dtype)`` without diffusers' advice on casting (meant for whole pipelines)."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        module.to(dtype)
+    finally:
+        dlog.set_verbosity(level)
+
+
 @torch.no_grad()
 def encode_latents(vae, pixels: torch.Tensor, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of each view's latent distribution, already scaled like the UNet's inputs.
@@ -198,7 +210,7 @@ def encode_latents(vae, pixels: torch.Tensor, batch: int = 16) -> tuple[torch.Te
     # encode in float32, as the pipelines decode, and put it back afterwards.
     upcast = param.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
     if upcast:
-        vae.to(torch.float32)
+        _cast_quietly(vae, torch.float32)
     try:
         dtype = next(vae.parameters()).dtype
         for i in range(0, len(pixels), batch):
@@ -207,7 +219,7 @@ def encode_latents(vae, pixels: torch.Tensor, batch: int = 16) -> tuple[torch.Te
             stds.append((dist.std * scale).float().cpu())
     finally:
         if upcast:
-            vae.to(torch.float16)
+            _cast_quietly(vae, torch.float16)
     mean, std = torch.cat(means), torch.cat(stds)
     if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
         why = "the VAE weights or images hold NaN" if dtype == torch.float32 else \
