@@ -16,6 +16,28 @@ import click
 from .errors import TextinvError
 
 OUTPUT_FORMATS = ["diffusers", "a1111", "kohya", "sdxl", "png"]
+SEED = click.IntRange(0, 2**63 - 1)
+STEPS = click.IntRange(min=0)  # 0: off
+
+
+class _Finite(click.ParamType):
+    """A float that is a real number (not nan/inf) and not below ``low``."""
+
+    name = "number"
+
+    def __init__(self, low: float = 0.0):
+        self.low = low
+
+    def convert(self, value, param, ctx):
+        import math
+
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(x) or x < self.low:
+            self.fail(f"{value!r}: must be a finite number >= {self.low:g}", param, ctx)
+        return x
 
 # Every command that takes --model takes --config (a single-file checkpoint offline needs it).
 config_option = click.option(
@@ -27,11 +49,35 @@ clip_skip_option = click.option(
 
 
 class _Group(click.Group):
+    def main(self, *args, **kwargs):
+        """Usage errors (a bad option value, an unknown option) as one line too, not click's four."""
+        from .formats import printable
+
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.ClickException as e:
+            click.echo(f"error: {printable(e.format_message())}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
     def invoke(self, ctx):
+        from .formats import printable
+
         try:
             return super().invoke(ctx)
         except TextinvError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {printable(e)}", err=True)
+            sys.exit(2)
+        except OSError as e:  # a disk or file the library did not name itself: full, read-only, gone
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"error: {printable(where)}{printable(e.strerror or e)}", err=True)
+            sys.exit(2)
+        except MemoryError:
+            click.echo("error: out of memory (a smaller --resolution, --batch or -n?)", err=True)
             sys.exit(2)
 
 
@@ -45,7 +91,9 @@ def main():
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    click.echo(f"warning: {message}", err=True)
+    from .formats import printable
+
+    click.echo(f"warning: {printable(' '.join(str(message).split()))}", err=True)
 
 
 # ---------------------------------------------------------------------------------- inspect
@@ -74,7 +122,9 @@ def describe(path: Path, emb) -> dict:
 
 
 def _print_info(info: dict, nearest=None) -> None:
-    click.secho(info["file"], bold=True)
+    from .formats import printable
+
+    click.secho(printable(info["file"]), bold=True)
     rows = [
         ("format", info["format"]),
         ("trigger", info["trigger"] + (f"  (also: {info['also_triggered_by']})" if "also_triggered_by" in info else "")),
@@ -89,7 +139,7 @@ def _print_info(info: dict, nearest=None) -> None:
     if "size_bytes" in info:
         rows += [("size", f"{info['size_bytes']:,} bytes"), ("sha256", info["sha256"]), ("A1111 hash", info["short_hash"])]
     for label, value in rows:
-        click.echo(f"  {label:<12} {value}")
+        click.echo(f"  {label:<12} {printable(value)}")
     for slot, per_vector in (nearest or {}).items():
         click.echo(f"  nearest words ({slot}):")
         for i, words in enumerate(per_vector):
@@ -107,7 +157,12 @@ def inspect(files, model, top, model_config, as_json):
     from . import formats, tokens
 
     # Read everything first: a bad file fails the command before anything is printed.
-    found = [(Path(f), emb) for f in files for emb in formats.load_all(f)]
+    found = []
+    for f in files:
+        embs = formats.load_all(f)
+        if not embs:
+            raise TextinvError(f"{formats.printable(f)}: no embedding files in this folder")
+        found += [(Path(f), emb) for emb in embs]
     pipe = None
     if model:
         from .models import load_pipeline
@@ -144,11 +199,13 @@ def convert(src, dst, fmt, name, select, preview):
         from PIL import Image
 
         try:
-            image = Image.open(preview).convert("RGB")
-        except OSError as e:
+            with Image.open(preview) as im:
+                image = im.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise TextinvError(f"{preview}: cannot read preview image ({e})") from None
     written = formats.save(emb, dst, fmt, preview=image)
-    click.echo(f"wrote {written} ({formats.detect_format(written)}, trigger {emb.name!r}, {emb.num_vectors} vectors, {emb.family})")
+    click.echo(f"wrote {formats.printable(written)} ({formats.detect_format(written)}, trigger {emb.name!r}, "
+               f"{emb.num_vectors} vectors, {emb.family})")
 
 
 # ------------------------------------------------------------------------------------ train
@@ -166,19 +223,20 @@ def convert(src, dst, fmt, name, select, preview):
 @click.option("--grad-accum", default=1, show_default=True)
 @click.option("--timesteps", default="all", show_default=True,
               help="LOW:HIGH: train on these noise levels only (of 1000), e.g. 300:1000 to re-learn a word's colours (replace mode).")
-@click.option("--guidance", "train_guidance", default=1.0, show_default=True,
+@click.option("--guidance", "train_guidance", type=_Finite(1.0), default=1.0, show_default=True,
               help="Fit the prediction the sampler uses at this classifier-free guidance scale (e.g. 4); 1: the plain loss.")
-@click.option("--resolution", type=int, default=None, help="Training size in pixels (default: the model's native size).")
-@click.option("--crops", default=1, show_default=True, help="Views per image: a centre crop plus random crops.")
+@click.option("--resolution", type=click.IntRange(8, 2048), default=None,
+              help="Training size in pixels, a multiple of the VAE's factor (default: the model's native size).")
+@click.option("--crops", type=click.IntRange(min=1), default=1, show_default=True, help="Views per image: a centre crop plus random crops.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Also train on mirrored views.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="The frozen model's precision (fp16: GPUs only, with loss scaling); learned vectors always stay fp32.")
 @clip_skip_option
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute the UNet's activations in the backward pass: less memory, more time.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the UNet.")
-@click.option("--save-every", default=0, show_default=True, help="Also save NAME-STEP every N steps (and a resume point).")
-@click.option("--preview-every", default=0, show_default=True, help="Write a fixed-seed preview grid every N steps.")
+@click.option("--save-every", type=STEPS, default=0, show_default=True, help="Also save NAME-STEP every N steps (and a resume point).")
+@click.option("--preview-every", type=STEPS, default=0, show_default=True, help="Write a fixed-seed preview grid every N steps.")
 @click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default="diffusers", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder (default runs/TOKEN).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last save.")
@@ -220,7 +278,7 @@ def train(images, token, model, init, vectors, mode, templates, steps, lr, batch
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("textinv-demo"), show_default=True)
 @click.option("--concept", default=None, help="Which unnamed shape of the mini world to learn: drop (default), arrow, bowtie or tee.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--steps", type=int, default=None, help="Training steps (default: the tuned demo setting).")
 @click.option("-n", "count", type=int, default=None, help="Images per prompt for the metrics.")
 @click.option("--bias", is_flag=True, help="Instead: re-learn the biased word 'ball' from a balanced set (replace mode).")
@@ -265,9 +323,9 @@ def _sampler_help() -> str:
 @click.option("--embeddings", "-e", multiple=True, type=click.Path(path_type=Path), help="Embedding file or library folder (repeatable).")
 @click.option("--model", "-m", default=None, help="Hub id, diffusers folder, single-file checkpoint, or 'mini' (default).")
 @click.option("-n", "count", default=1, show_default=True, help="Number of images; image i uses seed SEED+i.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--steps", default=30, show_default=True)
-@click.option("--guidance", type=float, default=None, help="CFG scale (default 7; 4 for the mini model).")
+@click.option("--guidance", type=_Finite(), default=None, help="CFG scale (default 7; 4 for the mini model).")
 @click.option("--sampler", default=None, help=_sampler_help())
 @click.option("--size", default=None, help="WxH, e.g. 512x512 (default: the model's native size).")
 @click.option("--batch", default=8, show_default=True, help="Images per pipeline call.")
@@ -327,6 +385,7 @@ def ui(library, model, model_config, workdir, port, max_upload_mb, open_browser)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def list_(folder, as_json):
     """Table of a library folder: trigger, family, vectors, steps, size, short hash."""
+    from .formats import printable
     from .library import rows
 
     table = rows(folder)
@@ -334,8 +393,8 @@ def list_(folder, as_json):
         click.echo(json.dumps(table, indent=2))
         return
     head = ["trigger", "family", "vectors", "steps", "size", "hash", "file"]
-    cells = [[str(r["trigger"]), r["family"], str(r["vectors"]), "" if r["steps"] is None else str(r["steps"]),
-              "" if r["size"] is None else f"{r['size']:,}", r["hash"] or "", r["file"]] for r in table]
+    cells = [[printable(r["trigger"]), r["family"], str(r["vectors"]), "" if r["steps"] is None else str(r["steps"]),
+              "" if r["size"] is None else f"{r['size']:,}", r["hash"] or "", printable(r["file"])] for r in table]
     widths = [max(len(x) for x in col) for col in zip(head, *cells)]
     for line in [head] + cells:
         click.echo("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())
@@ -346,7 +405,8 @@ def _save_as(emb, out: Path, fmt) -> None:
     from . import formats
 
     written = formats.save(emb, out, fmt)
-    click.echo(f"wrote {written} ({formats.detect_format(written)}, trigger {emb.name!r}, {emb.num_vectors} vectors, {emb.family})")
+    click.echo(f"wrote {formats.printable(written)} ({formats.detect_format(written)}, trigger {emb.name!r}, "
+               f"{emb.num_vectors} vectors, {emb.family})")
 
 
 def _trigger_of(out: Path) -> str:
@@ -459,9 +519,9 @@ def _finish_measuring(cfg, result, tracker, training_images, pick_best):
 @click.option("--concept", default=None, help="Measure with the mini world's judge, for this shape (default when the model draws 32×32: the shape the judge sees in the training images).")
 @click.option("--clip", default=None, help="CLIP weights, folder or hub id (default for other models: openai/clip-vit-base-patch32).")
 @click.option("--dino", default=None, help="DINO weights, folder or hub id (default for other models: facebook/dino-vits16).")
-@click.option("--seed", default=0, show_default=True, help="Image i of every prompt uses seed SEED+i.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Image i of every prompt uses seed SEED+i.")
 @click.option("--steps", default=30, show_default=True, help="Sampling steps per image.")
-@click.option("--guidance", type=float, default=None, help="CFG scale (default as textinv generate: 7; 4 for the mini model).")
+@click.option("--guidance", type=_Finite(), default=None, help="CFG scale (default as textinv generate: 7; 4 for the mini model).")
 @click.option("--tolerance", default=0.05, show_default=True, help="Best-step rule: the earliest step within this fraction of the best score.")
 @click.option("--baseline/--no-baseline", default=True, show_default=True, help="Also measure the init word.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder (default RUN/eval, or NAME-eval beside a file).")

@@ -18,7 +18,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import TextinvError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# Files a training folder may hold beside its images without a word: captions and the like.
+QUIET_SUFFIXES = {".txt", ".caption", ".json", ".toml", ".yaml", ".yml", ".md"}
+MAX_PIXELS = 64_000_000  # a 8000×8000 photo; more is a decompression bomb or nothing to learn a word from
 MIN_SIDE = 8  # smaller images carry no usable detail (and 1×1 "images" are usually errors)
 
 # The Textual Inversion paper's templates (as in its code and in A1111's subject/style files).
@@ -67,19 +70,33 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def open_image(path: Path) -> Image.Image:
-    """Open one image as RGB with EXIF orientation applied; TextinvError if unusable."""
-    try:
-        with Image.open(path) as img:
-            if getattr(img, "n_frames", 1) > 1:
-                warnings.warn(f"{path.name}: animated image, using its first frame", stacklevel=2)
-                img.seek(0)
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            rgb = _to_rgb(img)
-    except UnidentifiedImageError:
-        raise TextinvError(f"{path.name}: not a readable image (unknown format or corrupt)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise TextinvError(f"{path.name}: not a readable image ({' '.join(str(e).split()) or type(e).__name__})") from None
+    """Open one image as RGB with EXIF orientation applied; TextinvError if unusable.
+
+    The size is checked before any pixel is decoded; Pillow's own warnings (bad EXIF data, …)
+    are passed on with the file's name."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise TextinvError(f"{path.name}: {w}×{h} pixels is over the {MAX_PIXELS // 1_000_000} megapixel limit "
+                                       "(a decompression bomb, or far larger than training needs)")
+                if getattr(img, "n_frames", 1) > 1:
+                    warnings.warn(f"{path.name}: animated image, using its first frame", stacklevel=2)
+                    img.seek(0)
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                rgb = _to_rgb(img)
+        except UnidentifiedImageError:
+            raise TextinvError(f"{path.name}: not a readable image (unknown format or corrupt)") from None
+        except Image.DecompressionBombError:
+            raise TextinvError(f"{path.name}: refused as a decompression bomb (too many pixels)") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise TextinvError(f"{path.name}: not a readable image ({' '.join(str(e).split()) or type(e).__name__})") from None
+    for w in caught:
+        text = str(w.message)
+        warnings.warn(text if text.startswith(path.name) else f"{path.name}: {text}", stacklevel=2)
     if min(rgb.size) < MIN_SIDE:
         raise TextinvError(f"{path.name}: {rgb.size[0]}×{rgb.size[1]} pixels is too small to learn from")
     return rgb
@@ -89,7 +106,8 @@ def filewords(path: Path) -> str:
     """A1111's [filewords]: the sidecar IMG.txt, else the file name without leading numbers."""
     sidecar = path.with_suffix(".txt")
     if sidecar.is_file():
-        return " ".join(sidecar.read_text(encoding="utf-8", errors="replace").split())
+        with open(sidecar, encoding="utf-8", errors="replace") as f:
+            return " ".join(f.read(1 << 16).split())  # a caption, not a book
     return re.sub(r"^[-\d]+\s*", "", path.stem).replace("_", " ").strip()
 
 
@@ -98,7 +116,18 @@ def load_images(folder: str | Path) -> list[TrainImage]:
     folder = Path(folder)
     if not folder.is_dir():
         raise TextinvError(f"--images {folder}: not a folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue  # hidden files (.DS_Store, editors' swap files)
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():  # is_file: not a FIFO, device or dangling link
+            files.append(p)
+        elif p.is_dir():
+            warnings.warn(f"skipped {p.name}/: a folder (images are read from --images itself, not below it)", stacklevel=2)
+        elif not p.is_file():
+            warnings.warn(f"skipped {p.name}: not a regular file (a pipe, device or broken link)", stacklevel=2)
+        elif p.suffix.lower() not in QUIET_SUFFIXES:
+            warnings.warn(f"skipped {p.name}: not a supported image type (.jpg .png .webp .bmp .gif .tif)", stacklevel=2)
     out = []
     for path in files:
         try:

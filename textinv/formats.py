@@ -104,6 +104,8 @@ MAX_TORCH_ZIP_BYTES = 1 << 30
 MAX_PICKLE_BYTES = 4 << 20
 MAX_CARD_JSON_BYTES = 64 << 20  # bound on what a card's zlib stream may inflate to
 SDXL_WIDTHS = {"clip_l": 768, "clip_g": 1280}
+# What an embedding's vectors may be stored as (float8/float4 have no arithmetic to check them with).
+VECTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CARD_KEY = "sd-ti-embedding"
 A1111_STAR_TOKEN = 265  # CLIP id of "*", written by A1111, never read back
 
@@ -119,7 +121,13 @@ _XTI_KEY = re.compile(r"^(IN\d\d|MID|OUT\d\d)$")
 
 def _fail(path, problem) -> EmbeddingFileError:
     """The one-line error every reader and writer raises: ``<file>: <problem>``."""
-    return EmbeddingFileError(f"{Path(path).name}: {_one_line(problem)}")
+    return EmbeddingFileError(f"{printable(Path(path).name)}: {_one_line(problem)}")
+
+
+def printable(text) -> str:
+    """``text`` safe to print on a terminal: control characters (escape codes, newlines) shown as
+    ``\\xNN``/``\\n``, never acted on.  Names come from strangers' files and file names."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in str(text))
 
 
 def _one_line(x) -> str:
@@ -302,10 +310,9 @@ def _read_pickle(path: Path, zipped: bool):
 
     A torch zip is memory-mapped: tensors are views of the file until :func:`_check_vectors`
     copies the slices an embedding uses, so a small view of a huge storage costs its slice."""
-    if zipped:
-        _check_pickle_entry(path)
+    records = _check_zip(path) if zipped else None
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), safe_pickle.limits(path.stat().st_size, records):
             warnings.simplefilter("ignore")  # legacy files: "source code of class ... changed"
             return torch.load(path, map_location="cpu", pickle_module=safe_pickle,
                               weights_only=False, mmap=zipped)
@@ -318,18 +325,32 @@ def _read_pickle(path: Path, zipped: bool):
         raise _fail(path, problem) from None
 
 
-def _check_pickle_entry(path: Path) -> None:
-    """A torch zip's pickle (the only part that is not raw tensor data) must be small."""
+def _check_zip(path: Path) -> dict[str, int]:
+    """A torch zip's entries, checked before anything is read: stored (torch never compresses,
+    so nothing can inflate), inside the file, one small pickle.  Returns {storage key: bytes}."""
     try:
         with zipfile.ZipFile(path) as z:
-            pickles = [i for i in z.infolist() if i.filename.endswith("/data.pkl")]
-    except (zipfile.BadZipFile, OSError) as err:
+            entries = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
         raise _fail(path, f"corrupt or truncated torch file ({err})") from None
+    size = path.stat().st_size
+    for e in entries:
+        if e.compress_type != zipfile.ZIP_STORED:
+            raise _fail(path, f"zip entry {e.filename!r} is compressed; torch files never are (a zip bomb?)")
+        if e.file_size > size or e.header_offset + e.file_size > size:
+            raise _fail(path, f"zip entry {e.filename!r} claims {_size(e.file_size)}, more than the file holds")
+    pickles = [e for e in entries if e.filename.endswith("/data.pkl")]
     if len(pickles) != 1:
         raise _fail(path, "corrupt torch file: no data.pkl entry (or several)")
     if pickles[0].file_size > MAX_PICKLE_BYTES:
         raise _fail(path, f"its pickle is {_size(pickles[0].file_size)}; an embedding's is a few kB "
                           f"(limit {_size(MAX_PICKLE_BYTES)})")
+    records = {}
+    for e in entries:
+        root, _, rest = e.filename.partition("/")
+        if rest.startswith("data/"):
+            records[rest[len("data/"):]] = e.file_size
+    return records
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict]:
@@ -453,9 +474,10 @@ def _check_vectors(path, vectors: dict, where: str = "") -> dict[str, torch.Tens
         label = f"{where}{key}: " if len(vectors) > 1 else where
         if not isinstance(t, torch.Tensor):
             raise _fail(path, f"{label}holds a {type(t).__name__}, not a tensor")
-        if not t.is_floating_point():
-            raise _fail(path, f"{label}tensor has dtype {str(t.dtype).removeprefix('torch.')}, "
-                              "not floating point")
+        if t.dtype not in VECTOR_DTYPES:
+            kind = "floating point" if t.is_floating_point() else "not floating point"
+            raise _fail(path, f"{label}tensor has dtype {str(t.dtype).removeprefix('torch.')} ({kind}); "
+                              "embeddings are float16, bfloat16, float32 or float64")
         if t.ndim == 1:
             t = t.unsqueeze(0)  # old single-vector diffusers files store [D]
         if t.ndim != 2:

@@ -101,11 +101,13 @@ def read_parameters(path: str | Path) -> str:
     path = Path(path)
     try:
         with Image.open(path) as im:
-            im.load()
-            text = im.info.get(KEY) or (getattr(im, "text", {}) or {}).get(KEY)
+            text = im.info.get(KEY)
+            if not text:  # a text chunk after the pixels: only there once they are read
+                im.load()
+                text = im.info.get(KEY) or (getattr(im, "text", {}) or {}).get(KEY)
     except FileNotFoundError:
         raise TextinvError(f"{path}: no such file") from None
-    except OSError as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise TextinvError(f"{path}: cannot read image ({' '.join(str(e).split())})") from None
     if not text:
         raise TextinvError(f"{path}: has no A1111 'parameters' text chunk")

@@ -14,8 +14,10 @@ loop, saving.  What makes it fast and safe:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import math
 import re
 import time
@@ -34,7 +36,9 @@ from .models import DTYPES, load_pipeline
 
 MODES = ("object", "style", "replace")
 STATE_FILE = "state.pt"
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what a scheduler config may say the UNet predicts
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+MAX_RESOLUTION = 2048  # SDXL trains at 1024; 2048 px already needs tens of GB per image in the UNet
+MAX_SEED = 2**63 - 1  # what a scheduler config may say the UNet predicts
 MAX_SKIPPED_STEPS = 25  # fp16: this many overflowing steps in a row is not a transient, it is the model
 
 
@@ -273,6 +277,21 @@ def _diverged(step: int, params, last_good, fp16: bool, table_norm: float) -> Tr
                             f"weights or the training images hold NaN/inf; {where}")
 
 
+def check_options(cfg: TrainConfig) -> None:
+    """Ranges every caller (CLI, UI, Python) gets checked in one place; the model-dependent part
+    (a multiple of the VAE's factor) is checked once the model is loaded."""
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise TextinvError(f"--seed {cfg.seed}: must be between 0 and {MAX_SEED}")
+    if cfg.save_every < 0 or cfg.preview_every < 0:
+        raise TextinvError(f"--save-every {cfg.save_every} / --preview-every {cfg.preview_every}: 0 (off) or a number of steps")
+    if cfg.crops < 1:
+        raise TextinvError(f"--crops {cfg.crops}: at least 1 (the centre crop)")
+    if cfg.resolution is not None and not 8 <= cfg.resolution <= MAX_RESOLUTION:
+        raise TextinvError(f"--resolution {cfg.resolution}: must be between 8 and {MAX_RESOLUTION} pixels")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise TextinvError(f"weight decay {cfg.weight_decay}: must be a number >= 0")
+
+
 # ------------------------------------------------------------------------------------ train
 def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=None, **overrides) -> TrainResult:
     """Train one embedding.  ``train(images=..., token=..., steps=...)`` or ``train(TrainConfig(...))``.
@@ -283,6 +302,14 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
     training there, with the final embedding and state at that step (the web UI's Stop button).
     """
     cfg = dataclasses.replace(config, **overrides) if config else TrainConfig(**overrides)
+    from accelerate import PartialState
+
+    main_process = PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    with RunLock(cfg.resolved_out()) if main_process else contextlib.nullcontext():
+        return _train(cfg, pipe, on_save, on_step)
+
+
+def _train(cfg: TrainConfig, pipe, on_save, on_step) -> TrainResult:
     if cfg.mode not in MODES:
         raise TextinvError(f"--mode {cfg.mode!r}: choose one of {', '.join(MODES)}")
     if not 1 <= cfg.vectors <= formats.MAX_VECTORS:
@@ -295,6 +322,7 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
         raise TextinvError(f"--guidance {cfg.guidance}: must be a number >= 1 (1: the plain conditional loss)")
     if cfg.precision not in DTYPES:
         raise TextinvError(f"--precision {cfg.precision!r}: choose one of {', '.join(DTYPES)}")
+    check_options(cfg)
     schedule = parse_lr(cfg.lr)
     templates = data.load_templates(cfg.templates or ("style" if cfg.mode == "style" else "object"))
     out = cfg.resolved_out()
@@ -335,6 +363,8 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
     t_low, t_high = parse_timesteps(cfg.timesteps, noise_scheduler.config.num_train_timesteps)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     resolution = cfg.resolution or int(pipe.unet.config.sample_size) * vae_scale
+    if resolution % vae_scale:
+        raise TextinvError(f"--resolution {resolution}: must be a multiple of {vae_scale} (this model's VAE scale factor)")
 
     # -- images → cached latent distributions ------------------------------------------------
     views, captions = [], []
@@ -365,6 +395,8 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
     start = 0
     if cfg.resume and (out / STATE_FILE).exists():
         start = _load_state(out / STATE_FILE, cfg, params, optimizer, scaler)
+    if main_process:
+        _trim_log(out, start)  # each step once, after any number of resumes
 
     config_json = dict(dataclasses.asdict(cfg), resolution=resolution, init=emb.meta["init_text"],
                        templates_used=templates, images_used=[str(i.path) for i in images], views=len(views))
@@ -519,20 +551,84 @@ def _load_state(path: Path, cfg: TrainConfig, params, optimizer, scaler) -> int:
     try:
         st = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise TextinvError(f"{path}: cannot resume from this state file ({type(e).__name__}: {e})") from None
+        raise TextinvError(f"{path}: cannot resume from this state file ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    if not (isinstance(st, dict) and isinstance(st.get("identity"), dict)):
+        raise TextinvError(f"{path}: not a textinv training state (damaged or foreign); use another --out")
     # A state from before a setting existed was made with its default.
     defaults = {"clip_skip": "1"}
     changed = {k: (v, now) for k in _identity(cfg) if (v := st["identity"].get(k, defaults.get(k))) != (now := _identity(cfg)[k])}
     if changed:
         k, (was, now) = next(iter(changed.items()))
         raise TextinvError(f"--resume: this run was started with {k}={was}, now {k}={now}; use the same settings or another --out")
-    with torch.no_grad():
-        for p, saved in zip(params, st["params"]):
-            p.copy_(saved)
-    optimizer.load_state_dict(st["optimizer"])
-    if st.get("scaler"):
-        scaler.load_state_dict(st["scaler"])
+    shapes = [tuple(p.shape) for p in params]
+    well_formed = (type(st.get("step")) is int and st["step"] >= 0 and isinstance(st.get("optimizer"), dict)
+                   and isinstance(st.get("params"), list)
+                   and [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in st["params"]] == shapes)
+    if not well_formed:
+        raise TextinvError(f"{path}: a damaged training state (its step, vectors or optimizer do not fit this run); "
+                           "use another --out")
+    try:
+        with torch.no_grad():
+            for p, saved in zip(params, st["params"]):
+                p.copy_(saved)
+        optimizer.load_state_dict(st["optimizer"])
+        if st.get("scaler"):
+            scaler.load_state_dict(st["scaler"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise TextinvError(f"{path}: its optimizer state does not fit this run ({' '.join(str(e).split())[:200]})") from None
     return int(st["step"])
+
+
+class RunLock:
+    """One process at a time owns a run folder: a second ``train`` on it, or a ``--resume`` while
+    the first still runs, is refused in one line.  The lock is the kernel's (``flock`` on
+    ``.lock``), so a killed run leaves nothing stuck: its lock goes with its process."""
+
+    def __init__(self, out: Path):
+        self.out, self.file = Path(out), None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no locking
+            return self
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.out / ".lock", "a+", encoding="ascii")
+        except OSError as e:
+            raise TextinvError(f"--out {self.out}: cannot write there ({e.strerror or e})") from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "?"
+            self.file.close()
+            raise TextinvError(f"--out {self.out}: another textinv train (pid {holder}) is using this folder; "
+                               "wait for it to finish, or choose another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()  # closing releases the lock
+
+
+def _trim_log(out: Path, start: int) -> None:
+    """Keep the log's records of steps 1..start: a resumed run replays nothing twice."""
+    log = out / "log.jsonl"
+    if not log.exists():
+        return
+    kept = []
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= start:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    write_text(log, "".join(k + "\n" for k in kept))
 
 
 def _log(out: Path, record: dict) -> None:
@@ -558,6 +654,6 @@ def preview(pipe, cfg: TrainConfig, templates: list[str], path: Path, n: int = 4
         g = torch.Generator().manual_seed(cfg.seed)
         call = generation.clip_skip_kwargs(pipe, [prompt] * n, None, cfg.clip_skip) or {"prompt": [prompt] * n}
         images += pipe(**call, num_inference_steps=steps, generator=g).images
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid(images, cols=n, labels=prompts, label_every=n, scale=max(1, 128 // images[0].width)).save(path)
+    with atomic_path(path) as tmp:
+        grid(images, cols=n, labels=prompts, label_every=n, scale=max(1, 128 // images[0].width)).save(tmp, format="PNG")
     return path
