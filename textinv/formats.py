@@ -255,7 +255,7 @@ def _read(path: Path) -> tuple[str, list[Embedding]]:
                               "use load_all() for a library folder")
         return "diffusers-sdxl", [_read_diffusers_sdxl(path)]
     if not path.is_file():
-        raise _fail(path, "no such file")
+        raise _fail(path, "not a regular file (a pipe, device or socket)" if path.exists() else "no such file")
     kind = _sniff(path)
     if kind == "image":
         data = _read_card(path)
@@ -289,7 +289,7 @@ def _sniff(path: Path) -> str:
         kind = "image"
     elif head.startswith(b"PK\x03\x04"):
         kind = "zip"  # torch.save's default container
-    elif head[0] == 0x80 and 2 <= head[1] <= 5:
+    elif len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         kind = "pickle"  # torch.save(_use_new_zipfile_serialization=False)
     elif len(head) >= 9 and head[8:9] == b"{":
         header_len = struct.unpack("<Q", head[:8])[0]
