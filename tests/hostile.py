@@ -183,6 +183,9 @@ def build(folder: Path) -> dict[str, list[str] | None]:
             z.writestr(n, d[:-1] + b"N" * (5 << 20) + b"0" + d[-1:] if n.endswith("data.pkl") else d)
     write("zip-huge-pickle.pt", huge_pickle.getvalue(), "its pickle is")
     write("zip-truncated.pt", good_zip[: len(good_zip) // 2], "torch file")
+    at = good_zip.index(b"PK\x01\x02") + 6  # the central directory's "version needed to extract"
+    write("zip-future-version.pt", good_zip[:at] + struct.pack("<H", 84) + good_zip[at + 2 :], "torch file")  # found by fuzzing
+    write("one-byte.pt", b"\x80", "unrecognised content")  # found by fuzzing
     no_pickle = io.BytesIO()
     with zipfile.ZipFile(no_pickle, "w") as z:
         z.writestr("archive/version", b"3\n")

@@ -331,8 +331,8 @@ def _check_zip(path: Path) -> dict[str, int]:
     try:
         with zipfile.ZipFile(path) as z:
             entries = z.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as err:
-        raise _fail(path, f"corrupt or truncated torch file ({err})") from None
+    except Exception as err:  # zipfile raises BadZipFile, NotImplementedError, struct.error, ... for damaged zips
+        raise _fail(path, f"corrupt or truncated torch file ({type(err).__name__}: {err})") from None
     size = path.stat().st_size
     for e in entries:
         if e.compress_type != zipfile.ZIP_STORED:
