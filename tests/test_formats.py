@@ -18,7 +18,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save_file
 
-from textinv import formats
+from textinv import cards, formats
 from textinv.errors import EmbeddingFileError
 from textinv.formats import Embedding, detect_format, is_embedding_candidate, load, load_all, save
 
@@ -217,12 +217,12 @@ def test_png_card_pixels_survive_lossless_webp_not_lossy(tmp_path):
 
 
 def test_generator_matches_reference():
-    assert formats._lcg_nibbles(8).tolist() == [v & 15 for v in (253, 242, 127, 44, 157, 27, 239, 133)]
+    assert cards.lcg_nibbles(8).tolist() == [v & 15 for v in (253, 242, 127, 44, 157, 27, 239, 133)]
     x, slow = 0, []
     for _ in range(9000):  # past the vectorised jump-ahead block boundary
         x = (1664525 * x + 1013904223) % 2**32
         slow.append((x % 255) & 15)
-    assert formats._lcg_nibbles(9000).tolist() == slow
+    assert cards.lcg_nibbles(9000).tolist() == slow
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def test_real_a1111_card_text_and_pixels(tmp_path):
     assert emb.meta["step"] == 60 and emb.family == "SD 1.x"
     with Image.open(RICK) as im:
         text_copy = json.loads(base64.b64decode(im.text[formats.CARD_KEY]))
-        pixel_copy = json.loads(formats._card_bytes_from_pixels(im))
+        pixel_copy = json.loads(cards.bytes_from_pixels(im, formats.MAX_CARD_JSON_BYTES))
     assert text_copy == pixel_copy  # the two independent copies agree
     expected = np.array(text_copy["string_to_param"]["*"]["TORCHTENSOR"], dtype=np.float32)
     assert torch.equal(emb.vectors["clip"], torch.from_numpy(expected))

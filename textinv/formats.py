@@ -6,7 +6,6 @@ restricted unpickler: embedding files come from strangers on the internet.
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import io
@@ -16,18 +15,16 @@ import re
 import struct
 import warnings
 import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
-from PIL.PngImagePlugin import PngInfo
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from . import safe_pickle
+from . import cards, safe_pickle
 from .atomic import atomic_path, write_bytes
 from .errors import EmbeddingFileError
 
@@ -106,7 +103,7 @@ MAX_CARD_JSON_BYTES = 64 << 20  # bound on what a card's zlib stream may inflate
 SDXL_WIDTHS = {"clip_l": 768, "clip_g": 1280}
 # What an embedding's vectors may be stored as (float8/float4 have no arithmetic to check them with).
 VECTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-CARD_KEY = "sd-ti-embedding"
+CARD_KEY = cards.KEY
 A1111_STAR_TOKEN = 265  # CLIP id of "*", written by A1111, never read back
 
 FORMATS = ("diffusers", "diffusers-sdxl", "a1111", "original", "kohya", "sdxl", "lora-bundle",
@@ -595,126 +592,21 @@ def _read_card(path: Path) -> dict:
     try:
         with Image.open(path) as im:
             im.load()
-            text = dict(getattr(im, "text", None) or {})  # tEXt, zTXt and iTXt chunks
-            if CARD_KEY in text:
-                try:
-                    raw = base64.b64decode(str(text[CARD_KEY]), validate=False)
-                    return _card_json(path, raw)
-                except EmbeddingFileError:
-                    raise
-                except Exception as err:
-                    raise _fail(path, f"damaged {CARD_KEY} text chunk ({err})") from None
-            raw = _card_bytes_from_pixels(im)
-    except EmbeddingFileError:
-        raise
+            raw = cards.decode(im, MAX_CARD_JSON_BYTES)
+    except cards.DamagedCard as err:
+        raise _fail(path, str(err)) from None
     except Exception as err:  # PIL raises many kinds for damaged images
         raise _fail(path, f"unreadable image ({type(err).__name__}: {err})") from None
     if raw is None:
-        raise _NoCard(f"{path.name}: image holds no embedding card (no {CARD_KEY} text chunk, "
+        raise _NoCard(f"{printable(path.name)}: image holds no embedding card (no {CARD_KEY} text chunk, "
                       "no data in its pixels; lossy re-encoding destroys them)")
-    return _card_json(path, raw)
-
-
-def _card_json(path: Path, raw: bytes) -> dict:
-    def tensors(obj):
-        if "TORCHTENSOR" in obj:
-            return torch.from_numpy(np.array(obj["TORCHTENSOR"], dtype=np.float64)).float()
-        return obj
-
     try:
-        data = json.loads(raw.decode("utf-8"), object_hook=tensors)
+        data = cards.loads(raw)
     except Exception as err:
         raise _fail(path, f"embedding card holds damaged JSON ({err})") from None
     if not isinstance(data, dict):
         raise _fail(path, "embedding card JSON is not an object")
     return data
-
-
-def _card_bytes_from_pixels(im) -> bytes | None:
-    """Undo the pixel encoding (see the reference): None if the image holds no readable data."""
-    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    lit = (arr > 0).all(axis=2)  # crop the black border: bounding box of fully lit pixels
-    rows, cols = np.flatnonzero(lit.any(axis=1)), np.flatnonzero(lit.any(axis=0))
-    if rows.size == 0:
-        return None
-    arr = arr[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] & 0x0F
-    separators = np.flatnonzero(arr.sum(axis=(0, 2)) == 0)
-    if separators.size < 2:
-        return None
-    low, high = arr[:, :separators[0]], arr[:, separators[-1] + 1:]
-    if low.shape != high.shape or low.size == 0:
-        return None
-    low = low.reshape(-1) ^ _lcg_nibbles(low.size)
-    high = high.reshape(-1) ^ _lcg_nibbles(high.size)
-    stream = zlib.decompressobj()
-    try:
-        data = stream.decompress(((high << 4) | low).tobytes(), MAX_CARD_JSON_BYTES)
-    except zlib.error:
-        return None
-    if not stream.eof:
-        return None  # truncated data, or more than MAX_CARD_JSON_BYTES: not a card we read
-    return data
-
-
-_LCG_A, _LCG_C, _LCG_M = 1664525, 1013904223, 2**32
-_lcg_cache = np.zeros(0, dtype=np.uint8)
-
-
-def _lcg_nibbles(count: int) -> np.ndarray:
-    """Low 4 bits of A1111's generator stream (x <- a*x + c mod 2^32 from 0; output x mod 255).
-
-    Vectorised by jumping ahead a block at a time: x[k+B] = A_B*x[k] + C_B, so the stream for a
-    full-size card costs milliseconds instead of seconds of Python looping.
-    """
-    global _lcg_cache
-    if count <= _lcg_cache.size:
-        return _lcg_cache[:count]
-    block = 4096
-    xs, x = [], 0
-    for _ in range(block):
-        x = (_LCG_A * x + _LCG_C) % _LCG_M
-        xs.append(x)
-    jump_a, jump_c = 1, 0
-    for _ in range(block):
-        jump_a, jump_c = (_LCG_A * jump_a) % _LCG_M, (_LCG_A * jump_c + _LCG_C) % _LCG_M
-    current = np.array(xs, dtype=np.uint64)
-    parts = [current]
-    for _ in range((count - 1) // block):
-        current = (current * np.uint64(jump_a) + np.uint64(jump_c)) % np.uint64(_LCG_M)
-        parts.append(current)
-    _lcg_cache = ((np.concatenate(parts) % np.uint64(255)) & np.uint64(0x0F)).astype(np.uint8)
-    return _lcg_cache[:count]
-
-
-def _card_pixel_blocks(payload: bytes, height: int, shade: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The (low-half, high-half) RGB blocks hiding ``payload``: A1111's layout, cyclic padding."""
-    data = np.frombuffer(zlib.compress(payload, 9), dtype=np.uint8)
-    size = data.size + (height - data.size % height)
-    size += 3 * height - size % (3 * height)
-    blocks = []
-    for half, pattern in ((data & 0x0F, shade), (data >> 4, shade[::-1])):
-        nibbles = np.resize(half, size) ^ _lcg_nibbles(size)
-        block = nibbles.reshape(height, -1, 3)
-        dots = _dot_pattern(block.shape[0], block.shape[1], pattern) << 4
-        blocks.append(block | dots[..., None])
-    return blocks[0], blocks[1]
-
-
-def _dot_pattern(height: int, width: int, shade: np.ndarray) -> np.ndarray:
-    """High-nibble decoration: a grid of dots shaded from the first vector, never 0.
-
-    A nonzero high nibble keeps every data pixel "lit", so a reader's black-border crop can
-    never eat into the data blocks.
-    """
-    y, x = np.mgrid[0:height, 0:width]
-    row = (y + 6) // 8
-    x_shift = x + 6 + 4 * (row % 2 == 0)
-    col = x_shift // 8
-    dy, dx = (y + 6) % 8 - 3, x_shift % 8 - 3
-    inside = dy * dy + dx * dx <= 9
-    levels = 2 + (shade.astype(np.int64) * 13 // 255)
-    dot = levels[(col * (height // 8 + 2) + row) % levels.size]
-    return np.where(inside, dot, 1).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -881,65 +773,16 @@ def _save_png(emb: Embedding, path: Path, preview) -> None:
         data = {k: emb.vectors[k] for k in SDXL_KEYS}
     else:
         data = _a1111_dict(emb, emb.vectors[SINGLE_KEY])
-    text = json.dumps(data, default=_tensor_json).encode("utf-8")
-    visible = preview.convert("RGB") if preview is not None else _default_card_image(emb)
-    visible = _caption(visible, emb)
+    visible = preview.convert("RGB") if preview is not None else cards.default_image(emb.name)
+    checkpoint = emb.meta.get("sd_checkpoint")
+    visible = cards.caption(visible, f"<{emb.name}>", str(emb.meta.get("sd_checkpoint_name") or ""),
+                            f"[{checkpoint}]" if checkpoint else "",
+                            f"{emb.num_vectors}v {int(emb.meta.get('step') or 0)}s")
     first = emb.vectors["clip_l" if emb.is_sdxl else SINGLE_KEY].float()[0, :1024].abs()
     shade = (first / first.max().clamp_min(1e-12) * 255).to(torch.uint8).numpy()
-    low, high = _card_pixel_blocks(text, visible.height, shade)
-    canvas = np.zeros((visible.height, low.shape[1] + visible.width + high.shape[1] + 2, 3),
-                      dtype=np.uint8)
-    canvas[:, :low.shape[1]] = low
-    canvas[:, low.shape[1] + 1:low.shape[1] + 1 + visible.width] = np.asarray(visible)
-    canvas[:, canvas.shape[1] - high.shape[1]:] = high
-    info = PngInfo()
-    info.add_text(CARD_KEY, base64.b64encode(text).decode("ascii"))
+    image, info = cards.encode(data, visible, shade)
     with atomic_path(path) as tmp:
-        Image.fromarray(canvas, "RGB").save(tmp, format="PNG", pnginfo=info)
-
-
-def _tensor_json(obj):
-    if isinstance(obj, torch.Tensor):
-        return {"TORCHTENSOR": obj.detach().cpu().float().tolist()}
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def _default_card_image(emb: Embedding, size: int = 512) -> Image.Image:
-    """A plain visible card: a dark gradient tinted by the embedding's name."""
-    tint = np.frombuffer(hashlib.sha256(emb.name.encode()).digest()[:3], dtype=np.uint8)
-    ramp = np.linspace(0.15, 0.6, size)[:, None, None]
-    pixels = (ramp * (64 + tint.astype(np.float64) * 0.75)).clip(0, 255).astype(np.uint8)
-    return Image.fromarray(np.broadcast_to(pixels, (size, size, 3)).copy(), "RGB")
-
-
-def _caption(image: Image.Image, emb: Embedding) -> Image.Image:
-    """A1111's overlay: name on top; checkpoint name, [checkpoint hash], "{n}v {steps}s" below."""
-    image = image.convert("RGB").copy()
-    w, h = image.size
-    scale = max(min(w, h) / 512, 0.25)
-    draw = ImageDraw.Draw(image, "RGBA")
-    band = max(int(64 * scale), 8)
-    draw.rectangle((0, 0, w, band), fill=(0, 0, 0, 150))
-    draw.rectangle((0, h - band // 2, w, h), fill=(0, 0, 0, 150))
-    title_font, foot_font = _font(int(48 * scale)), _font(int(20 * scale))
-    margin = int(10 * scale)
-    draw.text((margin, margin // 2), f"<{emb.name}>", font=title_font, fill=(255, 255, 255))
-    foot_y = h - band // 2 + margin // 2
-    checkpoint = emb.meta.get("sd_checkpoint")
-    draw.text((margin, foot_y), str(emb.meta.get("sd_checkpoint_name") or ""), font=foot_font,
-              fill=(255, 255, 255))
-    draw.text((w // 2, foot_y), f"[{checkpoint}]" if checkpoint else "", font=foot_font,
-              fill=(255, 255, 255))
-    right = f"{emb.num_vectors}v {int(emb.meta.get('step') or 0)}s"
-    draw.text((w - margin, foot_y), right, font=foot_font, fill=(255, 255, 255), anchor="ra")
-    return image
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=max(size, 6))
-    except TypeError:  # Pillow without FreeType: fixed-size bitmap font
-        return ImageFont.load_default()
+        image.save(tmp, format="PNG", pnginfo=info)
 
 
 _WRITERS = {"diffusers": _save_diffusers, "a1111": _save_a1111, "kohya": _save_kohya,
