@@ -97,30 +97,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 # ---------------------------------------------------------------------------------- inspect
-def describe(path: Path, emb) -> dict:
-    """What `textinv inspect` reports about one embedding (also its --json output)."""
-    from . import formats, tokens
-
-    info = {
-        "file": str(path),
-        "format": emb.source_format,
-        "trigger": emb.name,
-        "family": emb.family,
-        "vectors": {slot: list(t.shape) for slot, t in emb.vectors.items()},
-        "dtype": {slot: str(t.dtype).replace("torch.", "") for slot, t in emb.vectors.items()},
-        "norms": {slot: [round(float(x), 4) for x in t.float().norm(dim=-1)] for slot, t in emb.vectors.items()},
-        "meta": {k: v for k, v in emb.meta.items() if isinstance(v, (str, int, float, bool, type(None)))},
-    }
-    if emb.source_format == "diffusers" and emb.meta.get("token") not in (None, emb.name):
-        info["also_triggered_by"] = emb.meta["token"]
-    if path.is_file():
-        info["size_bytes"] = path.stat().st_size
-        info["sha256"] = formats.sha256_file(path)
-        info["short_hash"] = info["sha256"][:12]
-    info["made_for"] = tokens.describe_widths(emb)
-    return info
-
-
 def _print_info(info: dict, nearest=None) -> None:
     from .formats import printable
 
@@ -155,6 +131,7 @@ def _print_info(info: dict, nearest=None) -> None:
 def inspect(files, model, top, model_config, as_json):
     """Describe embedding files: format, trigger, vectors, family, norms, metadata, hashes."""
     from . import formats, tokens
+    from .library import describe
 
     # Read everything first: a bad file fails the command before anything is printed.
     found = []
@@ -264,14 +241,26 @@ def train(images, token, model, init, vectors, mode, templates, steps, lr, batch
                       clip_skip=1 if clip_skip is None else clip_skip, grad_checkpointing=grad_checkpointing,
                       compile=compile_, save_every=save_every, preview_every=preview_every, format=fmt,
                       out=str(out) if out else None, resume=resume, model_config=model_config)
-    pipe = tracker = training_images = None
-    if measure:
-        pipe, tracker, training_images = _measuring(cfg, concept, clip, dino, eval_n, patience if early_stop else None)
-    result = run(cfg, pipe=pipe, on_save=tracker)
-    if result.is_main_process:
-        click.echo(f"wrote {result.embedding_path} ({result.steps} steps, {result.seconds:.0f} s, last loss {result.loss:.4f})")
-    if tracker is not None:
-        _finish_measuring(cfg, result, tracker, training_images, pick_best)
+    if not measure:
+        result = run(cfg)
+        if result.is_main_process:
+            click.echo(f"wrote {result.embedding_path} ({result.steps} steps, {result.seconds:.0f} s, last loss {result.loss:.4f})")
+        return
+    from . import evaluate
+    from .report import format_table
+
+    measured = evaluate.train_measured(cfg, concept=concept, clip=clip, dino=dino, n=eval_n,
+                                       patience=patience if early_stop else None, keep_best=pick_best,
+                                       echo=lambda msg: click.echo(f"\n  measured {msg}", err=True))
+    result = measured.result
+    click.echo(f"wrote {result.embedding_path} ({result.steps} steps, {result.seconds:.0f} s, last loss {result.loss:.4f})")
+    if pick_best:
+        best = measured.best
+        note = "the last step's" if best == result.steps else f"step {best}'s (the last step's is in {result.out / 'embeddings'})"
+        click.echo(f"--pick-best: {result.embedding_path} holds {note} embedding")
+    click.echo(format_table(measured.evaluation.result))
+    paths = measured.written
+    click.echo(f"wrote {paths['report']}, {paths['curve']}, {paths['metrics']}")
 
 
 # ------------------------------------------------------------------------------------- demo
@@ -477,38 +466,6 @@ def nearest(file, model, top, model_config):
 
 
 # ------------------------------------------------------------- eval, train --pick-best (issue 6)
-def _measuring(cfg, concept, clip, dino, n, patience):
-    """The pipeline, a StepTracker for train(on_save=...) and the training images."""
-    import torch
-
-    from . import data, evaluate
-    from .models import load_pipeline
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = load_pipeline(cfg.model, dtype=cfg.precision, device=device, config=cfg.model_config)
-    training_images = [item.image for item in data.load_images(cfg.images)]
-    metric = evaluate.choose_metric(pipe, training_images, concept=concept, clip=clip, dino=dino, device=device)
-    tracker = evaluate.StepTracker(metric, pipe, cfg.token, n=n, seed=cfg.seed, guidance=evaluate.default_guidance(cfg.model),
-                                   clip_skip=cfg.clip_skip, patience=patience, echo=lambda msg: click.echo(f"\n  measured {msg}", err=True))
-    return pipe, tracker, training_images
-
-
-def _finish_measuring(cfg, result, tracker, training_images, pick_best):
-    from . import evaluate
-    from .report import format_table, write_outputs
-
-    if pick_best:
-        best, path = evaluate.pick_best(tracker, result, cfg)
-        note = "the last step's" if best == result.steps else f"step {best}'s (the last step's is in {result.out / 'embeddings'})"
-        click.echo(f"--pick-best: {path} holds {note} embedding")
-    elif not tracker.has(result.steps):
-        tracker.measure(result.steps)
-    ev = tracker.evaluation(target=result.out, model=cfg.model, images=cfg.images, training=training_images)
-    click.echo(format_table(ev.result))
-    paths = write_outputs(ev, result.out / "eval")
-    click.echo(f"wrote {paths['report']}, {paths['curve']}, {paths['metrics']}")
-
-
 @main.command("eval")
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--images", type=click.Path(path_type=Path), default=None, help="Training images (default: the run's own).")

@@ -376,14 +376,14 @@ def run_embeddings(run_dir) -> tuple[dict, list[tuple[int, "object"]]]:
     from pathlib import Path
 
     from . import formats
-    from .training import STATE_FILE, _file_stem
+    from .training import STATE_FILE
 
     run_dir = Path(run_dir)
     try:
         cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise TextinvError(f"{run_dir}: not a textinv training run (config.json: {getattr(e, 'strerror', None) or e})") from None
-    stem = _file_stem(cfg["token"])
+    stem = formats.file_stem(cfg["token"])
     found: dict[int, Path] = {}
     for p in sorted((run_dir / "embeddings").glob(f"{stem}-*")):
         m = re.fullmatch(rf"{re.escape(stem)}-(\d+)", p.stem if p.is_file() else p.name)
@@ -496,14 +496,13 @@ def pick_best(tracker: StepTracker, result, cfg, tolerance: float = 0.05) -> tup
     """``textinv train --pick-best``: the recommended step's embedding becomes the run's final file
     (``result.embedding_path``); the last step's embedding stays as ``embeddings/NAME-LAST``."""
     from . import formats
-    from .training import _file_stem, _suffix
 
     if not tracker.has(result.steps):
         tracker.measure(result.steps)  # the trigger still holds the final vectors
     best = best_step(tracker.points, tolerance)
     if best is None or best == result.steps:
         return result.steps, result.embedding_path
-    stem, suffix = _file_stem(cfg.token), _suffix(cfg.format, result.embedding)
+    stem, suffix = formats.file_stem(cfg.token), formats.suffix_for(cfg.format, result.embedding)
     folder = result.out / "embeddings"
     last = folder / f"{stem}-{result.steps}{suffix}"
     if not last.exists():
@@ -511,3 +510,40 @@ def pick_best(tracker: StepTracker, result, cfg, tolerance: float = 0.05) -> tup
     chosen = formats.load(folder / f"{stem}-{best}{suffix}", name=result.embedding.name)
     formats.save(chosen, result.embedding_path, cfg.format)
     return best, result.embedding_path
+
+
+@dataclass
+class MeasuredRun:
+    """``textinv train --pick-best/--early-stop``: the run, its measurements, and what was written."""
+
+    result: "object"  # training.TrainResult
+    evaluation: Evaluation
+    best: int | None  # with keep_best: the step whose embedding became the final one
+    written: dict  # report, curve, metrics paths
+
+
+def train_measured(cfg, *, concept=None, clip=None, dino=None, n: int = 8, patience: int | None = None,
+                   keep_best: bool = False, echo=None) -> MeasuredRun:
+    """Train while measuring every save (the trade-off curve); stop early after ``patience`` saves
+    without a better score; with ``keep_best`` make the recommended step the final embedding.
+    The report goes to RUN/eval."""
+    import torch
+
+    from . import data, training
+    from .models import load_pipeline
+    from .report import write_outputs
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = load_pipeline(cfg.model, dtype=cfg.precision, device=device, config=cfg.model_config)
+    training_images = [item.image for item in data.load_images(cfg.images)]
+    metric = choose_metric(pipe, training_images, concept=concept, clip=clip, dino=dino, device=device)
+    tracker = StepTracker(metric, pipe, cfg.token, n=n, seed=cfg.seed, guidance=default_guidance(cfg.model),
+                          clip_skip=cfg.clip_skip, patience=patience, echo=echo)
+    result = training.train(cfg, pipe=pipe, on_save=tracker)
+    best = None
+    if keep_best:
+        best, _ = pick_best(tracker, result, cfg)
+    elif not tracker.has(result.steps):
+        tracker.measure(result.steps)
+    ev = tracker.evaluation(target=result.out, model=cfg.model, images=cfg.images, training=training_images)
+    return MeasuredRun(result, ev, best, write_outputs(ev, result.out / "eval"))

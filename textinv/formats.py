@@ -7,6 +7,7 @@ restricted unpickler: embedding files come from strangers on the internet.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -82,9 +83,50 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, mtime_ns: int, size: int) -> str:
+    return sha256_file(path)
+
+
+def cached_sha256(path: str | Path) -> str:
+    """sha256 of a file, computed once per version of it (path, modification time, size)."""
+    st = Path(path).stat()
+    return _sha256_of(str(path), st.st_mtime_ns, st.st_size)
+
+
 def short_hash(path: str | Path) -> str:
     """A1111's TI hash: the first 12 hex digits of the file's sha256."""
-    return sha256_file(path)[:12]
+    return cached_sha256(path)[:12]
+
+
+def embedding_hash(emb: "Embedding") -> str | None:
+    """A1111's ``TI hashes`` entry for a loaded embedding: its file's short hash (a diffusers SDXL
+    folder: its first file's); None for an embedding that did not come from a file."""
+    path = getattr(emb, "path", None)
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        path = path / f"{DIFFUSERS_SDXL_STEMS[0]}.safetensors"
+    return short_hash(path) if path.is_file() else None
+
+
+def file_stem(name: str) -> str:
+    """A name made safe as a file name: runs of other characters become "-", no leading dot (a
+    hidden file would be skipped by library scans), never empty."""
+    return re.sub(r"[^\w.-]+", "-", name).strip("-.") or "embedding"
+
+
+def native_format(emb: "Embedding") -> str:
+    """The format an embedding is kept in when none is asked for: one file, SD or SDXL."""
+    return "sdxl" if emb.is_sdxl else "diffusers"
+
+
+def suffix_for(fmt: str, emb: "Embedding") -> str:
+    """The file suffix ``fmt`` is written with ("" for diffusers' SDXL two-file folder)."""
+    if fmt == "diffusers" and emb.is_sdxl:
+        return ""
+    return {"a1111": ".pt", "png": ".png"}.get(fmt, ".safetensors")
 
 
 # ---------------------------------------------------------------------------------------------

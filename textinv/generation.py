@@ -1,7 +1,6 @@
 """Generation with trigger words: fixed-seed, batched sampling through any diffusers pipeline."""
 from __future__ import annotations
 
-import functools
 import os
 import re
 import warnings
@@ -10,6 +9,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+
+from . import formats
 
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 4.0
@@ -77,18 +78,6 @@ class Generation:
     used: list[str] = field(default_factory=list)  # embeddings the prompt or negative prompt called
 
 
-@functools.lru_cache(maxsize=32)
-def _sha256_cached(path: str, mtime_ns: int, size: int) -> str:
-    from .formats import sha256_file
-
-    return sha256_file(path)
-
-
-def _sha256(path: Path) -> str:
-    st = path.stat()
-    return _sha256_cached(str(path), st.st_mtime_ns, st.st_size)
-
-
 def model_identity(model) -> tuple[str | None, str | None]:
     """(A1111 ``Model`` name, ``Model hash``) of a ``--model`` value.
 
@@ -120,23 +109,11 @@ def model_identity(model) -> tuple[str | None, str | None]:
                     break
         except Exception:  # noqa: BLE001 - a hash is a courtesy; never fail generation for it
             unet = None
-    return name, (_sha256(unet)[:10] if unet is not None else None)
-
-
-def embedding_hash(emb) -> str | None:
-    """A1111's ``TI hashes`` entry: the first 12 hex digits of the embedding file's sha256."""
-    path = getattr(emb, "path", None)
-    if path is None:
-        return None
-    path = Path(path)
-    if path.is_dir():  # diffusers SDXL folder: its first file stands for it
-        path = path / "learned_embeds.safetensors"
-    return _sha256(path)[:12] if path.is_file() else None
+    return name, (formats.cached_sha256(unet)[:10] if unet is not None else None)
 
 
 def load_embeddings(sources) -> list:
     """Embeddings from files, library folders or Embedding objects; an empty library is an error."""
-    from . import formats
     from .errors import TextinvError
 
     if sources is None:
@@ -275,7 +252,7 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
         pipe.scheduler = original_scheduler
         if added:
             tokens.remove(pipe, [a.embedding.name for a in added])
-    ti = {a.embedding.name: h for a in used if (h := embedding_hash(a.embedding))}
+    ti = {a.embedding.name: h for a in used if (h := formats.embedding_hash(a.embedding))}
     seeds = [seed + i for i in range(n)]
     params = [pngmeta.format_parameters(prompt, negative, {
         "Steps": steps, "Sampler": sampler_name, "CFG scale": float(guidance), "Seed": s, "Size": f"{width}x{height}",
@@ -321,8 +298,8 @@ def regenerate(png, *, embeddings=None, model=None, pipe=None, out=None, progres
         match = [e for e in embs if e.name.lower() == name.lower()]
         if not match:
             warnings.warn(f"{png}: uses embedding {name!r} ({h}), which no --embeddings file provides", stacklevel=2)
-        elif embedding_hash(match[0]) not in (None, h):
-            warnings.warn(f"{png}: embedding {name!r} has hash {embedding_hash(match[0])}, the image was made with {h}", stacklevel=2)
+        elif formats.embedding_hash(match[0]) not in (None, h):
+            warnings.warn(f"{png}: embedding {name!r} has hash {formats.embedding_hash(match[0])}, the image was made with {h}", stacklevel=2)
     if pipe is None:
         from .models import load_pipeline
 

@@ -20,6 +20,30 @@ def _size(path: Path | None) -> int | None:
     return path.stat().st_size
 
 
+def describe(path: Path, emb) -> dict:
+    """What `textinv inspect` reports about one embedding (also its --json output)."""
+    from . import tokens
+
+    info = {
+        "file": str(path),
+        "format": emb.source_format,
+        "trigger": emb.name,
+        "family": emb.family,
+        "vectors": {slot: list(t.shape) for slot, t in emb.vectors.items()},
+        "dtype": {slot: str(t.dtype).replace("torch.", "") for slot, t in emb.vectors.items()},
+        "norms": {slot: [round(float(x), 4) for x in t.float().norm(dim=-1)] for slot, t in emb.vectors.items()},
+        "meta": {k: v for k, v in emb.meta.items() if isinstance(v, (str, int, float, bool, type(None)))},
+    }
+    if emb.source_format == "diffusers" and emb.meta.get("token") not in (None, emb.name):
+        info["also_triggered_by"] = emb.meta["token"]
+    if path.is_file():
+        info["size_bytes"] = path.stat().st_size
+        info["sha256"] = formats.cached_sha256(path)
+        info["short_hash"] = formats.short_hash(path)
+    info["made_for"] = tokens.describe_widths(emb)
+    return info
+
+
 def rows(folder) -> list[dict]:
     """One row per embedding in a library folder (or file): trigger, family, vectors, steps, size, hash."""
     folder = Path(folder)
@@ -31,13 +55,11 @@ def rows(folder) -> list[dict]:
 
 def row(emb: Embedding, folder: Path) -> dict:
     """The library table's facts about one embedding found in ``folder`` (also the web UI's table)."""
-    from .generation import embedding_hash
-
     step = emb.meta.get("step")
     return {
         "trigger": emb.name, "family": emb.family, "vectors": emb.num_vectors,
         "steps": step if isinstance(step, int) or (isinstance(step, str) and step.isdigit()) else None,
-        "size": _size(emb.path), "hash": embedding_hash(emb),
+        "size": _size(emb.path), "hash": formats.embedding_hash(emb),
         "file": str(emb.path.relative_to(folder)) if emb.path and folder.is_dir() else str(emb.path or folder),
     }
 

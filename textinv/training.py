@@ -80,7 +80,7 @@ class TrainConfig:
     progress: bool = True
 
     def resolved_out(self) -> Path:
-        return Path(self.out) if self.out else Path("runs") / re.sub(r"[^\w.-]+", "-", self.token).strip("-")
+        return Path(self.out) if self.out else Path("runs") / formats.file_stem(self.token)
 
 
 @dataclass
@@ -477,7 +477,7 @@ def _train(cfg: TrainConfig, pipe, on_save, on_step) -> TrainResult:
         progress.close()
 
     final = _current(applied, cfg, last_step, pipe)
-    path = out / f"{_file_stem(cfg.token)}{_suffix(cfg.format, final)}"
+    path = out / f"{formats.file_stem(cfg.token)}{formats.suffix_for(cfg.format, final)}"
     if main_process:
         formats.save(final, path, cfg.format)
         _save_state(out / STATE_FILE, cfg, params, optimizer, last_step, scaler)
@@ -518,19 +518,9 @@ def _current(applied, cfg: TrainConfig, step: int, pipe) -> Embedding:
     return Embedding(cfg.token, vectors, meta=dict(applied.embedding.meta, step=step))
 
 
-def _file_stem(token: str) -> str:
-    return re.sub(r"[^\w.-]+", "-", token).strip("-") or "embedding"
-
-
-def _suffix(fmt: str, emb: Embedding) -> str:
-    if fmt == "diffusers" and emb.is_sdxl:
-        return ""  # diffusers' two-file folder
-    return {"a1111": ".pt", "png": ".png"}.get(fmt, ".safetensors")
-
-
 def _save(out: Path, pipe, applied, cfg, step: int, suffix: str, subdir: str) -> Path:
     emb = _current(applied, cfg, step, pipe)
-    path = out / subdir / f"{_file_stem(cfg.token)}{suffix}{_suffix(cfg.format, emb)}"
+    path = out / subdir / f"{formats.file_stem(cfg.token)}{suffix}{formats.suffix_for(cfg.format, emb)}"
     return formats.save(emb, path, cfg.format)
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import TextinvError
+from .formats import SAVE_FORMATS, file_stem, native_format, suffix_for
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -35,7 +36,6 @@ DEFAULT_WORKDIR = Path("~/.textinv/ui")
 DEFAULT_MAX_UPLOAD_MB = 200  # a LoRA bundle may carry embeddings; checkpoints are refused anyway
 MAX_IMAGE_BYTES = 50 << 20
 MODEL_DEFAULT_SAMPLER = "(model default)"
-EXPORT_SUFFIX = {"diffusers": ".safetensors", "a1111": ".pt", "kohya": ".safetensors", "sdxl": ".safetensors", "png": ".png"}
 NAME_RE = re.compile(r"[\w][\w.-]*")
 
 
@@ -44,17 +44,30 @@ _sink = threading.local()
 
 
 def _route_warning(message, category, filename, lineno, file=None, line=None):
-    """Warnings raised while a handler collects them go to that handler (per thread); others to stderr."""
+    """Warnings raised while a handler collects them go to that handler (per thread); the others
+    to whatever showed warnings before (the router only adds the collecting)."""
     lines = getattr(_sink, "lines", None)
     if lines is not None:
         lines.append(str(message))
     else:
-        print(f"warning: {message}", file=sys.stderr)
+        _route_warning.previous(message, category, filename, lineno, file, line)
+
+
+_route_warning.previous = warnings.showwarning
+
+
+def _ensure_router() -> None:
+    """Chain the router in front of the current ``showwarning`` (once): a no-op for threads that
+    do not collect, so an App used as a library changes nothing else in the process."""
+    if warnings.showwarning is not _route_warning:
+        _route_warning.previous = warnings.showwarning
+        warnings.showwarning = _route_warning
 
 
 def install_warning_router() -> None:
-    """Route ``warnings`` per thread: training and generation run at the same time."""
-    warnings.showwarning = _route_warning
+    """For ``textinv ui`` (a process of its own): route warnings per thread (training and generation
+    run at the same time), show repeated ones every time, and quiet Gradio's own deprecations."""
+    _ensure_router()
     warnings.simplefilter("always", UserWarning)  # the same bad file twice gives the message twice
     for noisy in (FutureWarning, DeprecationWarning):  # Gradio's plots call pandas APIs pandas 3 deprecates
         warnings.filterwarnings("ignore", category=noisy, module=r"(gradio|pandas)(\.|$)")
@@ -63,6 +76,7 @@ def install_warning_router() -> None:
 @contextmanager
 def collecting():
     """Collect the warnings this thread raises, e.g. ``skipped notes.png: not a readable image``."""
+    _ensure_router()
     saved = getattr(_sink, "lines", None)
     _sink.lines = []
     try:
@@ -75,10 +89,6 @@ def _describe_error(e: BaseException) -> str:
     if isinstance(e, TextinvError):
         return str(e)
     return f"unexpected error: {type(e).__name__}: {' '.join(str(e).split())}"
-
-
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^\w.-]+", "-", name).strip("-.") or "embedding"
 
 
 # ------------------------------------------------------------------------------------ training
@@ -133,7 +143,6 @@ class App:
     """The web app's state and actions, independent of Gradio."""
 
     def __init__(self, library=None, model=None, *, workdir=None, model_config=None, preview_every: int = 20):
-        install_warning_router()
         self.library = Path(library or DEFAULT_LIBRARY).expanduser().resolve()
         self.workdir = Path(workdir or DEFAULT_WORKDIR).expanduser().resolve()
         self.model = model
@@ -216,7 +225,7 @@ class App:
                 raise TextinvError("Steps, vectors and batch must be at least 1")
             parse_lr(lr)
             preview_every = self.preview_every if preview_every is None else int(preview_every)
-            run = self.runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{_safe_name(token)}"
+            run = self.runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{file_stem(token)}"
             if folder and str(folder).strip():
                 source = Path(str(folder).strip()).expanduser()
                 if not source.is_dir():
@@ -233,7 +242,7 @@ class App:
                 image_dir = run / "images"
                 image_dir.mkdir(parents=True)
                 for i, p in enumerate(good):
-                    shutil.copyfile(p, image_dir / f"{i:03d}-{_safe_name(p.stem)}{p.suffix.lower()}")
+                    shutil.copyfile(p, image_dir / f"{i:03d}-{file_stem(p.stem)}{p.suffix.lower()}")
             cfg = TrainConfig(images=str(image_dir), token=token, model=self.model, model_config=self.model_config,
                               init=(init or "").strip() or None, vectors=vectors, mode=mode, steps=steps, lr=str(lr),
                               batch=batch, seed=seed, clip_skip=clip_skip, preview_every=max(0, preview_every), out=str(run),
@@ -263,10 +272,10 @@ class App:
         from . import formats
 
         emb = result.embedding
-        path = self.library / f"{_safe_name(emb.name)}.safetensors"
+        path = self.library / f"{file_stem(emb.name)}{suffix_for(native_format(emb), emb)}"
         if path.exists():
             self._to_trash(path)
-        return formats.save(emb, path, "sdxl" if emb.is_sdxl else "diffusers")
+        return formats.save(emb, path, native_format(emb))
 
     def close(self, timeout: float = 60) -> None:
         """Stop a running training run and wait for it (the server is shutting down)."""
@@ -292,14 +301,14 @@ class App:
     def _export(self, emb, fmt: str) -> Path:
         from . import formats
 
-        if fmt not in EXPORT_SUFFIX:
-            raise TextinvError(f"format {fmt!r}: choose one of {', '.join(EXPORT_SUFFIX)}")
-        stem = _safe_name(emb.name)
+        if fmt not in SAVE_FORMATS:
+            raise TextinvError(f"format {fmt!r}: choose one of {', '.join(SAVE_FORMATS)}")
+        stem = file_stem(emb.name)
         folder = self.downloads / fmt
         if emb.is_sdxl and fmt == "diffusers":  # diffusers' SDXL layout is a two-file folder: send it zipped
             written = formats.save(emb, folder / stem, fmt)
             return Path(shutil.make_archive(str(folder / stem), "zip", root_dir=written.parent, base_dir=written.name))
-        return formats.save(emb, folder / f"{stem}{EXPORT_SUFFIX[fmt]}", fmt)
+        return formats.save(emb, folder / f"{stem}{suffix_for(fmt, emb)}", fmt)
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompt: str, negative: str = "", picked=None, *, seed: int = 0, sampler: str | None = None,
@@ -395,7 +404,7 @@ class App:
         return entries[key]
 
     def inspect(self, key: str) -> str:
-        from .cli import describe
+        from .library import describe
 
         emb = self.get(key)
         info = describe(Path(emb.path), emb)
@@ -420,7 +429,7 @@ class App:
     def _save_new(self, emb, path: Path) -> Path:
         from . import formats
 
-        return formats.save(emb, path, "sdxl" if emb.is_sdxl else "diffusers")
+        return formats.save(emb, path, native_format(emb))
 
     def merge(self, keys, weights: str = "", concat: bool = False, name: str = "") -> Path:
         from . import library
@@ -474,7 +483,7 @@ class App:
         for p in map(Path, paths or []):
             name = p.name
             try:
-                dest = self.library / _safe_name(name)
+                dest = self.library / file_stem(name)
                 if dest.suffix.lower() not in formats.CANDIDATE_SUFFIXES:
                     raise TextinvError(f"{name}: not an embedding file (expected {', '.join(sorted(formats.CANDIDATE_SUFFIXES))})")
                 with collecting():
@@ -577,7 +586,7 @@ def build(app: App):
                     t_previews = gr.Gallery(label="Previews (fixed seeds)", columns=2, height=300, object_fit="contain",
                                             elem_id="previews")
                 with gr.Row():
-                    t_format = gr.Dropdown(list(EXPORT_SUFFIX), value="a1111", label="Download as", elem_id="export-format")
+                    t_format = gr.Dropdown(list(SAVE_FORMATS), value="a1111", label="Download as", elem_id="export-format")
                     t_export = gr.Button("Prepare download", elem_id="export")
                     t_file = gr.File(label="Embedding file", interactive=False, height=110, elem_id="train-download")
 
@@ -621,7 +630,7 @@ def build(app: App):
                 l_info = gr.Textbox(label="Details", interactive=False, lines=8, elem_id="lib-info", elem_classes="status")
                 with gr.Accordion("Convert", open=False):
                     with gr.Row():
-                        l_format = gr.Dropdown(list(EXPORT_SUFFIX), value="a1111", label="Format", elem_id="lib-format")
+                        l_format = gr.Dropdown(list(SAVE_FORMATS), value="a1111", label="Format", elem_id="lib-format")
                         l_convert = gr.Button("Convert", elem_id="lib-convert")
                         l_file = gr.File(label="Converted file", interactive=False, height=110, elem_id="lib-download")
                 with gr.Accordion("Scale", open=False):
