@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 import textinv.tokens as tk
-from textinv import generation, prompts
+from textinv import generation, models, prompts
 from textinv.formats import Embedding
 from textinv.models import load_pipeline
 
@@ -55,7 +55,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     pipe = load_pipeline()
     embs = embeddings()
-    g = generation.DEFAULT_GUIDANCE
+    g = models.defaults(None).guidance
 
     def plain():
         gens = [torch.Generator().manual_seed(i) for i in range(args.n)]

@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 
 import textinv.tokens as tk
-from textinv import evaluate, generation
+from textinv import evaluate, generation, models
 from textinv.atomic import write_text
 from textinv.demo import INIT_WORD, DemoSettings, render_training_set, world_templates
 from textinv.models import load_pipeline
@@ -83,7 +83,7 @@ def main() -> None:
     results_path = a.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": {}, "baseline": {}}
     pipe = load_pipeline()
-    guidance = generation.DEFAULT_GUIDANCE
+    guidance = models.defaults(None).guidance
     templates = world_templates(a.out, settings.captions)
     grid = [(c, k, v, s) for c in a.concepts for s in a.seeds for k in a.images for v in a.vectors]
     todo = [g for g in grid if key(*g) not in results["runs"]]
@@ -161,7 +161,7 @@ def markdown(results: dict, a, settings: DemoSettings, minutes: float) -> str:
         f"{a.steps} steps, batch {a.batch}, lr {a.lr}, init word {INIT_WORD!r}, captions {settings.captions}. "
         f"Judge-measured: fidelity = share of 'a photo of a S*' images showing the shape, editability = share of "
         f"'a blue S*', 'a small S* on the left', 'a striped S*' images showing the shape and the asked attribute "
-        f"({a.n} images per prompt, {a.sample_steps} DDIM steps, guidance {generation.DEFAULT_GUIDANCE}). "
+        f"({a.n} images per prompt, {a.sample_steps} DDIM steps, guidance {models.defaults(None).guidance}). "
         f"Steps to {TARGET}: the first save (every {a.save_every} steps, {a.curve_n} images) whose fidelity reaches "
         f"{TARGET}, median over the runs that reached it. Seconds: training only. "
         f"{len(runs)} runs, {minutes:.0f} min in all on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}).",

@@ -106,6 +106,25 @@ def sdxl_pipe():
     return make_sdxl()
 
 
+@pytest.fixture(scope="session")
+def demo_word(tmp_path_factory):
+    """One word learned on the built-in model with the demo's settings (concept "drop", seed 0), shared
+    by every learning test: the training runs once per session.  Its trigger is ``<t>``."""
+    from types import SimpleNamespace
+
+    from textinv.demo import INIT_WORD, DemoSettings, render_training_set, world_templates
+    from textinv.models import load_pipeline
+    from textinv.training import train
+
+    root = tmp_path_factory.mktemp("demo-word")
+    concept, s = "drop", DemoSettings()
+    render_training_set(concept, root / "images", seed=0, captions=s.captions)
+    result = train(images=str(root / "images"), token="<t>", init=INIT_WORD, vectors=s.vectors, lr=s.lr, batch=s.batch,
+                   steps=s.steps, templates=str(world_templates(root, captions=s.captions)), flip=False, seed=0,
+                   out=str(root / "run"), pipe=load_pipeline(), progress=False)
+    return SimpleNamespace(concept=concept, images=root / "images", path=result.embedding_path, init=INIT_WORD)
+
+
 @pytest.fixture
 def shared_fixtures():
     folder = SHARED / "fixtures"

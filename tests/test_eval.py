@@ -304,25 +304,21 @@ def test_eval_errors_are_one_line_with_exit_2(tmp_path, tiny_model):
 
 
 # ------------------------------------------------------------------ the mini world (judge)
-def test_judge_metrics_separate_a_trained_embedding_from_a_random_vector_and_the_init_word(tmp_path):
+@pytest.mark.slow
+def test_judge_metrics_separate_a_trained_embedding_from_a_random_vector_and_the_init_word(demo_word):
     """On the built-in mini model, with the demo's settings and fixed seeds.  The margins are those of
     test_learning.py (fidelity ≥ +0.15), not tuned to a model: a learned word must beat both."""
     import textinv.tokens as tk
-    from textinv.demo import INIT_WORD, DemoSettings, render_training_set, world_templates
     from textinv.models import load_pipeline
-    from textinv.world import spec
 
-    concept, s = spec.unnamed_shapes()[0], DemoSettings()
-    render_training_set(concept, tmp_path / "images", seed=0, captions=s.captions)
+    concept, INIT_WORD = demo_word.concept, demo_word.init
     pipe = load_pipeline()
     assert evaluate.world_sized(pipe)
-    training = [Image.open(p).convert("RGB") for p in sorted((tmp_path / "images").glob("*.png"))]
+    training = [Image.open(p).convert("RGB") for p in sorted(demo_word.images.glob("*.png"))]
     metric = evaluate.choose_metric(pipe, training)  # the rule: a 32×32 model and no --clip → the judge
     assert isinstance(metric, evaluate.JudgeMetric) and metric.concept == concept
     kw = dict(n=16, seed=0, steps=30, guidance=4.0)
-    train(images=str(tmp_path / "images"), token="<t>", init=INIT_WORD, vectors=s.vectors, lr=s.lr, batch=s.batch,
-          steps=s.steps, templates=str(world_templates(tmp_path, s.captions)), flip=False, seed=0,
-          out=str(tmp_path / "run"), pipe=pipe, progress=False)
+    tk.apply(pipe, demo_word.path)
     learned = metric(pipe, "<t>", **kw)
     tk.remove(pipe)
     table = pipe.text_encoder.get_input_embeddings().weight.detach()

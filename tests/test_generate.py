@@ -235,34 +235,36 @@ def test_from_png_without_parameters_is_an_error(tmp_path):
 
 def test_images_keeps_its_signature_and_seeds(sd_pipe):
     a = generation.images(sd_pipe, ["a", "b"], seed=3, steps=1, batch=1)
-    b = generation.generate("b", pipe=sd_pipe, seed=4, steps=1, guidance=generation.DEFAULT_GUIDANCE)
+    b = generation.generate("b", pipe=sd_pipe, seed=4, steps=1, guidance=4.0)
     assert np.abs(np.asarray(a[1], dtype=int) - np.asarray(b.images[0], dtype=int)).max() <= 1
 
 
-def test_python_api_is_exported():
-    assert textinv.generate and textinv.apply and textinv.remove and textinv.load
+def test_the_top_level_api_round_trips_a_word(tmp_path, sd_pipe):
+    """The package's own names, as the README uses them: save, load, apply, generate, remove."""
+    assert set(textinv.__all__) <= set(dir(textinv)) and callable(textinv.train)
+    emb = Embedding("my-cat", {"clip": torch.randn(2, 32)})
+    path = textinv.save(emb, tmp_path / "my-cat.pt")
+    assert torch.equal(textinv.load(path).vectors["clip"], emb.vectors["clip"])
+    before = sd_pipe.text_encoder.get_input_embeddings()
+    textinv.apply(sd_pipe, path)
+    assert "<|ti:my-cat:1|>" in textinv.expand(sd_pipe, "a my-cat")
+    out = textinv.generate("a photo of my-cat", pipe=sd_pipe, steps=1)
+    assert out.used == ["my-cat"]
+    textinv.remove(sd_pipe)
+    assert sd_pipe.text_encoder.get_input_embeddings() is before
 
 
 # --------------------------------------------------------------------------- learning
-def test_learning_embedding_pulls_generations_to_its_concept_and_pushes_away_as_negative(tmp_path):
-    """Full suite only (minutes; deselect with -k "not learning"): a trained embedding draws its concept, and
-    as a negative embedding its concept is drawn no more often than with no negative at all."""
+@pytest.mark.slow
+def test_learning_embedding_pulls_generations_to_its_concept_and_pushes_away_as_negative(demo_word):
+    """A trained embedding draws its concept, and as a negative embedding its concept is drawn no more
+    often than with no negative at all."""
     from textinv import evaluate
-    from textinv.demo import INIT_WORD, DemoSettings, render_training_set, world_templates
     from textinv.models import load_pipeline
-    from textinv.training import train
-    from textinv.world import spec
     from textinv.world.judge import judge
 
-    concept = spec.unnamed_shapes()[0]
-    render_training_set(concept, tmp_path / "images", seed=0)
+    concept, trained, INIT_WORD = demo_word.concept, demo_word.path, demo_word.init
     pipe = load_pipeline()
-    s = DemoSettings()
-    result = train(images=str(tmp_path / "images"), token="<t>", init=INIT_WORD, templates=str(world_templates(tmp_path)),
-                   steps=s.steps, lr=s.lr, batch=s.batch, flip=False, seed=0, out=str(tmp_path / "run"), pipe=pipe,
-                   progress=False)
-    tk.remove(pipe)
-    trained = result.embedding_path
 
     def share(prompt, negative=None):
         out = generation.generate(prompt, negative, embeddings=[trained], pipe=pipe, n=32, steps=generation.DEFAULT_STEPS)
@@ -300,6 +302,7 @@ def test_clip_skip_is_written_read_back_and_changes_the_image(tmp_path):
 def test_clip_skip_in_plain_batches_and_refused_for_sdxl(sd_pipe, sdxl_pipe):
     a = generation.images(sd_pipe, ["a cat", "a dog"], seed=1, steps=2, clip_skip=2)
     b = generation.images(sd_pipe, ["a dog"], seed=2, steps=2, clip_skip=2)
-    assert np.array_equal(np.asarray(a[1]), np.asarray(b[0]))  # image i uses seed+i, encoded by textinv
+    # image i uses seed+i, encoded by textinv (CPU kernels may round one level differently by batch size)
+    assert np.abs(np.asarray(a[1], dtype=int) - np.asarray(b[0], dtype=int)).max() <= 1
     with pytest.raises(TextinvError, match="SDXL already"):
         textinv.generate("a cat", pipe=sdxl_pipe, steps=2, clip_skip=2)

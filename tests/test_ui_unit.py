@@ -26,10 +26,18 @@ def mini_emb(name: str, n: int = 1, seed: int = 0) -> Embedding:
     return Embedding(name, {"clip": torch.randn(n, MINI_WIDTH, generator=g) * 0.3}, {"step": 7})
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ui-app")
-    return ui.App(root / "library", None, workdir=root / "work")
+@pytest.fixture
+def app(tmp_path):
+    return ui.App(tmp_path / "library", None, workdir=tmp_path / "work")
+
+
+def add_card_and_blob(app, folder: Path) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    card = formats.save(mini_emb("card-shape", 2), folder / "card.png", "png")
+    plain = formats.save(mini_emb("blob"), folder / "blob.pt")
+    added, refused = app.add_files([card, plain])
+    assert not refused, refused
+    return added
 
 
 def pictures(folder: Path, n: int = 3) -> list[Path]:
@@ -87,7 +95,8 @@ def test_add_files_refuses_malicious_wrong_family_and_junk_and_adds_cards(tmp_pa
     assert not again and "already has a file of that name" in refused[0]
 
 
-def test_library_table_inspect_convert_scale_merge_delete(app):
+def test_library_table_inspect_convert_scale_merge_delete(app, tmp_path):
+    add_card_and_blob(app, tmp_path / "files")
     rows, problems = app.rows()
     table = {r[0]: r for r in rows}
     assert {"card-shape", "blob"} <= set(table) and not problems
@@ -120,9 +129,10 @@ def test_library_table_inspect_convert_scale_merge_delete(app):
         app.inspect(keys["blob"])
 
 
-def test_generate_uses_the_library_and_writes_parameters(app):
+def test_generate_uses_the_library_and_writes_parameters(app, tmp_path):
     from textinv import pngmeta
 
+    add_card_and_blob(app, tmp_path / "files")
     with pytest.raises(TextinvError, match="Prompt"):
         app.generate("  ")
     result, notes = app.generate("a card-shape", n=2, steps=4, seed=3)

@@ -1,6 +1,8 @@
 """The miniature world: renderer, captions, judge, the committed mini model, the CLI."""
 from __future__ import annotations
 
+import itertools
+
 import re
 
 import numpy as np
@@ -22,10 +24,24 @@ def test_render_is_deterministic():
         not np.array_equal(np.asarray(render.sample(7, 0).image), np.asarray(render.sample(8, 0).image))
 
 
-def test_world_table_is_rich_enough():
-    assert len(spec.SHAPES) >= 8 and len(spec.COLOURS) >= 6 and len(spec.SIZES) >= 2
-    assert len(spec.POSITIONS) >= 3 and len(spec.STYLES) >= 3 and len(spec.BACKGROUNDS) >= 2
-    assert len(spec.unnamed_shapes()) >= 3 and len(spec.unnamed_styles()) >= 1
+def test_every_shape_and_colour_renders_differently():
+    """Each value of the world's tables must be something the judge could see: two shapes (or two
+    colours) that rendered alike would make one of them unlearnable."""
+    def pixels(**fixed):
+        return np.asarray(render.sample(3, 0, **fixed).image, dtype=int)
+
+    first = {table: next(iter(getattr(spec, table.upper()))) for table in ("colours", "sizes", "positions", "styles",
+                                                                             "backgrounds")}
+    fixed = dict(colour=first["colours"], size="large", position=first["positions"], style=first["styles"],
+                 background=first["backgrounds"])
+    shapes = {s: pixels(shape=s, **fixed) for s in spec.SHAPES}
+    for a, b in itertools.combinations(spec.SHAPES, 2):
+        assert np.abs(shapes[a] - shapes[b]).sum() > 0, (a, b)
+    fixed.pop("colour")
+    colours = {c: pixels(shape="circle", colour=c, **fixed) for c in spec.COLOURS}
+    for a, b in itertools.combinations(spec.COLOURS, 2):
+        assert np.abs(colours[a] - colours[b]).sum() > 0, (a, b)
+    assert set(spec.unnamed_shapes()) < set(spec.SHAPES) and spec.unnamed_shapes()
 
 
 def _words(*lists):

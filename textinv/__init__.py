@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 from .errors import EmbeddingFileError, ModelMismatchError, TextinvError  # noqa: E402
 from .formats import Embedding, load, load_all, save  # noqa: E402
+from . import models  # noqa: E402,F401 - names the built-in model's family for inspect and the library
 from .tokens import apply, expand, remove  # noqa: E402
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from .errors import TextinvError
+from .models import MODEL_HELP
 
 OUTPUT_FORMATS = ["diffusers", "a1111", "kohya", "sdxl", "png"]
 SEED = click.IntRange(0, 2**63 - 1)
@@ -124,7 +125,7 @@ def _print_info(info: dict, nearest=None) -> None:
 
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--model", "-m", help="Also show each vector's nearest vocabulary words in this model (hub id, folder, file or 'mini').")
+@click.option("--model", "-m", help="Also show each vector's nearest vocabulary words in this model. " + MODEL_HELP)
 @click.option("--top", default=5, show_default=True, help="How many nearest words per vector.")
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (one object per embedding).")
@@ -189,7 +190,7 @@ def convert(src, dst, fmt, name, select, preview):
 @main.command()
 @click.option("--images", required=True, type=click.Path(path_type=Path), help="Folder of 3–5+ images (jpg/png/webp/bmp; IMG.txt sidecar captions).")
 @click.option("--token", required=True, help="The new trigger word (or, with --mode replace, the existing word to re-learn).")
-@click.option("--model", "-m", default=None, help="Hub id, diffusers folder, single-file .safetensors/.ckpt, or 'mini' (default).")
+@click.option("--model", "-m", default=None, help=MODEL_HELP)
 @click.option("--init", default=None, help="Init text; several tokens are spread over the vectors (A1111). Default '*', or the word itself in replace mode.")
 @click.option("--vectors", default=1, show_default=True, help="Vectors per token.")
 @click.option("--mode", type=click.Choice(["object", "style", "replace"]), default="object", show_default=True)
@@ -272,7 +273,7 @@ def train(images, token, model, init, vectors, mode, templates, steps, lr, batch
 @click.option("-n", "count", type=int, default=None, help="Images per prompt for the metrics.")
 @click.option("--bias", is_flag=True, help="Instead: re-learn the biased word 'ball' from a balanced set (replace mode).")
 def demo(out, concept, seed, steps, count, bias):
-    """The whole loop on the built-in mini model: render, train, generate, measure."""
+    """The whole loop on the built-in model and its world: render, train, generate, measure."""
     from . import demo as d
 
     if bias:
@@ -310,11 +311,11 @@ def _sampler_help() -> str:
 @click.argument("prompt", required=False)
 @click.option("--negative", default=None, help="Negative prompt (weights and embedding triggers work here too).")
 @click.option("--embeddings", "-e", multiple=True, type=click.Path(path_type=Path), help="Embedding file or library folder (repeatable).")
-@click.option("--model", "-m", default=None, help="Hub id, diffusers folder, single-file checkpoint, or 'mini' (default).")
+@click.option("--model", "-m", default=None, help=MODEL_HELP)
 @click.option("-n", "count", default=1, show_default=True, help="Number of images; image i uses seed SEED+i.")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--steps", default=30, show_default=True)
-@click.option("--guidance", type=_Finite(), default=None, help="CFG scale (default 7; 4 for the mini model).")
+@click.option("--guidance", type=_Finite(), default=None, help="CFG scale (default: the model's own, else 7 as in A1111).")
 @click.option("--sampler", default=None, help=_sampler_help())
 @click.option("--size", default=None, help="WxH, e.g. 512x512 (default: the model's native size).")
 @click.option("--batch", default=8, show_default=True, help="Images per pipeline call.")
@@ -353,7 +354,7 @@ def generate(prompt, negative, embeddings, model, count, seed, steps, guidance, 
 @main.command()
 @click.option("--library", type=click.Path(path_type=Path), default=Path("~/.textinv/embeddings"), show_default=True,
               help="Embeddings folder: the Library tab's table; trained embeddings are added to it.")
-@click.option("--model", "-m", default=None, help="Hub id, diffusers folder, single-file checkpoint, or 'mini' (default).")
+@click.option("--model", "-m", default=None, help=MODEL_HELP)
 @config_option
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("~/.textinv/ui"), show_default=True,
               help="Where training runs, generated images and downloads go (runs/, outputs/, downloads/).")
@@ -445,7 +446,7 @@ def scale(file, factor, out, fmt):
 
 @main.command()
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option("--model", "-m", default=None, help="Hub id, diffusers folder, single-file checkpoint, or 'mini' (default).")
+@click.option("--model", "-m", default=None, help=MODEL_HELP)
 @click.option("--top", default=5, show_default=True, help="Words per vector.")
 @config_option
 def nearest(file, model, top, model_config):
@@ -469,7 +470,7 @@ def nearest(file, model, top, model_config):
 @main.command("eval")
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--images", type=click.Path(path_type=Path), default=None, help="Training images (default: the run's own).")
-@click.option("--model", "-m", default=None, help="Hub id, diffusers folder, single-file checkpoint, or 'mini' (default: the run's model).")
+@click.option("--model", "-m", default=None, help="Default: the run's model. " + MODEL_HELP)
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
               help="Editing prompts, one a line, the trigger written {} / [name] / S* (default: the paper's; the judge's on the mini world).")
 @click.option("-n", "count", default=16, show_default=True, help="Images per prompt.")
@@ -478,7 +479,7 @@ def nearest(file, model, top, model_config):
 @click.option("--dino", default=None, help="DINO weights, folder or hub id (default for other models: facebook/dino-vits16).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Image i of every prompt uses seed SEED+i.")
 @click.option("--steps", default=30, show_default=True, help="Sampling steps per image.")
-@click.option("--guidance", type=_Finite(), default=None, help="CFG scale (default as textinv generate: 7; 4 for the mini model).")
+@click.option("--guidance", type=_Finite(), default=None, help="CFG scale (default as textinv generate: the model's own, else 7).")
 @click.option("--tolerance", default=0.05, show_default=True, help="Best-step rule: the earliest step within this fraction of the best score.")
 @click.option("--baseline/--no-baseline", default=True, show_default=True, help="Also measure the init word.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder (default RUN/eval, or NAME-eval beside a file).")

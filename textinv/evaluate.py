@@ -14,6 +14,7 @@ import numpy as np
 
 from . import generation
 from .errors import TextinvError
+from .models import name_of
 
 
 @dataclass
@@ -37,7 +38,7 @@ EDIT_PROBES = [
 
 def judge_scores(pipe, trigger: str, attribute: str, value: str, *, n: int = 16, seed: int = 0,
                  probes: list[Probe] | None = None, steps: int = generation.DEFAULT_STEPS,
-                 guidance: float = generation.DEFAULT_GUIDANCE, keep_images: bool = False, clip_skip: int = 1) -> dict:
+                 guidance: float | None = None, keep_images: bool = False, clip_skip: int = 1) -> dict:
     """Judge-measured fidelity and editability of ``trigger`` for a concept ``attribute == value``."""
     from .world.judge import judge
 
@@ -63,7 +64,7 @@ def judge_scores(pipe, trigger: str, attribute: str, value: str, *, n: int = 16,
 
 
 def attribute_shares(pipe, prompt: str, *, n: int = 64, seed: int = 0, steps: int = generation.DEFAULT_STEPS,
-                     guidance: float = generation.DEFAULT_GUIDANCE) -> dict[str, dict[str, float]]:
+                     guidance: float | None = None) -> dict[str, dict[str, float]]:
     """Per attribute (shape, colour, …), the share of each value (by the judge) among ``n`` images of ``prompt``."""
     from .world import spec
     from .world.judge import judge
@@ -314,7 +315,7 @@ class StepTracker:
     says when to stop: ``patience`` saves in a row without a higher trade-off score."""
 
     def __init__(self, metric, pipe, trigger: str, *, n: int = 8, seed: int = 0, steps: int = generation.DEFAULT_STEPS,
-                 guidance: float = generation.DEFAULT_GUIDANCE, patience: int | None = None, echo=None,
+                 guidance: float | None = None, patience: int | None = None, echo=None,
                  clip_skip: int = 1):
         self.metric, self.pipe, self.trigger, self.clip_skip = metric, pipe, trigger, clip_skip
         self.n, self.seed, self.steps, self.guidance, self.patience = n, seed, steps, guidance, patience
@@ -356,7 +357,7 @@ class StepTracker:
     def evaluation(self, *, target, model, images, training, baseline: dict | None = None, tolerance: float = 0.05,
                    extra_thumbs: dict | None = None) -> "Evaluation":
         """Everything measured so far, with the recommended step, as an :class:`Evaluation`."""
-        result = {"target": str(target), "model": str(model or "mini"), "images": str(images), "trigger": self.trigger,
+        result = {"target": str(target), "model": name_of(model), "images": str(images), "trigger": self.trigger,
                   "metric": self.metric.describe(), "labels": self.metric.labels, "n": self.n, "seed": self.seed,
                   "sampling_steps": self.steps, "guidance": self.guidance, "clip_skip": self.clip_skip,
                   "points": self.points, "baseline": baseline,
@@ -410,13 +411,10 @@ class Evaluation:
 
 
 def default_guidance(model) -> float:
-    """The guidance ``textinv generate`` uses for this model (the built-in mini model's own, else A1111's)."""
-    from pathlib import Path
+    """The guidance ``textinv generate`` uses for this model: its own default, else A1111's."""
+    from .models import defaults
 
-    from .models import MINI_NAME, MINI_PATH
-
-    mini = model is None or str(model) == MINI_NAME or (Path(model).exists() and Path(model).resolve() == MINI_PATH.resolve())
-    return generation.DEFAULT_GUIDANCE if mini else generation.A1111_GUIDANCE
+    return defaults(model).guidance
 
 
 def evaluate_path(target, *, images=None, model=None, concept: str | None = None, clip: str | None = None,

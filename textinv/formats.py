@@ -30,9 +30,14 @@ from .atomic import atomic_path, write_bytes
 from .errors import EmbeddingFileError
 
 # Width of a token vector -> the model family whose text encoder has that width.
-FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL (clip_g)", 64: "the textinv mini model"}
+FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL (clip_g)"}
 SDXL_KEYS = ("clip_l", "clip_g")
 SINGLE_KEY = "clip"
+
+
+def register_family(width: int, name: str) -> None:
+    """Name another text-encoder width (a model's settings file may; see textinv.models)."""
+    FAMILIES.setdefault(int(width), name)
 
 
 def family_of_width(width: int) -> str:

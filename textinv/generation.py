@@ -13,7 +13,6 @@ from PIL import Image
 from . import formats
 
 DEFAULT_STEPS = 30
-DEFAULT_GUIDANCE = 4.0
 
 
 def clip_skip_kwargs(pipe, prompts_: list[str], negative: str | None, clip_skip: int) -> dict:
@@ -39,20 +38,44 @@ def clip_skip_kwargs(pipe, prompts_: list[str], negative: str | None, clip_skip:
 
 
 @torch.no_grad()
-def images(pipe, prompts: list[str], *, seed: int = 0, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+def images(pipe, prompts: list[str], *, seed: int = 0, steps: int = DEFAULT_STEPS, guidance: float | None = None,
            negative: str | None = None, batch: int = 32, progress: bool = False, clip_skip: int = 1) -> list[Image.Image]:
-    """One image per prompt; image ``i`` always uses seed ``seed + i``, whatever the batching."""
+    """One image per prompt; image ``i`` always uses seed ``seed + i``, whatever the batching.
+    ``guidance`` None: the model's own default (:func:`textinv.models.pipeline_defaults`)."""
+    from .models import pipeline_defaults
+
+    if guidance is None:
+        guidance = pipeline_defaults(pipe).guidance
+
+    def call(i: int, b: int) -> dict:
+        chunk = prompts[i : i + b]
+        return clip_skip_kwargs(pipe, chunk, negative, clip_skip) or {
+            "prompt": chunk, "negative_prompt": [negative] * b if negative else None}
+
+    return sample(pipe, len(prompts), call, seed=seed, steps=steps, guidance=guidance, batch=batch, progress=progress,
+                  unit="image")
+
+
+def sample(pipe, n: int, call, *, seed: int, steps: int, guidance: float, batch: int, progress: bool = False,
+           unit: str = "step", **extra) -> list[Image.Image]:
+    """The seeded batch loop: image ``i`` uses a generator seeded ``seed + i`` whatever the batch
+    size, so a batch of 8 and 8 single calls give the same images.  ``call(i, b)`` gives the
+    pipeline arguments (prompts or prompt embeddings) of images ``i … i+b-1``."""
     from tqdm.auto import tqdm
 
+    pipe.scheduler.set_timesteps(steps)
+    per_image = len(pipe.scheduler.timesteps) if unit == "step" else 1
+    bar = tqdm(total=per_image * n, desc="sampling" if unit == "step" else "generating", unit=unit,
+               disable=not progress, mininterval=0.5)
+    if unit == "step":
+        extra["callback_on_step_end"] = lambda _pipe, _i, _t, kw: bar.update(1) or kw
     out: list[Image.Image] = []
-    bar = tqdm(total=len(prompts), desc="generating", unit="image", disable=not progress, mininterval=0.5)
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i : i + batch]
-        gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-        call = clip_skip_kwargs(pipe, chunk, negative, clip_skip) or {
-            "prompt": chunk, "negative_prompt": [negative] * len(chunk) if negative else None}
-        out += pipe(**call, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
-        bar.update(len(chunk))
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        gens = [torch.Generator().manual_seed(seed + i + j) for j in range(b)]
+        out += pipe(**call(i, b), num_inference_steps=steps, guidance_scale=guidance, generator=gens, **extra).images
+        if unit != "step":
+            bar.update(b)
     bar.close()
     return out
 
@@ -61,7 +84,6 @@ def images(pipe, prompts: list[str], *, seed: int = 0, steps: int = DEFAULT_STEP
 # textinv generate: A1111-style prompts, embeddings from files and libraries, PNG parameters
 # ------------------------------------------------------------------------------------------
 
-A1111_GUIDANCE = 7.0  # A1111's default CFG scale (the built-in mini model uses DEFAULT_GUIDANCE)
 UNET_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
               "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
 
@@ -85,13 +107,10 @@ def model_identity(model) -> tuple[str | None, str | None]:
     folder has no single checkpoint, so its UNet weights file is hashed instead; a hub id is
     hashed from its locally cached UNet file when there is one.
     """
-    from .models import MINI_NAME, MINI_PATH, resolve_model
+    from .models import resolve_model
 
-    if model is None or str(model) == MINI_NAME:
-        name, where = MINI_NAME, MINI_PATH
-    else:
-        where = Path(resolve_model(model))
-        name = where.stem if where.is_file() else where.name
+    where = Path(resolve_model(model))
+    name = where.stem if where.is_file() else where.name
     unet = None
     if where.is_file():
         unet = where
@@ -170,10 +189,9 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
     ``clip_skip``: A1111's "Clip skip" (SD 1.x/2.x).  ``model_config``: a single-file ``model``'s
     diffusers config folder or hub id (see :func:`textinv.models.load_pipeline`).
     """
-    from . import __version__, pngmeta, prompts, samplers, tokens
+    from . import prompts, samplers, tokens
     from .errors import TextinvError
-    from .images import grid as make_grid
-    from .models import MINI_NAME, load_pipeline
+    from .models import defaults, load_pipeline, pipeline_defaults
 
     if n < 1 or batch < 1 or steps < 1:
         raise TextinvError(f"-n, --batch and --steps must be at least 1 (got {n}, {batch}, {steps})")
@@ -181,92 +199,93 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
     embs = load_embeddings(embeddings)
     if pipe is None:
         pipe = load_pipeline(model, config=model_config)
-        name, model_hash = model_identity(model)
-    elif model is not None:
-        name, model_hash = model_identity(model)
-    else:
-        where = getattr(pipe, "name_or_path", None)  # a folder, file or hub id the pipeline was loaded from
-        name, model_hash = model_identity(where) if where else (None, None)
-    if guidance is None:
-        guidance = DEFAULT_GUIDANCE if name == MINI_NAME else A1111_GUIDANCE
-    added = []
-    if embs:
-        added = tokens.apply(pipe, embs, on_mismatch="skip")
-        if not added:
-            family = tokens.state(pipe).family
-            raise TextinvError(f"none of the {len(embs)} embeddings given fits this model ({family}): nothing to use")
-    prompts.check_clip_skip(pipe, clip_skip)
+    where = model if model is not None else getattr(pipe, "name_or_path", None)  # what the pipeline was loaded from
+    name, model_hash = model_identity(where) if where else (None, None)
+    if guidance is None:  # the model's own, else A1111's
+        guidance = (defaults(model) if model is not None else pipeline_defaults(pipe)).guidance
+    width, height = wh or (int(pipe.unet.config.sample_size) * getattr(pipe, "vae_scale_factor", 8),) * 2
+    added = tokens.apply(pipe, embs, on_mismatch="skip") if embs else []
+    if embs and not added:
+        raise TextinvError(f"none of the {len(embs)} embeddings given fits this model ({tokens.state(pipe).family}): nothing to use")
     original_scheduler = pipe.scheduler
     try:
+        prompts.check_clip_skip(pipe, clip_skip)
         if sampler:
             pipe.scheduler = samplers.make(pipe, sampler)
         sampler_name = samplers.name_of(pipe.scheduler)
-        for where_, text in (("prompt", prompt), ("negative prompt", negative or "")):
-            for word in prompts.unmatched_triggers(pipe, text):
-                warnings.warn(f"{where_}: {word!r} matches no loaded embedding", stacklevel=2)
-        pos = prompts.split(pipe, prompt, "prompt")
-        neg = prompts.split(pipe, negative or "", "negative prompt")
-        used = list({id(a): a for a in pos.used + neg.used}.values())
-        sdxl = getattr(pipe, "text_encoder_2", None) is not None
-        kwargs = {}
-        if not sdxl or pos.weighted or neg.weighted or _long(pipe, pos, neg):
-            # Encoded once for all images: no per-image (or per-batch) tokenization or encoder pass.
-            pe, ne = prompts.encode(pipe, pos, clip_skip), prompts.encode(pipe, neg, clip_skip)
-            length = max(pe.embeds.shape[1], ne.embeds.shape[1])
-            if pe.embeds.shape[1] != ne.embeds.shape[1]:
-                empty = prompts.encode(pipe, prompts.split(pipe, "", "negative prompt"), clip_skip)
-                pe, ne = prompts.pad_to(pe, length, empty), prompts.pad_to(ne, length, empty)
-            if sdxl and not negative and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
-                ne = prompts.Encoded(torch.zeros_like(ne.embeds), torch.zeros_like(ne.pooled))
-            dtype = pipe.unet.dtype
-            kwargs = {"prompt_embeds": pe.embeds.to(dtype), "negative_prompt_embeds": ne.embeds.to(dtype)}
-            if sdxl:
-                kwargs |= {"pooled_prompt_embeds": pe.pooled.to(dtype), "negative_pooled_prompt_embeds": ne.pooled.to(dtype)}
-        if wh is None:
-            factor = getattr(pipe, "vae_scale_factor", 8)
-            side = int(pipe.unet.config.sample_size) * factor
-            wh = (side, side)
-        width, height = wh
-        from tqdm.auto import tqdm
+        kwargs, used = _prompt_arguments(pipe, prompt, negative, clip_skip)
 
-        pipe.scheduler.set_timesteps(steps)
-        per_batch = len(pipe.scheduler.timesteps)
-        bar = tqdm(total=per_batch * n, desc="sampling", unit="step", disable=not progress, mininterval=0.5)
-
-        def on_step(_pipe, _i, _t, kw):
-            bar.update(1)
-            return kw
-
-        images_: list[Image.Image] = []
-        for i in range(0, n, batch):
-            b = min(batch, n - i)
-            gens = [torch.Generator().manual_seed(seed + i + j) for j in range(b)]
+        def call(i: int, b: int) -> dict:
             if kwargs:
-                call = {k: v.expand(b, *v.shape[1:]) for k, v in kwargs.items()}
-            else:
-                call = {"prompt": [prompt] * b, "negative_prompt": [negative] * b if negative else None}
-            images_ += pipe(**call, num_inference_steps=steps, guidance_scale=guidance, generator=gens, width=width,
-                            height=height, callback_on_step_end=on_step).images
-        bar.close()
+                return {k: v.expand(b, *v.shape[1:]) for k, v in kwargs.items()}
+            return {"prompt": [prompt] * b, "negative_prompt": [negative] * b if negative else None}
+
+        images_ = sample(pipe, n, call, seed=seed, steps=steps, guidance=guidance, batch=batch, progress=progress,
+                         width=width, height=height)
     finally:
         pipe.scheduler = original_scheduler
         if added:
             tokens.remove(pipe, [a.embedding.name for a in added])
     ti = {a.embedding.name: h for a in used if (h := formats.embedding_hash(a.embedding))}
     seeds = [seed + i for i in range(n)]
-    params = [pngmeta.format_parameters(prompt, negative, {
-        "Steps": steps, "Sampler": sampler_name, "CFG scale": float(guidance), "Seed": s, "Size": f"{width}x{height}",
-        "Model hash": model_hash, "Model": name, "Clip skip": clip_skip if clip_skip > 1 else None, "TI hashes": ti,
-        "Version": f"textinv {__version__}"}) for s in seeds]
+    params = [_parameters(prompt, negative, steps, sampler_name, guidance, s, width, height, model_hash, name, clip_skip, ti)
+              for s in seeds]
     result = Generation(images_, seeds, params, used=[a.embedding.name for a in used])
     if out is not None:
-        out = Path(out)
-        first = _next_index(out)
-        for k, (img, s, text) in enumerate(zip(images_, seeds, params)):
-            result.files.append(pngmeta.save_png(img, out / f"{first + k:05d}-{s}.png", text))
-        if n > 1:
-            result.grid = pngmeta.save_png(make_grid(images_), out / f"grid-{first:05d}.png", params[0])
+        _write(result, Path(out))
     return result
+
+
+def _prompt_arguments(pipe, prompt: str, negative: str | None, clip_skip: int) -> tuple[dict, list]:
+    """The pipeline's prompt arguments and the embeddings the prompts use.
+
+    SD 1.x/2.x always, SDXL for weighted or long prompts: prompt embeddings encoded once for all
+    images (no per-image tokenization or encoder pass); plain SDXL prompts: {} (the pipeline's own)."""
+    from . import prompts
+
+    for where, text in (("prompt", prompt), ("negative prompt", negative or "")):
+        for word in prompts.unmatched_triggers(pipe, text):
+            warnings.warn(f"{where}: {word!r} matches no loaded embedding", stacklevel=3)
+    pos = prompts.split(pipe, prompt, "prompt")
+    neg = prompts.split(pipe, negative or "", "negative prompt")
+    used = list({id(a): a for a in pos.used + neg.used}.values())
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    if sdxl and not (pos.weighted or neg.weighted or _long(pipe, pos, neg)):
+        return {}, used
+    pe, ne = prompts.encode(pipe, pos, clip_skip), prompts.encode(pipe, neg, clip_skip)
+    length = max(pe.embeds.shape[1], ne.embeds.shape[1])
+    if pe.embeds.shape[1] != ne.embeds.shape[1]:
+        empty = prompts.encode(pipe, prompts.split(pipe, "", "negative prompt"), clip_skip)
+        pe, ne = prompts.pad_to(pe, length, empty), prompts.pad_to(ne, length, empty)
+    if sdxl and not negative and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        ne = prompts.Encoded(torch.zeros_like(ne.embeds), torch.zeros_like(ne.pooled))
+    dtype = pipe.unet.dtype
+    kwargs = {"prompt_embeds": pe.embeds.to(dtype), "negative_prompt_embeds": ne.embeds.to(dtype)}
+    if sdxl:
+        kwargs |= {"pooled_prompt_embeds": pe.pooled.to(dtype), "negative_pooled_prompt_embeds": ne.pooled.to(dtype)}
+    return kwargs, used
+
+
+def _parameters(prompt, negative, steps, sampler, guidance, seed, width, height, model_hash, model, clip_skip, ti) -> str:
+    """A1111's infotext for one image, its keys in A1111's order."""
+    from . import __version__, pngmeta
+
+    return pngmeta.format_parameters(prompt, negative, {
+        "Steps": steps, "Sampler": sampler, "CFG scale": float(guidance), "Seed": seed, "Size": f"{width}x{height}",
+        "Model hash": model_hash, "Model": model, "Clip skip": clip_skip if clip_skip > 1 else None, "TI hashes": ti,
+        "Version": f"textinv {__version__}"})
+
+
+def _write(result: Generation, out: Path) -> None:
+    """Each image as NNNNN-SEED.png with its parameters, and a grid when there are several."""
+    from . import pngmeta
+    from .images import grid as make_grid
+
+    first = _next_index(out)
+    for k, (img, s, text) in enumerate(zip(result.images, result.seeds, result.parameters)):
+        result.files.append(pngmeta.save_png(img, out / f"{first + k:05d}-{s}.png", text))
+    if len(result.images) > 1:
+        result.grid = pngmeta.save_png(make_grid(result.images), out / f"grid-{first:05d}.png", result.parameters[0])
 
 
 def regenerate(png, *, embeddings=None, model=None, pipe=None, out=None, progress: bool = False,
@@ -286,8 +305,7 @@ def regenerate(png, *, embeddings=None, model=None, pipe=None, out=None, progres
             raise TextinvError(f"{png}: bad {key!r} value {params[key]!r} in its parameters") from None
 
     if model is None and pipe is None:
-        named = params.get("Model")
-        model = None if named in (None, "", "mini") else named
+        model = params.get("Model") or None  # a name textinv.models resolves, the built-in one's too
     sampler = params.get("Sampler")
     if sampler and params.get("Schedule type", "").lower() == "karras":  # A1111 ≥ 1.9 writes the schedule apart
         from .samplers import SAMPLERS

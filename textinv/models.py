@@ -6,17 +6,73 @@ is only a name for that folder, so nothing downstream knows or cares which model
 """
 from __future__ import annotations
 
+import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import formats
 from .errors import TextinvError
 
 MINI_NAME = "mini"
 MINI_PATH = Path(__file__).parent / "data" / "mini"
 SINGLE_FILE_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".bin"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SETTINGS_FILE = "textinv.json"  # a model folder's own defaults: {"guidance": 4.0, "family": "..."}
+MODEL_HELP = "Hub id, diffusers folder, single-file checkpoint (.safetensors/.ckpt), or 'mini' (the built-in model, the default)."
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a model wants when the user does not say: its own settings file, else A1111's defaults."""
+
+    guidance: float = 7.0  # AUTOMATIC1111's CFG scale
+    family: str | None = None  # a name for its text encoder's width, shown by inspect and the library
+
+
+def defaults(model: str | os.PathLike | None = None) -> ModelDefaults:
+    """The defaults of ``--model`` (None: the built-in model), from ``SETTINGS_FILE`` in its folder."""
+    try:
+        where = Path(resolve_model(model))
+    except TextinvError:
+        return ModelDefaults()
+    settings = where / SETTINGS_FILE
+    if not settings.is_file():
+        return ModelDefaults()
+    try:
+        raw = json.loads(settings.read_text(encoding="utf-8"))
+        guidance = float(raw.get("guidance", ModelDefaults.guidance))
+        family = raw.get("family")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return ModelDefaults()  # a damaged settings file: A1111's defaults, as for any model
+    if not (math.isfinite(guidance) and guidance > 0):
+        guidance = ModelDefaults.guidance
+    return ModelDefaults(guidance, family if isinstance(family, str) else None)
+
+
+def pipeline_defaults(pipe) -> ModelDefaults:
+    """The defaults of the model a pipeline was loaded from (diffusers records the folder)."""
+    where = getattr(pipe, "name_or_path", None)
+    return defaults(where) if where else ModelDefaults()
+
+
+def name_of(model: str | os.PathLike | None) -> str:
+    """How a ``--model`` value is named in reports and metadata."""
+    return MINI_NAME if model is None else str(model)
+
+
+def _register_families() -> None:
+    """The built-in model's text-encoder width gets its name (its settings say which)."""
+    try:
+        width = json.loads((MINI_PATH / "text_encoder" / "config.json").read_text())["hidden_size"]
+    except (OSError, ValueError, KeyError):
+        return
+    family = defaults(MINI_NAME).family
+    if family:
+        formats.register_family(int(width), family)
 
 
 def resolve_model(model: str | os.PathLike | None) -> str:
@@ -99,3 +155,6 @@ def load_pipeline(model: str | os.PathLike | None = None, *, dtype: str | torch.
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+_register_families()

@@ -8,12 +8,16 @@ import json
 from pathlib import Path
 
 from .atomic import atomic_path, write_text
+from .errors import TextinvError
 
 
 def plot_tradeoff(result: dict, path) -> Path:
     """The paper's trade-off figure for one run: editability (x) against fidelity (y), one point per
     saved step, joined in step order; the recommended step starred, the init word marked ×."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise TextinvError("the trade-off plot needs matplotlib: pip install 'textinv[eval]'") from None
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt

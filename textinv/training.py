@@ -32,7 +32,7 @@ from . import data, formats, generation, prompts, tokens
 from .atomic import atomic_path, write_text
 from .errors import TextinvError
 from .formats import Embedding
-from .models import DTYPES, load_pipeline
+from .models import DTYPES, load_pipeline, name_of
 
 MODES = ("object", "style", "replace")
 STATE_FILE = "state.pt"
@@ -50,7 +50,7 @@ class TrainingDiverged(TextinvError):
 class TrainConfig:
     images: str
     token: str
-    model: str | None = None  # None: the built-in mini model
+    model: str | None = None  # None: the built-in model (see textinv.models)
     model_config: str | None = None  # single-file models: a diffusers folder / hub id with the configs
     init: str | None = None  # None: "*" (A1111's default), or the word itself in replace mode
     vectors: int = 1
@@ -310,6 +310,48 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
 
 
 def _train(cfg: TrainConfig, pipe, on_save, on_step) -> TrainResult:
+    """The stages, top to bottom: check, freeze the model, cache the images, add the word, loop, save."""
+    check_config(cfg)
+    from accelerate import PartialState
+
+    dist = PartialState(cpu=not torch.cuda.is_available())  # several CPU processes talk over gloo
+    if (on_save is not None or on_step is not None) and dist.num_processes > 1:
+        raise TextinvError("early stopping, --pick-best or a stop callback needs a single process")
+    out = cfg.resolved_out()
+    if dist.is_main_process:
+        _check_out_dir(out, cfg.resume)
+    images = data.load_images(cfg.images)
+    model = _frozen_model(cfg, pipe, dist.device)
+    word = _Word(model.pipe, cfg, dist.device)  # before the prompts are tokenized: they name it
+    batches = _Batches(cfg, model, images, dist.process_index)
+    start = 0
+    if cfg.resume and (out / STATE_FILE).exists():
+        start = _load_state(out / STATE_FILE, cfg, word.params, word.optimizer, word.scaler)
+    if dist.is_main_process:
+        _trim_log(out, start)  # each step once, after any number of resumes
+        config_json = dict(dataclasses.asdict(cfg), resolution=model.resolution, init=word.applied.embedding.meta["init_text"],
+                           templates_used=batches.templates, images_used=[str(i.path) for i in images],
+                           views=len(batches.views))
+        write_text(out / "config.json", json.dumps(config_json, indent=2, default=str))
+    last_step, loss, seconds = _loop(cfg, out, model, batches, word, start, dist, on_save, on_step)
+
+    final = _current(word.applied, cfg, last_step, model.pipe)
+    path = out / f"{formats.file_stem(cfg.token)}{formats.suffix_for(cfg.format, final)}"
+    if dist.is_main_process:
+        formats.save(final, path, cfg.format)
+        _save_state(out / STATE_FILE, cfg, word.params, word.optimizer, last_step, word.scaler)
+    for p in word.params:
+        p.requires_grad_(False)
+    if dist.num_processes > 1:
+        # Every process leaves together and closes its process group: a gloo group torn down by the
+        # interpreter's exit can abort (SIGABRT) the process that leaves last.
+        dist.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+    return TrainResult(out, path, final, last_step, seconds, loss, dist.is_main_process)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Every setting that can be checked without the model, in one place (CLI, UI and Python alike)."""
     if cfg.mode not in MODES:
         raise TextinvError(f"--mode {cfg.mode!r}: choose one of {', '.join(MODES)}")
     if not 1 <= cfg.vectors <= formats.MAX_VECTORS:
@@ -323,35 +365,35 @@ def _train(cfg: TrainConfig, pipe, on_save, on_step) -> TrainResult:
     if cfg.precision not in DTYPES:
         raise TextinvError(f"--precision {cfg.precision!r}: choose one of {', '.join(DTYPES)}")
     check_options(cfg)
-    schedule = parse_lr(cfg.lr)
-    templates = data.load_templates(cfg.templates or ("style" if cfg.mode == "style" else "object"))
-    out = cfg.resolved_out()
+    parse_lr(cfg.lr)
+    data.load_templates(cfg.templates or ("style" if cfg.mode == "style" else "object"))  # fail before the model loads
 
-    from accelerate import PartialState
 
-    dist = PartialState(cpu=not torch.cuda.is_available())  # several CPU processes talk over gloo
-    main_process = dist.is_main_process
-    if on_save is not None and dist.num_processes > 1:
-        raise TextinvError("early stopping / --pick-best during training needs a single process")
-    if on_step is not None and dist.num_processes > 1:
-        raise TextinvError("stopping training from a callback needs a single process")
-    if main_process:
-        _check_out_dir(out, cfg.resume)
-    images = data.load_images(cfg.images)
+@dataclass
+class _Model:
+    """The frozen pipeline and what every step needs from it, looked up once."""
 
-    # -- the model, frozen ---------------------------------------------------------------
+    pipe: object
+    unet: torch.nn.Module  # the pipeline's, or its torch.compile'd version
+    noise_scheduler: object
+    timesteps: tuple[int, int]  # train on [low, high)
+    resolution: int
+    device: torch.device
+    dtype: torch.dtype  # diffusers' .device/.dtype walk every module: milliseconds per call
+
+
+def _frozen_model(cfg: TrainConfig, pipe, device) -> _Model:
     if pipe is None:
-        if cfg.precision == "fp16" and dist.device.type == "cpu":
+        if cfg.precision == "fp16" and device.type == "cpu":
             raise TextinvError("--precision fp16: half precision is for GPUs; on a CPU it runs tens of times slower "
                                "than fp32 (use fp32, or bf16 to halve memory)")
-        pipe = load_pipeline(cfg.model, dtype=cfg.precision, device=str(dist.device), config=cfg.model_config)
+        pipe = load_pipeline(cfg.model, dtype=cfg.precision, device=str(device), config=cfg.model_config)
     for module in (pipe.unet, pipe.vae, *[te for _, te in tokens.encoder_pairs(pipe)]):
         module.requires_grad_(False)
         module.eval()
     prompts.check_clip_skip(pipe, cfg.clip_skip)
     if cfg.grad_checkpointing:  # works in eval mode for diffusers' UNet (transformers' encoders need train mode)
         pipe.unet.enable_gradient_checkpointing()
-    unet = torch.compile(pipe.unet) if cfg.compile else pipe.unet
     from diffusers import DDPMScheduler
 
     # The pipeline's prediction type, said explicitly: from_config drops values a config only
@@ -360,135 +402,133 @@ def _train(cfg: TrainConfig, pipe, on_save, on_step) -> TrainResult:
                                                 prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"))
     if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
         prediction_target(noise_scheduler, None, None, None)  # raises, naming the type
-    t_low, t_high = parse_timesteps(cfg.timesteps, noise_scheduler.config.num_train_timesteps)
+    timesteps = parse_timesteps(cfg.timesteps, noise_scheduler.config.num_train_timesteps)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     resolution = cfg.resolution or int(pipe.unet.config.sample_size) * vae_scale
     if resolution % vae_scale:
         raise TextinvError(f"--resolution {resolution}: must be a multiple of {vae_scale} (this model's VAE scale factor)")
+    unet = torch.compile(pipe.unet) if cfg.compile else pipe.unet
+    return _Model(pipe, unet, noise_scheduler, timesteps, resolution, pipe.unet.device, pipe.unet.dtype)
 
-    # -- images → cached latent distributions ------------------------------------------------
-    views, captions = [], []
-    for i, item in enumerate(images):
-        vs = data.views(item.image, resolution, crops=cfg.crops, flip=cfg.flip, seed=cfg.seed * 1000 + i)
-        views += vs
-        captions += [item.caption] * len(vs)
-    lat_mean, lat_std = data.encode_latents(pipe.vae, data.to_tensor([v.image for v in views]))
 
-    # -- the new word --------------------------------------------------------------------
-    emb = _new_embedding(pipe, cfg)
-    applied = tokens.apply(pipe, emb)[0]
-    state = tokens.state(pipe)
-    if len(state.applied) != 1:
-        raise TextinvError("train on a pipeline without other embeddings applied")
-    params = []
-    for enc in state.encoders:
-        module = enc.text_encoder.get_input_embeddings()
-        module.extra.requires_grad_(True)
-        params.append(module.extra)
-    optimizer = torch.optim.AdamW(params, lr=lr_at(schedule, 0), weight_decay=cfg.weight_decay)
-    # float16 gradients below ~6e-8 vanish: scale the loss up (dynamically; a step whose gradients
-    # overflow is skipped and the scale lowered), as the established trainers do.  The vectors and
-    # AdamW's state are float32 throughout; bf16 has float32's range and needs no scaling.
-    fp16 = pipe.unet.dtype == torch.float16
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=fp16)
+class _Word:
+    """The new word: applied to the pipeline, its vectors the only parameters (float32), their
+    AdamW, and the fp16 loss scaler."""
 
-    start = 0
-    if cfg.resume and (out / STATE_FILE).exists():
-        start = _load_state(out / STATE_FILE, cfg, params, optimizer, scaler)
-    if main_process:
-        _trim_log(out, start)  # each step once, after any number of resumes
+    def __init__(self, pipe, cfg: TrainConfig, device):
+        emb = _new_embedding(pipe, cfg)
+        self.applied = tokens.apply(pipe, emb)[0]
+        state = tokens.state(pipe)
+        if len(state.applied) != 1:
+            raise TextinvError("train on a pipeline without other embeddings applied")
+        self.params = []
+        for enc in state.encoders:
+            module = enc.text_encoder.get_input_embeddings()
+            module.extra.requires_grad_(True)
+            self.params.append(module.extra)
+        self.schedule = parse_lr(cfg.lr)
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr_at(self.schedule, 0), weight_decay=cfg.weight_decay)
+        # float16 gradients below ~6e-8 vanish: scale the loss up (dynamically; a step whose gradients
+        # overflow is skipped and the scale lowered), as the established trainers do.  The vectors and
+        # AdamW's state are float32 throughout; bf16 has float32's range and needs no scaling.
+        self.fp16 = pipe.unet.dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.fp16)
+        self.table_norm = float(state.encoders[0].base.weight.detach().float().norm(dim=-1).mean())
 
-    config_json = dict(dataclasses.asdict(cfg), resolution=resolution, init=emb.meta["init_text"],
-                       templates_used=templates, images_used=[str(i.path) for i in images], views=len(views))
-    if main_process:
-        write_text(out / "config.json", json.dumps(config_json, indent=2, default=str))
 
-    # -- the loop --------------------------------------------------------------------------
-    prompt_table = PromptTable(pipe, templates, cfg.token, captions, cfg.clip_skip)
-    time_ids = view_time_ids(pipe, views, resolution)
-    # diffusers' .device/.dtype walk every module (milliseconds per call): look them up once.
-    dev, dtype = pipe.unet.device, pipe.unet.dtype
-    table_norm = float(state.encoders[0].base.weight.detach().float().norm(dim=-1).mean())
-    uncond = None
-    if cfg.guidance > 1:  # the empty prompt's branch is frozen: encode it once
-        empty, empty_pooled = prompt_table.unconditional(pipe, dev)
-        uncond = (empty.to(dtype), empty_pooled)
-    progress = _progress(cfg, start) if main_process else None
-    t0, smoothed, loss_value = time.perf_counter(), None, float("nan")
+class _Batches:
+    """The training data, ready to draw from: every view VAE-encoded once, every prompt tokenized
+    once, SDXL's time ids per view; a batch is drawn from a generator seeded by (seed, step, micro)."""
+
+    def __init__(self, cfg: TrainConfig, model: _Model, images, rank: int):
+        self.cfg, self.model, self.rank = cfg, model, rank
+        self.templates = data.load_templates(cfg.templates or ("style" if cfg.mode == "style" else "object"))
+        self.views, captions = [], []
+        for i, item in enumerate(images):
+            vs = data.views(item.image, model.resolution, crops=cfg.crops, flip=cfg.flip, seed=cfg.seed * 1000 + i)
+            self.views += vs
+            captions += [item.caption] * len(vs)
+        self.mean, self.std = data.encode_latents(model.pipe.vae, data.to_tensor([v.image for v in self.views]))
+        self.prompts = PromptTable(model.pipe, self.templates, cfg.token, captions, cfg.clip_skip)
+        self.time_ids = view_time_ids(model.pipe, self.views, model.resolution)
+        self.uncond = None
+        if cfg.guidance > 1:  # the empty prompt's branch is frozen: encode it once
+            empty, empty_pooled = self.prompts.unconditional(model.pipe, model.device)
+            self.uncond = (empty.to(model.dtype), empty_pooled)
+
+    def loss(self, step: int, micro: int) -> torch.Tensor:
+        """The denoising loss of the batch drawn for (step, micro-batch)."""
+        cfg, m = self.cfg, self.model
+        g = step_generator(cfg.seed, step, micro, self.rank)
+        idx = torch.randint(len(self.views), (cfg.batch,), generator=g)
+        which = torch.randint(len(self.templates), (cfg.batch,), generator=g)
+        latents = self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=g)
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(*m.timesteps, (cfg.batch,), generator=g)
+        hidden, pooled = self.prompts.encode(which, idx, m.device)
+        added = None if pooled is None else {"text_embeds": pooled, "time_ids": self.time_ids[idx].to(m.device, m.dtype)}
+        return denoising_loss(m.unet, m.noise_scheduler, latents, noise, t, hidden, added, self.uncond, cfg.guidance)
+
+
+def _optimizer_step(cfg: TrainConfig, batches: _Batches, word: _Word, step: int, dist, last_good) -> tuple[float, float, bool]:
+    """One optimizer step over ``grad_accum`` micro-batches: (mean loss, loss scale, skipped)."""
+    total = 0.0
+    for micro in range(cfg.grad_accum):
+        loss = batches.loss(step, micro)
+        if not torch.isfinite(loss) and not word.fp16:  # fp16: an overflow is the scaler's to skip
+            raise _diverged(step + 1, word.params, last_good, word.fp16, word.table_norm)
+        word.scaler.scale(loss / cfg.grad_accum).backward()
+        total += loss.item() / cfg.grad_accum
+    if dist.num_processes > 1:  # data-parallel: average the (tiny) gradients and the loss over processes
+        from accelerate.utils import reduce
+
+        for p in word.params:
+            p.grad = reduce(p.grad, reduction="mean")
+        total = reduce(torch.tensor([total], device=dist.device), reduction="mean").item()
+    scale = word.scaler.get_scale() if word.fp16 else 1.0
+    word.scaler.step(word.optimizer)  # without fp16: optimizer.step(); with it: unscale, skip if inf/NaN
+    word.scaler.update()
+    word.optimizer.zero_grad(set_to_none=True)
+    return total, scale, word.fp16 and word.scaler.get_scale() < scale
+
+
+def _loop(cfg: TrainConfig, out: Path, model: _Model, batches: _Batches, word: _Word, start: int, dist, on_save,
+          on_step) -> tuple[int, float, float]:
+    """Steps ``start`` … ``cfg.steps``; logs, saves, previews and callbacks.  (last step, loss, seconds)"""
+    main = dist.is_main_process
+    progress = _progress(cfg, start) if main else None
+    t0, smoothed, loss_value, last_good, skipped_in_a_row = time.perf_counter(), None, float("nan"), None, 0
     last_step = cfg.steps
-    last_good = None
-    skipped_in_a_row = 0
     for step in range(start, cfg.steps):
-        lr = lr_at(schedule, step)
-        for group in optimizer.param_groups:
+        lr = lr_at(word.schedule, step)
+        for group in word.optimizer.param_groups:
             group["lr"] = lr
-        total = 0.0
-        for micro in range(cfg.grad_accum):
-            g = step_generator(cfg.seed, step, micro, dist.process_index)
-            idx = torch.randint(len(views), (cfg.batch,), generator=g)
-            which = torch.randint(len(templates), (cfg.batch,), generator=g)
-            latents = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)
-            noise = torch.randn(latents.shape, generator=g)
-            t = torch.randint(t_low, t_high, (cfg.batch,), generator=g)
-            hidden, pooled = prompt_table.encode(which, idx, dev)
-            added = None if pooled is None else {"text_embeds": pooled, "time_ids": time_ids[idx].to(dev, dtype)}
-            loss = denoising_loss(unet, noise_scheduler, latents, noise, t, hidden, added, uncond, cfg.guidance)
-            if not torch.isfinite(loss) and not fp16:  # fp16: an overflow is the scaler's to skip
-                raise _diverged(step + 1, params, last_good, fp16, table_norm)
-            scaler.scale(loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
-        if dist.num_processes > 1:  # data-parallel: average the (tiny) gradients and the loss over processes
-            from accelerate.utils import reduce
-
-            for p in params:
-                p.grad = reduce(p.grad, reduction="mean")
-            total = reduce(torch.tensor([total], device=dist.device), reduction="mean").item()
-        scale = scaler.get_scale() if fp16 else 1.0
-        scaler.step(optimizer)  # without fp16: optimizer.step(); with it: unscale, skip if inf/NaN
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        skipped = fp16 and scaler.get_scale() < scale
+        total, scale, skipped = _optimizer_step(cfg, batches, word, step, dist, last_good)
         skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
-        if skipped_in_a_row >= MAX_SKIPPED_STEPS or not all(torch.isfinite(p).all() for p in params):
-            raise _diverged(step + 1, params, last_good, fp16, table_norm)
-        loss_value = total
+        if skipped_in_a_row >= MAX_SKIPPED_STEPS or not all(torch.isfinite(p).all() for p in word.params):
+            raise _diverged(step + 1, word.params, last_good, word.fp16, word.table_norm)
+        loss_value, done = total, step + 1
         smoothed = total if smoothed is None else 0.95 * smoothed + 0.05 * total
-        done = step + 1
-        if not main_process:
+        if not main:
             continue
         record = {"step": done, "loss": round(total, 6), "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
-        if fp16:
-            record |= {"loss_scale": scale, "skipped": skipped}
-        _log(out, record)
+        _log(out, record | ({"loss_scale": scale, "skipped": skipped} if word.fp16 else {}))
         progress.update(1)
         progress.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.2g}", refresh=False)  # the bar redraws on its own clock
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-            last_good = _save(out, pipe, applied, cfg, done, suffix=f"-{done}", subdir="embeddings")
-            _save_state(out / STATE_FILE, cfg, params, optimizer, done, scaler)
+            last_good = _save(out, model.pipe, word.applied, cfg, done, suffix=f"-{done}", subdir="embeddings")
+            _save_state(out / STATE_FILE, cfg, word.params, word.optimizer, done, word.scaler)
             if on_save is not None and on_save(done, last_good):
                 last_step = done
                 break
         if cfg.preview_every and done % cfg.preview_every == 0:
-            preview(pipe, cfg, templates, out / "previews" / f"{done:06d}.png")
+            preview(model.pipe, cfg, batches.templates, out / "previews" / f"{done:06d}.png")
         if on_step is not None and on_step(done, total) and done < cfg.steps:
             last_step = done
             break
     if progress is not None:
         progress.close()
-
-    final = _current(applied, cfg, last_step, pipe)
-    path = out / f"{formats.file_stem(cfg.token)}{formats.suffix_for(cfg.format, final)}"
-    if main_process:
-        formats.save(final, path, cfg.format)
-        _save_state(out / STATE_FILE, cfg, params, optimizer, last_step, scaler)
-    for p in params:
-        p.requires_grad_(False)
-    if dist.num_processes > 1:
-        # Every process leaves together and closes its process group: a gloo group torn down by the
-        # interpreter's exit can abort (SIGABRT) the process that leaves last.
-        dist.wait_for_everyone()
-        torch.distributed.destroy_process_group()
-    return TrainResult(out, path, final, last_step, time.perf_counter() - t0, loss_value, main_process)
+    return last_step, loss_value, time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------- pieces
@@ -506,7 +546,7 @@ def _new_embedding(pipe, cfg: TrainConfig) -> Embedding:
                            f"(e.g. '<{cfg.token}>') or use --mode replace to re-learn it")
     init = cfg.init if cfg.init is not None else (cfg.token if cfg.mode == "replace" else "*")
     vectors = {enc.slot: init_vectors(enc.tokenizer, enc.base.weight, init, cfg.vectors) for enc in state.encoders}
-    meta = {"step": 0, "init_text": init, "mode": cfg.mode, "sd_checkpoint_name": str(cfg.model or "mini"), "sd_checkpoint": None}
+    meta = {"step": 0, "init_text": init, "mode": cfg.mode, "sd_checkpoint_name": name_of(cfg.model), "sd_checkpoint": None}
     if cfg.clip_skip > 1:  # the embedding is meant to be used with the same Clip skip
         meta["clip_skip"] = cfg.clip_skip
     return Embedding(cfg.token, vectors, meta=meta)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .errors import TextinvError
 from .formats import SAVE_FORMATS, file_stem, native_format, suffix_for
+from .models import name_of
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -166,7 +167,7 @@ class App:
 
     @property
     def model_name(self) -> str:
-        return str(self.model or "mini")
+        return name_of(self.model)
 
     # -- the generation pipeline (shared by Generate and the library's nearest words) ----------
     def pipe(self):
@@ -524,262 +525,276 @@ def _gr():
     return gr
 
 
-def build(app: App):
-    """The Gradio Blocks of the app (not launched)."""
-    gr = _gr()
-    import pandas as pd
+class _Page:
+    """What every tab's handlers share: messages in the page, the loss plot, previews, the library list."""
 
-    from . import samplers
+    def __init__(self, gr, app: App):
+        import pandas as pd
 
-    def warn(messages) -> None:
+        self.gr, self.app, self.pd = gr, app, pd
+
+    def warn(self, messages) -> None:
         for m in messages[:8]:
-            gr.Warning(html.escape(m), duration=15)
+            self.gr.Warning(html.escape(m), duration=15)
 
-    def loss_frame(job: TrainJob | None):
+    def loss_frame(self, job: TrainJob | None):
         pts = job.losses if job else []
         every = max(1, len(pts) // 500)  # a few hundred points, however long the run
         rows = [p for i, p in enumerate(pts) if i % every == 0 or i == len(pts) - 1]
         # explicit dtypes, also when empty: Gradio picks each axis's scale (numeric or categorical) from them
-        return pd.DataFrame(rows, columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
+        return self.pd.DataFrame(rows, columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
 
+    @staticmethod
     def gallery(job: TrainJob | None):
         return [(str(p), f"step {int(p.stem)}") for p in job.previews()] if job else []
 
-    def library_choices():
-        return [(k, k) for k in app.entries()]
+    def library_choices(self):
+        return [(k, k) for k in self.app.entries()]
 
+    def guarded(self, fn, on_error):
+        """Run a handler; an error becomes a warning in the page and ``on_error(message)``'s outputs."""
+        def run(*args):
+            try:
+                return fn(*args)
+            except Exception as e:  # noqa: BLE001 - every error is a message in the page
+                msg = _describe_error(e)
+                self.warn([msg])
+                return on_error(f"Error: {msg}")
+        return run
+
+
+def build(app: App):
+    """The Gradio Blocks of the app (not launched): three tabs, then their handlers."""
+    gr = _gr()
+    page = _Page(gr, app)
     with gr.Blocks(title="textinv", analytics_enabled=False) as demo:
         gr.Markdown(f"# textinv\nTextual Inversion on **{html.escape(app.model_name)}** · library `{html.escape(str(app.library))}`")
         with gr.Tabs():
-            # ------------------------------------------------------------------------- Train
-            with gr.Tab("Train", id="train"):
-                with gr.Row():
-                    with gr.Column():
-                        t_images = gr.File(label="Training images (drop 3–5 or more)", file_count="multiple",
-                                           type="filepath", elem_id="train-images")
-                        t_folder = gr.Textbox(label="…or a folder on this machine", placeholder="/path/to/photos",
-                                              elem_id="train-folder")
-                        t_check = gr.Textbox(label="Images", interactive=False, lines=2, elem_id="train-check",
-                                             elem_classes="status")
-                    with gr.Column():
-                        t_token = gr.Textbox(label="Token (the new trigger word)", placeholder="<my-cat>", elem_id="token")
-                        t_init = gr.Textbox(label="Init text", placeholder="cat (default '*')", elem_id="init")
-                        with gr.Row():
-                            t_vectors = gr.Number(label="Vectors", value=1, precision=0, minimum=1, maximum=75, elem_id="vectors")
-                            t_steps = gr.Number(label="Steps", value=500, precision=0, minimum=1, elem_id="steps")
-                        t_mode = gr.Radio(["object", "style", "replace"], value="object", label="Mode", elem_id="mode")
-                        with gr.Accordion("More settings", open=False):
-                            t_lr = gr.Textbox(label="Learning rate (or A1111 schedule)", value="5e-3", elem_id="lr")
-                            t_batch = gr.Number(label="Batch", value=4, precision=0, minimum=1, elem_id="batch")
-                            t_preview = gr.Number(label="Preview every N steps (0: none)", value=app.preview_every,
-                                                  precision=0, minimum=0, elem_id="preview-every")
-                            t_seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
-                            t_clip_skip = gr.Number(label="Clip skip (A1111; 2 for many SD 1.x fine-tunes)", value=1,
-                                                    precision=0, minimum=1, elem_id="clip-skip")
-                        with gr.Row():
-                            t_start = gr.Button("Start training", variant="primary", elem_id="start")
-                            t_stop = gr.Button("Stop", variant="stop", elem_id="stop")
-                t_status = gr.Textbox(label="Status", interactive=False, lines=3, elem_id="train-status", elem_classes="status")
-                with gr.Row():
-                    t_plot = gr.LinePlot(loss_frame(None), x="step", y="loss", title="Training loss",
-                                         height=260, elem_id="loss-plot")
-                    t_previews = gr.Gallery(label="Previews (fixed seeds)", columns=2, height=300, object_fit="contain",
-                                            elem_id="previews")
-                with gr.Row():
-                    t_format = gr.Dropdown(list(SAVE_FORMATS), value="a1111", label="Download as", elem_id="export-format")
-                    t_export = gr.Button("Prepare download", elem_id="export")
-                    t_file = gr.File(label="Embedding file", interactive=False, height=110, elem_id="train-download")
-
-            # ------------------------------------------------------------------------- Generate
-            with gr.Tab("Generate", id="generate") as gen_tab:
-                with gr.Row():
-                    with gr.Column(scale=3):
-                        g_prompt = gr.Textbox(label="Prompt (A1111 syntax; embeddings by their trigger)", lines=2,
-                                              placeholder="a red <my-shape> on the left", elem_id="prompt")
-                        g_negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
-                        g_embs = gr.Dropdown(choices=[], value=[], multiselect=True, label="Embeddings (none picked: the whole library)",
-                                             elem_id="gen-embeddings")
-                    with gr.Column(scale=2):
-                        with gr.Row():
-                            g_seed = gr.Number(label="Seed", value=0, precision=0, elem_id="gen-seed")
-                            g_steps = gr.Number(label="Steps", value=30, precision=0, minimum=1, elem_id="gen-steps")
-                            g_n = gr.Number(label="Images (grid)", value=4, precision=0, minimum=1, maximum=64, elem_id="gen-n")
-                        g_sampler = gr.Dropdown([MODEL_DEFAULT_SAMPLER] + samplers.names(), value=MODEL_DEFAULT_SAMPLER,
-                                                label="Sampler", elem_id="sampler")
-                        with gr.Row():
-                            g_cfg = gr.Number(label="CFG scale (0: the model's default)", value=0, elem_id="cfg")
-                            g_clip_skip = gr.Number(label="Clip skip", value=1, precision=0, minimum=1, elem_id="gen-clip-skip")
-                        g_go = gr.Button("Generate", variant="primary", elem_id="generate")
-                g_status = gr.Textbox(label="Status", interactive=False, lines=2, elem_id="gen-status", elem_classes="status")
-                g_gallery = gr.Gallery(label="Images", columns=4, height=360, object_fit="contain", elem_id="gen-gallery")
-                g_params = gr.Textbox(label="parameters (written into every PNG)", interactive=False, lines=3, elem_id="gen-params")
-                g_files = gr.File(label="PNG files", file_count="multiple", interactive=False, height=160, elem_id="gen-files")
-
-            # ------------------------------------------------------------------------- Library
-            with gr.Tab("Library", id="library") as lib_tab:
-                with gr.Row():
-                    l_refresh = gr.Button("Refresh", elem_id="lib-refresh", scale=0)
-                    l_upload = gr.File(label="Add embedding files (.pt, .safetensors, .bin, PNG cards…)", file_count="multiple",
-                                       type="filepath", elem_id="lib-upload")
-                l_status = gr.Textbox(label="Status", interactive=False, lines=3, elem_id="lib-status", elem_classes="status")
-                l_table = gr.Dataframe(headers=LIBRARY_HEADERS, interactive=False, wrap=True, elem_id="lib-table")
-                with gr.Row():
-                    l_pick = gr.Dropdown(choices=[], label="Embedding", elem_id="lib-pick", scale=2)
-                    l_inspect = gr.Button("Inspect", elem_id="lib-inspect", scale=0)
-                    l_delete = gr.Button("Delete (moves to .trash)", variant="stop", elem_id="lib-delete", scale=0)
-                l_info = gr.Textbox(label="Details", interactive=False, lines=8, elem_id="lib-info", elem_classes="status")
-                with gr.Accordion("Convert", open=False):
-                    with gr.Row():
-                        l_format = gr.Dropdown(list(SAVE_FORMATS), value="a1111", label="Format", elem_id="lib-format")
-                        l_convert = gr.Button("Convert", elem_id="lib-convert")
-                        l_file = gr.File(label="Converted file", interactive=False, height=110, elem_id="lib-download")
-                with gr.Accordion("Scale", open=False):
-                    with gr.Row():
-                        l_factor = gr.Number(label="Factor", value=0.7, elem_id="lib-factor")
-                        l_scale_name = gr.Textbox(label="New name", elem_id="lib-scale-name")
-                        l_scale = gr.Button("Scale", elem_id="lib-scale")
-                with gr.Accordion("Merge", open=False):
-                    with gr.Row():
-                        l_merge_pick = gr.Dropdown(choices=[], multiselect=True, label="Embeddings", elem_id="lib-merge-pick")
-                        l_weights = gr.Textbox(label="Weights (e.g. 0.3,0.7; empty: equal)", elem_id="lib-weights")
-                        l_concat = gr.Checkbox(label="Concatenate vectors instead", elem_id="lib-concat")
-                        l_merge_name = gr.Textbox(label="New name", elem_id="lib-merge-name")
-                        l_merge = gr.Button("Merge", elem_id="lib-merge")
-
-        # ----------------------------------------------------------------------------- handlers
-        def on_images(paths):
-            good, bad = app.check_images(paths)
-            warn(bad)
-            if not paths:
-                return ""
-            return "\n".join([f"{len(good)} usable image{'s' if len(good) != 1 else ''}"] + [f"skipped {m}" for m in bad])
-
-        t_images.change(on_images, t_images, t_check)
-
-        def on_start(paths, folder, token, init, vectors, mode, steps, lr, batch, preview_every, seed, clip_skip):
-            try:
-                job = app.start_training(paths, folder, token=token, init=init, vectors=vectors, mode=mode, steps=steps,
-                                         lr=lr, batch=batch, preview_every=preview_every, seed=seed, clip_skip=clip_skip)
-            except Exception as e:  # noqa: BLE001 - every error is a message in the page
-                msg = _describe_error(e)
-                warn([msg])
-                yield f"Error: {msg}", gr.skip(), gr.skip(), gr.skip()
-                return
-            shown = len(job.warnings)  # the skipped images were already reported on upload
-            plotted = previews = -1
-            while True:
-                alive = job.running
-                if len(job.warnings) > shown:
-                    warn(job.warnings[shown:])
-                    shown = len(job.warnings)
-                notes = "".join(f"\nwarning: {w}" for w in job.warnings)
-                # the plot and the gallery are sent only when they changed: the page stays light
-                plot = loss_frame(job) if len(job.losses) != plotted else gr.skip()
-                grids = gallery(job)
-                shown_grids = grids if len(grids) != previews else gr.skip()
-                plotted, previews = len(job.losses), len(grids)
-                yield job.status() + notes, plot, shown_grids, gr.skip()
-                if not alive:
-                    break
-                time.sleep(1.0)
-            if job.error:
-                warn([job.error])
-                yield job.status(), gr.skip(), gr.skip(), gr.skip()
-            else:
-                yield job.status(), loss_frame(job), gallery(job), gr.update(choices=library_choices())
-
-        t_start.click(on_start, [t_images, t_folder, t_token, t_init, t_vectors, t_mode, t_steps, t_lr, t_batch, t_preview, t_seed,
-                                 t_clip_skip],
-                      [t_status, t_plot, t_previews, g_embs], concurrency_limit=1,
-                      show_progress="hidden")  # the status line is the progress; no animation to repaint for minutes
-        t_stop.click(app.stop_training, None, t_status, concurrency_limit=None)
-
-        def on_export(fmt):
-            try:
-                return str(app.export(fmt))
-            except Exception as e:  # noqa: BLE001
-                warn([_describe_error(e)])
-                return None
-
-        t_export.click(on_export, t_format, t_file)
-
-        def on_generate(prompt, negative, picked, seed, steps, n, sampler, cfg, clip_skip):
-            try:
-                result, notes = app.generate(prompt, negative, picked, seed=seed, sampler=sampler, steps=steps, n=n,
-                                             guidance=float(cfg or 0) or None, clip_skip=clip_skip)
-            except Exception as e:  # noqa: BLE001
-                msg = _describe_error(e)
-                warn([msg])
-                return f"Error: {msg}", gr.skip(), gr.skip(), gr.skip()
-            warn(notes)
-            files = [str(p) for p in result.files]
-            shown = ([(str(result.grid), "grid")] if result.grid else []) + [(f, f"seed {s}") for f, s in zip(files, result.seeds)]
-            used = ", ".join(result.used) or "none"
-            status = "\n".join([f"{len(files)} image(s) in {app.outputs}; embeddings used: {used}"] + [f"warning: {w}" for w in notes])
-            return status, shown, result.parameters[0], files
-
-        g_go.click(on_generate, [g_prompt, g_negative, g_embs, g_seed, g_steps, g_n, g_sampler, g_cfg, g_clip_skip],
-                   [g_status, g_gallery, g_params, g_files], concurrency_limit=1)
-
-        def refresh(message: str = ""):
-            try:
-                rows, notes = app.rows()
-            except Exception as e:  # noqa: BLE001
-                msg = _describe_error(e)
-                warn([msg])
-                return f"Error: {msg}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            choices = library_choices()
-            text = "\n".join(filter(None, [message, f"{len(rows)} embedding(s) in {app.library}"] + notes))
-            return (text, pd.DataFrame(rows, columns=LIBRARY_HEADERS), gr.update(choices=choices),
-                    gr.update(choices=choices), gr.update(choices=choices))
-
-        lib_outputs = [l_status, l_table, l_pick, l_merge_pick, g_embs]
-        l_refresh.click(lambda: refresh(), None, lib_outputs)
-        lib_tab.select(lambda: refresh(), None, lib_outputs)
-        gen_tab.select(lambda: gr.update(choices=library_choices()), None, g_embs)
-
-        def on_upload(paths):
-            if not paths:
-                return (gr.skip(),) * (len(lib_outputs) + 1)
-            added, refused = app.add_files(paths)
-            warn(refused)
-            return *refresh("\n".join(added + refused)), None  # an empty drop zone, ready for the next file
-
-        l_upload.upload(on_upload, l_upload, lib_outputs + [l_upload])
-
-        def guarded(fn, after_refresh: bool = False):
-            """Run a library action; errors become the status line."""
-            def run(*args):
-                try:
-                    message = fn(*args)
-                except Exception as e:  # noqa: BLE001
-                    msg = _describe_error(e)
-                    warn([msg])
-                    return (f"Error: {msg}",) + (gr.skip(),) * (len(lib_outputs) - 1) if after_refresh else f"Error: {msg}"
-                return refresh(message) if after_refresh else message
-            return run
-
-        l_inspect.click(guarded(app.inspect), l_pick, l_info)
-        l_delete.click(guarded(app.delete, after_refresh=True), l_pick, lib_outputs)
-        l_scale.click(guarded(lambda k, f, n: f"wrote {app.scale(k, f, n).name}", after_refresh=True),
-                      [l_pick, l_factor, l_scale_name], lib_outputs)
-        l_merge.click(guarded(lambda ks, w, c, n: f"wrote {app.merge(ks, w, c, n).name}", after_refresh=True),
-                      [l_merge_pick, l_weights, l_concat, l_merge_name], lib_outputs)
-
-        def on_convert(key, fmt):
-            try:
-                path = app.convert(key, fmt)
-                return str(path), f"converted to {fmt}: {path.name}"
-            except Exception as e:  # noqa: BLE001
-                msg = _describe_error(e)
-                warn([msg])
-                return None, f"Error: {msg}"
-
-        l_convert.click(on_convert, [l_pick, l_format], [l_file, l_status])
-        demo.load(lambda: refresh(), None, lib_outputs)
-        demo.load(lambda: app.job.status() if app.job else "", None, t_status)  # a reloaded page sees the run
+            train = _train_tab(gr, app, page)
+            gen = _generate_tab(gr)
+            lib = _library_tab(gr)
+        _train_handlers(gr, app, page, train, gen)
+        _generate_handlers(gr, app, page, gen)
+        _library_handlers(gr, app, page, lib, gen, demo)
+        demo.load(lambda: app.job.status() if app.job else "", None, train.status)  # a reloaded page sees the run
     demo.queue(default_concurrency_limit=2)
     return demo
+
+
+def _train_tab(gr, app: App, page: _Page):
+    from types import SimpleNamespace as NS
+
+    with gr.Tab("Train", id="train"):
+        with gr.Row():
+            with gr.Column():
+                images = gr.File(label="Training images (drop 3–5 or more)", file_count="multiple", type="filepath",
+                                 elem_id="train-images")
+                folder = gr.Textbox(label="…or a folder on this machine", placeholder="/path/to/photos", elem_id="train-folder")
+                check = gr.Textbox(label="Images", interactive=False, lines=2, elem_id="train-check", elem_classes="status")
+            with gr.Column():
+                token = gr.Textbox(label="Token (the new trigger word)", placeholder="<my-cat>", elem_id="token")
+                init = gr.Textbox(label="Init text", placeholder="cat (default '*')", elem_id="init")
+                with gr.Row():
+                    vectors = gr.Number(label="Vectors", value=1, precision=0, minimum=1, maximum=75, elem_id="vectors")
+                    steps = gr.Number(label="Steps", value=500, precision=0, minimum=1, elem_id="steps")
+                mode = gr.Radio(["object", "style", "replace"], value="object", label="Mode", elem_id="mode")
+                with gr.Accordion("More settings", open=False):
+                    lr = gr.Textbox(label="Learning rate (or A1111 schedule)", value="5e-3", elem_id="lr")
+                    batch = gr.Number(label="Batch", value=4, precision=0, minimum=1, elem_id="batch")
+                    preview = gr.Number(label="Preview every N steps (0: none)", value=app.preview_every, precision=0,
+                                        minimum=0, elem_id="preview-every")
+                    seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
+                    clip_skip = gr.Number(label="Clip skip (A1111; 2 for many SD 1.x fine-tunes)", value=1, precision=0,
+                                          minimum=1, elem_id="clip-skip")
+                with gr.Row():
+                    start = gr.Button("Start training", variant="primary", elem_id="start")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+        status = gr.Textbox(label="Status", interactive=False, lines=3, elem_id="train-status", elem_classes="status")
+        with gr.Row():
+            plot = gr.LinePlot(page.loss_frame(None), x="step", y="loss", title="Training loss", height=260, elem_id="loss-plot")
+            previews = gr.Gallery(label="Previews (fixed seeds)", columns=2, height=300, object_fit="contain", elem_id="previews")
+        with gr.Row():
+            fmt = gr.Dropdown(list(SAVE_FORMATS), value="a1111", label="Download as", elem_id="export-format")
+            export = gr.Button("Prepare download", elem_id="export")
+            file = gr.File(label="Embedding file", interactive=False, height=110, elem_id="train-download")
+    return NS(images=images, folder=folder, check=check, settings=[images, folder, token, init, vectors, mode, steps, lr, batch,
+                                                                    preview, seed, clip_skip],
+              start=start, stop=stop, status=status, plot=plot, previews=previews, fmt=fmt, export=export, file=file)
+
+
+def _generate_tab(gr):
+    from types import SimpleNamespace as NS
+
+    from . import samplers
+
+    with gr.Tab("Generate", id="generate") as tab:
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="Prompt (A1111 syntax; embeddings by their trigger)", lines=2,
+                                    placeholder="a red <my-shape> on the left", elem_id="prompt")
+                negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
+                embs = gr.Dropdown(choices=[], value=[], multiselect=True, label="Embeddings (none picked: the whole library)",
+                                   elem_id="gen-embeddings")
+            with gr.Column(scale=2):
+                with gr.Row():
+                    seed = gr.Number(label="Seed", value=0, precision=0, elem_id="gen-seed")
+                    steps = gr.Number(label="Steps", value=30, precision=0, minimum=1, elem_id="gen-steps")
+                    n = gr.Number(label="Images (grid)", value=4, precision=0, minimum=1, maximum=64, elem_id="gen-n")
+                sampler = gr.Dropdown([MODEL_DEFAULT_SAMPLER] + samplers.names(), value=MODEL_DEFAULT_SAMPLER, label="Sampler",
+                                      elem_id="sampler")
+                with gr.Row():
+                    cfg = gr.Number(label="CFG scale (0: the model's default)", value=0, elem_id="cfg")
+                    clip_skip = gr.Number(label="Clip skip", value=1, precision=0, minimum=1, elem_id="gen-clip-skip")
+                go = gr.Button("Generate", variant="primary", elem_id="generate")
+        status = gr.Textbox(label="Status", interactive=False, lines=2, elem_id="gen-status", elem_classes="status")
+        gallery = gr.Gallery(label="Images", columns=4, height=360, object_fit="contain", elem_id="gen-gallery")
+        params = gr.Textbox(label="parameters (written into every PNG)", interactive=False, lines=3, elem_id="gen-params")
+        files = gr.File(label="PNG files", file_count="multiple", interactive=False, height=160, elem_id="gen-files")
+    return NS(tab=tab, embs=embs, inputs=[prompt, negative, embs, seed, steps, n, sampler, cfg, clip_skip], go=go,
+              outputs=[status, gallery, params, files])
+
+
+def _library_tab(gr):
+    from types import SimpleNamespace as NS
+
+    with gr.Tab("Library", id="library") as tab:
+        with gr.Row():
+            refresh = gr.Button("Refresh", elem_id="lib-refresh", scale=0)
+            upload = gr.File(label="Add embedding files (.pt, .safetensors, .bin, PNG cards…)", file_count="multiple",
+                             type="filepath", elem_id="lib-upload")
+        status = gr.Textbox(label="Status", interactive=False, lines=3, elem_id="lib-status", elem_classes="status")
+        table = gr.Dataframe(headers=LIBRARY_HEADERS, interactive=False, wrap=True, elem_id="lib-table")
+        with gr.Row():
+            pick = gr.Dropdown(choices=[], label="Embedding", elem_id="lib-pick", scale=2)
+            inspect = gr.Button("Inspect", elem_id="lib-inspect", scale=0)
+            delete = gr.Button("Delete (moves to .trash)", variant="stop", elem_id="lib-delete", scale=0)
+        info = gr.Textbox(label="Details", interactive=False, lines=8, elem_id="lib-info", elem_classes="status")
+        with gr.Accordion("Convert", open=False):
+            with gr.Row():
+                fmt = gr.Dropdown(list(SAVE_FORMATS), value="a1111", label="Format", elem_id="lib-format")
+                convert = gr.Button("Convert", elem_id="lib-convert")
+                file = gr.File(label="Converted file", interactive=False, height=110, elem_id="lib-download")
+        with gr.Accordion("Scale", open=False):
+            with gr.Row():
+                factor = gr.Number(label="Factor", value=0.7, elem_id="lib-factor")
+                scale_name = gr.Textbox(label="New name", elem_id="lib-scale-name")
+                scale = gr.Button("Scale", elem_id="lib-scale")
+        with gr.Accordion("Merge", open=False):
+            with gr.Row():
+                merge_pick = gr.Dropdown(choices=[], multiselect=True, label="Embeddings", elem_id="lib-merge-pick")
+                weights = gr.Textbox(label="Weights (e.g. 0.3,0.7; empty: equal)", elem_id="lib-weights")
+                concat = gr.Checkbox(label="Concatenate vectors instead", elem_id="lib-concat")
+                merge_name = gr.Textbox(label="New name", elem_id="lib-merge-name")
+                merge = gr.Button("Merge", elem_id="lib-merge")
+    return NS(tab=tab, refresh=refresh, upload=upload, status=status, table=table, pick=pick, inspect=inspect, delete=delete,
+              info=info, fmt=fmt, convert=convert, file=file, factor=factor, scale_name=scale_name, scale=scale,
+              merge_pick=merge_pick, weights=weights, concat=concat, merge_name=merge_name, merge=merge)
+
+
+def _train_handlers(gr, app: App, page: _Page, t, gen) -> None:
+    def on_images(paths):
+        good, bad = app.check_images(paths)
+        page.warn(bad)
+        if not paths:
+            return ""
+        return "\n".join([f"{len(good)} usable image{'s' if len(good) != 1 else ''}"] + [f"skipped {m}" for m in bad])
+
+    def on_start(paths, folder, token, init, vectors, mode, steps, lr, batch, preview_every, seed, clip_skip):
+        try:
+            job = app.start_training(paths, folder, token=token, init=init, vectors=vectors, mode=mode, steps=steps,
+                                     lr=lr, batch=batch, preview_every=preview_every, seed=seed, clip_skip=clip_skip)
+        except Exception as e:  # noqa: BLE001 - every error is a message in the page
+            msg = _describe_error(e)
+            page.warn([msg])
+            yield f"Error: {msg}", gr.skip(), gr.skip(), gr.skip()
+            return
+        yield from _follow(gr, page, job)
+
+    t.images.change(on_images, t.images, t.check)
+    t.start.click(on_start, t.settings, [t.status, t.plot, t.previews, gen.embs], concurrency_limit=1,
+                  show_progress="hidden")  # the status line is the progress; no animation to repaint for minutes
+    t.stop.click(app.stop_training, None, t.status, concurrency_limit=None)
+    t.export.click(page.guarded(lambda fmt: str(app.export(fmt)), lambda msg: None), t.fmt, t.file)
+
+
+def _follow(gr, page: _Page, job: TrainJob):
+    """A running training job, once a second: status, loss plot, previews (each sent only when changed)."""
+    shown = len(job.warnings)  # the skipped images were already reported on upload
+    plotted = previews = -1
+    while True:
+        alive = job.running
+        if len(job.warnings) > shown:
+            page.warn(job.warnings[shown:])
+            shown = len(job.warnings)
+        notes = "".join(f"\nwarning: {w}" for w in job.warnings)
+        plot = page.loss_frame(job) if len(job.losses) != plotted else gr.skip()
+        grids = page.gallery(job)
+        shown_grids = grids if len(grids) != previews else gr.skip()
+        plotted, previews = len(job.losses), len(grids)
+        yield job.status() + notes, plot, shown_grids, gr.skip()
+        if not alive:
+            break
+        time.sleep(1.0)
+    if job.error:
+        page.warn([job.error])
+        yield job.status(), gr.skip(), gr.skip(), gr.skip()
+    else:
+        yield job.status(), page.loss_frame(job), page.gallery(job), gr.update(choices=page.library_choices())
+
+
+def _generate_handlers(gr, app: App, page: _Page, g) -> None:
+    def on_generate(prompt, negative, picked, seed, steps, n, sampler, cfg, clip_skip):
+        result, notes = app.generate(prompt, negative, picked, seed=seed, sampler=sampler, steps=steps, n=n,
+                                     guidance=float(cfg or 0) or None, clip_skip=clip_skip)
+        page.warn(notes)
+        files = [str(p) for p in result.files]
+        shown = ([(str(result.grid), "grid")] if result.grid else []) + [(f, f"seed {s}") for f, s in zip(files, result.seeds)]
+        used = ", ".join(result.used) or "none"
+        status = "\n".join([f"{len(files)} image(s) in {app.outputs}; embeddings used: {used}"] + [f"warning: {w}" for w in notes])
+        return status, shown, result.parameters[0], files
+
+    g.go.click(page.guarded(on_generate, lambda msg: (msg, gr.skip(), gr.skip(), gr.skip())), g.inputs, g.outputs,
+               concurrency_limit=1)
+    g.tab.select(lambda: gr.update(choices=page.library_choices()), None, g.embs)
+
+
+def _library_handlers(gr, app: App, page: _Page, lib, gen, demo) -> None:
+    outputs = [lib.status, lib.table, lib.pick, lib.merge_pick, gen.embs]
+    failed = lambda msg: (msg,) + (gr.skip(),) * (len(outputs) - 1)  # noqa: E731
+
+    def refresh(message: str = ""):
+        rows, notes = app.rows()
+        choices = page.library_choices()
+        text = "\n".join(filter(None, [message, f"{len(rows)} embedding(s) in {app.library}"] + notes))
+        return (text, page.pd.DataFrame(rows, columns=LIBRARY_HEADERS), gr.update(choices=choices),
+                gr.update(choices=choices), gr.update(choices=choices))
+
+    def on_upload(paths):
+        if not paths:
+            return (gr.skip(),) * (len(outputs) + 1)
+        added, refused = app.add_files(paths)
+        page.warn(refused)
+        return *refresh("\n".join(added + refused)), None  # an empty drop zone, ready for the next file
+
+    def then_refresh(fn):
+        return page.guarded(lambda *a: refresh(fn(*a)), failed)
+
+    def on_convert(key, fmt):
+        path = app.convert(key, fmt)
+        return str(path), f"converted to {fmt}: {path.name}"
+
+    shown_refresh = page.guarded(lambda: refresh(), failed)
+    lib.refresh.click(shown_refresh, None, outputs)
+    lib.tab.select(shown_refresh, None, outputs)
+    lib.upload.upload(page.guarded(on_upload, lambda msg: failed(msg) + (None,)), lib.upload, outputs + [lib.upload])
+    lib.inspect.click(page.guarded(app.inspect, lambda msg: msg), lib.pick, lib.info)
+    lib.delete.click(then_refresh(app.delete), lib.pick, outputs)
+    lib.scale.click(then_refresh(lambda k, f, n: f"wrote {app.scale(k, f, n).name}"), [lib.pick, lib.factor, lib.scale_name],
+                    outputs)
+    lib.merge.click(then_refresh(lambda ks, w, c, n: f"wrote {app.merge(ks, w, c, n).name}"),
+                    [lib.merge_pick, lib.weights, lib.concat, lib.merge_name], outputs)
+    lib.convert.click(page.guarded(on_convert, lambda msg: (None, msg)), [lib.pick, lib.fmt], [lib.file, lib.status])
+    demo.load(shown_refresh, None, outputs)
 
 
 def launch(library=None, model=None, *, workdir=None, model_config=None, port: int = 7860,

@@ -188,6 +188,10 @@ def save_pipeline(out: Path, vae, unet, te, dtype=torch.float16, copy_tokenizer:
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    # The model's own defaults (textinv.models.defaults): sampled at guidance 4, its width named.
+    settings = {"family": "the textinv mini model", "guidance": 4.0,
+                "note": "A model's own defaults, read by textinv.models.defaults(); any model folder may carry this file."}
+    (out / "textinv.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def _diffusers_version() -> str:
@@ -210,6 +214,114 @@ class EMA:
         d = min(self.decay, (1 + step) / (10 + step))
         for pe, p in zip(self.model.parameters(), model.parameters()):
             pe.lerp_(p.detach(), 1 - d)
+
+
+def _tokenized_captions(caps) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(ids [images, captions, 77], captions per image, the empty prompt's ids)."""
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(PACKAGE_TOKENIZER))
+    flat = [c for cs in caps for c in cs]
+    ids = tok(flat, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ncap = len(caps[0])
+    empty_ids = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+    return ids.view(len(caps), ncap, 77), ncap, empty_ids
+
+
+def _vae_stage(init_from, seed: int, imgs, vae_steps: int, vae_batch: int, logfile):
+    """The VAE (trained, or a saved model's) and every image's latent mean/std: (vae, unet, te, mean, std, scaling)."""
+    if init_from is not None:  # continue training a saved model (its VAE stays as it is)
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        init_from = Path(init_from)
+        vae = AutoencoderKL.from_pretrained(init_from / "vae", torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(init_from / "unet", torch_dtype=torch.float32)
+        te = CLIPTextModel.from_pretrained(init_from / "text_encoder", torch_dtype=torch.float32)
+        vae.eval()
+        for p in vae.parameters():
+            p.requires_grad_(False)
+        mean, std = encode_all(vae, imgs)
+        log(f"continuing from {init_from}", logfile)
+        return vae, unet, te, mean, std, float(vae.config.scaling_factor)
+    vae, unet, te = build_models(seed)
+    train_vae(vae, imgs, vae_steps, vae_batch, 1e-3, seed, logfile)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    mean, std = encode_all(vae, imgs)
+    sf = float(1.0 / mean.std())
+    vae.register_to_config(scaling_factor=sf)
+    return vae, unet, te, mean, std, sf
+
+
+def _unet_stage(vae, unet, te, latents, captions, *, seed, unet_steps, unet_minutes, batch, lr, text_lr, warmup, ema_decay,
+                cond_drop, ckpt_every_min, workdir, logfile):
+    """UNet + text encoder with EMA, min-SNR-5 weighting and caption dropout, for ``unet_steps`` or
+    the wall-clock budget; checkpoints every ``ckpt_every_min``.  (ema unet, ema text, steps, losses)"""
+    from diffusers import DDPMScheduler
+    from tqdm import tqdm
+
+    mean, std, sf = latents
+    ids, ncap, empty_ids = captions
+    sched = DDPMScheduler(**SCHEDULER_TRAIN)
+    acp = sched.alphas_cumprod.float()
+    snr = acp / (1 - acp)
+    w_t = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 weighting for epsilon prediction
+    unet.train()
+    te.train()
+    ema_u, ema_t = EMA(unet, ema_decay), EMA(te, ema_decay)
+    opt = torch.optim.AdamW(
+        [
+            {"params": list(unet.parameters()), "lr": lr, "base": lr, "weight_decay": 0.01},
+            {"params": list(te.parameters()), "lr": text_lr, "base": text_lr, "weight_decay": 0.0},
+        ],
+        betas=(0.9, 0.99),
+    )
+    g = torch.Generator().manual_seed(seed + 1)
+    total = unet_steps or 10 ** 9
+    t_unet = last_ckpt = time.time()
+    bar = tqdm(desc="unet+text", total=unet_steps, mininterval=10)
+    step, losses = 0, []
+    while step < total:
+        for pg in opt.param_groups:
+            pg["lr"] = _lr_at(step, total, warmup, pg["base"])
+        idx = torch.randint(0, len(mean), (batch,), generator=g)
+        ci = torch.randint(0, ncap, (batch,), generator=g)
+        tokens = ids[idx, ci]
+        drop = torch.rand(batch, generator=g) < cond_drop
+        tokens[drop] = empty_ids
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * sf
+        noise = torch.randn(z.shape, generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        pred = unet(sched.add_noise(z, noise, t), t, te(tokens).last_hidden_state).sample
+        loss = (((pred - noise) ** 2).mean(dim=(1, 2, 3)) * w_t[t]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(te.parameters()), 1.0)
+        opt.step()
+        ema_u.update(unet, step)
+        ema_t.update(te, step)
+        losses.append(loss.item())
+        step += 1
+        bar.update(1)
+        if unet_steps is None and (step == 30 or step % 100 == 0):
+            # fit the wall-clock budget; re-estimated as the machine's load changes
+            per = (time.time() - t_unet) / step
+            total = max(step + 1, 60, int(unet_minutes * 60 / per))
+            bar.total = total
+            bar.refresh()
+            if step == 30:
+                log(f"unet: {per:.3f}s/step -> {total} steps for {unet_minutes} min", logfile)
+        if step % 200 == 0:
+            log(f"unet step {step}/{total} loss {np.mean(losses[-200:]):.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"elapsed {(time.time() - t_unet) / 60:.1f} min", logfile)
+        if ckpt_every_min and time.time() - last_ckpt > ckpt_every_min * 60:
+            save_pipeline(workdir / "ckpt", vae, ema_u.model, ema_t.model)
+            (workdir / "ckpt" / "STEP").write_text(str(step))
+            log(f"checkpoint at step {step} -> {workdir / 'ckpt'}", logfile)
+            last_ckpt = time.time()
+    bar.close()
+    return ema_u, ema_t, step, losses
 
 
 def train_base(
@@ -238,9 +350,6 @@ def train_base(
     wall-clock left of ``minutes`` for the whole command (or ``unet_minutes`` for the stage alone);
     the step count it reached is in the summary, so ``--unet-steps`` can replay the run.
     """
-    from transformers import CLIPTokenizer
-    from tqdm import tqdm
-
     torch.set_num_threads(threads)
     t_start = time.time()
     out = Path(out)
@@ -251,38 +360,12 @@ def train_base(
 
     imgs, caps = render_dataset(n_images, seed + 1000)
     log(f"rendered {len(imgs)} images in {time.time() - t_start:.0f}s; e.g. {caps[0][0]!r}", logfile)
-
-    tok = CLIPTokenizer.from_pretrained(str(PACKAGE_TOKENIZER))
-    flat = [c for cs in caps for c in cs]
-    ids = tok(flat, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    ncap = len(caps[0])
-    ids = ids.view(len(caps), ncap, 77)
-    empty_ids = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+    captions = _tokenized_captions(caps)
 
     t0 = time.time()
-    if init_from is not None:  # continue training a saved model (its VAE stays as it is)
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel
-
-        init_from = Path(init_from)
-        vae = AutoencoderKL.from_pretrained(init_from / "vae", torch_dtype=torch.float32)
-        unet = UNet2DConditionModel.from_pretrained(init_from / "unet", torch_dtype=torch.float32)
-        te = CLIPTextModel.from_pretrained(init_from / "text_encoder", torch_dtype=torch.float32)
-        vae.eval()
-        for p in vae.parameters():
-            p.requires_grad_(False)
-        mean, std = encode_all(vae, imgs)
-        sf = float(vae.config.scaling_factor)
+    vae, unet, te, mean, std, sf = _vae_stage(init_from, seed, imgs, vae_steps, vae_batch, logfile)
+    if init_from is not None:
         warmup = min(warmup, 100)
-        log(f"continuing from {init_from}", logfile)
-    else:
-        vae, unet, te = build_models(seed)
-        train_vae(vae, imgs, vae_steps, vae_batch, 1e-3, seed, logfile)
-        for p in vae.parameters():
-            p.requires_grad_(False)
-        mean, std = encode_all(vae, imgs)
-        sf = float(1.0 / mean.std())
-        vae.register_to_config(scaling_factor=sf)
     with torch.no_grad():
         x = torch.from_numpy(imgs[:256]).permute(0, 3, 1, 2).float() / 127.5 - 1
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample
@@ -292,74 +375,11 @@ def train_base(
     if unet_minutes is None:  # what is left of the whole command's budget (2 min kept for saving)
         unet_minutes = max(1.0, minutes - (time.time() - t_start) / 60 - 2.0)
     log(f"unet stage: {unet_steps or 'fit'} steps, budget {unet_minutes:.1f} min", logfile)
-
-    from diffusers import DDPMScheduler
-
-    sched = DDPMScheduler(**SCHEDULER_TRAIN)
-    acp = sched.alphas_cumprod.float()
-    snr = acp / (1 - acp)
-    w_t = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 weighting for epsilon prediction
-
-    unet.train()
-    te.train()
-    ema_u = EMA(unet, ema_decay)
-    ema_t = EMA(te, ema_decay)
-    opt = torch.optim.AdamW(
-        [
-            {"params": list(unet.parameters()), "lr": lr, "base": lr, "weight_decay": 0.01},
-            {"params": list(te.parameters()), "lr": text_lr, "base": text_lr, "weight_decay": 0.0},
-        ],
-        betas=(0.9, 0.99),
-    )
-    g = torch.Generator().manual_seed(seed + 1)
-    total = unet_steps or 10 ** 9
-    t_unet = time.time()
-    last_ckpt = time.time()
-    bar = tqdm(desc="unet+text", total=unet_steps, mininterval=10)
-    step = 0
-    losses = []
-    while step < total:
-        for pg in opt.param_groups:
-            pg["lr"] = _lr_at(step, total, warmup, pg["base"])
-        idx = torch.randint(0, len(imgs), (batch,), generator=g)
-        ci = torch.randint(0, ncap, (batch,), generator=g)
-        tokens = ids[idx, ci]
-        drop = torch.rand(batch, generator=g) < cond_drop
-        tokens[drop] = empty_ids
-        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * sf
-        noise = torch.randn(z.shape, generator=g)
-        t = torch.randint(0, 1000, (batch,), generator=g)
-        zt = sched.add_noise(z, noise, t)
-        cond = te(tokens).last_hidden_state
-        pred = unet(zt, t, cond).sample
-        loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
-        loss = (loss * w_t[t]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(te.parameters()), 1.0)
-        opt.step()
-        ema_u.update(unet, step)
-        ema_t.update(te, step)
-        losses.append(loss.item())
-        step += 1
-        bar.update(1)
-        if unet_steps is None and (step == 30 or step % 100 == 0):
-            # fit the wall-clock budget; re-estimated as the machine's load changes
-            per = (time.time() - t_unet) / step
-            total = max(step + 1, 60, int(unet_minutes * 60 / per))
-            bar.total = total
-            bar.refresh()
-            if step == 30:
-                log(f"unet: {per:.3f}s/step -> {total} steps for {unet_minutes} min", logfile)
-        if step % 200 == 0:
-            log(f"unet step {step}/{total} loss {np.mean(losses[-200:]):.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                f"elapsed {(time.time() - t_unet) / 60:.1f} min", logfile)
-        if ckpt_every_min and time.time() - last_ckpt > ckpt_every_min * 60:
-            save_pipeline(workdir / "ckpt", vae, ema_u.model, ema_t.model)
-            (workdir / "ckpt" / "STEP").write_text(str(step))
-            log(f"checkpoint at step {step} -> {workdir / 'ckpt'}", logfile)
-            last_ckpt = time.time()
-    bar.close()
+    latents = (mean, std, sf)
+    ema_u, ema_t, step, losses = _unet_stage(
+        vae, unet, te, latents, captions, seed=seed, unet_steps=unet_steps, unet_minutes=unet_minutes, batch=batch, lr=lr,
+        text_lr=text_lr, warmup=warmup, ema_decay=ema_decay, cond_drop=cond_drop, ckpt_every_min=ckpt_every_min,
+        workdir=workdir, logfile=logfile)
     save_pipeline(out, vae, ema_u.model, ema_t.model)
     summary = {
         "seed": seed, "n_images": n_images, "unet_minutes": unet_minutes, "vae_steps": vae_steps, "unet_steps": step, "batch": batch,
