@@ -161,7 +161,7 @@ def test_clip_skip_encodes_like_a1111_and_diffusers():
     # transformers 5's CLIPTextModel no longer has: textinv encodes it itself.)
     ids = pipe.tokenizer(tokens.expand(pipe, "a photo of <t>"), padding="max_length", max_length=77, return_tensors="pt").input_ids
     by_hand = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
-    want = pipe.text_encoder.final_layer_norm(by_hand)
+    want = getattr(pipe.text_encoder, "text_model", pipe.text_encoder).final_layer_norm(by_hand)
     assert torch.allclose(hidden, want, atol=1e-6)
     assert not torch.allclose(hidden, pipe.encode_prompt("a photo of <t>", "cpu", 1, False)[0], atol=1e-3)
     enc = prompts.encode(pipe, prompts.split(pipe, "a photo of <t>"), clip_skip=2)
