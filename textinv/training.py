@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

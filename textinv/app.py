@@ -1,0 +1,497 @@
+"""The web app's logic in plain Python: training jobs, generation, the library folder.
+
+:class:`App` raises :class:`~textinv.errors.TextinvError` for anything a user can get wrong and
+needs no Gradio: it is tested without a browser.  :mod:`textinv.ui` puts it in a page.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+import time
+import traceback
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import TextinvError
+from .formats import SAVE_FORMATS, file_stem, native_format, suffix_for
+from .models import name_of
+
+DEFAULT_LIBRARY = Path("~/.textinv/embeddings")
+DEFAULT_WORKDIR = Path("~/.textinv/ui")
+MAX_IMAGE_BYTES = 50 << 20
+MODEL_DEFAULT_SAMPLER = "(model default)"
+NAME_RE = re.compile(r"[\w][\w.-]*")
+
+
+# ------------------------------------------------------------------------------------ warnings
+_sink = threading.local()
+
+
+def _route_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings raised while a handler collects them go to that handler (per thread); the others
+    to whatever showed warnings before (the router only adds the collecting)."""
+    lines = getattr(_sink, "lines", None)
+    if lines is not None:
+        lines.append(str(message))
+    else:
+        _route_warning.previous(message, category, filename, lineno, file, line)
+
+
+_route_warning.previous = warnings.showwarning
+
+
+def _ensure_router() -> None:
+    """Chain the router in front of the current ``showwarning`` (once): a no-op for threads that
+    do not collect, so an App used as a library changes nothing else in the process."""
+    if warnings.showwarning is not _route_warning:
+        _route_warning.previous = warnings.showwarning
+        warnings.showwarning = _route_warning
+
+
+def install_warning_router() -> None:
+    """For ``textinv ui`` (a process of its own): route warnings per thread (training and generation
+    run at the same time), show repeated ones every time, and quiet Gradio's own deprecations."""
+    _ensure_router()
+    warnings.simplefilter("always", UserWarning)  # the same bad file twice gives the message twice
+    for noisy in (FutureWarning, DeprecationWarning):  # Gradio's plots call pandas APIs pandas 3 deprecates
+        warnings.filterwarnings("ignore", category=noisy, module=r"(gradio|pandas)(\.|$)")
+
+
+@contextmanager
+def collecting():
+    """Collect the warnings this thread raises, e.g. ``skipped notes.png: not a readable image``."""
+    _ensure_router()
+    saved = getattr(_sink, "lines", None)
+    _sink.lines = []
+    try:
+        yield _sink.lines
+    finally:
+        _sink.lines = saved
+
+
+def _describe_error(e: BaseException) -> str:
+    if isinstance(e, TextinvError):
+        return str(e)
+    return f"unexpected error: {type(e).__name__}: {' '.join(str(e).split())}"
+
+
+# ------------------------------------------------------------------------------------ training
+@dataclass
+class TrainJob:
+    """One training run in a background thread; the page polls :meth:`snapshot`."""
+
+    token: str
+    out: Path
+    total: int
+    thread: threading.Thread | None = None
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    result: object | None = None  # TrainResult
+    library_path: Path | None = None
+    error: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def on_step(self, step: int, loss: float) -> bool:
+        self.losses.append((step, float(loss)))
+        return self.stop_event.is_set()
+
+    def previews(self) -> list[Path]:
+        return sorted((self.out / "previews").glob("*.png"))
+
+    def status(self) -> str:
+        step = self.losses[-1][0] if self.losses else 0
+        seconds = time.time() - self.started
+        if self.error:
+            return f"Training failed: {self.error}"
+        if self.running:
+            if not self.losses:
+                return f"Starting: loading the model and encoding the images ({seconds:.0f} s)…"
+            loss = self.losses[-1][1]
+            stopping = " — stopping…" if self.stop_event.is_set() else ""
+            return f"Training {self.token}: step {step}/{self.total}, loss {loss:.4f}, {seconds:.0f} s{stopping}"
+        if self.result is not None:
+            r = self.result
+            how = "Stopped" if r.steps < self.total else "Done"
+            where = f"; added to the library as {self.library_path.name}" if self.library_path else ""
+            return f"{how} at step {r.steps}/{self.total} ({r.seconds:.0f} s, last loss {r.loss:.4f}): {r.embedding_path}{where}"
+        return "Not started."
+
+
+# ------------------------------------------------------------------------------------ the app
+class App:
+    """The web app's state and actions, independent of Gradio."""
+
+    def __init__(self, library=None, model=None, *, workdir=None, model_config=None, preview_every: int = 20):
+        self.library = Path(library or DEFAULT_LIBRARY).expanduser().resolve()
+        self.workdir = Path(workdir or DEFAULT_WORKDIR).expanduser().resolve()
+        self.model = model
+        self.model_config = model_config
+        self.preview_every = preview_every
+        for d in (self.library, self.runs, self.outputs, self.downloads, self.uploads):
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise TextinvError(f"{d}: cannot create this folder ({e.strerror or e})") from None
+        self.job: TrainJob | None = None
+        self._pipe = None
+        self._pipe_lock = threading.RLock()
+        self._job_lock = threading.Lock()
+        self._nearest_cache: dict[tuple, str] = {}
+
+    runs = property(lambda self: self.workdir / "runs")
+    outputs = property(lambda self: self.workdir / "outputs")
+    downloads = property(lambda self: self.workdir / "downloads")
+    uploads = property(lambda self: self.workdir / "uploads")
+
+    @property
+    def model_name(self) -> str:
+        return name_of(self.model)
+
+    # -- the generation pipeline (shared by Generate and the library's nearest words) ----------
+    def pipe(self):
+        with self._pipe_lock:
+            if self._pipe is None:
+                from .models import load_pipeline
+
+                self._pipe = load_pipeline(self.model, config=self.model_config)
+            return self._pipe
+
+    def check_fits(self, emb) -> None:
+        """ModelMismatchError (a TextinvError) unless ``emb`` is made for this app's model."""
+        from . import tokens
+
+        with self._pipe_lock:
+            tokens.state(self.pipe()).check(emb)
+
+    # -- training ------------------------------------------------------------------------------
+    def check_images(self, paths) -> tuple[list[Path], list[str]]:
+        """(usable images, one message per unusable file)."""
+        from .data import IMAGE_SUFFIXES, open_image
+
+        good, bad = [], []
+        for p in map(Path, paths or []):
+            try:
+                if p.stat().st_size > MAX_IMAGE_BYTES:
+                    raise TextinvError(f"{p.name}: {p.stat().st_size / 2**20:.0f} MB is too large for a training image "
+                                       f"(limit {MAX_IMAGE_BYTES >> 20} MB)")
+                if p.suffix.lower() not in IMAGE_SUFFIXES:
+                    raise TextinvError(f"{p.name}: not an image file (expected {', '.join(sorted(IMAGE_SUFFIXES))})")
+                with collecting():
+                    open_image(p)
+                good.append(p)
+            except Exception as e:  # noqa: BLE001 - PIL raises many kinds (DecompressionBombError, …)
+                bad.append(_describe_error(e) if isinstance(e, TextinvError) else f"{p.name}: not a usable image ({_describe_error(e)})")
+        return good, bad
+
+    def start_training(self, images=None, folder: str | None = None, *, token: str, init: str | None = None,
+                       vectors: int = 1, mode: str = "object", steps: int = 500, lr: str = "5e-3", batch: int = 4,
+                       preview_every: int | None = None, seed: int = 0, clip_skip: int = 1) -> TrainJob:
+        from .training import MODES, TrainConfig, parse_lr
+
+        with self._job_lock:
+            if self.job is not None and self.job.running:
+                raise TextinvError(f"a training run ({self.job.token}) is going; stop it first")
+            token = (token or "").strip()
+            if not token:
+                raise TextinvError("Token: give the new trigger word, e.g. <my-cat>")
+            if mode not in MODES:
+                raise TextinvError(f"Mode {mode!r}: choose one of {', '.join(MODES)}")
+            steps, vectors, batch, seed = int(steps or 0), int(vectors or 0), int(batch or 0), int(seed or 0)
+            clip_skip = int(clip_skip or 1)
+            if clip_skip < 1:  # the model's own limit (its layers) is checked when training loads it
+                raise TextinvError("Clip skip: at least 1")
+            if steps < 1 or vectors < 1 or batch < 1:
+                raise TextinvError("Steps, vectors and batch must be at least 1")
+            parse_lr(lr)
+            preview_every = self.preview_every if preview_every is None else int(preview_every)
+            run = self.runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{file_stem(token)}"
+            if folder and str(folder).strip():
+                source = Path(str(folder).strip()).expanduser()
+                if not source.is_dir():
+                    raise TextinvError(f"Folder {source}: not a folder on this machine")
+                if images:
+                    raise TextinvError("give either dropped images or a folder, not both")
+                image_dir = source
+                notes = []
+            else:
+                good, notes = self.check_images(images)
+                if not good:
+                    detail = ("; ".join(notes)) if notes else "drop 3–5 or more pictures of the concept, or give a folder"
+                    raise TextinvError(f"no usable training images: {detail}")
+                image_dir = run / "images"
+                image_dir.mkdir(parents=True)
+                for i, p in enumerate(good):
+                    shutil.copyfile(p, image_dir / f"{i:03d}-{file_stem(p.stem)}{p.suffix.lower()}")
+            cfg = TrainConfig(images=str(image_dir), token=token, model=self.model, model_config=self.model_config,
+                              init=(init or "").strip() or None, vectors=vectors, mode=mode, steps=steps, lr=str(lr),
+                              batch=batch, seed=seed, clip_skip=clip_skip, preview_every=max(0, preview_every), out=str(run),
+                              progress=False)
+            job = TrainJob(token, run, steps, warnings=list(notes))
+            job.thread = threading.Thread(target=self._train, args=(job, cfg), name=f"textinv-train-{token}", daemon=True)
+            self.job = job
+            job.thread.start()
+            return job
+
+    def _train(self, job: TrainJob, cfg) -> None:
+        from .training import train
+
+        with collecting() as lines:
+            try:
+                job.result = train(cfg, on_step=job.on_step)
+                job.library_path = self._add_trained(job.result)
+            except Exception as e:  # noqa: BLE001 - shown in the page; the server goes on
+                job.error = _describe_error(e)
+                if not isinstance(e, TextinvError):
+                    traceback.print_exc()
+            finally:
+                job.warnings += lines
+
+    def _add_trained(self, result) -> Path:
+        """A1111 keeps trained embeddings in its embeddings folder: so do we (an older file of that name goes to .trash)."""
+        from . import formats
+
+        emb = result.embedding
+        path = self.library / f"{file_stem(emb.name)}{suffix_for(native_format(emb), emb)}"
+        if path.exists():
+            self._to_trash(path)
+        return formats.save(emb, path, native_format(emb))
+
+    def close(self, timeout: float = 60) -> None:
+        """Stop a running training run and wait for it (the server is shutting down)."""
+        job = self.job
+        if job is not None and job.running:
+            job.stop_event.set()
+            job.thread.join(timeout)
+
+    def stop_training(self) -> str:
+        job = self.job
+        if job is None or not job.running:
+            return "No training run is going."
+        job.stop_event.set()
+        return f"Stopping {job.token} after the current step…"
+
+    def export(self, fmt: str) -> Path:
+        """The last run's embedding in ``fmt``, as a file to download."""
+        job = self.job
+        if job is None or job.result is None:
+            raise TextinvError("nothing to download yet: train an embedding first (or use the Library tab)")
+        return self._export(job.result.embedding, fmt)
+
+    def _export(self, emb, fmt: str) -> Path:
+        from . import formats
+
+        if fmt not in SAVE_FORMATS:
+            raise TextinvError(f"format {fmt!r}: choose one of {', '.join(SAVE_FORMATS)}")
+        stem = file_stem(emb.name)
+        folder = self.downloads / fmt
+        if emb.is_sdxl and fmt == "diffusers":  # diffusers' SDXL layout is a two-file folder: send it zipped
+            written = formats.save(emb, folder / stem, fmt)
+            return Path(shutil.make_archive(str(folder / stem), "zip", root_dir=written.parent, base_dir=written.name))
+        return formats.save(emb, folder / f"{stem}{suffix_for(fmt, emb)}", fmt)
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate(self, prompt: str, negative: str = "", picked=None, *, seed: int = 0, sampler: str | None = None,
+                 steps: int = 30, n: int = 4, guidance: float | None = None, clip_skip: int = 1):
+        """(Generation, warnings).  No embeddings picked: the whole library, as A1111 loads its folder."""
+        from .generation import generate
+
+        if not (prompt or "").strip():
+            raise TextinvError("Prompt: empty")
+        n, steps, seed = int(n or 0), int(steps or 0), int(seed or 0)
+        if not 1 <= n <= 64:
+            raise TextinvError("Images: between 1 and 64")
+        entries = self.entries()
+        if picked:
+            missing = [k for k in picked if k not in entries]
+            if missing:
+                raise TextinvError(f"{', '.join(missing)}: no longer in the library; refresh the list")
+            embeddings = [entries[k] for k in picked]
+        else:
+            embeddings = [e for e in entries.values() if self._fits(e)]
+        sampler = None if sampler in (None, "", MODEL_DEFAULT_SAMPLER) else sampler
+        with collecting() as lines, self._pipe_lock:
+            result = generate(prompt, (negative or "").strip() or None, embeddings=embeddings or None, model=self.model,
+                              pipe=self.pipe(), n=n, seed=seed, steps=steps, guidance=guidance or None, sampler=sampler,
+                              out=self.outputs, batch=8, clip_skip=int(clip_skip or 1))
+        return result, list(lines)
+
+    def _fits(self, emb) -> bool:
+        try:
+            self.check_fits(emb)
+            return True
+        except TextinvError:
+            return False
+
+    # -- the library ---------------------------------------------------------------------------
+    def scan(self) -> tuple[dict, list[str]]:
+        """(key → Embedding for every usable embedding in the library, one line per unusable file)."""
+        from . import formats
+
+        problems: list[str] = []
+        with collecting():
+            found = formats.load_all(self.library, on_error=lambda p, e: problems.append(f"not usable: {e}"))
+        return {self._key(emb): emb for emb in found}, problems
+
+    def entries(self) -> dict:
+        return self.scan()[0]
+
+    def _key(self, emb) -> str:
+        rel = Path(emb.path).relative_to(self.library) if emb.path else Path("?")
+        return f"{emb.name}  ({rel})"
+
+    def rows(self) -> tuple[list[list], list[str]]:
+        """The library table (trigger, family, vectors, steps, hash, nearest words, file) and warnings."""
+        from .library import row
+
+        entries, problems = self.scan()
+        rows = []
+        for emb in entries.values():
+            r = row(emb, self.library)
+            rows.append([r["trigger"], r["family"], r["vectors"], "" if r["steps"] is None else str(r["steps"]),
+                         r["hash"] or "", self.nearest(emb), r["file"]])
+        return rows, problems
+
+    def nearest(self, emb, k: int = 3) -> str:
+        """'v0: word, word, word; v1: …' in this app's model, or why not."""
+        from . import tokens
+
+        try:
+            stamp = Path(emb.path).stat().st_mtime_ns if emb.path else None
+        except OSError:
+            stamp = None
+        key = (str(emb.path), emb.name, stamp)
+        if key not in self._nearest_cache:
+            try:
+                self.check_fits(emb)
+                with self._pipe_lock:
+                    near = tokens.nearest_words(emb, self.pipe(), k=k)
+                per_vector = next(iter(near.values())) if near else []
+                text = "; ".join(f"v{i}: " + ", ".join(w for w, _ in words) for i, words in enumerate(per_vector[:4]))
+                if len(per_vector) > 4:
+                    text += f"; … ({len(per_vector)} vectors)"
+            except TextinvError:
+                text = f"— (not for this model: {tokens.describe_widths(emb)})"
+            self._nearest_cache[key] = text
+        return self._nearest_cache[key]
+
+    def get(self, key: str):
+        entries = self.entries()
+        if not key:
+            raise TextinvError("pick an embedding first")
+        if key not in entries:
+            raise TextinvError(f"{key}: no longer in the library; refresh the list")
+        return entries[key]
+
+    def inspect(self, key: str) -> str:
+        from .library import describe
+
+        emb = self.get(key)
+        info = describe(Path(emb.path), emb)
+        lines = [f"{k}: {v}" for k, v in info.items() if k not in ("norms", "meta", "dtype")]
+        lines += [f"norms {slot}: " + " ".join(f"{x:.3g}" for x in norms) for slot, norms in info["norms"].items()]
+        lines += [f"meta {k}: {v}" for k, v in info["meta"].items()]
+        lines.append(f"nearest words ({self.model_name}): {self.nearest(emb, k=5)}")
+        return "\n".join(lines)
+
+    def convert(self, key: str, fmt: str) -> Path:
+        return self._export(self.get(key), fmt)
+
+    def _new_name(self, name: str) -> Path:
+        name = (name or "").strip()
+        if not NAME_RE.fullmatch(name):
+            raise TextinvError(f"New name {name!r}: use letters, digits, '-', '_' or '.' (it becomes the trigger word)")
+        path = self.library / f"{name}.safetensors"
+        if path.exists() or any(e.name.lower() == name.lower() for e in self.entries().values()):
+            raise TextinvError(f"{name}: the library already has an embedding of that name; choose another")
+        return path
+
+    def _save_new(self, emb, path: Path) -> Path:
+        from . import formats
+
+        return formats.save(emb, path, native_format(emb))
+
+    def merge(self, keys, weights: str = "", concat: bool = False, name: str = "") -> Path:
+        from . import library
+
+        keys = list(keys or [])
+        if len(keys) < 2:
+            raise TextinvError("merge: pick at least two embeddings")
+        path = self._new_name(name)
+        embs = [self.get(k) for k in keys]
+        ws = None
+        if (weights or "").strip():
+            if concat:
+                raise TextinvError("weights and concatenation exclude each other")
+            try:
+                ws = [float(w) for w in weights.split(",")]
+            except ValueError:
+                raise TextinvError(f"Weights: expected numbers like 0.5,0.5, got {weights!r}") from None
+        emb = library.concat(embs, name=path.stem) if concat else library.merge(embs, ws, name=path.stem)
+        return self._save_new(emb, path)
+
+    def scale(self, key: str, factor, name: str = "") -> Path:
+        from . import library
+
+        try:
+            value = float(factor)
+        except (TypeError, ValueError):
+            raise TextinvError(f"Factor: expected a number, got {factor!r}") from None
+        path = self._new_name(name)
+        return self._save_new(library.scale(self.get(key), value, name=path.stem), path)
+
+    def _to_trash(self, path: Path) -> Path:
+        trash = self.library / ".trash"  # hidden: library scans skip it; the user can take files back
+        trash.mkdir(exist_ok=True)
+        dest = trash / f"{time.strftime('%Y%m%d-%H%M%S')}-{path.name}"
+        shutil.move(str(path), dest)
+        return dest
+
+    def delete(self, key: str) -> str:
+        emb = self.get(key)
+        path = Path(emb.path)
+        others = [e.name for e in self.entries().values() if e.path == emb.path and e.name != emb.name]
+        dest = self._to_trash(path)
+        also = f" (with {', '.join(others)}, bundled in the same file)" if others else ""
+        return f"Deleted {emb.name}{also}: {path.name} moved to {dest}"
+
+    def add_files(self, paths) -> tuple[list[str], list[str]]:
+        """Add uploaded embedding files (any format, PNG cards included): (added, refused), one line each."""
+        from . import formats
+
+        added, refused = [], []
+        for p in map(Path, paths or []):
+            name = p.name
+            try:
+                dest = self.library / file_stem(name)
+                if dest.suffix.lower() not in formats.CANDIDATE_SUFFIXES:
+                    raise TextinvError(f"{name}: not an embedding file (expected {', '.join(sorted(formats.CANDIDATE_SUFFIXES))})")
+                with collecting():
+                    found = formats.load_all(p)  # the restricted unpickler: a malicious .pt is refused here
+                if not found:
+                    raise TextinvError(f"{name}: holds no embedding")
+                for emb in found:
+                    self.check_fits(emb)
+                if dest.exists():
+                    raise TextinvError(f"{name}: the library already has a file of that name; delete it first")
+                taken = {e.name.lower() for e in self.entries().values()}
+                stem_names = [dest.stem if e.source_format not in ("png-card", "lora-bundle") else e.name for e in found]
+                clash = [n for n in stem_names if n.lower() in taken]
+                if clash:
+                    raise TextinvError(f"{name}: the library already has an embedding triggered by {clash[0]!r}; delete or rename it first")
+                shutil.copyfile(p, dest)
+                added.append(f"added {dest.name}: " + ", ".join(f"{e.name} ({e.family}, {e.num_vectors} vectors)" for e in found))
+            except TextinvError as e:
+                refused.append(f"refused {e}" if str(e).startswith(name) else f"refused {name}: {e}")
+            except Exception as e:  # noqa: BLE001
+                refused.append(f"refused {name}: {_describe_error(e)}")
+        return added, refused
+
+
