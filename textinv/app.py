@@ -72,7 +72,7 @@ def collecting():
         _sink.lines = saved
 
 
-def _describe_error(e: BaseException) -> str:
+def describe_error(e: BaseException) -> str:
     if isinstance(e, TextinvError):
         return str(e)
     return f"unexpected error: {type(e).__name__}: {' '.join(str(e).split())}"
@@ -188,7 +188,7 @@ class App:
                     open_image(p)
                 good.append(p)
             except Exception as e:  # noqa: BLE001 - PIL raises many kinds (DecompressionBombError, …)
-                bad.append(_describe_error(e) if isinstance(e, TextinvError) else f"{p.name}: not a usable image ({_describe_error(e)})")
+                bad.append(describe_error(e) if isinstance(e, TextinvError) else f"{p.name}: not a usable image ({describe_error(e)})")
         return good, bad
 
     def start_training(self, images=None, folder: str | None = None, *, token: str, init: str | None = None,
@@ -248,7 +248,7 @@ class App:
                 job.result = train(cfg, on_step=job.on_step)
                 job.library_path = self._add_trained(job.result)
             except Exception as e:  # noqa: BLE001 - shown in the page; the server goes on
-                job.error = _describe_error(e)
+                job.error = describe_error(e)
                 if not isinstance(e, TextinvError):
                     traceback.print_exc()
             finally:
@@ -491,7 +491,7 @@ class App:
             except TextinvError as e:
                 refused.append(f"refused {e}" if str(e).startswith(name) else f"refused {name}: {e}")
             except Exception as e:  # noqa: BLE001
-                refused.append(f"refused {name}: {_describe_error(e)}")
+                refused.append(f"refused {name}: {describe_error(e)}")
         return added, refused
 
 

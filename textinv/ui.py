@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from .app import MODEL_DEFAULT_SAMPLER, App, TrainJob, _describe_error, collecting, install_warning_router  # noqa: F401
+from .app import MODEL_DEFAULT_SAMPLER, App, TrainJob, describe_error, collecting, install_warning_router  # noqa: F401
 from .errors import TextinvError
 from .formats import SAVE_FORMATS
 
@@ -74,7 +74,7 @@ class _Page:
             try:
                 return fn(*args)
             except Exception as e:  # noqa: BLE001 - every error is a message in the page
-                msg = _describe_error(e)
+                msg = describe_error(e)
                 self.warn([msg])
                 return on_error(f"Error: {msg}")
         return run
@@ -221,7 +221,7 @@ def _train_handlers(gr, app: App, page: _Page, t, gen) -> None:
             job = app.start_training(paths, folder, token=token, init=init, vectors=vectors, mode=mode, steps=steps,
                                      lr=lr, batch=batch, preview_every=preview_every, seed=seed, clip_skip=clip_skip)
         except Exception as e:  # noqa: BLE001 - every error is a message in the page
-            msg = _describe_error(e)
+            msg = describe_error(e)
             page.warn([msg])
             yield f"Error: {msg}", gr.skip(), gr.skip(), gr.skip()
             return

@@ -179,12 +179,12 @@ def train_judge(out: str | Path | None = None, n_images: int = 40000, steps: int
 
 
 def _labels_for(n: int, seed: int) -> dict[str, np.ndarray]:
-    from .render import _rng, sample_attributes
+    from .render import sample_attributes, sample_rng
 
     idx = {k: {v: i for i, v in enumerate(spec.labels(k))} for k in spec.ATTRIBUTE_NAMES}
     labs = {k: np.zeros(n, np.int64) for k in spec.ATTRIBUTE_NAMES}
     for i in range(n):
-        a = sample_attributes(_rng(seed, i))
+        a = sample_attributes(sample_rng(seed, i))
         for k in spec.ATTRIBUTE_NAMES:
             labs[k][i] = idx[k][a[k]]
     return labs

@@ -27,7 +27,7 @@ class Sample:
 # ---------------------------------------------------------------------------------------------
 # attributes and captions
 # ---------------------------------------------------------------------------------------------
-def _rng(seed: int, index: int = 0) -> np.random.Generator:
+def sample_rng(seed: int, index: int = 0) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index) & 0xFFFFFFFF, 7919])
 
 
@@ -231,7 +231,7 @@ def render_image(a: dict[str, str], rng: np.random.Generator) -> Image.Image:
 
 def sample(seed: int, index: int = 0, **fixed: str | None) -> Sample:
     """The ``index``-th sample of the world with ``seed`` (attributes may be fixed)."""
-    rng = _rng(seed, index)
+    rng = sample_rng(seed, index)
     a = sample_attributes(rng, **fixed)
     cap = make_caption(a, rng)
     img = render_image(a, rng)
