@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from .app import MODEL_DEFAULT_SAMPLER, App, TrainJob, describe_error, collecting, install_warning_router  # noqa: F401
+from .app import MODEL_DEFAULT_SAMPLER, App, TrainJob, describe_error, install_warning_router
 from .errors import TextinvError
 from .formats import SAVE_FORMATS
 
