@@ -239,6 +239,14 @@ def test_images_keeps_its_signature_and_seeds(sd_pipe):
     assert np.abs(np.asarray(a[1], dtype=int) - np.asarray(b.images[0], dtype=int)).max() <= 1
 
 
+def test_the_progress_bar_never_stands_in_for_the_callbacks_value(sd_pipe, monkeypatch):
+    import tqdm.auto
+
+    monkeypatch.setattr(tqdm.auto.tqdm, "update", lambda self, n=1: True)  # tqdm returns True when it redraws
+    out = generation.generate("a cat", pipe=sd_pipe, steps=2, n=2, progress=True)
+    assert len(out.images) == 2
+
+
 def test_the_top_level_api_round_trips_a_word(tmp_path, sd_pipe):
     """The package's own names, as the README uses them: save, load, apply, generate, remove."""
     assert set(textinv.__all__) <= set(dir(textinv)) and callable(textinv.train)
@@ -248,7 +256,7 @@ def test_the_top_level_api_round_trips_a_word(tmp_path, sd_pipe):
     before = sd_pipe.text_encoder.get_input_embeddings()
     textinv.apply(sd_pipe, path)
     assert "<|ti:my-cat:1|>" in textinv.expand(sd_pipe, "a my-cat")
-    out = textinv.generate("a photo of my-cat", pipe=sd_pipe, steps=1)
+    out = textinv.generate("a photo of my-cat", pipe=sd_pipe, steps=2, progress=True)  # the CLI's progress bar too
     assert out.used == ["my-cat"]
     textinv.remove(sd_pipe)
     assert sd_pipe.text_encoder.get_input_embeddings() is before

@@ -67,8 +67,12 @@ def sample(pipe, n: int, call, *, seed: int, steps: int, guidance: float, batch:
     per_image = len(pipe.scheduler.timesteps) if unit == "step" else 1
     bar = tqdm(total=per_image * n, desc="sampling" if unit == "step" else "generating", unit=unit,
                disable=not progress, mininterval=0.5)
+    def on_step(_pipe, _i, _t, kw):
+        bar.update(1)  # (tqdm's update returns whether it redrew: never the callback's value)
+        return kw
+
     if unit == "step":
-        extra["callback_on_step_end"] = lambda _pipe, _i, _t, kw: bar.update(1) or kw
+        extra["callback_on_step_end"] = on_step
     out: list[Image.Image] = []
     for i in range(0, n, batch):
         b = min(batch, n - i)
