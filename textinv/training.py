@@ -276,21 +276,6 @@ def _diverged(step: int, params, last_good, fp16: bool, table_norm: float) -> Tr
                             f"weights or the training images hold NaN/inf; {where}")
 
 
-def check_options(cfg: TrainConfig) -> None:
-    """Ranges every caller (CLI, UI, Python) gets checked in one place; the model-dependent part
-    (a multiple of the VAE's factor) is checked once the model is loaded."""
-    if not 0 <= cfg.seed <= MAX_SEED:
-        raise TextinvError(f"--seed {cfg.seed}: must be between 0 and {MAX_SEED}")
-    if cfg.save_every < 0 or cfg.preview_every < 0:
-        raise TextinvError(f"--save-every {cfg.save_every} / --preview-every {cfg.preview_every}: 0 (off) or a number of steps")
-    if cfg.crops < 1:
-        raise TextinvError(f"--crops {cfg.crops}: at least 1 (the centre crop)")
-    if cfg.resolution is not None and not 8 <= cfg.resolution <= MAX_RESOLUTION:
-        raise TextinvError(f"--resolution {cfg.resolution}: must be between 8 and {MAX_RESOLUTION} pixels")
-    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
-        raise TextinvError(f"weight decay {cfg.weight_decay}: must be a number >= 0")
-
-
 # ------------------------------------------------------------------------------------ train
 def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=None, **overrides) -> TrainResult:
     """Train one embedding.  ``train(images=..., token=..., steps=...)`` or ``train(TrainConfig(...))``.
@@ -350,7 +335,8 @@ def _train(cfg: TrainConfig, pipe, on_save, on_step) -> TrainResult:
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """Every setting that can be checked without the model, in one place (CLI, UI and Python alike)."""
+    """Every setting that can be checked without the model, in one place (CLI, UI and Python alike);
+    the model-dependent part (a multiple of the VAE's factor) is checked once the model is loaded."""
     if cfg.mode not in MODES:
         raise TextinvError(f"--mode {cfg.mode!r}: choose one of {', '.join(MODES)}")
     if not 1 <= cfg.vectors <= formats.MAX_VECTORS:
@@ -363,9 +349,23 @@ def check_config(cfg: TrainConfig) -> None:
         raise TextinvError(f"--guidance {cfg.guidance}: must be a number >= 1 (1: the plain conditional loss)")
     if cfg.precision not in DTYPES:
         raise TextinvError(f"--precision {cfg.precision!r}: choose one of {', '.join(DTYPES)}")
-    check_options(cfg)
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise TextinvError(f"--seed {cfg.seed}: must be between 0 and {MAX_SEED}")
+    if cfg.save_every < 0 or cfg.preview_every < 0:
+        raise TextinvError(f"--save-every {cfg.save_every} / --preview-every {cfg.preview_every}: 0 (off) or a number of steps")
+    if cfg.crops < 1:
+        raise TextinvError(f"--crops {cfg.crops}: at least 1 (the centre crop)")
+    if cfg.resolution is not None and not 8 <= cfg.resolution <= MAX_RESOLUTION:
+        raise TextinvError(f"--resolution {cfg.resolution}: must be between 8 and {MAX_RESOLUTION} pixels")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise TextinvError(f"weight decay {cfg.weight_decay}: must be a number >= 0")
     parse_lr(cfg.lr)
-    data.load_templates(cfg.templates or ("style" if cfg.mode == "style" else "object"))  # fail before the model loads
+    templates_of(cfg)  # a bad --templates fails before the model loads
+
+
+def templates_of(cfg: TrainConfig) -> list[str]:
+    """The prompt templates of a run: --templates, else the mode's built-in list."""
+    return data.load_templates(cfg.templates or ("style" if cfg.mode == "style" else "object"))
 
 
 @dataclass
@@ -441,7 +441,7 @@ class _Batches:
 
     def __init__(self, cfg: TrainConfig, model: _Model, images, rank: int):
         self.cfg, self.model, self.rank = cfg, model, rank
-        self.templates = data.load_templates(cfg.templates or ("style" if cfg.mode == "style" else "object"))
+        self.templates = templates_of(cfg)
         self.views, captions = [], []
         for i, item in enumerate(images):
             vs = data.views(item.image, model.resolution, crops=cfg.crops, flip=cfg.flip, seed=cfg.seed * 1000 + i)
