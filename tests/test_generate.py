@@ -73,6 +73,13 @@ def test_library_triggers_longest_match_case_three_syntaxes_and_negative(sd_pipe
     assert tk.state(sd_pipe, create=False) is None  # applied for the call only
 
 
+def test_a_bracketed_trigger_name_is_not_called_unknown(sd_pipe):
+    tk.apply(sd_pipe, Embedding("<my-cat>", {"clip": torch.randn(1, 32)}))
+    assert prompts.unmatched_triggers(sd_pipe, "a photo of <my-cat>, embedding:<my-cat>") == []
+    assert prompts.unmatched_triggers(sd_pipe, "a <dog>") == ["<dog>"]
+    tk.remove(sd_pipe)
+
+
 def test_unknown_trigger_like_words_warn(sd_pipe, tmp_path):
     lib = library(tmp_path / "lib", emb("cat"))
     with pytest.warns(UserWarning) as record:

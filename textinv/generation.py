@@ -24,17 +24,13 @@ def clip_skip_kwargs(pipe, prompts_: list[str], negative: str | None, clip_skip:
     if clip_skip == 1:
         return {}
     from . import prompts
+    from .errors import TextinvError
 
     prompts.check_clip_skip(pipe, clip_skip)
-    enc = [prompts.encode(pipe, prompts.split(pipe, p), clip_skip).embeds for p in prompts_]
-    neg = prompts.encode(pipe, prompts.split(pipe, negative or "", "negative prompt"), clip_skip).embeds
-    length = max(e.shape[1] for e in enc + [neg])
-    if any(e.shape[1] != length for e in enc + [neg]):
-        from .errors import TextinvError
-
+    parts = [_prompt_arguments(pipe, p, negative, clip_skip)[0] for p in prompts_]
+    if len({kw["prompt_embeds"].shape[1] for kw in parts}) > 1:
         raise TextinvError("--clip-skip with prompts longer than 75 tokens: give one prompt at a time")
-    dtype = pipe.unet.dtype
-    return {"prompt_embeds": torch.cat(enc).to(dtype), "negative_prompt_embeds": neg.expand(len(enc), -1, -1).to(dtype)}
+    return {k: torch.cat([kw[k] for kw in parts]) for k in parts[0]}
 
 
 @torch.no_grad()

@@ -236,7 +236,9 @@ TRIGGER_LIKE = re.compile(r"<(?!\|)([^<>\s:]+)>|\bembedding:([\w.\-]+)")
 def unmatched_triggers(pipe, text: str) -> list[str]:
     """Words that look like triggers (``<x>``, ``embedding:x``) but call no applied embedding."""
     st = tokens.state(pipe, create=False)
-    known = {t.lower() for a in (st.applied.values() if st else []) for t in a.triggers}
+    # A trigger may itself be written with brackets (a trained token such as "<my-cat>"): match both forms.
+    known = {form for a in (st.applied.values() if st else []) for t in a.triggers
+             for form in (t.lower(), t.lower().strip("<>"))}
     out = []
     for m in TRIGGER_LIKE.finditer(text):
         name = m.group(1) or re.sub(r"\.(pt|safetensors|bin)$", "", m.group(2))
