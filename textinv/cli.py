@@ -15,9 +15,10 @@ import click
 
 from .errors import TextinvError
 from .models import MODEL_HELP
+from .training import MAX_RESOLUTION, MAX_SEED
 
 OUTPUT_FORMATS = ["diffusers", "a1111", "kohya", "sdxl", "png"]
-SEED = click.IntRange(0, 2**63 - 1)
+SEED = click.IntRange(0, MAX_SEED)
 STEPS = click.IntRange(min=0)  # 0: off
 
 
@@ -203,7 +204,7 @@ def convert(src, dst, fmt, name, select, preview):
               help="LOW:HIGH: train on these noise levels only (of 1000), e.g. 300:1000 to re-learn a word's colours (replace mode).")
 @click.option("--guidance", "train_guidance", type=_Finite(1.0), default=1.0, show_default=True,
               help="Fit the prediction the sampler uses at this classifier-free guidance scale (e.g. 4); 1: the plain loss.")
-@click.option("--resolution", type=click.IntRange(8, 2048), default=None,
+@click.option("--resolution", type=click.IntRange(8, MAX_RESOLUTION), default=None,
               help="Training size in pixels, a multiple of the VAE's factor (default: the model's native size).")
 @click.option("--crops", type=click.IntRange(min=1), default=1, show_default=True, help="Views per image: a centre crop plus random crops.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Also train on mirrored views.")

@@ -27,7 +27,8 @@ def clip_skip_kwargs(pipe, prompts_: list[str], negative: str | None, clip_skip:
     from .errors import TextinvError
 
     prompts.check_clip_skip(pipe, clip_skip)
-    parts = [_prompt_arguments(pipe, p, negative, clip_skip)[0] for p in prompts_]
+    encoded = {p: _prompt_arguments(pipe, p, negative, clip_skip)[0] for p in dict.fromkeys(prompts_)}  # each once
+    parts = [encoded[p] for p in prompts_]
     if len({kw["prompt_embeds"].shape[1] for kw in parts}) > 1:
         raise TextinvError("--clip-skip with prompts longer than 75 tokens: give one prompt at a time")
     return {k: torch.cat([kw[k] for kw in parts]) for k in parts[0]}
@@ -59,8 +60,10 @@ def sample(pipe, n: int, call, *, seed: int, steps: int, guidance: float, batch:
     pipeline arguments (prompts or prompt embeddings) of images ``i … i+b-1``."""
     from tqdm.auto import tqdm
 
-    pipe.scheduler.set_timesteps(steps)
-    per_image = len(pipe.scheduler.timesteps) if unit == "step" else 1
+    per_image = 1
+    if unit == "step":  # the scheduler says how many steps a given step count really is
+        pipe.scheduler.set_timesteps(steps)
+        per_image = len(pipe.scheduler.timesteps)
     bar = tqdm(total=per_image * n, desc="sampling" if unit == "step" else "generating", unit=unit,
                disable=not progress, mininterval=0.5)
     def on_step(_pipe, _i, _t, kw):
