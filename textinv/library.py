@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
 import torch
@@ -20,8 +19,9 @@ def _size(path: Path | None) -> int | None:
     return path.stat().st_size
 
 
-def describe(path: Path, emb) -> dict:
-    """What `textinv inspect` reports about one embedding (also its --json output)."""
+def describe(path, emb) -> dict:
+    """What `textinv inspect` reports about one embedding (also its --json output); ``path`` is
+    how to name it (as the user wrote it), size and hashes are of the file it was read from."""
     from . import tokens
 
     info = {
@@ -36,21 +36,28 @@ def describe(path: Path, emb) -> dict:
     }
     if emb.source_format == "diffusers" and emb.meta.get("token") not in (None, emb.name):
         info["also_triggered_by"] = emb.meta["token"]
-    if path.is_file():
-        info["size_bytes"] = path.stat().st_size
-        info["sha256"] = formats.cached_sha256(path)
-        info["short_hash"] = formats.short_hash(path)
+    real = Path(emb.path) if emb.path is not None else Path(path)
+    if real.is_file():
+        info["size_bytes"] = real.stat().st_size
+        info["sha256"] = formats.cached_sha256(real)
+        info["short_hash"] = formats.short_hash(real)
     info["made_for"] = tokens.describe_widths(emb)
     return info
 
 
 def rows(folder) -> list[dict]:
-    """One row per embedding in a library folder (or file): trigger, family, vectors, steps, size, hash."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise TextinvError(f"{folder}: no such file or folder")
-    found = formats.load_all(folder, on_error=lambda p, e: warnings.warn(f"skipped {p}: {e}", stacklevel=3))
-    return [row(emb, folder) for emb in found]
+    """One row per embedding in a library folder, or of any source :func:`textinv.sources.resolve`
+    takes (a file, a training run, a hub id): trigger, family, vectors, steps, size, hash."""
+    from . import sources
+
+    src = sources.resolve(folder)
+    out = []
+    for emb in sources.load(src, on_error=sources.warn_skipped):
+        r = row(emb, src.path)
+        if emb.path is None or Path(emb.path) == src.path:  # not a library folder's file: as the user named it
+            r["file"] = src.shown(emb)
+        out.append(r)
+    return out
 
 
 def row(emb: Embedding, folder: Path) -> dict:

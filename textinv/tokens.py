@@ -504,13 +504,13 @@ def chunk_ids(pipe, prompt: str, encoder: int = 0) -> list[list[int]]:
 
 
 def _as_embeddings(embeddings) -> list[Embedding]:
-    from . import formats
+    from . import sources  # files, folders, runs (RUN@STEP), hub ids and URLs alike
 
     if isinstance(embeddings, (Embedding, str, os.PathLike)):
         embeddings = [embeddings]
     out = []
     for e in embeddings:
-        out.extend([e] if isinstance(e, Embedding) else formats.load_all(e))
+        out.extend([e] if isinstance(e, Embedding) else sources.load(e))
     return out
 
 
