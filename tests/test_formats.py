@@ -56,7 +56,7 @@ def expect_error(path, *words, call=load):
         call(path)
     msg = str(info.value)
     assert "\n" not in msg
-    assert msg.startswith(f"{pathlib.Path(path).name}: "), msg
+    assert msg.startswith(f"{formats.printable(path)}: "), msg  # the path as given, not only its name
     for word in words:
         assert word.lower() in msg.lower(), msg
     return msg
@@ -197,9 +197,10 @@ def test_png_card_pixels_alone_and_preview(tmp_path):
     preview = Image.new("RGB", (300, 200), (200, 30, 30))
     card = save(emb, tmp_path / "c.png", preview=preview)
     with Image.open(card) as im:
-        assert im.height == 200 and im.width > 300 + 2
-        middle = np.asarray(im.convert("RGB"))[100]
-    assert (middle == [200, 30, 30]).all(axis=1).any()  # the preview is visible
+        # a small preview is scaled up whole (aspect kept) so the caption stays legible
+        assert im.height == cards.MIN_PREVIEW_HEIGHT and im.width > 768 + 2
+        middle = np.asarray(im.convert("RGB"))[im.height // 2]
+    assert (middle == [200, 30, 30]).all(axis=1).sum() >= 760  # the preview fills its part, full-bleed
     back = load(strip_text(card, tmp_path / "stripped.png"))
     assert back.name == "cat-toy" and back.meta["step"] == 500
     assert_same(emb, back)

@@ -106,11 +106,21 @@ def lcg_nibbles(count: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------- writing
-def encode(data: dict, visible: Image.Image, shade: np.ndarray) -> tuple[Image.Image, PngInfo]:
-    """The card image and its text chunk for ``data`` (tensors allowed), around ``visible``.
+CARD_SIZE = 512  # a title card is this square (larger for embeddings too big to fit beside it)
+MIN_PREVIEW_HEIGHT = 512  # smaller previews are scaled up, so that the caption stays legible
+
+
+def payload(data: dict) -> bytes:
+    """The JSON a card carries for ``data`` (tensors as A1111's ``{"TORCHTENSOR": lists}``)."""
+    return json.dumps(data, default=_tensor_json).encode("utf-8")
+
+
+def encode(data: dict | bytes, visible: Image.Image, shade: np.ndarray) -> tuple[Image.Image, PngInfo]:
+    """The card image and its text chunk for ``data`` (a dict, tensors allowed, or its
+    :func:`payload`), around ``visible``.
 
     ``shade`` (bytes 0–255) tints the dot pattern of the data blocks (A1111 uses the first vector)."""
-    text = json.dumps(data, default=_tensor_json).encode("utf-8")
+    text = data if isinstance(data, bytes) else payload(data)
     low, high = pixel_blocks(text, visible.height, shade)
     canvas = np.zeros((visible.height, low.shape[1] + visible.width + high.shape[1] + 2, 3), dtype=np.uint8)
     canvas[:, :low.shape[1]] = low
@@ -121,11 +131,28 @@ def encode(data: dict, visible: Image.Image, shade: np.ndarray) -> tuple[Image.I
     return Image.fromarray(canvas, "RGB"), info
 
 
+def _block_width(compressed_bytes: int, height: int) -> int:
+    """Width of each data block for a zlib stream of that length (the padding of :func:`pixel_blocks`)."""
+    size = compressed_bytes + (height - compressed_bytes % height)
+    size += 3 * height - size % (3 * height)
+    return size // (3 * height)
+
+
+def square_visible_size(text: bytes, side: int = CARD_SIZE) -> tuple[int, int]:
+    """(width, height) of the visible part that makes the whole card square: ``side`` × ``side``
+    when the data blocks leave it most of the width, else the next larger square that does."""
+    compressed = len(zlib.compress(text, 9))
+    while True:
+        width = side - 2 * _block_width(compressed, side) - 2
+        if width >= 0.6 * side:
+            return width, side
+        side += 256
+
+
 def pixel_blocks(payload: bytes, height: int, shade: np.ndarray) -> tuple[np.ndarray, ...]:
     """The (low-half, high-half) RGB blocks hiding ``payload``: A1111's layout, cyclic padding."""
     data = np.frombuffer(zlib.compress(payload, 9), dtype=np.uint8)
-    size = data.size + (height - data.size % height)
-    size += 3 * height - size % (3 * height)
+    size = 3 * height * _block_width(data.size, height)
     blocks = []
     for half, pattern in ((data & 0x0F, shade), (data >> 4, shade[::-1])):
         nibbles = np.resize(half, size) ^ lcg_nibbles(size)
@@ -158,31 +185,139 @@ def _tensor_json(obj):
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-def default_image(name: str, size: int = 512) -> Image.Image:
-    """A plain visible card: a dark gradient tinted by the embedding's name."""
-    tint = np.frombuffer(hashlib.sha256(name.encode()).digest()[:3], dtype=np.uint8)
-    ramp = np.linspace(0.15, 0.6, size)[:, None, None]
-    pixels = (ramp * (64 + tint.astype(np.float64) * 0.75)).clip(0, 255).astype(np.uint8)
-    return Image.fromarray(np.broadcast_to(pixels, (size, size, 3)).copy(), "RGB")
+# ------------------------------------------------------------------------------------ the picture
+def _hue(name: str) -> float:
+    return hashlib.sha256(name.encode("utf-8", "surrogatepass")).digest()[0] / 255
 
 
-def caption(image: Image.Image, title: str, left: str, middle: str, right: str) -> Image.Image:
-    """A1111's overlay: the title on top; checkpoint name, [checkpoint hash], "{n}v {steps}s" below."""
+def _rgb(h: float, s: float, v: float) -> np.ndarray:
+    import colorsys
+
+    return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v)) * 255
+
+
+def title_card(name: str, details: list[str], size: tuple[int, int] = (CARD_SIZE, CARD_SIZE)) -> Image.Image:
+    """The visible card of an embedding without a preview: its trigger large and centred, each of
+    ``details`` (e.g. model family, vector count) in small type below, on a quiet background whose
+    hue comes from the name (so cards of different embeddings are told apart at a glance)."""
+    w, h = size
+    hue = _hue(name)
+    top, bottom, glow = _rgb(hue, 0.45, 0.26), _rgb(hue + 0.06, 0.55, 0.09), _rgb(hue, 0.35, 0.42)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    t = (y / max(h - 1, 1))[..., None]
+    pixels = top * (1 - t) + bottom * t
+    r = np.hypot((x - w / 2) / (0.55 * w), (y - 0.44 * h) / (0.45 * h))[..., None]
+    pixels += (glow - pixels) * 0.55 * np.clip(1 - r, 0, 1) ** 2  # soft light behind the title
+    image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "RGB")
+
+    draw = ImageDraw.Draw(image)
+    scale = min(w, h) / CARD_SIZE
+    margin = int(36 * scale)
+    lines, font = _fit_title(draw, name, w - 2 * margin, int(88 * scale), max(int(26 * scale), 8))
+    small = _font(max(int(19 * scale), 8))
+    gap = int(14 * scale)
+    line_h = _points(font) * 1.15
+    detail_h = _points(small) * 1.5
+    block = line_h * len(lines) + 2 * gap + detail_h * len(details)
+    cy = 0.46 * h - block / 2 + line_h / 2
+    for line in lines:
+        draw.text((w / 2, cy), line, font=font, fill=(250, 250, 250), anchor="mm")
+        cy += line_h
+    rule_y = cy - line_h / 2 + gap
+    half = min(max(draw.textlength(lines[0], font=font) * 0.35, 24 * scale), w / 2 - margin)
+    draw.line((w / 2 - half, rule_y, w / 2 + half, rule_y), fill=tuple(int(c) for c in _rgb(hue, 0.35, 0.85)),
+              width=max(int(2 * scale), 1))
+    cy = rule_y + gap + detail_h / 2
+    for text in details:
+        draw.text((w / 2, cy), _clip(draw, text, small, w - 2 * margin), font=small, fill=(214, 214, 220),
+                  anchor="mm")
+        cy += detail_h
+    return image
+
+
+def _largest_fitting(draw, lines: list[str], width: float, largest: int, smallest: int):
+    """The largest font from ``largest`` down to ``smallest`` in which every line fits ``width``."""
+    for size in range(largest, smallest - 1, -2):
+        font = _font(size)
+        if all(draw.textlength(line, font=font) <= width for line in lines):
+            return font
+    return None
+
+
+def _fit_line(draw, text: str, width: float, largest: int, smallest: int):
+    """(text, font): ``text`` in the largest type that fits ``width``; at the smallest, cut short."""
+    font = _largest_fitting(draw, [text], width, largest, smallest)
+    if font is not None:
+        return text, font
+    font = _font(smallest)
+    return _clip(draw, text, font, width), font
+
+
+def _fit_title(draw, name: str, width: int, largest: int, smallest: int):
+    """The name in the largest type that fits ``width``: one line, or two when that allows
+    markedly larger type, else one line cut short."""
+    one = _largest_fitting(draw, [name], width, largest, smallest)
+    cut = _split_point(name)
+    two = None
+    if cut and (one is None or _points(one) < 0.75 * largest):
+        two = _largest_fitting(draw, [name[:cut], name[cut:]], width, int(0.75 * largest), smallest)
+    if two is not None and (one is None or _points(two) > 1.3 * _points(one)):
+        return [name[:cut], name[cut:]], two
+    if one is not None:
+        return [name], one
+    font = _font(smallest)
+    return [_clip(draw, name, font, width)], font
+
+
+def _split_point(name: str) -> int | None:
+    """Where to break a long name: after the separator (space, - or _) nearest its middle."""
+    cuts = [i + 1 for i, c in enumerate(name) if c in " -_." and 0 < i < len(name) - 1]
+    return min(cuts, key=lambda i: abs(i - len(name) / 2)) if cuts else len(name) // 2 or None
+
+
+def _clip(draw, text: str, font, width: float) -> str:
+    """``text`` cut short with an ellipsis so that it fits ``width``."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text.rstrip() + "…"
+
+
+def fit_preview(image: Image.Image) -> Image.Image:
+    """A preview as the card shows it: RGB, whole, scaled up to :data:`MIN_PREVIEW_HEIGHT` when
+    smaller (a 64-pixel sample would make an unreadable caption); by a whole factor, pixels stay
+    crisp squares, as small models' renders are shown."""
+    image = image.convert("RGB")
+    if image.height < MIN_PREVIEW_HEIGHT:
+        factor = MIN_PREVIEW_HEIGHT / image.height
+        smooth = Image.NEAREST if factor.is_integer() else Image.LANCZOS
+        image = image.resize((max(round(image.width * factor), 1), MIN_PREVIEW_HEIGHT), smooth)
+    return image
+
+
+def caption(image: Image.Image, title: str, left: str, right: str) -> Image.Image:
+    """A1111's overlay on a preview: the title in a band on top; below, ``left`` (the base model)
+    and ``right`` (e.g. "2 vectors · 500 steps") in a footer band."""
     image = image.convert("RGB").copy()
     w, h = image.size
-    scale = max(min(w, h) / 512, 0.25)
+    scale = max(min(w, h) / CARD_SIZE, 0.25)
     draw = ImageDraw.Draw(image, "RGBA")
-    band = max(int(64 * scale), 8)
-    draw.rectangle((0, 0, w, band), fill=(0, 0, 0, 150))
-    draw.rectangle((0, h - band // 2, w, h), fill=(0, 0, 0, 150))
-    title_font, foot_font = _font(int(48 * scale)), _font(int(20 * scale))
-    margin = int(10 * scale)
+    margin = max(int(14 * scale), 2)
+    foot_font = _font(int(19 * scale))
+    band = max(int(60 * scale), 8)
+    foot = max(int(34 * scale), 6)
+    draw.rectangle((0, 0, w, band), fill=(0, 0, 0, 140))
+    draw.rectangle((0, h - foot, w, h), fill=(0, 0, 0, 140))
     white = (255, 255, 255)
-    draw.text((margin, margin // 2), title, font=title_font, fill=white)
-    foot_y = h - band // 2 + margin // 2
-    draw.text((margin, foot_y), left, font=foot_font, fill=white)
-    draw.text((w // 2, foot_y), middle, font=foot_font, fill=white)
-    draw.text((w - margin, foot_y), right, font=foot_font, fill=white, anchor="ra")
+    line, title_font = _fit_line(draw, title, w - 2 * margin, int(40 * scale), max(int(18 * scale), 6))
+    draw.text((margin, band / 2), line, font=title_font, fill=white, anchor="lm")
+    right_w = draw.textlength(right, font=foot_font)
+    draw.text((w - margin, h - foot / 2), right, font=foot_font, fill=white, anchor="rm")
+    room = w - 3 * margin - right_w
+    if left and room > 0:
+        draw.text((margin, h - foot / 2), _clip(draw, left, foot_font, room), font=foot_font, fill=(220, 220, 220),
+                  anchor="lm")
     return image
 
 
@@ -191,3 +326,7 @@ def _font(size: int):
         return ImageFont.load_default(size=max(size, 6))
     except TypeError:  # Pillow without FreeType: fixed-size bitmap font
         return ImageFont.load_default()
+
+
+def _points(font) -> float:
+    return float(getattr(font, "size", 11))  # the bitmap fallback font is about 11 pixels tall
