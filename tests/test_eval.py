@@ -180,7 +180,7 @@ def test_best_step_prefers_the_earliest_of_a_plateau_and_ignores_scale():
     assert evaluate.best_step(curve(fid, edit), tolerance=0.0) == 200
     # CLIP-like scales (image ~0.7, text ~0.25): multiplying an axis by a constant never changes the pick
     assert evaluate.best_step(curve([f * 0.9 for f in fid], [e * 0.5 for e in edit])) == 150
-    assert evaluate.best_step(curve([0.5, 0.0], [0.0, 0.9])) == 50  # all zero: the earliest
+    assert evaluate.best_step(curve([0.5, 0.0], [0.0, 0.9])) is None  # all zero: nothing to recommend
     assert evaluate.best_step([]) is None
 
 

@@ -136,15 +136,24 @@ def test_views_know_their_original_size_and_crop_as_sdxl_scripts_pass_them():
     assert len({v.crop_top_left for v in crops}) > 2  # random crops are not all at (0, 0)
 
 
-def test_sdxl_training_passes_each_views_size_and_crop(tmp_path):
+def _time_ids_seen(tmp_path, name: str, **options) -> set:
     pipe = make_sdxl()
     seen = []
     forward = pipe.unet.forward
     pipe.unet.forward = lambda *a, **k: seen.append(k["added_cond_kwargs"]["time_ids"].clone()) or forward(*a, **k)
-    train(images=str(photos(tmp_path / "imgs")), token="<x>", steps=4, batch=4, resolution=64, flip=False,
-          out=str(tmp_path / "run"), pipe=pipe, progress=False)
-    rows = {tuple(int(v) for v in r) for r in torch.cat(seen)}
+    train(images=str(photos(tmp_path / "imgs")), token="<x>", steps=6, batch=4, resolution=64, flip=False,
+          out=str(tmp_path / name), pipe=pipe, progress=False, **options)
+    return {tuple(int(v) for v in r) for r in torch.cat(seen)}
+
+
+def test_sdxl_training_passes_each_views_size_and_crop(tmp_path):
+    # centre crops: every view 64×64, a side crop says where it was cut
+    rows = _time_ids_seen(tmp_path, "crops", buckets=False)
     expected = {(40, 48, 0, 6, 64, 64), (48, 40, 6, 0, 64, 64), (24, 24, 0, 0, 64, 64)}  # 4 px * 64/40 = 6.4
+    assert rows <= expected and len(rows) >= 2
+    # buckets: each image whole, the target size its bucket's (h, w) at about 64² pixels, no crop
+    rows = _time_ids_seen(tmp_path, "buckets")
+    expected = {(40, 48, 0, 0, 60, 72), (48, 40, 0, 0, 72, 60), (24, 24, 0, 0, 64, 64)}
     assert rows <= expected and len(rows) >= 2
 
 
@@ -263,8 +272,8 @@ def test_textinv_loss_and_gradient_equal_the_common_recipe(kind):
     eps, t = torch.randn(x0.shape, generator=g), torch.tensor([17, 803])
     slots = ["clip_l", "clip_g"] if sdxl else ["clip"]
     init = [init_vectors(tok, te.get_input_embeddings().weight, "shape", 1)[0] for tok, te in tokens.encoder_pairs(ours)]
-    views = [data.View(None, (40, 48), (0, 6))] * 2
-    time_ids = view_time_ids(ours, views, 64)
+    views = [data.View(Image.new("RGB", (64, 64)), (40, 48), (0, 6))] * 2
+    time_ids = view_time_ids(ours, views)
 
     tokens.apply(ours, Embedding("<t>", {s: v[None] for s, v in zip(slots, init)}))
     extras = [e.text_encoder.get_input_embeddings().extra for e in tokens.state(ours).encoders]

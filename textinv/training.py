@@ -31,9 +31,12 @@ from . import data, formats, generation, prompts, tokens
 from .atomic import atomic_path, write_text
 from .errors import TextinvError
 from .formats import Embedding
+from . import models
 from .models import DTYPES, load_pipeline, name_of
 
 MODES = ("object", "style", "replace")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+LOSS_WINDOW = 20  # the loss shown (bar and summary) is the mean of the last this-many steps
 STATE_FILE = "state.pt"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 MAX_RESOLUTION = 2048  # SDXL trains at 1024; 2048 px already needs tens of GB per image in the UNet
@@ -64,6 +67,14 @@ class TrainConfig:
     resolution: int | None = None  # None: the model's native size
     crops: int = 1  # views per image: centre crop + (crops - 1) random crops
     flip: bool = True
+    buckets: bool | None = None  # aspect-ratio buckets; None: on when some image is not square
+    captions: bool | None = None  # sidecar IMG.txt captions; None: on when there are any (built-in templates)
+    shuffle_captions: bool = False  # shuffle a caption's comma-separated tags every step
+    keep_tokens: int = 0  # ... except the first N tags
+    caption_dropout: float = 0.0  # drop each (not kept) tag with this probability
+    alpha_mask: bool = False  # weight the loss by the images' alpha (transparent pixels teach nothing)
+    lr_warmup: int = 0  # steps of linear warm-up from 0 to the learning rate
+    lr_schedule: str = "constant"  # then: constant, cosine or linear decay to 0 at the last step
     seed: int = 0
     precision: str = "fp32"  # of the frozen model; the learned vectors and their optimizer stay fp32
     clip_skip: int = 1  # A1111's "Clip skip" (SD 1.x/2.x): 2 = the penultimate layer, as many fine-tunes need
@@ -89,7 +100,7 @@ class TrainResult:
     embedding: Embedding
     steps: int
     seconds: float
-    loss: float
+    loss: float  # the mean of the last LOSS_WINDOW steps' losses (what the progress bar shows)
     is_main_process: bool = True  # with several processes (accelerate launch), only the main one writes
 
 
@@ -134,6 +145,20 @@ def lr_at(schedule: list[tuple[float, int | None]], step: int) -> float:
     return schedule[-1][0]
 
 
+def lr_factor(kind: str, warmup: int, step: int, total: int) -> float:
+    """The schedule's multiplier at ``step`` (0-based): a linear warm-up over ``warmup`` steps, then
+    constant, or a cosine / linear decay reaching 0 after the last step (diffusers' and kohya's
+    shapes).  It multiplies --lr, which may itself be an A1111 step schedule."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return 1 - progress
+    return 1.0
+
+
 def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
     state = np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
@@ -164,10 +189,12 @@ class PromptTable:
 
     A step then gathers ids and runs the text encoders directly, as ``encode_prompt`` would (SD:
     last hidden state; SDXL: both encoders' penultimate states, the second's pooled projection)
-    but without tokenizing, twice, every prompt of every step.
+    but without tokenizing, twice, every prompt of every step.  Captions that vary every step
+    (``vary``: shuffled or dropped tags) are the exception: those prompts are tokenized per step.
     """
 
-    def __init__(self, pipe, templates: list[str], token: str, captions: list[str], clip_skip: int = 1):
+    def __init__(self, pipe, templates: list[str], token: str, captions: list[str], clip_skip: int = 1,
+                 vary: dict | None = None):
         self.captions = sorted(set(captions))
         self.caption_of = torch.tensor([self.captions.index(c) for c in captions])
         filled = [data.fill_template(t, token, c) for t in templates for c in self.captions]
@@ -175,18 +202,26 @@ class PromptTable:
             raise TextinvError(f"--templates: no prompt contains the trigger {token!r} (e.g. {filled[0]!r}); "
                                "put [name] in the templates or in the captions")
         prompts = [tokens.expand(pipe, p) for p in filled]
+        self.pipe, self.templates, self.token, self.vary = pipe, templates, token, vary
         self.shape = (len(templates), len(self.captions))
         self.encoders = [te for _, te in tokens.encoder_pairs(pipe)]
         self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
         self.clip_skip = clip_skip
-        self.ids = []
-        for tok, _ in tokens.encoder_pairs(pipe):
-            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
-            self.ids.append(ids.view(*self.shape, -1))
+        self.ids = [self._tokenize(tok, prompts).view(*self.shape, -1) for tok, _ in tokens.encoder_pairs(pipe)]
 
-    def encode(self, template_idx: torch.Tensor, view_idx: torch.Tensor, device):
-        """Hidden states (and SDXL's pooled embedding) of the prompts (template, caption of view)."""
+    @staticmethod
+    def _tokenize(tok, prompts: list[str]) -> torch.Tensor:
+        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids
+
+    def encode(self, template_idx: torch.Tensor, view_idx: torch.Tensor, device, rng=None):
+        """Hidden states (and SDXL's pooled embedding) of the prompts (template, caption of view);
+        with varying captions, ``rng`` (a ``random.Random``) draws each prompt's version."""
+        if self.vary and rng is not None:
+            texts = [tokens.expand(self.pipe, data.fill_template(
+                self.templates[int(t)], self.token, data.vary_caption(self.captions[int(self.caption_of[v])], rng, **self.vary)))
+                for t, v in zip(template_idx, view_idx)]
+            return self._run([self._tokenize(tok, texts).to(device) for tok, _ in tokens.encoder_pairs(self.pipe)])
         return self._run([ids[template_idx, self.caption_of[view_idx]].to(device) for ids in self.ids])
 
     @torch.no_grad()
@@ -233,11 +268,13 @@ def prediction_target(noise_scheduler, latents, noise, t) -> torch.Tensor:
 
 
 def denoising_loss(unet, noise_scheduler, latents, noise, t, hidden, added_cond=None, uncond=None,
-                   guidance: float = 1.0) -> torch.Tensor:
+                   guidance: float = 1.0, weight: torch.Tensor | None = None) -> torch.Tensor:
     """The step's loss: noise the latents (DDPM), predict, mean squared error to the target.
 
     The same math as the established recipe (diffusers' and A1111's trainers); tests check it
     against a plain implementation.  ``added_cond``: SDXL's pooled text embedding and time ids.
+    ``weight`` ([N, 1, h, w], --alpha-mask): each latent pixel's share of the error, so that a
+    cut-out's transparent background teaches nothing (kohya's masked loss).
     """
     dev, dtype = hidden.device, unet.dtype
     noisy = noise_scheduler.add_noise(latents, noise, t)
@@ -247,15 +284,19 @@ def denoising_loss(unet, noise_scheduler, latents, noise, t, hidden, added_cond=
     pred = unet(noisy, t, hidden.to(dtype), **kwargs).sample
     if uncond is not None:
         pred = guided(unet, pred, noisy, t, uncond, guidance, kwargs)
-    return F.mse_loss(pred.float(), target.to(dev).float())
+    if weight is None:
+        return F.mse_loss(pred.float(), target.to(dev).float())
+    w = weight.to(dev).float().expand_as(pred)
+    return ((pred.float() - target.to(dev).float()) ** 2 * w).sum() / w.sum().clamp_min(1e-6)
 
 
-def view_time_ids(pipe, views: list, resolution: int) -> torch.Tensor | None:
-    """SDXL's micro-conditioning per view: (original size, crop top-left, target size); None for SD."""
+def view_time_ids(pipe, views: list) -> torch.Tensor | None:
+    """SDXL's micro-conditioning per view: (original size, crop top-left, target size (h, w): the
+    view's own, its bucket's); None for SD."""
     if getattr(pipe, "text_encoder_2", None) is None:
         return None
     dim = pipe.text_encoder_2.config.projection_dim
-    rows = [pipe._get_add_time_ids(v.original_size, v.crop_top_left, (resolution, resolution), dtype=torch.float32,
+    rows = [pipe._get_add_time_ids(v.original_size, v.crop_top_left, v.size[::-1], dtype=torch.float32,
                                    text_encoder_projection_dim=dim) for v in views]
     return torch.cat(rows)
 
@@ -277,23 +318,26 @@ def _diverged(step: int, params, last_good, fp16: bool, table_norm: float) -> Tr
 
 
 # ------------------------------------------------------------------------------------ train
-def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=None, **overrides) -> TrainResult:
+def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=None, echo=None, **overrides) -> TrainResult:
     """Train one embedding.  ``train(images=..., token=..., steps=...)`` or ``train(TrainConfig(...))``.
 
     ``on_save(step, path)`` is called after each ``save_every`` save (the trigger is applied to
     ``pipe`` with the current vectors); returning True stops training there (early stopping).
     ``on_step(step, loss)`` is called after every step (and its preview); returning True stops
     training there, with the final embedding and state at that step (the web UI's Stop button).
+    ``echo(line)`` hears what the run is about to do (the model it loads, the one-line summary of
+    images, buckets, captions and output) before the first step.  What the model cannot learn
+    from these images comes as a warning.
     """
     cfg = dataclasses.replace(config, **overrides) if config else TrainConfig(**overrides)
     from accelerate import PartialState
 
     main_process = PartialState(cpu=not torch.cuda.is_available()).is_main_process
     with RunLock(cfg.resolved_out()) if main_process else contextlib.nullcontext():
-        return _train(cfg, pipe, on_save, on_step)
+        return _train(cfg, pipe, on_save, on_step, echo if main_process else None)
 
 
-def _train(cfg: TrainConfig, pipe, on_save, on_step) -> TrainResult:
+def _train(cfg: TrainConfig, pipe, on_save, on_step, echo=None) -> TrainResult:
     """The stages, top to bottom: check, freeze the model, cache the images, add the word, loop, save."""
     check_config(cfg)
     from accelerate import PartialState
@@ -304,10 +348,18 @@ def _train(cfg: TrainConfig, pipe, on_save, on_step) -> TrainResult:
     out = cfg.resolved_out()
     if dist.is_main_process:
         _check_out_dir(out, cfg.resume)
-    images = data.load_images(cfg.images)
+    skipped: list[str] = []
+    images = data.load_images(cfg.images, skipped=skipped)
+    if echo and pipe is None:
+        echo(f"loading {name_of(cfg.model)} …")
     model = _frozen_model(cfg, pipe, dist.device)
+    the_plan = plan(cfg, images, skipped, model.resolution, model.bucket_step)
+    if dist.is_main_process:
+        models.warn_outside_world(model.pipe, images=[i.image for i in images], where=f"--images {cfg.images}")
+        if echo:
+            echo(the_plan.summary(cfg, name_of(cfg.model), out))
     word = _Word(model.pipe, cfg, dist.device)  # before the prompts are tokenized: they name it
-    batches = _Batches(cfg, model, images, dist.process_index)
+    batches = _Batches(cfg, model, the_plan, dist.process_index)
     start = 0
     if cfg.resume and (out / STATE_FILE).exists():
         start = _load_state(out / STATE_FILE, cfg, word.params, word.optimizer, word.scaler)
@@ -315,14 +367,15 @@ def _train(cfg: TrainConfig, pipe, on_save, on_step) -> TrainResult:
         _trim_log(out, start)  # each step once, after any number of resumes
         config_json = dict(dataclasses.asdict(cfg), resolution=model.resolution, init=word.applied.embedding.meta["init_text"],
                            templates_used=batches.templates, images_used=[str(i.path) for i in images],
-                           views=len(batches.views))
+                           views=len(batches.views), buckets={str(p.path.name): list(wh) for p, wh in zip(images, the_plan.sizes)},
+                           captions_used=the_plan.captioned)
         write_text(out / "config.json", json.dumps(config_json, indent=2, default=str))
     last_step, loss, seconds = _loop(cfg, out, model, batches, word, start, dist, on_save, on_step)
 
     final = _current(word.applied, cfg, last_step, model.pipe)
     path = out / f"{formats.file_stem(cfg.token)}{formats.suffix_for(cfg.format, final)}"
     if dist.is_main_process:
-        formats.save(final, path, cfg.format)
+        formats.save(final, path, cfg.format, preview=_card_picture(model.pipe, cfg, batches.templates))
         _save_state(out / STATE_FILE, cfg, word.params, word.optimizer, last_step, word.scaler)
     for p in word.params:
         p.requires_grad_(False)
@@ -359,6 +412,14 @@ def check_config(cfg: TrainConfig) -> None:
         raise TextinvError(f"--resolution {cfg.resolution}: must be between 8 and {MAX_RESOLUTION} pixels")
     if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
         raise TextinvError(f"weight decay {cfg.weight_decay}: must be a number >= 0")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise TextinvError(f"--lr-schedule {cfg.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+    if not 0 <= cfg.lr_warmup < cfg.steps:
+        raise TextinvError(f"--lr-warmup {cfg.lr_warmup}: must be between 0 and --steps ({cfg.steps}) - 1")
+    if cfg.keep_tokens < 0:
+        raise TextinvError(f"--keep-tokens {cfg.keep_tokens}: must be 0 or more")
+    if not (math.isfinite(cfg.caption_dropout) and 0 <= cfg.caption_dropout < 1):
+        raise TextinvError(f"--caption-dropout {cfg.caption_dropout}: must be a probability in [0, 1)")
     parse_lr(cfg.lr)
     templates_of(cfg)  # a bad --templates fails before the model loads
 
@@ -377,6 +438,7 @@ class _Model:
     noise_scheduler: object
     timesteps: tuple[int, int]  # train on [low, high)
     resolution: int
+    bucket_step: int  # bucket sides are multiples of this (see data.bucket_step)
     device: torch.device
     dtype: torch.dtype  # diffusers' .device/.dtype walk every module: milliseconds per call
 
@@ -407,7 +469,8 @@ def _frozen_model(cfg: TrainConfig, pipe, device) -> _Model:
     if resolution % vae_scale:
         raise TextinvError(f"--resolution {resolution}: must be a multiple of {vae_scale} (this model's VAE scale factor)")
     unet = torch.compile(pipe.unet) if cfg.compile else pipe.unet
-    return _Model(pipe, unet, noise_scheduler, timesteps, resolution, pipe.unet.device, pipe.unet.dtype)
+    step = data.bucket_step(resolution, vae_scale, 2 ** (len(pipe.unet.config.block_out_channels) - 1))
+    return _Model(pipe, unet, noise_scheduler, timesteps, resolution, step, pipe.unet.device, pipe.unet.dtype)
 
 
 class _Word:
@@ -435,21 +498,93 @@ class _Word:
         self.table_norm = float(state.encoders[0].base.weight.detach().float().norm(dim=-1).mean())
 
 
-class _Batches:
-    """The training data, ready to draw from: every view VAE-encoded once, every prompt tokenized
-    once, SDXL's time ids per view; a batch is drawn from a generator seeded by (seed, step, micro)."""
+@dataclass
+class Plan:
+    """What a run will train on, decided before any latent is computed (and said in one line)."""
 
-    def __init__(self, cfg: TrainConfig, model: _Model, images, rank: int):
+    images: list  # data.TrainImage
+    skipped: list[str]  # the files that were not usable, with why
+    sizes: list[tuple[int, int]]  # each image's (width, height) at training time: its bucket
+    captions: list[str]  # each image's [filewords] text
+    captioned: int  # how many images have a sidecar caption that is used (0: captions off)
+    templates: list[str]
+    resolution: int
+
+    def summary(self, cfg: "TrainConfig", model_name: str, out: Path) -> str:
+        from collections import Counter
+
+        n, views = len(self.images), len(self.images) * cfg.crops * (2 if cfg.flip else 1)
+        found = f"{n} image{'s' if n != 1 else ''} from {cfg.images}" + (f" ({len(self.skipped)} skipped)" if self.skipped else "")
+        buckets = Counter(self.sizes)
+        if len(buckets) == 1 and next(iter(buckets))[0] == next(iter(buckets))[1]:
+            size = f"{self.resolution}×{self.resolution} squares (centre crops)"
+        else:
+            size = "buckets " + ", ".join(f"{w}×{h}" + (f" ×{c}" if c > 1 else "") for (w, h), c in sorted(buckets.items()))
+        captions = f"captions from IMG.txt for {self.captioned} of {n}" if self.captioned else (
+            "captions: file names ([filewords])" if any("[filewords]" in t for t in self.templates) else "no captions")
+        if cfg.captions is not False and self.captioned and (cfg.shuffle_captions or cfg.caption_dropout or cfg.keep_tokens):
+            captions += " (varied every step)"
+        parts = [found, size, f"{views} views", captions]
+        rgba = sum(i.alpha is not None for i in self.images)
+        if rgba:
+            parts.append(f"alpha mask on {rgba}" if cfg.alpha_mask else
+                         f"{rgba} with transparency, trained on white (--alpha-mask: the subject only)")
+        return f"training {cfg.token!r}: " + ", ".join(parts) + f"; model {model_name}; output {out}/"
+
+
+def plan(cfg: "TrainConfig", images: list, skipped: list[str], resolution: int, step: int) -> Plan:
+    """Buckets, captions and templates of a run: the --buckets/--captions defaults decided here."""
+    squares = [(resolution, resolution)] * len(images)
+    buckets = [data.bucket_for(*i.image.size, resolution, step) for i in images]
+    use_buckets = cfg.buckets if cfg.buckets is not None else any(w != h for w, h in buckets)
+    sidecars = sum(i.has_sidecar for i in images)
+    templates = templates_of(cfg)
+    explicit_filewords = any("[filewords]" in t for t in templates)
+    use_captions = cfg.captions if cfg.captions is not None else (sidecars > 0 and not cfg.templates)
+    if use_captions and cfg.captions and not sidecars:
+        raise TextinvError(f"--captions: no image in {cfg.images} has a caption file (IMG.txt beside IMG.png)")
+    if use_captions and cfg.templates and not explicit_filewords:
+        raise TextinvError(f"--captions: the templates in {cfg.templates} have no [filewords] where a caption could go")
+    if use_captions and not explicit_filewords:
+        templates = data.FILEWORDS_TEMPLATES["style" if cfg.mode == "style" else "object"]
+    if explicit_filewords:  # A1111's [filewords]: the sidecar, else the file name
+        captions = [i.caption for i in images]
+    else:  # built-in caption templates: an image without a caption file adds nothing to its prompt
+        captions = [i.caption if i.has_sidecar else "" for i in images]
+    captioned = sidecars if (use_captions or explicit_filewords) else 0
+    return Plan(images, skipped, buckets if use_buckets else squares, captions, captioned, templates, resolution)
+
+
+class _Batches:
+    """The training data, ready to draw from: every view VAE-encoded once (per bucket: the views of
+    one batch share a size), every prompt tokenized once, SDXL's time ids per view; a batch is one
+    bucket's, drawn from a generator seeded by (seed, step, micro)."""
+
+    def __init__(self, cfg: TrainConfig, model: _Model, plan: Plan, rank: int):
         self.cfg, self.model, self.rank = cfg, model, rank
-        self.templates = templates_of(cfg)
+        self.templates = plan.templates
         self.views, captions = [], []
-        for i, item in enumerate(images):
-            vs = data.views(item.image, model.resolution, crops=cfg.crops, flip=cfg.flip, seed=cfg.seed * 1000 + i)
+        for i, item in enumerate(plan.images):
+            vs = data.views(item.image, plan.sizes[i], crops=cfg.crops, flip=cfg.flip, seed=cfg.seed * 1000 + i,
+                            alpha=item.alpha if cfg.alpha_mask else None)
             self.views += vs
-            captions += [item.caption] * len(vs)
-        self.mean, self.std = data.encode_latents(model.pipe.vae, data.to_tensor([v.image for v in self.views]))
-        self.prompts = PromptTable(model.pipe, self.templates, cfg.token, captions, cfg.clip_skip)
-        self.time_ids = view_time_ids(model.pipe, self.views, model.resolution)
+            captions += [plan.captions[i]] * len(vs)
+        sizes = sorted({v.size for v in self.views}, key=lambda wh: (wh[0] * wh[1], wh))
+        self.buckets = [torch.tensor([k for k, v in enumerate(self.views) if v.size == wh]) for wh in sizes]
+        self.share = torch.tensor([len(b) for b in self.buckets], dtype=torch.float)  # a bucket's chance: its views'
+        self.latents, self.masks = [], []
+        factor = model.pipe.vae_scale_factor
+        for wh, members in zip(sizes, self.buckets):
+            bucket_views = [self.views[k] for k in members]
+            self.latents.append(data.encode_latents(model.pipe.vae, data.to_tensor([v.image for v in bucket_views])))
+            masked = cfg.alpha_mask and any(v.mask is not None for v in bucket_views)
+            self.masks.append(data.mask_tensor([v.mask for v in bucket_views], (wh[0] // factor, wh[1] // factor))
+                              if masked else None)
+        vary = None
+        if plan.captioned and (cfg.shuffle_captions or cfg.keep_tokens or cfg.caption_dropout):
+            vary = {"shuffle": cfg.shuffle_captions, "keep": cfg.keep_tokens, "dropout": cfg.caption_dropout}
+        self.prompts = PromptTable(model.pipe, self.templates, cfg.token, captions, cfg.clip_skip, vary)
+        self.time_ids = view_time_ids(model.pipe, self.views)
         self.uncond = None
         if cfg.guidance > 1:  # the empty prompt's branch is frozen: encode it once
             empty, empty_pooled = self.prompts.unconditional(model.pipe, model.device)
@@ -459,14 +594,23 @@ class _Batches:
         """The denoising loss of the batch drawn for (step, micro-batch)."""
         cfg, m = self.cfg, self.model
         g = step_generator(cfg.seed, step, micro, self.rank)
-        idx = torch.randint(len(self.views), (cfg.batch,), generator=g)
+        b = 0 if len(self.buckets) == 1 else int(torch.multinomial(self.share, 1, generator=g))
+        local = torch.randint(len(self.buckets[b]), (cfg.batch,), generator=g)
+        idx = self.buckets[b][local]  # indices into self.views
         which = torch.randint(len(self.templates), (cfg.batch,), generator=g)
-        latents = self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=g)
+        mean, std = self.latents[b]
+        latents = mean[local] + std[local] * torch.randn(mean[local].shape, generator=g)
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(*m.timesteps, (cfg.batch,), generator=g)
-        hidden, pooled = self.prompts.encode(which, idx, m.device)
+        rng = None
+        if self.prompts.vary:  # its own stream: varying captions changes no other draw
+            import random
+
+            rng = random.Random(int(torch.randint(2**62, (1,), generator=step_generator(cfg.seed, step, micro, self.rank + 10**6))))
+        hidden, pooled = self.prompts.encode(which, idx, m.device, rng)
         added = None if pooled is None else {"text_embeds": pooled, "time_ids": self.time_ids[idx].to(m.device, m.dtype)}
-        return denoising_loss(m.unet, m.noise_scheduler, latents, noise, t, hidden, added, self.uncond, cfg.guidance)
+        weight = None if self.masks[b] is None else self.masks[b][local]
+        return denoising_loss(m.unet, m.noise_scheduler, latents, noise, t, hidden, added, self.uncond, cfg.guidance, weight)
 
 
 def _optimizer_step(cfg: TrainConfig, batches: _Batches, word: _Word, step: int, dist, last_good) -> tuple[float, float, bool]:
@@ -496,26 +640,28 @@ def _loop(cfg: TrainConfig, out: Path, model: _Model, batches: _Batches, word: _
     """Steps ``start`` … ``cfg.steps``; logs, saves, previews and callbacks.  (last step, loss, seconds)"""
     main = dist.is_main_process
     progress = _progress(cfg, start) if main else None
-    t0, smoothed, loss_value, last_good, skipped_in_a_row = time.perf_counter(), None, float("nan"), None, 0
+    t0, last_good, skipped_in_a_row = time.perf_counter(), None, 0
+    recent = _recent_losses(out, start)  # a resumed run's bar goes on from the same window
     last_step = cfg.steps
     for step in range(start, cfg.steps):
-        lr = lr_at(word.schedule, step)
+        lr = lr_at(word.schedule, step) * lr_factor(cfg.lr_schedule, cfg.lr_warmup, step, cfg.steps)
         for group in word.optimizer.param_groups:
             group["lr"] = lr
         total, scale, skipped = _optimizer_step(cfg, batches, word, step, dist, last_good)
         skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
         if skipped_in_a_row >= MAX_SKIPPED_STEPS or not all(torch.isfinite(p).all() for p in word.params):
             raise _diverged(step + 1, word.params, last_good, word.fp16, word.table_norm)
-        loss_value, done = total, step + 1
-        smoothed = total if smoothed is None else 0.95 * smoothed + 0.05 * total
+        done = step + 1
+        recent = (recent + [total])[-LOSS_WINDOW:]
         if not main:
             continue
         record = {"step": done, "loss": round(total, 6), "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
         _log(out, record | ({"loss_scale": scale, "skipped": skipped} if word.fp16 else {}))
         progress.update(1)
-        progress.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.2g}", refresh=False)  # the bar redraws on its own clock
+        progress.set_postfix(loss=f"{np.mean(recent):.4f}", lr=f"{lr:.2g}", refresh=False)  # the bar redraws on its own clock
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-            last_good = _save(out, model.pipe, word.applied, cfg, done, suffix=f"-{done}", subdir="embeddings")
+            last_good = _save(out, model.pipe, word.applied, cfg, done, suffix=f"-{done}", subdir="embeddings",
+                              templates=batches.templates)
             _save_state(out / STATE_FILE, cfg, word.params, word.optimizer, done, word.scaler)
             if on_save is not None and on_save(done, last_good):
                 last_step = done
@@ -527,7 +673,7 @@ def _loop(cfg: TrainConfig, out: Path, model: _Model, batches: _Batches, word: _
             break
     if progress is not None:
         progress.close()
-    return last_step, loss_value, time.perf_counter() - t0
+    return last_step, float(np.mean(recent)) if recent else float("nan"), time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------- pieces
@@ -557,10 +703,21 @@ def _current(applied, cfg: TrainConfig, step: int, pipe) -> Embedding:
     return Embedding(cfg.token, vectors, meta=dict(applied.embedding.meta, step=step))
 
 
-def _save(out: Path, pipe, applied, cfg, step: int, suffix: str, subdir: str) -> Path:
+def _save(out: Path, pipe, applied, cfg, step: int, suffix: str, subdir: str, templates=()) -> Path:
     emb = _current(applied, cfg, step, pipe)
     path = out / subdir / f"{formats.file_stem(cfg.token)}{suffix}{formats.suffix_for(cfg.format, emb)}"
-    return formats.save(emb, path, cfg.format)
+    return formats.save(emb, path, cfg.format, preview=_card_picture(pipe, cfg, templates))
+
+
+@torch.no_grad()
+def _card_picture(pipe, cfg: TrainConfig, templates) -> "object | None":
+    """For --format png: the card shows what the embedding draws (one fixed-seed sample of the
+    first preview prompt, as A1111's trainer puts its preview on the card); other formats: None."""
+    if cfg.format != "png" or not templates:
+        return None
+    prompt = (cfg.preview_prompts or [data.fill_template(templates[0], cfg.token, "")])[0]
+    call = generation.clip_skip_kwargs(pipe, [prompt], None, cfg.clip_skip) or {"prompt": [prompt]}
+    return pipe(**call, num_inference_steps=20, generator=torch.Generator().manual_seed(cfg.seed)).images[0]
 
 
 def _save_state(path: Path, cfg: TrainConfig, params, optimizer, step: int, scaler) -> None:
@@ -572,7 +729,8 @@ def _save_state(path: Path, cfg: TrainConfig, params, optimizer, step: int, scal
 def _identity(cfg: TrainConfig) -> dict:
     """What must not change between a run and its resumption."""
     keep = ("images", "token", "model", "init", "vectors", "mode", "templates", "lr", "batch", "grad_accum", "timesteps", "guidance",
-            "resolution", "crops", "flip", "seed", "precision", "clip_skip", "weight_decay")
+            "resolution", "crops", "flip", "seed", "precision", "clip_skip", "weight_decay", "buckets", "captions",
+            "shuffle_captions", "keep_tokens", "caption_dropout", "alpha_mask", "lr_warmup", "lr_schedule")
     return {k: str(getattr(cfg, k)) for k in keep}
 
 
@@ -584,7 +742,8 @@ def _load_state(path: Path, cfg: TrainConfig, params, optimizer, scaler) -> int:
     if not (isinstance(st, dict) and isinstance(st.get("identity"), dict)):
         raise TextinvError(f"{path}: not a textinv training state (damaged or foreign); use another --out")
     # A state from before a setting existed was made with its default.
-    defaults = {"clip_skip": "1"}
+    defaults = {"clip_skip": "1", "buckets": "None", "captions": "None", "shuffle_captions": "False", "keep_tokens": "0",
+                "caption_dropout": "0.0", "alpha_mask": "False", "lr_warmup": "0", "lr_schedule": "constant"}
     changed = {k: (v, now) for k in _identity(cfg) if (v := st["identity"].get(k, defaults.get(k))) != (now := _identity(cfg)[k])}
     if changed:
         k, (was, now) = next(iter(changed.items()))
@@ -658,6 +817,20 @@ def _trim_log(out: Path, start: int) -> None:
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by a kill
     write_text(log, "".join(k + "\n" for k in kept))
+
+
+def _recent_losses(out: Path, start: int) -> list[float]:
+    """The last LOSS_WINDOW losses logged up to ``start`` (the log was trimmed to it)."""
+    log = out / "log.jsonl"
+    if not start or not log.exists():
+        return []
+    losses = []
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines()[-LOSS_WINDOW:]:
+        try:
+            losses.append(float(json.loads(line)["loss"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return losses
 
 
 def _log(out: Path, record: dict) -> None:

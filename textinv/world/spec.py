@@ -137,3 +137,15 @@ def unnamed_styles() -> list[str]:
 def hidden_names() -> list[str]:
     """Names that must never occur in a caption."""
     return unnamed_shapes() + unnamed_styles()
+
+
+def vocabulary() -> list[str]:
+    """Every word the world's captions can hold (what the mini model has ever read), sorted."""
+    import re
+
+    texts: list[str] = list(TEMPLATES) + GENERIC_SHAPE_WORDS + list(GENERIC_STYLE_PRE) + list(GENERIC_STYLE_POST)
+    for table in (SHAPES, COLOURS, SIZES, POSITIONS, STYLES, BACKGROUNDS):
+        for entry in table.values():
+            for key in ("words", "desc", "pre", "post"):
+                texts += entry.get(key, [])
+    return sorted({w for t in texts for w in re.findall(r"[a-z]+", t.lower().replace("{np}", ""))})
