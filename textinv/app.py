@@ -61,11 +61,12 @@ def install_warning_router() -> None:
 
 
 @contextmanager
-def collecting():
-    """Collect the warnings this thread raises, e.g. ``skipped notes.png: not a readable image``."""
+def collecting(into: list | None = None):
+    """Collect the warnings this thread raises, e.g. ``skipped notes.png: not a readable image``
+    (into ``into`` as they come, when given: a training run's page shows them while it runs)."""
     _ensure_router()
     saved = getattr(_sink, "lines", None)
-    _sink.lines = []
+    _sink.lines = [] if into is None else into
     try:
         yield _sink.lines
     finally:
@@ -90,6 +91,7 @@ class TrainJob:
     stop_event: threading.Event = field(default_factory=threading.Event)
     losses: list[tuple[int, float]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    summary: str = ""  # the run's one line: images, buckets, captions, model, output
     started: float = field(default_factory=time.time)
     result: object | None = None  # TrainResult
     library_path: Path | None = None
@@ -107,6 +109,11 @@ class TrainJob:
         return sorted((self.out / "previews").glob("*.png"))
 
     def status(self) -> str:
+        """The run's state in a line, and below it the run's summary (images, buckets, captions, model)."""
+        line = self._state()
+        return f"{line}\n{self.summary}" if self.summary and not self.error else line
+
+    def _state(self) -> str:
         step = self.losses[-1][0] if self.losses else 0
         seconds = time.time() - self.started
         if self.error:
@@ -114,14 +121,20 @@ class TrainJob:
         if self.running:
             if not self.losses:
                 return f"Starting: loading the model and encoding the images ({seconds:.0f} s)…"
-            loss = self.losses[-1][1]
+            from .training import LOSS_WINDOW
+
+            loss = sum(x for _, x in self.losses[-LOSS_WINDOW:]) / len(self.losses[-LOSS_WINDOW:])
             stopping = " — stopping…" if self.stop_event.is_set() else ""
-            return f"Training {self.token}: step {step}/{self.total}, loss {loss:.4f}, {seconds:.0f} s{stopping}"
+            return (f"Training {self.token}: step {step}/{self.total}, loss {loss:.4f} (mean of the last {LOSS_WINDOW} steps), "
+                    f"{seconds:.0f} s{stopping}")
         if self.result is not None:
+            from .training import LOSS_WINDOW
+
             r = self.result
             how = "Stopped" if r.steps < self.total else "Done"
             where = f"; added to the library as {self.library_path.name}" if self.library_path else ""
-            return f"{how} at step {r.steps}/{self.total} ({r.seconds:.0f} s, last loss {r.loss:.4f}): {r.embedding_path}{where}"
+            return (f"{how} at step {r.steps}/{self.total} ({r.seconds:.0f} s, loss {r.loss:.4f}, the mean of the last "
+                    f"{LOSS_WINDOW} steps): {r.embedding_path}{where}")
         return "Not started."
 
 
@@ -243,16 +256,14 @@ class App:
     def _train(self, job: TrainJob, cfg) -> None:
         from .training import train
 
-        with collecting() as lines:
+        with collecting(into=job.warnings):
             try:
-                job.result = train(cfg, on_step=job.on_step)
+                job.result = train(cfg, on_step=job.on_step, echo=lambda line: setattr(job, "summary", line))
                 job.library_path = self._add_trained(job.result)
             except Exception as e:  # noqa: BLE001 - shown in the page; the server goes on
                 job.error = describe_error(e)
                 if not isinstance(e, TextinvError):
                     traceback.print_exc()
-            finally:
-                job.warnings += lines
 
     def _add_trained(self, result) -> Path:
         """A1111 keeps trained embeddings in its embeddings folder: so do we (an older file of that name goes to .trash)."""
@@ -332,12 +343,13 @@ class App:
 
     # -- the library ---------------------------------------------------------------------------
     def scan(self) -> tuple[dict, list[str]]:
-        """(key → Embedding for every usable embedding in the library, one line per unusable file)."""
-        from . import formats
+        """(key → Embedding for every usable embedding in the library, one line per unusable file).
+        A training run kept in the library counts once, as its final embedding."""
+        from . import sources
 
         problems: list[str] = []
         with collecting():
-            found = formats.load_all(self.library, on_error=lambda p, e: problems.append(f"not usable: {e}"))
+            found = sources.load(self.library, on_error=lambda p, e: problems.append(f"not usable: {e}"))
         return {self._key(emb): emb for emb in found}, problems
 
     def entries(self) -> dict:

@@ -41,6 +41,10 @@ class _Finite(click.ParamType):
             self.fail(f"{value!r}: must be a finite number >= {self.low:g}", param, ctx)
         return x
 
+# What every command that takes an embedding accepts (textinv.sources.resolve); kept a string, not a
+# Path, so that URLs and RUN@STEP survive as typed.
+SOURCE_HELP = "a file, library folder, training run (RUN@STEP: one of its saves), hub id user/repo[/file] or URL"
+
 # Every command that takes --model takes --config (a single-file checkpoint offline needs it).
 config_option = click.option(
     "--config", "model_config", default=None,
@@ -125,23 +129,26 @@ def _print_info(info: dict, nearest=None) -> None:
 
 
 @main.command()
-@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("files", nargs=-1, required=True)
 @click.option("--model", "-m", help="Also show each vector's nearest vocabulary words in this model. " + MODEL_HELP)
 @click.option("--top", default=5, show_default=True, help="How many nearest words per vector.")
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (one object per embedding).")
 def inspect(files, model, top, model_config, as_json):
-    """Describe embedding files: format, trigger, vectors, family, norms, metadata, hashes."""
-    from . import formats, tokens
+    """Describe embeddings: format, trigger, vectors, family, norms, metadata, hashes.
+
+    FILES: embedding files, library folders, training runs (RUN@STEP: one save), hub ids or URLs."""
+    from . import formats, sources, tokens
     from .library import describe
 
     # Read everything first: a bad file fails the command before anything is printed.
     found = []
     for f in files:
-        embs = formats.load_all(f)
+        src = sources.resolve(f)
+        embs = sources.load(src)
         if not embs:
             raise TextinvError(f"{formats.printable(f)}: no embedding files in this folder")
-        found += [(Path(f), emb) for emb in embs]
+        found += [(src.shown(emb), emb) for emb in embs]
     pipe = None
     if model:
         from .models import load_pipeline
@@ -162,17 +169,19 @@ def inspect(files, model, top, model_config, as_json):
 
 # ---------------------------------------------------------------------------------- convert
 @main.command()
-@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("src")
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), help="Output format (default: from DST's extension).")
 @click.option("--name", help="Trigger name to store (default: the source's name).")
 @click.option("--select", help="Which embedding to take from a file that bundles several (LoRA).")
 @click.option("--preview", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Image shown on a PNG card.")
 def convert(src, dst, fmt, name, select, preview):
-    """Convert an embedding file to another format (diffusers, a1111, kohya, sdxl, png)."""
-    from . import formats
+    """Convert an embedding to another format (diffusers, a1111, kohya, sdxl, png).
 
-    emb = formats.load(src, name=name, select=select)
+    SRC: an embedding file, a training run (RUN@STEP: one save), a hub id or a URL."""
+    from . import formats, sources
+
+    emb = sources.load_one(src, name=name, select=select)
     image = None
     if preview is not None:
         from PIL import Image
@@ -184,7 +193,7 @@ def convert(src, dst, fmt, name, select, preview):
             raise TextinvError(f"{preview}: cannot read preview image ({e})") from None
     written = formats.save(emb, dst, fmt, preview=image)
     click.echo(f"wrote {formats.printable(written)} ({formats.detect_format(written)}, trigger {emb.name!r}, "
-               f"{emb.num_vectors} vectors, {emb.family})")
+               f"{emb.num_vectors} vector{'s' if emb.num_vectors != 1 else ''}, {emb.family})")
 
 
 # ------------------------------------------------------------------------------------ train
@@ -208,6 +217,18 @@ def convert(src, dst, fmt, name, select, preview):
               help="Training size in pixels, a multiple of the VAE's factor (default: the model's native size).")
 @click.option("--crops", type=click.IntRange(min=1), default=1, show_default=True, help="Views per image: a centre crop plus random crops.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Also train on mirrored views.")
+@click.option("--buckets/--no-buckets", default=None,
+              help="Aspect-ratio buckets: each image kept whole at about the training area (default: on when some image is not square; off: centre crops).")
+@click.option("--captions/--no-captions", default=None,
+              help="Use IMG.txt sidecar captions (A1111's [filewords]; default: on when any image has one).")
+@click.option("--shuffle-captions", is_flag=True, help="Shuffle each caption's comma-separated tags every step.")
+@click.option("--keep-tokens", type=click.IntRange(min=0), default=0, show_default=True, help="With shuffling/dropout: keep the first N tags in place.")
+@click.option("--caption-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Drop each tag (after --keep-tokens) with this probability, every step.")
+@click.option("--alpha-mask", is_flag=True, help="Weight the loss by the images' transparency: a cut-out teaches its subject, not its background.")
+@click.option("--lr-warmup", type=click.IntRange(min=0), default=0, show_default=True, help="Steps of linear warm-up to --lr.")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine", "linear"]), default="constant", show_default=True,
+              help="After the warm-up: keep --lr, or decay it to 0 at the last step.")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="The frozen model's precision (fp16: GPUs only, with loss scaling); learned vectors always stay fp32.")
@@ -228,9 +249,10 @@ def convert(src, dst, fmt, name, select, preview):
 @click.option("--clip", default=None, help="CLIP weights (folder or hub id) for measuring saves on real models.")
 @click.option("--dino", default=None, help="DINO weights (folder or hub id) for measuring saves on real models.")
 def train(images, token, model, init, vectors, mode, templates, steps, lr, batch, grad_accum, timesteps, train_guidance, resolution, crops, flip,
-          seed, precision, clip_skip, grad_checkpointing, compile_, save_every, preview_every, fmt, out, resume, model_config,
+          buckets, captions, shuffle_captions, keep_tokens, caption_dropout, alpha_mask, lr_warmup, lr_schedule, seed, precision, clip_skip, grad_checkpointing, compile_, save_every, preview_every, fmt, out, resume, model_config,
           pick_best, early_stop, patience, eval_n, concept, clip, dino):
     """Train a textual inversion embedding from a folder of images."""
+    from . import formats
     from .training import TrainConfig, train as run
 
     measure = pick_best or early_stop
@@ -239,23 +261,26 @@ def train(images, token, model, init, vectors, mode, templates, steps, lr, batch
         click.echo(f"--save-every {save_every}: saves to measure for --pick-best/--early-stop", err=True)
     cfg = TrainConfig(images=str(images), token=token, model=model, init=init, vectors=vectors, mode=mode,
                       templates=templates, steps=steps, lr=lr, batch=batch, grad_accum=grad_accum, timesteps=timesteps,
-                      guidance=train_guidance, resolution=resolution, crops=crops, flip=flip, seed=seed, precision=precision,
+                      guidance=train_guidance, resolution=resolution, crops=crops, flip=flip, buckets=buckets, captions=captions,
+                      shuffle_captions=shuffle_captions, keep_tokens=keep_tokens, caption_dropout=caption_dropout,
+                      alpha_mask=alpha_mask, lr_warmup=lr_warmup, lr_schedule=lr_schedule, seed=seed, precision=precision,
                       clip_skip=1 if clip_skip is None else clip_skip, grad_checkpointing=grad_checkpointing,
                       compile=compile_, save_every=save_every, preview_every=preview_every, format=fmt,
                       out=str(out) if out else None, resume=resume, model_config=model_config)
+    echo = lambda line: click.echo(formats.printable(line), err=True)  # noqa: E731
     if not measure:
-        result = run(cfg)
+        result = run(cfg, echo=echo)
         if result.is_main_process:
-            click.echo(f"wrote {result.embedding_path} ({result.steps} steps, {result.seconds:.0f} s, last loss {result.loss:.4f})")
+            click.echo(_trained(result))
         return
     from . import evaluate
     from .report import format_table
 
     measured = evaluate.train_measured(cfg, concept=concept, clip=clip, dino=dino, n=eval_n,
                                        patience=patience if early_stop else None, keep_best=pick_best,
-                                       echo=lambda msg: click.echo(f"\n  measured {msg}", err=True))
+                                       echo=lambda msg: click.echo(f"\n  measured {msg}", err=True), on_start=echo)
     result = measured.result
-    click.echo(f"wrote {result.embedding_path} ({result.steps} steps, {result.seconds:.0f} s, last loss {result.loss:.4f})")
+    click.echo(_trained(result))
     if pick_best:
         best = measured.best
         note = "the last step's" if best == result.steps else f"step {best}'s (the last step's is in {result.out / 'embeddings'})"
@@ -263,6 +288,14 @@ def train(images, token, model, init, vectors, mode, templates, steps, lr, batch
     click.echo(format_table(measured.evaluation.result))
     paths = measured.written
     click.echo(f"wrote {paths['report']}, {paths['curve']}, {paths['metrics']}")
+
+
+def _trained(result) -> str:
+    from .formats import printable
+    from .training import LOSS_WINDOW
+
+    return (f"wrote {printable(result.embedding_path)} ({result.steps} steps, {result.seconds:.0f} s, "
+            f"loss {result.loss:.4f}: the mean of the last {LOSS_WINDOW} steps, as in the bar)")
 
 
 # ------------------------------------------------------------------------------------- demo
@@ -311,7 +344,7 @@ def _sampler_help() -> str:
 @main.command()
 @click.argument("prompt", required=False)
 @click.option("--negative", default=None, help="Negative prompt (weights and embedding triggers work here too).")
-@click.option("--embeddings", "-e", multiple=True, type=click.Path(path_type=Path), help="Embedding file or library folder (repeatable).")
+@click.option("--embeddings", "-e", multiple=True, metavar="SOURCE", help=f"Embeddings: {SOURCE_HELP} (repeatable).")
 @click.option("--model", "-m", default=None, help=MODEL_HELP)
 @click.option("-n", "count", default=1, show_default=True, help="Number of images; image i uses seed SEED+i.")
 @click.option("--seed", type=SEED, default=0, show_default=True)
@@ -372,10 +405,10 @@ def ui(library, model, model_config, workdir, port, max_upload_mb, open_browser)
 
 # ------------------------------------------------------------------------- library commands
 @main.command("list")
-@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("folder")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def list_(folder, as_json):
-    """Table of a library folder: trigger, family, vectors, steps, size, short hash."""
+    """Table of a library folder (or any embedding source: a run, a hub id…): trigger, family, vectors, steps, size, short hash."""
     from .formats import printable
     from .library import rows
 
@@ -397,7 +430,7 @@ def _save_as(emb, out: Path, fmt) -> None:
 
     written = formats.save(emb, out, fmt)
     click.echo(f"wrote {formats.printable(written)} ({formats.detect_format(written)}, trigger {emb.name!r}, "
-               f"{emb.num_vectors} vectors, {emb.family})")
+               f"{emb.num_vectors} vector{'s' if emb.num_vectors != 1 else ''}, {emb.family})")
 
 
 def _trigger_of(out: Path) -> str:
@@ -405,14 +438,14 @@ def _trigger_of(out: Path) -> str:
 
 
 @main.command()
-@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("files", nargs=-1, required=True)
 @click.option("--weights", default=None, help="Comma-separated weights, one per file (default: equal).")
 @click.option("--concat", is_flag=True, help="Stack all vectors into one longer embedding instead of averaging.")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output file (format from its extension).")
 @click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default=None)
 def merge(files, weights, concat, out, fmt):
     """Merge embeddings: a weighted average (same family and vector count) or --concat."""
-    from . import formats, library
+    from . import library, sources
 
     if weights is not None and concat:
         raise TextinvError("--weights and --concat exclude each other")
@@ -422,42 +455,42 @@ def merge(files, weights, concat, out, fmt):
             ws = [float(w) for w in weights.split(",")]
         except ValueError:
             raise TextinvError(f"--weights: expected numbers like 0.5,0.5, got {weights!r}") from None
-    embs = [formats.load(f) for f in files]
+    embs = [sources.load_one(f) for f in files]
     name = _trigger_of(out)
     emb = library.concat(embs, name=name) if concat else library.merge(embs, ws, name=name)
     _save_as(emb, out, fmt)
 
 
 @main.command()
-@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("file")
 @click.argument("factor", type=str)
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output file (format from its extension).")
 @click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default=None)
 def scale(file, factor, out, fmt):
     """Multiply every vector of an embedding by FACTOR."""
-    from . import formats, library
+    from . import library, sources
 
     try:
         value = float(factor)
     except ValueError:
         raise TextinvError(f"FACTOR: expected a number, got {factor!r}") from None
-    emb = library.scale(formats.load(file), value, name=_trigger_of(out))
+    emb = library.scale(sources.load_one(file), value, name=_trigger_of(out))
     _save_as(emb, out, fmt)
 
 
 @main.command()
-@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("file")
 @click.option("--model", "-m", default=None, help=MODEL_HELP)
 @click.option("--top", default=5, show_default=True, help="Words per vector.")
 @config_option
 def nearest(file, model, top, model_config):
     """The vocabulary words closest (cosine) to each vector of an embedding."""
-    from . import formats, tokens
+    from . import sources, tokens
     from .models import load_pipeline
 
     if top < 1:
         raise TextinvError(f"--top: must be at least 1, got {top}")
-    emb = formats.load(file)
+    emb = sources.load_one(file)
     near = tokens.nearest_words(emb, load_pipeline(model, config=model_config), k=top)
     if not near:
         raise TextinvError(f"{file}: {tokens.describe_widths(emb)}; the model has no matching text encoder")
@@ -469,7 +502,7 @@ def nearest(file, model, top, model_config):
 
 # ------------------------------------------------------------- eval, train --pick-best (issue 6)
 @main.command("eval")
-@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("target")
 @click.option("--images", type=click.Path(path_type=Path), default=None, help="Training images (default: the run's own).")
 @click.option("--model", "-m", default=None, help="Default: the run's model. " + MODEL_HELP)
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
@@ -488,22 +521,32 @@ def nearest(file, model, top, model_config):
 @config_option
 def eval_(target, images, model, prompts_file, count, concept, clip, dino, seed, steps, guidance, tolerance, baseline, out,
           clip_skip, model_config):
-    """Measure an embedding or every save of a training run: fidelity, editability, the trade-off curve, the best step."""
-    from . import evaluate
+    """Measure an embedding or every save of a training run: fidelity, editability, the trade-off curve, the best step.
+
+    TARGET: a run folder or the demo's output folder (every save), RUN@STEP, an embedding file, a hub id or a URL."""
+    from . import evaluate, formats, sources
     from .report import format_table, write_outputs
 
     if not 0 <= tolerance < 1:
         raise TextinvError(f"--tolerance {tolerance}: must be in [0, 1)")
-    ev = evaluate.evaluate_path(target, images=images, model=model, concept=concept, clip=clip, dino=dino,
+    src = sources.resolve(target)
+    ev = evaluate.evaluate_path(src, images=images, model=model, concept=concept, clip=clip, dino=dino,
                                 prompts_file=prompts_file, n=count, seed=seed, steps=steps, guidance=guidance,
                                 baseline=baseline, tolerance=tolerance, echo=lambda msg: click.echo(f"measured {msg}", err=True),
                                 clip_skip=clip_skip, model_config=model_config)
-    if out is None:
-        run = target.is_dir() and (target / "config.json").is_file()
-        out = target / "eval" if run else target.parent / f"{target.stem}-eval"
+    if out is None:  # RUN/eval; NAME-eval beside a file; a download's in the current folder
+        if src.run is not None and src.step is None:
+            out = src.run / "eval"
+        elif src.remote:
+            out = Path(f"{formats.file_stem(src.name or src.path.stem)}-eval")
+        else:
+            out = src.path.parent / f"{src.path.stem}-eval"
     click.echo(format_table(ev.result))
     r = ev.result
     if r["best_step"] is not None and len(r["points"]) > 1:
         click.echo(f"recommended step: {r['best_step']} ({r['rule']})")
+    elif r["best_step"] is None and r["points"]:
+        click.echo("no step recommended: every save scores 0 (fidelity × editability), so nothing this metric "
+                   "can see was learned")
     paths = write_outputs(ev, out)
     click.echo(f"wrote {paths['report']}, {paths['curve']}, {paths['metrics']}")

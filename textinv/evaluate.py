@@ -247,6 +247,21 @@ def world_sized(pipe) -> bool:
     return int(pipe.unet.config.sample_size) * factor == spec.IMAGE_SIZE
 
 
+def _check_judge_can_see(pipe, training_images) -> None:
+    """The judge reads only the mini world's shapes: refuse, in one line, to score a concept it
+    cannot see (a user's photos) rather than print zeros."""
+    from .models import USE_A_REAL_MODEL, drawn_at
+    from .world import spec
+
+    outside = [im for im in training_images if not drawn_at(im, spec.IMAGE_SIZE)]
+    if outside:
+        raise TextinvError(
+            f"--images: {len(outside)} of {len(training_images)} training images are not pictures of the mini world, and on a "
+            f"model that draws 32×32 textinv measures with the world's judge, which sees only its shapes "
+            f"({', '.join(spec.labels('shape'))}): nothing of this concept can be measured here; "
+            f"{USE_A_REAL_MODEL} (measured with CLIP/DINO), or pass --concept SHAPE to score one of the world's shapes")
+
+
 def infer_concept(images) -> str:
     """The shape the judge sees in most training images (at least 60 % of them must agree)."""
     from collections import Counter
@@ -279,6 +294,8 @@ def choose_metric(pipe, training_images, *, concept: str | None = None, clip: st
     if concept or (not clip and not dino and world_sized(pipe)):
         if concept and concept not in spec.labels("shape"):
             raise TextinvError(f"--concept {concept!r}: choose one of the world's shapes {', '.join(spec.labels('shape'))}")
+        if not concept:
+            _check_judge_can_see(pipe, training_images)
         concept = concept or infer_concept(training_images)
         return JudgeMetric(concept, judge_probes(prompts) if prompts else None)
     clip_scorer = metrics.ClipScorer(clip or metrics.DEFAULT_CLIP, device=device)
@@ -307,6 +324,8 @@ def best_step(points: list[dict], tolerance: float = 0.05) -> int | None:
     if not scored:
         return None
     top = max(s for _, s in scored)
+    if top <= 0:
+        return None  # nothing measured above zero: no step to recommend
     return next(step for step, s in scored if s >= (1 - tolerance) * top)
 
 
@@ -372,32 +391,9 @@ def _fmt(x) -> str:
 
 def run_embeddings(run_dir) -> tuple[dict, list[tuple[int, "object"]]]:
     """A training run's config and its saved embeddings as (step, path), intermediate and final."""
-    import json
-    import re
-    from pathlib import Path
+    from .sources import run_saves
 
-    from . import formats
-    from .training import STATE_FILE
-
-    run_dir = Path(run_dir)
-    try:
-        cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise TextinvError(f"{run_dir}: not a textinv training run (config.json: {getattr(e, 'strerror', None) or e})") from None
-    stem = formats.file_stem(cfg["token"])
-    found: dict[int, Path] = {}
-    for p in sorted((run_dir / "embeddings").glob(f"{stem}-*")):
-        m = re.fullmatch(rf"{re.escape(stem)}-(\d+)", p.stem if p.is_file() else p.name)
-        if m and formats.is_embedding_candidate(p):
-            found[int(m.group(1))] = p
-    for p in sorted(run_dir.iterdir()):
-        if (p.stem if p.is_file() else p.name) == stem and p.name != STATE_FILE and formats.is_embedding_candidate(p):
-            step = formats.load(p).meta.get("step")
-            step = int(step) if str(step).isdigit() else int(cfg.get("steps", 0))
-            found[step] = p
-    if not found:
-        raise TextinvError(f"{run_dir}: no embeddings saved in this run yet")
-    return cfg, sorted(found.items())
+    return run_saves(run_dir)
 
 
 # ------------------------------------------------------------------------------------------
@@ -423,14 +419,14 @@ def evaluate_path(target, *, images=None, model=None, concept: str | None = None
                   tolerance: float = 0.05, pipe=None, echo=None, clip_skip: int | None = None,
                   model_config=None) -> Evaluation:
     """Measure a training run's saves (the trade-off curve and the recommended step) or one embedding."""
-    from pathlib import Path
-
     import torch
 
-    from . import data, formats, tokens
+    from . import data, formats, sources, tokens
     from .models import load_pipeline
 
-    target = Path(target)
+    # A file or folder, a hub id or URL, RUN@STEP (one save), a run or the demo's folder (every save).
+    src = sources.resolve(target)
+    target = src.run if src.run is not None and src.step is None else src.path
     if not target.exists():
         raise TextinvError(f"{target}: no such file or folder")
     if n < 1 or steps < 1:
@@ -444,7 +440,7 @@ def evaluate_path(target, *, images=None, model=None, concept: str | None = None
         if clip_skip is None:  # measure the embedding as it was trained
             clip_skip = int(cfg.get("clip_skip") or 1)
     else:
-        found = formats.load_all(target)
+        found = sources.load(src)
         if len(found) != 1:
             raise TextinvError(f"{target}: holds {len(found)} embeddings; pass one embedding file or a training run folder")
         emb = found[0]
@@ -453,6 +449,12 @@ def evaluate_path(target, *, images=None, model=None, concept: str | None = None
             clip_skip = int(emb.meta.get("clip_skip") or 1)
         step = emb.meta.get("step")
         saves = [(int(step) if str(step).isdigit() else 0, target)]
+        cfg = sources.run_config(src.run) if src.run is not None else None
+        if cfg:  # RUN@STEP: the run's own images, model and trigger, as for the whole run
+            trigger, init = cfg.get("token", trigger), cfg.get("init", init)
+            images = images or cfg.get("images")
+            if model is None:
+                model, model_config = cfg.get("model"), model_config or cfg.get("model_config")
     if not images:
         raise TextinvError("--images: needed (the training images to compare with / to read the concept from)")
     training = [item.image for item in data.load_images(images)]
@@ -521,7 +523,7 @@ class MeasuredRun:
 
 
 def train_measured(cfg, *, concept=None, clip=None, dino=None, n: int = 8, patience: int | None = None,
-                   keep_best: bool = False, echo=None) -> MeasuredRun:
+                   keep_best: bool = False, echo=None, on_start=None) -> MeasuredRun:
     """Train while measuring every save (the trade-off curve); stop early after ``patience`` saves
     without a better score; with ``keep_best`` make the recommended step the final embedding.
     The report goes to RUN/eval."""
@@ -537,7 +539,7 @@ def train_measured(cfg, *, concept=None, clip=None, dino=None, n: int = 8, patie
     metric = choose_metric(pipe, training_images, concept=concept, clip=clip, dino=dino, device=device)
     tracker = StepTracker(metric, pipe, cfg.token, n=n, seed=cfg.seed, guidance=default_guidance(cfg.model),
                           clip_skip=cfg.clip_skip, patience=patience, echo=echo)
-    result = training.train(cfg, pipe=pipe, on_save=tracker)
+    result = training.train(cfg, pipe=pipe, on_save=tracker, echo=on_start)
     best = None
     if keep_best:
         best, _ = pick_best(tracker, result, cfg)

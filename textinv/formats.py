@@ -164,8 +164,9 @@ _XTI_KEY = re.compile(r"^(IN\d\d|MID|OUT\d\d)$")
 
 
 def _fail(path, problem) -> EmbeddingFileError:
-    """The one-line error every reader and writer raises: ``<file>: <problem>``."""
-    return EmbeddingFileError(f"{printable(Path(path).name)}: {_one_line(problem)}")
+    """The one-line error every reader and writer raises: ``<file>: <problem>``, the file named by
+    the path it was given (a file in a library folder: the folder's path joined with its name)."""
+    return EmbeddingFileError(f"{printable(path)}: {_one_line(problem)}")
 
 
 def printable(text) -> str:
@@ -208,8 +209,8 @@ def load(path, name: str | None = None, *, select: str | None = None) -> Embeddi
         found = chosen
     elif len(found) > 1:
         names = ", ".join(e.name for e in found)
-        raise _fail(path, f"is a LoRA bundle of {len(found)} embeddings ({names}); "
-                          "pass select=NAME to pick one")
+        raise _fail(path, f"is a LoRA bundle of {len(found)} embeddings ({names}); pick one with "
+                          "`textinv convert --select NAME` (select= in Python)")
     emb = found[0]
     if name:
         emb.name = name
@@ -222,6 +223,7 @@ def load_all(path, *, on_error=None) -> list[Embedding]:
     Names follow A1111: the file stem for .pt/.bin/.safetensors, the folder name for a diffusers
     SDXL folder, the stored name for image cards and bundled embeddings.  In a folder (searched
     recursively, in name order) non-embedding files and images without a card are skipped; a
+    training run folder gives its final embedding only (never its state, log or step saves); a
     broken embedding file raises, unless ``on_error(path, err)`` is given, which then sees it
     and the file is skipped.
     """
@@ -277,7 +279,7 @@ def save(emb: Embedding, path, format: str | None = None, *, preview=None) -> Pa
     if emb.is_sdxl and fmt == "diffusers":
         if suffix in CANDIDATE_SUFFIXES:
             raise _fail(path, "SDXL in diffusers format is a two-file folder: give a folder "
-                              "path, or use format='sdxl' for one file")
+                              "path, or use --format sdxl (format='sdxl' in Python) for one file")
     elif suffix not in _SAVE_SUFFIXES[fmt]:
         raise _fail(path, f"format {fmt!r} is written to a {' or '.join(_SAVE_SUFFIXES[fmt])} "
                           f"file, not {suffix or 'a path without suffix'}")
@@ -296,7 +298,8 @@ def _read(path: Path) -> tuple[str, list[Embedding]]:
         if _diffusers_sdxl_files(path) is None:
             raise _fail(path, "is a folder, not a diffusers SDXL embedding folder (needs "
                               "learned_embeds.safetensors and learned_embeds_2.safetensors); "
-                              "use load_all() for a library folder")
+                              "name one embedding file in it (load_all() in Python reads a "
+                              "library folder)")
         return "diffusers-sdxl", [_read_diffusers_sdxl(path)]
     if not path.is_file():
         raise _fail(path, "not a regular file (a pipe, device or socket)" if path.exists() else "no such file")
@@ -614,9 +617,18 @@ def _read_diffusers_sdxl(folder: Path) -> Embedding:
 
 
 def _library_items(folder: Path, seen: set | None = None):
-    """Candidate files and diffusers SDXL folders under ``folder``, recursively, in name order."""
+    """Candidate files and diffusers SDXL folders under ``folder``, recursively, in name order;
+    a training run folder yields its final embedding, or nothing while the run has none."""
+    from .sources import run_config, run_final  # sources builds on this module
+
     seen = set() if seen is None else seen
     seen.add(folder.resolve())  # symlinked folders are followed, but never in a loop
+    cfg = run_config(folder)
+    if cfg is not None:
+        final = run_final(folder, cfg)
+        if final is not None:
+            yield final
+        return
     for item in sorted(folder.iterdir()):
         if item.name.startswith("."):
             continue  # hidden files, including atomic-write temporaries
@@ -645,7 +657,7 @@ def _read_card(path: Path) -> dict:
     except Exception as err:  # PIL raises many kinds for damaged images
         raise _fail(path, f"unreadable image ({type(err).__name__}: {err})") from None
     if raw is None:
-        raise _NoCard(f"{printable(path.name)}: image holds no embedding card (no {CARD_KEY} text chunk, "
+        raise _NoCard(f"{printable(path)}: image holds no embedding card (no {CARD_KEY} text chunk, "
                       "no data in its pixels; lossy re-encoding destroys them)")
     try:
         data = cards.loads(raw)
@@ -679,8 +691,8 @@ def _format_for_suffix(emb: Embedding, path: Path) -> str:
         return "png"
     if suffix == ".bin" or (emb.is_sdxl and suffix not in CANDIDATE_SUFFIXES):
         return "diffusers"
-    raise _fail(path, f"cannot tell the format from the suffix {suffix or '(none)'}; pass format= "
-                      f"({', '.join(SAVE_FORMATS)})")
+    raise _fail(path, f"cannot tell the format from the suffix {suffix or '(none)'}; give one with "
+                      f"--format ({', '.join(SAVE_FORMATS)}; format= in Python)")
 
 
 def _carried_metadata(emb: Embedding) -> dict[str, str]:
@@ -735,8 +747,8 @@ def torch_zip_bytes(obj) -> bytes:
 def _single(path: Path, emb: Embedding, fmt: str) -> torch.Tensor:
     if emb.is_sdxl:
         raise _fail(path, f"{emb.name!r} is an SDXL embedding (clip_l + clip_g); format {fmt!r} "
-                          "holds one text encoder's vectors: use format='sdxl' (or 'diffusers' "
-                          "with a folder path)")
+                          "holds one text encoder's vectors: use --format sdxl (format='sdxl' in "
+                          "Python), or diffusers with a folder path")
     return emb.vectors[SINGLE_KEY]
 
 
@@ -812,6 +824,28 @@ def _save_sdxl(emb: Embedding, path: Path, preview) -> None:
     _write_safetensors(path, tensors, metadata)
 
 
+def _vectors_and_steps(emb: Embedding) -> str:
+    """"2 vectors · 500 steps" (A1111 writes "2v 500s"); no steps when none are recorded."""
+    n, steps = emb.num_vectors, int(emb.meta.get("step") or 0)
+    text = f"{n} vector{'' if n == 1 else 's'}"
+    return text + (f" · {steps:,} step{'' if steps == 1 else 's'}" if steps > 0 else "")
+
+
+def _card_details(emb: Embedding) -> list[str]:
+    """The small print of a title card: model family and base model, then vectors and steps."""
+    if emb.is_sdxl or emb.family != family_of_width(-1):
+        family = emb.family
+    else:
+        family = f"{emb.widths[SINGLE_KEY]}-wide text encoder"
+    return [" · ".join(x for x in (family, _base_model(emb)) if x), _vectors_and_steps(emb)]
+
+
+def _base_model(emb: Embedding) -> str:
+    """"name [hash]" of the checkpoint the embedding was trained on, as far as it is recorded."""
+    name, checkpoint = emb.meta.get("sd_checkpoint_name"), emb.meta.get("sd_checkpoint")
+    return printable(" ".join(x for x in (str(name or ""), f"[{checkpoint}]" if checkpoint else "") if x))
+
+
 def _save_png(emb: Embedding, path: Path, preview) -> None:
     """An A1111 card: the JSON in a tEXt chunk and, zlib-compressed, in the pixel blocks."""
     if emb.is_sdxl:
@@ -820,14 +854,16 @@ def _save_png(emb: Embedding, path: Path, preview) -> None:
         data = {k: emb.vectors[k] for k in SDXL_KEYS}
     else:
         data = _a1111_dict(emb, emb.vectors[SINGLE_KEY])
-    visible = preview.convert("RGB") if preview is not None else cards.default_image(emb.name)
-    checkpoint = emb.meta.get("sd_checkpoint")
-    visible = cards.caption(visible, f"<{emb.name}>", str(emb.meta.get("sd_checkpoint_name") or ""),
-                            f"[{checkpoint}]" if checkpoint else "",
-                            f"{emb.num_vectors}v {int(emb.meta.get('step') or 0)}s")
+    text = cards.payload(data)
+    if preview is not None:
+        title = emb.name if emb.name.startswith("<") and emb.name.endswith(">") else f"<{emb.name}>"  # A1111's <name>
+        visible = cards.caption(cards.fit_preview(preview), printable(title), _base_model(emb),
+                                _vectors_and_steps(emb))
+    else:
+        visible = cards.title_card(printable(emb.name), _card_details(emb), cards.square_visible_size(text))
     first = emb.vectors["clip_l" if emb.is_sdxl else SINGLE_KEY].float()[0, :1024].abs()
     shade = (first / first.max().clamp_min(1e-12) * 255).to(torch.uint8).numpy()
-    image, info = cards.encode(data, visible, shade)
+    image, info = cards.encode(text, visible, shade)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
 

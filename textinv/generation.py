@@ -135,7 +135,9 @@ def model_identity(model) -> tuple[str | None, str | None]:
 
 
 def load_embeddings(sources) -> list:
-    """Embeddings from files, library folders or Embedding objects; an empty library is an error."""
+    """Embeddings from Embedding objects or what :func:`textinv.sources.resolve` takes (files, library
+    folders, training runs and RUN@STEP, hub ids, URLs); an empty library is an error."""
+    from . import sources as where
     from .errors import TextinvError
 
     if sources is None:
@@ -147,7 +149,7 @@ def load_embeddings(sources) -> list:
         if isinstance(src, formats.Embedding):
             out.append(src)
             continue
-        found = formats.load_all(src, on_error=lambda p, e: warnings.warn(f"skipped {p}: {e}", stacklevel=3))
+        found = where.load(src, on_error=where.warn_skipped)
         if not found:
             raise TextinvError(f"{src}: no embedding files found")
         out.extend(found)
@@ -194,7 +196,7 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
     """
     from . import prompts, samplers, tokens
     from .errors import TextinvError
-    from .models import defaults, load_pipeline, pipeline_defaults
+    from .models import defaults, load_pipeline, pipeline_defaults, warn_outside_world
 
     if n < 1 or batch < 1 or steps < 1:
         raise TextinvError(f"-n, --batch and --steps must be at least 1 (got {n}, {batch}, {steps})")
@@ -210,6 +212,8 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
     added = tokens.apply(pipe, embs, on_mismatch="skip") if embs else []
     if embs and not added:
         raise TextinvError(f"none of the {len(embs)} embeddings given fits this model ({tokens.state(pipe).family}): nothing to use")
+    triggers = [t for a in tokens.state(pipe).applied.values() for t in [a.embedding.name, *a.tokens]]
+    warn_outside_world(pipe, prompts=[prompt, negative or ""], triggers=triggers, where="PROMPT")
     original_scheduler = pipe.scheduler
     try:
         prompts.check_clip_skip(pipe, clip_skip)
