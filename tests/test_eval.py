@@ -131,10 +131,11 @@ def test_clip_and_dino_scorers_load_from_a_folder_and_embed_like_the_models(tiny
 def test_missing_clip_weights_fail_in_one_line_naming_the_option(tmp_path):
     from textinv.metrics import ClipScorer, DinoScorer
 
-    with pytest.raises(TextinvError, match=r"^--clip .*nope: cannot load CLIP weights") as e:
+    with pytest.raises(TextinvError, match=r"^--clip .*nope: no such folder") as e:
         ClipScorer(str(tmp_path / "nope"))
     assert "\n" not in str(e.value)
-    with pytest.raises(TextinvError, match=r"^--dino openai/no-such-dino: cannot load DINO weights \(HF_HUB_OFFLINE=1"):
+    with pytest.raises(TextinvError, match=r"^--dino openai/no-such-dino: the DINO weights the metrics need are not in the "
+                                           r"local Hugging Face cache, and HF_HUB_OFFLINE=1 .*`hf download openai/no-such-dino`"):
         DinoScorer("openai/no-such-dino")
 
 
@@ -292,7 +293,7 @@ def test_eval_errors_are_one_line_with_exit_2(tmp_path, tiny_model):
         (["eval", str(tmp_path / "missing")], "no such file"),
         (["eval", str(emb)], "--images: needed"),
         (["eval", str(emb), "--images", str(blocks(tmp_path / "i")), "--model", str(tiny_model)],
-         "--clip openai/clip-vit-base-patch32: cannot load CLIP weights (HF_HUB_OFFLINE=1"),
+         "--clip openai/clip-vit-base-patch32: the CLIP weights the metrics need are not in the local Hugging Face cache"),
         (["eval", str(emb), "--images", str(tmp_path / "i"), "--model", str(tiny_model), "--concept", "bowtie", "--clip", "x"],
          "exclude each other"),
         (["eval", str(emb), "--images", str(tmp_path / "i"), "--model", str(tiny_model), "--concept", "blob"], "--concept 'blob'"),

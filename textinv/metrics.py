@@ -71,6 +71,7 @@ def _quiet():
 def _load(kind: str, option: str, source: str, device: str):
     """(model, image processor, tokenizer or None) from a folder or hub id; one-line errors."""
     import os
+    from pathlib import Path
 
     from transformers import AutoImageProcessor, AutoModel
 
@@ -85,9 +86,15 @@ def _load(kind: str, option: str, source: str, device: str):
                 tokenizer = AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError, KeyError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = " (HF_HUB_OFFLINE=1: only weights already in the local cache can load)" if offline else ""
+        looks_local = str(source).startswith((".", "/", "~")) or Path(str(source)).is_absolute()
+        if looks_local and not Path(str(source)).expanduser().exists():
+            raise TextinvError(f"{option} {source}: no such folder (pass a folder holding {kind} weights, or a hub id)") from None
+        if offline and not Path(str(source)).exists():
+            raise TextinvError(f"{option} {source}: the {kind} weights the metrics need are not in the local Hugging Face cache, "
+                               f"and HF_HUB_OFFLINE=1 forbids downloading them; download them once online "
+                               f"(`hf download {source}`) or pass {option} with a local folder") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TextinvError(f"{option} {source}: cannot load {kind} weights{hint}: {first}") from None
+        raise TextinvError(f"{option} {source}: cannot load {kind} weights: {first}") from None
     if kind == "CLIP" and not hasattr(model, "get_image_features"):
         raise TextinvError(f"{option} {source}: not a CLIP model ({type(model).__name__})")
     return model, processor, tokenizer
