@@ -255,6 +255,9 @@ def test_mini_model_warns_once_about_photos_and_not_about_its_own_renders(tmp_pa
 
 
 def test_mini_model_names_prompt_words_it_never_read(tmp_path):
+    scope = models.Scope("x", 32, frozenset(["a", "photo", "of"]))
+    assert models.outside_words(scope, "a photo of t, (t:1.2) <t>", ["t", "<t>"]) == []  # "t" is not the t in "photo"
+    assert models.outside_words(scope, "a photo of a dog AND a cat BREAK", ["t"]) == ["cat", "dog"]
     mini = models.load_pipeline()
     with pytest.warns(UserWarning, match="never read the words beach, dog"):
         generation.generate("a photo of a dog on the beach", pipe=mini, steps=2)

@@ -99,8 +99,8 @@ def outside_words(scope: Scope, prompt: str, triggers=()) -> list[str]:
     import re
 
     text = prompt
-    for t in sorted(triggers, key=len, reverse=True):
-        text = text.replace(t, " ")
+    for t in sorted(triggers, key=len, reverse=True):  # whole words only: a trigger "t" is not the t of "photo"
+        text = re.sub(rf"(?<![\w]){re.escape(t)}(?![\w])", " ", text)
     words = re.findall(r"[a-z]+", text.lower())
     return sorted({w for w in words if w not in scope.words and w not in ("and", "break")})
 
