@@ -203,3 +203,21 @@ def test_generate_with_clip_skip_writes_it_and_bad_values_are_messages(tmp_path)
         app.generate("a red ball", n=1, steps=2, clip_skip=99)
     with pytest.raises(TextinvError, match="Clip skip: at least 1"):
         app.start_training(folder=str(tmp_path), token="<x>", clip_skip=-1)
+
+
+def test_the_page_hears_the_runs_summary_and_the_mini_models_limits_while_it_runs(tmp_path, app):
+    import time
+
+    photo = tmp_path / "photos" / "cat.jpg"
+    photo.parent.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(photo)
+    job = app.start_training([photo], token="<cat>", steps=5000, preview_every=0)
+    deadline = time.time() + 120
+    while not job.losses and job.running and time.time() < deadline:
+        time.sleep(0.2)
+    try:
+        assert any("not pictures of its world" in w and "--model" in w for w in job.warnings)  # before the run ends
+        assert "buckets" in job.summary and "\n" + job.summary in job.status()
+    finally:
+        app.stop_training()
+        job.thread.join(120)
