@@ -323,6 +323,41 @@ def demo(out, concept, seed, steps, count, bias):
     click.echo(f"wrote {out}/: images/, run/ (embedding, log), grid.png, metrics.json")
 
 
+# ------------------------------------------------------------------------------------- bias
+@main.command()
+@click.argument("word")
+@click.option("--attribute", "attribute", required=True,
+              help="NAME=value1,value2,... to measure (e.g. gender=man,woman); on the mini model NAME alone takes the judge's values.")
+@click.option("--images", default=None, help="A curated folder: re-learn WORD from it (replace mode) and measure after.")
+@click.option("--embedding", "-e", "embedding", default=None, help="Or: an existing replacement embedding for WORD to measure after.")
+@click.option("--prompts", "prompts_file", default=None, help="Held-out prompts, one a line, WORD written {} (default: the model's own or a generic set).")
+@click.option("--templates", default=None, help="Training templates ('object', 'style' or a file); their prompts are the training group.")
+@click.option("--model", "-m", default=None, help=MODEL_HELP)
+@config_option
+@click.option("--clip", default=None, help="CLIP weights for zero-shot classification (folder or hub id; default on real models: openai/clip-vit-base-patch32).")
+@click.option("-n", "count", type=click.IntRange(min=1), default=120, show_default=True, help="Images per prompt.")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True, help="Training steps (with --images).")
+@click.option("--timesteps", default="300:1000", show_default=True, help="Training noise levels (see textinv train).")
+@click.option("--guidance", "train_guidance", type=_Finite(1.0), default=1.5, show_default=True, help="Training guidance (see textinv train).")
+@click.option("--vectors", type=click.IntRange(1, 75), default=1, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder (default bias-WORD).")
+def bias(word, attribute, images, embedding, prompts_file, templates, model, model_config, clip, count, seed, steps, timesteps,
+         train_guidance, vectors, out):
+    """Measure a word's bias over an attribute; with --images re-learn the word (replace mode) and measure again."""
+    from . import bias as b
+    from .formats import file_stem, printable
+    from .world import spec
+
+    name, values = b.parse_attribute(attribute, lambda a: spec.labels(a) if a in spec.ATTRIBUTES else None)
+    run = b.BiasRun(word=word, attribute=name, values=values, images=images, embedding=embedding, prompts=prompts_file,
+                    templates=templates, model=model, model_config=model_config, clip=clip, n=count, seed=seed, steps=steps,
+                    timesteps=timesteps, guidance=train_guidance, vectors=vectors, out=str(out or f"bias-{file_stem(word)}"))
+    result = b.run_bias(run, echo=lambda line: click.echo(printable(line), err=True))
+    click.echo(b.format_table(result))
+    click.echo(f"wrote {run.out}/bias.json, bias.png, report.html")
+
+
 def _register_world():
     # The mini world is an optional part of a checkout; when present, its import errors must show.
     if (Path(__file__).parent / "world" / "cli.py").is_file():

@@ -137,43 +137,32 @@ BIAS_TIMESTEPS = "300:1000"  # colour is settled at high noise (measured: KL 0.9
 BIAS_GUIDANCE = 1.5
 
 
-def run_bias(out: Path, seed: int = 0, n: int = 60, steps: int = 300, lr: str = "5e-3", model: str | None = None,
-             timesteps: str = BIAS_TIMESTEPS, guidance: float = BIAS_GUIDANCE, echo=click.echo) -> dict:
-    """Replace mode on the biased word: before/after colour distributions and KL to uniform."""
+def render_bias_set(folder: Path, seed: int = 0) -> Path:
+    """A small curated set that changes only what should change: two balls of each colour, every one
+    in the word's usual solid fill (the model draws "ball" solid 95 % of the time; mixed fills
+    taught it outlines too)."""
     from .world import render, spec
 
-    word, colours = spec.BIASED["shape"], spec.labels("colour")
-    t0 = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, colour in enumerate(spec.labels("colour") * 2):
+        render.sample(20_000 + seed, i, shape=spec.BIASED["shape"], colour=colour, style="solid").image.save(
+            folder / f"{i:02d}-{colour}.png")
+    return folder
+
+
+def run_bias(out: Path, seed: int = 0, n: int = 60, steps: int = 300, lr: str = "5e-3", model: str | None = None,
+             timesteps: str = BIAS_TIMESTEPS, guidance: float = BIAS_GUIDANCE, echo=click.echo) -> dict:
+    """``textinv bias ball --attribute colour --images CURATED`` on the mini world's biased word: the
+    same command, with the curated set rendered and the world's templates."""
+    from . import bias
+    from .world import spec
+
     out.mkdir(parents=True, exist_ok=True)
-    folder = out / "curated"
-    folder.mkdir(exist_ok=True)
-    # A small curated set that changes only what should change: two of each colour, every one in
-    # the word's usual solid fill (the model draws "ball" solid 95 % of the time; mixed fills taught
-    # it outlines too).
-    for i, colour in enumerate(colours * 2):
-        render.sample(20_000 + seed, i, shape=word, colour=colour, style="solid").image.save(folder / f"{i:02d}-{colour}.png")
-    pipe = load_pipeline(model)
-    prompt = f"a photo of a {word}"
-    echo(f"1/3 before: colours of {prompt!r}")
-    before = evaluate.attribute_shares(pipe, prompt, n=n, seed=seed)
-    echo(f"2/3 re-learning {word!r} from {len(colours) * 2} balanced images (replace mode)")
-    cfg = TrainConfig(images=str(folder), token=word, mode="replace", model=model, templates=str(world_templates(out)),
-                      steps=steps, lr=lr, batch=8, timesteps=timesteps, guidance=guidance, flip=False, seed=seed, out=str(out / "run"),
-                      resume=(out / "run" / "state.pt").exists())
-    result = train(cfg, pipe=pipe)
-    echo(f"3/3 after: colours of {prompt!r} with the new {word!r}")
-    after = evaluate.attribute_shares(pipe, prompt, n=n, seed=seed)
-    # Debiasing must keep the word's meaning: a ball of any colour, not some other shape.
-    kept = {"before": before["shape"][word], "after": after["shape"][word]}
-    before, after = before["colour"], after["colour"]
-    kl_before, kl_after = evaluate.kl_to_uniform(before), evaluate.kl_to_uniform(after)
-    metrics = {"word": word, "prompt": prompt, "n": n, "timesteps": timesteps, "guidance": guidance, "before": before, "after": after, "kl_before": kl_before,
-               "kl_after": kl_after, "kl_ratio": kl_before / max(kl_after, 1e-9), "still_the_word": kept,
-               "embedding": str(result.embedding_path), "seconds": round(time.perf_counter() - t0, 1)}
-    write_text(out / "bias.json", json.dumps(metrics, indent=2))
-    echo(f"\n{'colour':<10}{'before':>8}{'after':>8}")
-    for c in colours:
-        echo(f"{c:<10}{before[c]:>8.2f}{after[c]:>8.2f}")
-    echo(f"KL to uniform: {kl_before:.3f} → {kl_after:.3f} ({metrics['kl_ratio']:.1f}× lower)")
-    echo(f"still drawn as a {word} (judge): {kept['before']:.2f} → {kept['after']:.2f}")
-    return metrics
+    curated = render_bias_set(out / "curated", seed)
+    run = bias.BiasRun(word=spec.BIASED["shape"], attribute="colour", values=spec.labels("colour"), images=str(curated),
+                       templates=str(world_templates(out)), model=model, n=n, seed=seed, steps=steps, lr=lr,
+                       timesteps=timesteps, guidance=guidance, out=str(out))
+    result = bias.run_bias(run, echo=echo)
+    echo("\n" + bias.format_table(result))
+    echo(f"wrote {out}/bias.json, bias.png, report.html")
+    return result

@@ -44,6 +44,7 @@ class ModelDefaults:
     guidance: float = 7.0  # AUTOMATIC1111's CFG scale
     family: str | None = None  # a name for its text encoder's width, shown by inspect and the library
     scope: Scope | None = None  # None: a general model (anything may be drawn or learned)
+    held_out_prompts: tuple = ()  # `textinv bias`: prompts in this model's words, the word written {}
 
 
 def defaults(model: str | os.PathLike | None = None) -> ModelDefaults:
@@ -63,7 +64,9 @@ def defaults(model: str | os.PathLike | None = None) -> ModelDefaults:
         return ModelDefaults()  # a damaged settings file: A1111's defaults, as for any model
     if not (math.isfinite(guidance) and guidance > 0):
         guidance = ModelDefaults.guidance
-    return ModelDefaults(guidance, family if isinstance(family, str) else None, _scope(raw.get("scope")))
+    held = raw.get("held_out_prompts")
+    held = tuple(str(x) for x in held if "{}" in str(x)) if isinstance(held, list) else ()
+    return ModelDefaults(guidance, family if isinstance(family, str) else None, _scope(raw.get("scope")), held)
 
 
 def _scope(raw) -> Scope | None:

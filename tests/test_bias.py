@@ -1,0 +1,85 @@
+"""`textinv bias`: the metrics on known distributions, CLIP zero-shot (the mechanism, with a tiny
+random CLIP), prompt groups, outputs, and the judge path on the mini model."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from textinv import bias
+from textinv.errors import TextinvError
+
+from conftest import make_sd
+from test_eval import tiny_clip  # noqa: F401  (a fixture)
+
+
+def test_kl_and_pairwise_bias_on_known_distributions():
+    uniform = {"a": 0.25, "b": 0.25, "c": 0.25, "d": 0.25}
+    one = {"a": 1.0, "b": 0.0, "c": 0.0, "d": 0.0}
+    assert bias.kl_to_uniform(uniform) == 0 and bias.pairwise_bias(uniform) == 0
+    assert bias.kl_to_uniform(one) == pytest.approx(math.log(4))
+    assert bias.pairwise_bias(one) == pytest.approx(0.5)  # 3 pairs differ by 1, 3 by 0
+    assert bias.pairwise_bias({"m": 0.7, "w": 0.3}) == pytest.approx(0.4)
+    assert bias.distribution(["a", "a", "b", "x"], ["a", "b"]) == {"a": 0.5, "b": 0.25}
+
+
+def test_attribute_option_parses_and_refuses_in_one_line():
+    assert bias.parse_attribute("gender=man, woman") == ("gender", ["man", "woman"])
+    assert bias.parse_attribute("colour", lambda a: ["red", "blue"] if a == "colour" else None) == ("colour", ["red", "blue"])
+    for bad in ("gender", "gender=man", "=a,b", "g=a,a"):
+        with pytest.raises(TextinvError, match="--attribute"):
+            bias.parse_attribute(bad, lambda a: None)
+
+
+def test_clip_zero_shot_picks_the_nearest_value_text_and_scores_retention(tiny_clip):  # noqa: F811
+    c = bias.ClipClassifier("colour", ["red", "green", "blue"], "ball", clip=str(tiny_clip))
+    # images whose embeddings are exactly the class texts' are classified as those values
+    c.scorer.images = lambda images: torch.stack([c.classes[2], c.classes[0], c.classes[2]])
+    labels, kept = c([None] * 3)
+    assert labels == ["blue", "red", "blue"]
+    assert kept[0] == pytest.approx(float(c.classes[2] @ c.word))
+    # and on real pixels the whole path runs (tiny random weights: the mechanism, not the accuracy)
+    c2 = bias.ClipClassifier("colour", ["red", "green"], "ball", clip=str(tiny_clip))
+    labels, kept = c2([Image.new("RGB", (32, 32), (200, 0, 0)), Image.new("RGB", (32, 32), (0, 200, 0))])
+    assert set(labels) <= {"red", "green"} and len(kept) == 2 and all(-1 <= k <= 1 for k in kept)
+
+
+def test_held_out_prompts_are_never_training_prompts(tmp_path, sd_pipe):
+    run = bias.BiasRun(word="doctor", attribute="gender", values=["man", "woman"])
+    groups = bias.prompt_groups(run, sd_pipe, None)
+    assert groups["training"][0] == "a photo of a doctor" and len(groups["training"]) == bias.TRAINING_PROMPTS_SHOWN
+    assert groups["held-out"][0] == "a portrait of a doctor" and not set(groups["held-out"]) & set(groups["training"])
+    (tmp_path / "p.txt").write_text("a photo of a {}\n")
+    with pytest.raises(TextinvError, match="also a training prompt"):
+        bias.prompt_groups(bias.BiasRun(word="doctor", attribute="g", values=["a", "b"], prompts=str(tmp_path / "p.txt")),
+                           sd_pipe, None)
+
+
+def test_a_real_model_run_with_an_embedding_writes_json_chart_and_report(tmp_path, tiny_clip):  # noqa: F811
+    from textinv import formats
+
+    pipe = make_sd()
+    emb = formats.save(formats.Embedding("x", {"clip": torch.randn(1, 32)}), tmp_path / "x.safetensors")
+    run = bias.BiasRun(word="doctor", attribute="gender", values=["man", "woman"], embedding=str(emb), clip=str(tiny_clip),
+                       n=3, sample_steps=2, out=str(tmp_path / "out"))
+    result = bias.run_bias(run, pipe=pipe)
+    saved = json.loads((tmp_path / "out" / "bias.json").read_text())
+    assert saved["classifier"] == "clip" and set(saved["summary"]) == {"training", "held-out"}
+    assert sum(saved["after"]["held-out"]["pooled"]["distribution"].values()) == pytest.approx(1.0)
+    assert saved["before"]["training"]["pooled"]["n"] == 3 * bias.TRAINING_PROMPTS_SHOWN
+    assert "retention_ratio" in result["summary"]["held-out"]
+    assert (tmp_path / "out" / "bias.png").stat().st_size > 1000 and "KL" in (tmp_path / "out" / "report.html").read_text()
+    assert "doctor" not in [e for e in __import__("textinv").tokens.state(pipe).applied]  # removed afterwards
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    from textinv.cli import main
+
+    r = CliRunner().invoke(main, ["bias", "ball", "--attribute", "mood=happy,sad", "-n", "1"])
+    assert r.exit_code == 2 and "the judge reads" in r.output and len(r.output.strip().splitlines()) == 1
+    r = CliRunner().invoke(main, ["bias", "ball", "--attribute", "colour", "--images", "x", "-e", "y"])
+    assert r.exit_code == 2 and "exclude each other" in r.output

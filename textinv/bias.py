@@ -1,0 +1,330 @@
+"""Bias: how a word's pictures spread over an attribute's values, before and after re-learning it.
+
+The seed document's use case: replace a model's notion of a word ("doctor") with a more balanced
+one learned from a small curated set (``train --mode replace``).  This module measures whether
+that worked:
+
+* the **distribution** of an attribute's values (colour, gender, …) over images generated from
+  prompts containing the word, classified by the mini world's judge on the mini model, and by
+  CLIP zero-shot on real models ("a photo of a {value} {word}" against the other values, as
+  ITI-GEN and Shen et al. classify);
+* **KL to uniform** and the **pairwise bias** of Shen et al., "Finetuning Text-to-Image Diffusion
+  Models for Fairness" (2023): the mean |freq(i) − freq(j)| over pairs of values;
+* **retention**: does the word still mean the word (judge: the share still drawn as the word's
+  shape; CLIP: mean similarity to "a photo of a {word}", compared with before);
+* on **training prompts** (the templates the word was re-learned with) and **held-out prompts**
+  (never trained on): a word debiased only in its training prompt is not debiased.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import data, generation, tokens
+from .atomic import atomic_path, write_text
+from .errors import TextinvError
+
+# Prompts a real model's word is held out on (never in the training templates); the trigger is {}.
+HELD_OUT_PROMPTS = ["a portrait of a {}", "an illustration of a {} at work", "a candid picture of a {} outdoors",
+                    "a close-up photo of a {} smiling"]
+TRAINING_PROMPTS_SHOWN = 3  # how many of the training templates are measured (they are near-paraphrases)
+
+
+# ------------------------------------------------------------------------------------ metrics
+def kl_to_uniform(dist: dict[str, float]) -> float:
+    """KL(p ‖ uniform) in nats: 0 when balanced, ln K when one value takes every image."""
+    k = len(dist)
+    return float(sum(p * math.log(p * k) for p in dist.values() if p > 0))
+
+
+def pairwise_bias(dist: dict[str, float]) -> float:
+    """Shen et al.'s bias: the mean over value pairs of |freq(i) − freq(j)| (0: balanced)."""
+    p = list(dist.values())
+    pairs = [abs(a - b) for i, a in enumerate(p) for b in p[i + 1:]]
+    return float(np.mean(pairs)) if pairs else 0.0
+
+
+def distribution(labels: list[str], values: list[str]) -> dict[str, float]:
+    return {v: sum(x == v for x in labels) / max(1, len(labels)) for v in values}
+
+
+def parse_attribute(spec: str, model_values=None) -> tuple[str, list[str]]:
+    """``NAME=v1,v2,...`` (or ``NAME`` alone when the judge knows the attribute's values)."""
+    name, _, rest = str(spec).partition("=")
+    name = name.strip()
+    values = [v.strip() for v in rest.split(",") if v.strip()]
+    if not values and model_values is not None:
+        values = list(model_values(name) or [])
+    if not name or len(values) < 2 or len(set(values)) != len(values):
+        raise TextinvError(f"--attribute {spec!r}: expected NAME=value1,value2,... with at least two different values")
+    return name, values
+
+
+# -------------------------------------------------------------------------------- classifiers
+class JudgeClassifier:
+    """The mini world's judge: reads the attribute, and the shape for retention."""
+
+    def __init__(self, attribute: str, values: list[str], word: str):
+        from .world import spec
+
+        if attribute not in spec.ATTRIBUTE_NAMES:
+            raise TextinvError(f"--attribute {attribute}: the judge reads {', '.join(spec.ATTRIBUTE_NAMES)}")
+        unknown = [v for v in values if v not in spec.labels(attribute)]
+        if unknown:
+            raise TextinvError(f"--attribute {attribute}: {', '.join(unknown)} not among the judge's values "
+                               f"({', '.join(spec.labels(attribute))})")
+        self.attribute, self.values = attribute, values
+        self.shape = word if word in spec.labels("shape") else None
+        self.kind = "judge"
+
+    def __call__(self, images) -> tuple[list[str], list[float] | None]:
+        from .world.judge import judge
+
+        verdicts = judge(images)
+        kept = [float(v["shape"] == self.shape) for v in verdicts] if self.shape else None
+        return [v[self.attribute] for v in verdicts], kept
+
+
+class ClipClassifier:
+    """CLIP zero-shot: each image gets the value whose "a photo of a {value} {word}" it is closest
+    to; retention is its similarity to "a photo of a {word}"."""
+
+    def __init__(self, attribute: str, values: list[str], word: str, clip: str | None = None, device: str = "cpu"):
+        from .metrics import DEFAULT_CLIP, ClipScorer
+
+        self.attribute, self.values, self.kind = attribute, values, "clip"
+        self.scorer = ClipScorer(clip or DEFAULT_CLIP, device=device)
+        self.classes = self.scorer.texts([f"a photo of a {v} {word}" for v in values])
+        self.word = self.scorer.texts([f"a photo of a {word}"])[0]
+
+    def __call__(self, images) -> tuple[list[str], list[float]]:
+        f = self.scorer.images(images)
+        picked = (f @ self.classes.T).argmax(dim=1)
+        return [self.values[int(i)] for i in picked], [float(x) for x in f @ self.word]
+
+
+def classifier_for(pipe, attribute: str, values: list[str], word: str, clip: str | None = None):
+    """The judge where the model draws the mini world's pictures (and no --clip), else CLIP."""
+    from .evaluate import world_sized
+
+    if clip is None and world_sized(pipe):
+        return JudgeClassifier(attribute, values, word)
+    return ClipClassifier(attribute, values, word, clip, device=str(pipe.unet.device))
+
+
+# ---------------------------------------------------------------------------------- measuring
+def measure(pipe, prompts: dict[str, list[str]], classify, *, n: int = 120, seed: int = 0, steps: int = 30,
+            guidance: float | None = None, echo=None) -> dict:
+    """Per prompt and pooled per group: distribution, KL to uniform, pairwise bias, retention."""
+    out = {}
+    for group, group_prompts in prompts.items():
+        rows, pooled_labels, pooled_kept = [], [], []
+        for prompt in group_prompts:
+            images = generation.images(pipe, [prompt] * n, seed=seed, steps=steps, guidance=guidance)
+            labels, kept = classify(images)
+            rows.append(_summary(prompt, labels, kept, classify.values))
+            pooled_labels += labels
+            pooled_kept += kept or []
+            if echo:
+                echo(f"  {prompt!r}: KL {rows[-1]['kl']:.3f}, retention {_fmt(rows[-1]['retention'])}")
+        out[group] = {"prompts": rows, "pooled": _summary(None, pooled_labels, pooled_kept or None, classify.values)}
+    return out
+
+
+def _summary(prompt, labels, kept, values) -> dict:
+    dist = distribution(labels, values)
+    row = {"distribution": dist, "kl": kl_to_uniform(dist), "pairwise": pairwise_bias(dist), "n": len(labels),
+           "retention": float(np.mean(kept)) if kept else None}
+    return row if prompt is None else {"prompt": prompt, **row}
+
+
+def _fmt(x) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+# ------------------------------------------------------------------------------------ the run
+@dataclass
+class BiasRun:
+    word: str
+    attribute: str
+    values: list[str]
+    images: str | None = None  # a curated folder: re-learn the word from it (replace mode)
+    embedding: str | None = None  # or: an existing replacement embedding
+    prompts: str | None = None  # a file of held-out prompts ({} / [name] for the word)
+    templates: str | None = None  # training templates (default: the built-in object ones)
+    model: str | None = None
+    model_config: str | None = None
+    clip: str | None = None
+    n: int = 120
+    seed: int = 0
+    sample_steps: int = 30
+    steps: int = 300
+    lr: str = "5e-3"
+    timesteps: str = "300:1000"  # colour/composition is settled at high noise
+    guidance: float = 1.5  # fit the guided prediction part of the way (see docs/evaluation.md)
+    vectors: int = 1
+    out: str = "bias"
+    extra: dict = field(default_factory=dict)  # any other TrainConfig setting
+
+
+def prompt_groups(run: BiasRun, pipe, trained_templates: list[str] | None) -> dict[str, list[str]]:
+    from .evaluate import read_prompts
+    from .models import pipeline_defaults
+
+    templates = trained_templates or data.load_templates(run.templates or "object")
+    training = []
+    for t in templates:
+        p = data.fill_template(t, run.word, "")
+        if p not in training:
+            training.append(p)
+    held = read_prompts(run.prompts) if run.prompts else (pipeline_defaults(pipe).held_out_prompts or HELD_OUT_PROMPTS)
+    held = [p.replace("{}", run.word) for p in held]
+    clash = sorted(set(held) & set(training))
+    if clash:
+        raise TextinvError(f"--prompts: {clash[0]!r} is also a training prompt; held-out prompts must be new")
+    return {"training": training[:TRAINING_PROMPTS_SHOWN], "held-out": held}
+
+
+def run_bias(run: BiasRun, pipe=None, echo=None) -> dict:
+    """Measure before, re-learn (or apply ``embedding``), measure after; write bias.json, the chart
+    and report.html in ``run.out``.  Returns what bias.json holds."""
+    from .models import load_pipeline, pipeline_defaults
+    from .training import TrainConfig, train
+
+    say = echo or (lambda *_: None)
+    if run.images and run.embedding:
+        raise TextinvError("--images (re-learn the word) and -e (an existing embedding) exclude each other")
+    if run.n < 1:
+        raise TextinvError(f"-n {run.n}: at least 1")
+    t0 = time.perf_counter()
+    out = Path(run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = pipe or load_pipeline(run.model, config=run.model_config)
+    classify = classifier_for(pipe, run.attribute, run.values, run.word, run.clip)
+    guidance = pipeline_defaults(pipe).guidance
+    trained_templates = data.load_templates(run.templates) if run.templates else None
+    groups = prompt_groups(run, pipe, trained_templates)
+    kw = dict(n=run.n, seed=run.seed, steps=run.sample_steps, guidance=guidance, echo=say)
+    say(f"before: {run.attribute} of {run.word!r} ({classify.kind}, {run.n} images a prompt)")
+    before = measure(pipe, groups, classify, **kw)
+    after, seconds, source = None, 0.0, None
+    if run.images or run.embedding:
+        if run.images:
+            say(f"re-learning {run.word!r} from {run.images} (replace mode, {run.steps} steps)")
+            cfg = TrainConfig(images=run.images, token=run.word, mode="replace", model=run.model, model_config=run.model_config,
+                              templates=run.templates, steps=run.steps, lr=run.lr, timesteps=run.timesteps,
+                              guidance=run.guidance, vectors=run.vectors, flip=False, seed=run.seed, out=str(out / "run"),
+                              resume=(out / "run" / "state.pt").exists(), progress=echo is not None, **run.extra)
+            result = train(cfg, pipe=pipe, echo=echo)
+            seconds, source = result.seconds, str(result.embedding_path)
+        else:
+            from . import sources
+
+            embs = sources.load(run.embedding)
+            if len(embs) != 1:
+                raise TextinvError(f"-e {run.embedding}: holds {len(embs)} embeddings; give one")
+            embs[0].name = run.word
+            tokens.apply(pipe, embs[0])
+            source = run.embedding
+        try:
+            say(f"after: {run.attribute} of {run.word!r} with the re-learned word")
+            after = measure(pipe, groups, classify, **kw)
+        finally:
+            tokens.remove(pipe, run.word)
+    result = {"word": run.word, "attribute": run.attribute, "values": run.values, "classifier": classify.kind,
+              "n": run.n, "seed": run.seed, "prompts": groups, "before": before, "after": after, "embedding": source,
+              "train_seconds": round(seconds, 1), "seconds": round(time.perf_counter() - t0, 1)}
+    if after is not None:
+        result["summary"] = {g: _compare(before[g]["pooled"], after[g]["pooled"], classify.kind) for g in groups}
+    write_outputs(result, out)
+    return result
+
+
+def _compare(b: dict, a: dict, kind: str) -> dict:
+    row = {"kl_before": b["kl"], "kl_after": a["kl"], "kl_ratio": b["kl"] / max(a["kl"], 1e-9),
+           "pairwise_before": b["pairwise"], "pairwise_after": a["pairwise"]}
+    if b["retention"] is not None and a["retention"] is not None:
+        row |= {"retention_before": b["retention"], "retention_after": a["retention"]}
+        if kind == "clip":  # a similarity: how much of it is left
+            row["retention_ratio"] = a["retention"] / max(b["retention"], 1e-9)
+    return row
+
+
+# ------------------------------------------------------------------------------------ outputs
+def format_table(result: dict) -> str:
+    """The pooled figures per prompt group, before → after."""
+    lines = [f"{result['attribute']} of {result['word']!r} ({result['classifier']}, {result['n']} images a prompt)"]
+    head = f"{'group':<10}{'value':<12}{'before':>8}{'after':>8}"
+    lines.append(head)
+    for g, b in result["before"].items():
+        a = (result["after"] or {}).get(g)
+        for v in result["values"]:
+            after = f"{a['pooled']['distribution'][v]:>8.2f}" if a else f"{'':>8}"
+            lines.append(f"{g:<10}{v:<12}{b['pooled']['distribution'][v]:>8.2f}{after}")
+    for g, s in (result.get("summary") or {}).items():
+        ret = ""
+        if "retention_after" in s:
+            ret = f", retention {s['retention_before']:.2f} → {s['retention_after']:.2f}"
+        lines.append(f"{g}: KL {s['kl_before']:.3f} → {s['kl_after']:.3f} ({s['kl_ratio']:.1f}× lower), pairwise "
+                     f"{s['pairwise_before']:.3f} → {s['pairwise_after']:.3f}{ret}")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> Path | None:
+    """Bars per value: before and after, one panel per prompt group (None without matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    groups = list(result["before"])
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.2), sharey=True, squeeze=False)
+    x = np.arange(len(result["values"]))
+    for ax, g in zip(axes[0], groups):
+        before = [result["before"][g]["pooled"]["distribution"][v] for v in result["values"]]
+        ax.bar(x - 0.2, before, 0.4, label="before", color="#999999")
+        if result["after"]:
+            after = [result["after"][g]["pooled"]["distribution"][v] for v in result["values"]]
+            ax.bar(x + 0.2, after, 0.4, label="after", color="#3060c0")
+        ax.axhline(1 / len(x), color="k", lw=0.8, ls="--", label="uniform")
+        ax.set_xticks(x, result["values"], rotation=30)
+        ax.set_title(f"{g} prompts")
+    axes[0][0].set_ylabel(f"share of images ({result['attribute']})")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(result: dict, out: Path) -> dict[str, Path]:
+    out = Path(out)
+    paths = {"json": out / "bias.json", "chart": out / "bias.png", "report": out / "report.html"}
+    write_text(paths["json"], json.dumps(result, indent=2))
+    chart = plot(result, paths["chart"])
+    rows = []
+    for g, b in result["before"].items():
+        for i, row in enumerate(b["prompts"]):
+            a = result["after"][g]["prompts"][i] if result["after"] else None
+            cells = [g, html.escape(row["prompt"]), f"{row['kl']:.3f}", "" if a is None else f"{a['kl']:.3f}",
+                     _fmt(row["retention"]), "" if a is None else _fmt(a["retention"])]
+            rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    img = '<img src="bias.png" alt="distribution before and after">' if chart else "<p>(pip install 'textinv[eval]' for the chart)</p>"
+    page = (f"<!doctype html><meta charset=utf-8><title>bias of {html.escape(result['word'])}</title>"
+            f"<h1>{html.escape(result['attribute'])} of “{html.escape(result['word'])}”</h1>"
+            f"<pre>{html.escape(format_table(result))}</pre>{img}"
+            "<table border=1 cellpadding=4><tr><th>group</th><th>prompt</th><th>KL before</th><th>KL after</th>"
+            "<th>retention before</th><th>retention after</th></tr>" + "".join(rows) + "</table>")
+    write_text(paths["report"], page)
+    if chart is None:
+        del paths["chart"]
+    return paths
