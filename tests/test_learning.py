@@ -29,10 +29,16 @@ def test_embedding_draws_the_unnamed_shape_far_more_often_than_the_init_word(dem
 
 
 def test_replace_mode_moves_the_biased_words_colours(tmp_path):
-    # `textinv demo --bias` itself: 12 balanced solid balls, replace mode, timesteps 300:1000, guidance 1.5.
-    m = run_bias(tmp_path, seed=0, n=60, echo=lambda *_: None)
+    # `textinv demo --bias` = `textinv bias ball --attribute colour --images CURATED`: 12 balanced solid
+    # balls, replace mode, timesteps 300:1000, guidance 1.5; judged on 3 training and 3 held-out prompts.
+    # Measured (seed 0, 60 images a prompt): red 1.00 → 0.25 / 0.28, KL 5.2× / 6.0× lower, still a ball 0.75 / 0.68
+    # (training / held-out prompts).  Here 20 images a prompt, thresholds below those figures.
+    m = run_bias(tmp_path, seed=0, n=20, echo=lambda *_: None)
     red = spec.BIASED["colour"]
-    # measured (60 images, seed 0): red 1.00 → 0.42, KL 1.79 → 0.34 (5.3×), still a ball 0.82
-    assert m["before"][red] >= 0.9 and m["after"][red] <= m["before"][red] - 0.4, m
-    assert m["kl_ratio"] >= 3.0, m
-    assert m["still_the_word"]["after"] >= 0.7, m  # the word still means a ball, not some other shape
+    for group in ("training", "held-out"):
+        before = m["before"][group]["pooled"]["distribution"][red]
+        after = m["after"][group]["pooled"]["distribution"][red]
+        s = m["summary"][group]
+        assert before >= 0.9 and after <= before - 0.4, (group, before, after)
+        assert s["kl_ratio"] >= 2.5, (group, s)
+        assert s["retention_after"] >= 0.5, (group, s)  # the word still means a ball, not some other shape
