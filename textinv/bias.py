@@ -29,6 +29,7 @@ import numpy as np
 from . import data, generation, tokens
 from .atomic import atomic_path, write_text
 from .errors import TextinvError
+from .evaluate import kl_to_uniform  # noqa: F401  (KL to uniform: one home, evaluate's)
 
 # Prompts a real model's word is held out on (never in the training templates); the trigger is {}.
 HELD_OUT_PROMPTS = ["a portrait of a {}", "an illustration of a {} at work", "a candid picture of a {} outdoors",
@@ -37,12 +38,6 @@ TRAINING_PROMPTS_SHOWN = 3  # how many of the training templates are measured (t
 
 
 # ------------------------------------------------------------------------------------ metrics
-def kl_to_uniform(dist: dict[str, float]) -> float:
-    """KL(p ‖ uniform) in nats: 0 when balanced, ln K when one value takes every image."""
-    k = len(dist)
-    return float(sum(p * math.log(p * k) for p in dist.values() if p > 0))
-
-
 def pairwise_bias(dist: dict[str, float]) -> float:
     """Shen et al.'s bias: the mean over value pairs of |freq(i) − freq(j)| (0: balanced)."""
     p = list(dist.values())

@@ -715,9 +715,18 @@ def _card_picture(pipe, cfg: TrainConfig, templates) -> "object | None":
     first preview prompt, as A1111's trainer puts its preview on the card); other formats: None."""
     if cfg.format != "png" or not templates:
         return None
-    prompt = (cfg.preview_prompts or [data.fill_template(templates[0], cfg.token, "")])[0]
-    call = generation.clip_skip_kwargs(pipe, [prompt], None, cfg.clip_skip) or {"prompt": [prompt]}
-    return pipe(**call, num_inference_steps=20, generator=torch.Generator().manual_seed(cfg.seed)).images[0]
+    return _samples(pipe, cfg, _preview_prompts(cfg, templates)[0], 1, 20)[0]
+
+
+def _preview_prompts(cfg: TrainConfig, templates) -> list[str]:
+    """--preview-prompt, else the first template with the trigger (and no caption)."""
+    return cfg.preview_prompts or [data.fill_template(templates[0], cfg.token, "")]
+
+
+def _samples(pipe, cfg: TrainConfig, prompt: str, n: int, steps: int) -> list:
+    """``n`` images of ``prompt`` from the run's seed, with its Clip skip (previews and cards alike)."""
+    call = generation.clip_skip_kwargs(pipe, [prompt] * n, None, cfg.clip_skip) or {"prompt": [prompt] * n}
+    return pipe(**call, num_inference_steps=steps, generator=torch.Generator().manual_seed(cfg.seed)).images
 
 
 def _save_state(path: Path, cfg: TrainConfig, params, optimizer, step: int, scaler) -> None:
@@ -850,12 +859,8 @@ def preview(pipe, cfg: TrainConfig, templates: list[str], path: Path, n: int = 4
     """A fixed-seed grid of the current embedding (same seeds every time: comparable over steps)."""
     from .images import grid
 
-    prompts = cfg.preview_prompts or [data.fill_template(templates[0], cfg.token, "")]
-    images = []
-    for prompt in prompts:
-        g = torch.Generator().manual_seed(cfg.seed)
-        call = generation.clip_skip_kwargs(pipe, [prompt] * n, None, cfg.clip_skip) or {"prompt": [prompt] * n}
-        images += pipe(**call, num_inference_steps=steps, generator=g).images
+    prompts = _preview_prompts(cfg, templates)
+    images = [im for prompt in prompts for im in _samples(pipe, cfg, prompt, n, steps)]
     with atomic_path(path) as tmp:
         grid(images, cols=n, labels=prompts, label_every=n, scale=max(1, 128 // images[0].width)).save(tmp, format="PNG")
     return path
