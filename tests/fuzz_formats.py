@@ -45,10 +45,13 @@ def seeds() -> dict[str, bytes]:
     g = torch.Generator().manual_seed(0)
     sd = Embedding("seed", {"clip": torch.randn(2, 8, generator=g)}, meta={"step": 3})
     xl = Embedding("seed", {"clip_l": torch.randn(1, 8, generator=g), "clip_g": torch.randn(1, 12, generator=g)})
+    xti = Embedding("seed", {"clip": torch.randn(16, 1, 8, generator=g)}, layers=list(formats.SD_LAYERS))
+    layered = Embedding("seed", {"clip": torch.randn(3, 2, 8, generator=g)}, layers=["a.attn2", "b.attn2", "c.attn2"])
     out = {}
     for name, emb, fmt in (("diffusers.safetensors", sd, "diffusers"), ("a1111.pt", sd, "a1111"),
                            ("kohya.safetensors", sd, "kohya"), ("kohya.pt", sd, "kohya"), ("sdxl.safetensors", xl, "sdxl"),
-                           ("sdxl.pt", xl, "sdxl"), ("card.png", sd, "png"), ("diffusers.bin", sd, "diffusers")):
+                           ("sdxl.pt", xl, "sdxl"), ("card.png", sd, "png"), ("diffusers.bin", sd, "diffusers"),
+                           ("xti.safetensors", xti, "xti"), ("xti.pt", xti, "xti"), ("layers.safetensors", layered, "per-layer")):
         kwargs = {"preview": Image.new("RGB", (16, 16), (200, 100, 50))} if fmt == "png" else {}
         out[name] = formats.save(emb, WORK / name, fmt, **kwargs).read_bytes()
     buf = io.BytesIO()

@@ -218,3 +218,14 @@ def test_shipped_clip_tokenizer_is_the_real_49408_token_vocabulary():
     tok = tokenizer()
     assert len(tok) == 49408 and tok.model_max_length == 77
     assert tok("a photo of a red star").input_ids == [49406, 320, 1125, 539, 320, 736, 1565, 49407]
+
+
+def test_a_half_precision_pipeline_keeps_its_dtype_while_triggers_are_applied(sd_pipe):
+    # transformers reads a model's dtype off its first parameter; the float32 trigger rows must not be it,
+    # or diffusers casts the prompt embeddings and latents to float32 and the half-precision UNet fails.
+    sd_pipe.to(dtype=torch.float16)
+    tk.apply(sd_pipe, emb("thing", n=2))
+    assert sd_pipe.text_encoder.dtype == torch.float16
+    assert sd_pipe.text_encoder.get_input_embeddings().extra.dtype == torch.float32
+    out = sd_pipe("a thing", num_inference_steps=1, output_type="latent").images
+    assert out.dtype == torch.float16

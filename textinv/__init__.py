@@ -4,13 +4,14 @@
     emb = textinv.load("my-cat.pt")            # any format, detected by content
     textinv.apply(pipe, [emb, "embeddings/"])  # trigger words in a diffusers SD/SDXL pipeline
     textinv.remove(pipe)                       # exact restore
+    textinv.to_single(textinv.load("xti.safetensors"))  # a per-layer (P+) embedding, layers averaged
     textinv.train(images="photos/", token="<my-cat>", init="cat", steps=500)
     textinv.generate("a (my-cat:1.2) on the moon", embeddings=["embeddings/"], n=4, out="outputs")
 """
 __version__ = "0.1.0"
 
 from .errors import EmbeddingFileError, ModelMismatchError, TextinvError  # noqa: E402
-from .formats import Embedding, load, load_all, save  # noqa: E402
+from .formats import Embedding, load, load_all, save, to_single  # noqa: E402
 from . import models  # noqa: E402,F401 - names the built-in model's family for inspect and the library
 from .tokens import apply, expand, remove  # noqa: E402
 
@@ -30,4 +31,4 @@ def generate(*args, **kwargs):
 
 
 __all__ = ["Embedding", "EmbeddingFileError", "ModelMismatchError", "TextinvError", "apply", "expand", "generate", "load",
-           "load_all", "remove", "save", "train"]
+           "load_all", "remove", "save", "to_single", "train"]

@@ -18,6 +18,7 @@ from .models import MODEL_HELP
 from .training import MAX_RESOLUTION, MAX_SEED
 
 OUTPUT_FORMATS = ["diffusers", "a1111", "kohya", "sdxl", "png"]
+CONVERT_FORMATS = OUTPUT_FORMATS + ["xti", "per-layer"]  # per-layer (P+) embeddings too
 SEED = click.IntRange(0, MAX_SEED)
 STEPS = click.IntRange(min=0)  # 0: off
 
@@ -113,8 +114,14 @@ def _print_info(info: dict, nearest=None) -> None:
         ("family", f"{info['family']}  ({info['made_for']})"),
         ("vectors", ", ".join(f"{s} {v[0]}×{v[1]} {info['dtype'][s]}" for s, v in info["vectors"].items())),
     ]
+    if "layers" in info:  # a per-layer (P+) embedding
+        layers = info["layers"]
+        rows[-1] = ("vectors", ", ".join(f"{s} {len(layers)}×{v[0]}×{v[1]} {info['dtype'][s]} (layers × vectors × width)"
+                                         for s, v in info["vectors"].items()))
+        rows.append(("layers", f"{len(layers)} cross-attention layers, {layers[0]} … {layers[-1]}"
+                     if len(layers) > 1 else f"1 cross-attention layer, {layers[0]}"))
     for slot, norms in info["norms"].items():
-        rows.append((f"norms {slot}", " ".join(f"{x:.3g}" for x in norms)))
+        rows.append((f"norms {slot}", " ".join(f"{x:.3g}" for x in norms) + ("  (layer average)" if "layers" in info else "")))
     for key in ("step", "sd_checkpoint_name", "sd_checkpoint", "init_text"):
         if info["meta"].get(key) not in (None, ""):
             rows.append((key.replace("sd_checkpoint_name", "base model").replace("sd_checkpoint", "base hash"), info["meta"][key]))
@@ -171,17 +178,21 @@ def inspect(files, model, top, model_config, as_json):
 @main.command()
 @click.argument("src")
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), help="Output format (default: from DST's extension).")
+@click.option("--format", "fmt", type=click.Choice(CONVERT_FORMATS), help="Output format (default: from DST's extension).")
 @click.option("--name", help="Trigger name to store (default: the source's name).")
 @click.option("--select", help="Which embedding to take from a file that bundles several (LoRA).")
 @click.option("--preview", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Image shown on a PNG card.")
-def convert(src, dst, fmt, name, select, preview):
-    """Convert an embedding to another format (diffusers, a1111, kohya, sdxl, png).
+@click.option("--to-single", is_flag=True,
+              help="A per-layer (P+/XTI) embedding: average its layers into a plain one, for tools that read only those (loses the per-layer detail).")
+def convert(src, dst, fmt, name, select, preview, to_single):
+    """Convert an embedding to another format (diffusers, a1111, kohya, sdxl, png; per-layer: xti, per-layer).
 
     SRC: an embedding file, a training run (RUN@STEP: one save), a hub id or a URL."""
     from . import formats, sources
 
     emb = sources.load_one(src, name=name, select=select)
+    if to_single:
+        emb = formats.to_single(emb)
     image = None
     if preview is not None:
         from PIL import Image
@@ -193,7 +204,13 @@ def convert(src, dst, fmt, name, select, preview):
             raise TextinvError(f"{preview}: cannot read preview image ({e})") from None
     written = formats.save(emb, dst, fmt, preview=image)
     click.echo(f"wrote {formats.printable(written)} ({formats.detect_format(written)}, trigger {emb.name!r}, "
-               f"{emb.num_vectors} vector{'s' if emb.num_vectors != 1 else ''}, {emb.family})")
+               f"{_vector_count(emb)}, {emb.family})")
+
+
+def _vector_count(emb) -> str:
+    """"2 vectors", or "2 vectors × 16 layers" for a per-layer embedding."""
+    text = f"{emb.num_vectors} vector{'s' if emb.num_vectors != 1 else ''}"
+    return text + (f" × {len(emb.layers)} layers" if emb.layers is not None else "")
 
 
 # ------------------------------------------------------------------------------------ train
@@ -465,7 +482,7 @@ def _save_as(emb, out: Path, fmt) -> None:
 
     written = formats.save(emb, out, fmt)
     click.echo(f"wrote {formats.printable(written)} ({formats.detect_format(written)}, trigger {emb.name!r}, "
-               f"{emb.num_vectors} vector{'s' if emb.num_vectors != 1 else ''}, {emb.family})")
+               f"{_vector_count(emb)}, {emb.family})")
 
 
 def _trigger_of(out: Path) -> str:
@@ -477,7 +494,7 @@ def _trigger_of(out: Path) -> str:
 @click.option("--weights", default=None, help="Comma-separated weights, one per file (default: equal).")
 @click.option("--concat", is_flag=True, help="Stack all vectors into one longer embedding instead of averaging.")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output file (format from its extension).")
-@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default=None)
+@click.option("--format", "fmt", type=click.Choice(CONVERT_FORMATS), default=None)
 def merge(files, weights, concat, out, fmt):
     """Merge embeddings: a weighted average (same family and vector count) or --concat."""
     from . import library, sources
@@ -500,7 +517,7 @@ def merge(files, weights, concat, out, fmt):
 @click.argument("file")
 @click.argument("factor", type=str)
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output file (format from its extension).")
-@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default=None)
+@click.option("--format", "fmt", type=click.Choice(CONVERT_FORMATS), default=None)
 def scale(file, factor, out, fmt):
     """Multiply every vector of an embedding by FACTOR."""
     from . import library, sources

@@ -3,6 +3,12 @@
 One in-memory type, :class:`Embedding`; ``load`` detects the format by content (never by
 extension) and ``save`` writes any of them atomically.  Pickle-based files are opened with a
 restricted unpickler: embedding files come from strangers on the internet.
+
+Per-layer (P+, "XTI") embeddings give each UNet cross-attention layer its own vectors
+(``Embedding.layers`` names the layers).  Two layouts hold them: kohya's XTI files (16 tensors
+``IN01`` … ``OUT11``, the SD 1.x/2.x UNet only) and textinv's own (``layers.000`` … plus the layer
+map and model family in the safetensors metadata, for UNets of any shape).  :func:`to_single`
+averages the layers for the tools that read only plain embeddings.
 """
 from __future__ import annotations
 
@@ -53,6 +59,10 @@ class Embedding:
     they were stored in so that round trips are bit-exact; users of the vectors cast as needed.
     ``meta`` holds ``step``, ``sd_checkpoint``, ``sd_checkpoint_name``, ``init_text`` and any extra
     keys found in the file (kept on write where the format allows).
+
+    A per-layer (P+) embedding has ``layers``: the UNet's cross-attention layers as diffusers
+    module paths, in the order the forward pass visits them; its ``vectors["clip"]`` is then
+    ``[layers, n, D]``, layer ``i``'s vectors at index ``i``.
     """
 
     name: str
@@ -60,14 +70,20 @@ class Embedding:
     meta: dict = field(default_factory=dict)
     source_format: str | None = None  # set by load(): "diffusers", "a1111", "kohya", "sdxl", ...
     path: Path | None = None
+    layers: list[str] | None = None  # per-layer (P+) embeddings only
 
     @property
     def is_sdxl(self) -> bool:
         return set(self.vectors) == set(SDXL_KEYS)
 
     @property
+    def is_per_layer(self) -> bool:
+        return self.layers is not None
+
+    @property
     def num_vectors(self) -> int:
-        return next(iter(self.vectors.values())).shape[0]
+        t = next(iter(self.vectors.values()))
+        return int(t.shape[1] if self.layers is not None else t.shape[0])
 
     @property
     def widths(self) -> dict[str, int]:
@@ -123,7 +139,10 @@ def file_stem(name: str) -> str:
 
 
 def native_format(emb: "Embedding") -> str:
-    """The format an embedding is kept in when none is asked for: one file, SD or SDXL."""
+    """The format an embedding is kept in when none is asked for: one file, SD or SDXL; a
+    per-layer one as kohya's XTI when it has kohya's 16 layers (kohya reads it too), else ours."""
+    if emb.layers is not None:
+        return "xti" if list(emb.layers) == list(SD_LAYERS) else "per-layer"
     return "sdxl" if emb.is_sdxl else "diffusers"
 
 
@@ -132,6 +151,20 @@ def suffix_for(fmt: str, emb: "Embedding") -> str:
     if fmt == "diffusers" and emb.is_sdxl:
         return ""
     return {"a1111": ".pt", "png": ".png"}.get(fmt, ".safetensors")
+
+
+def to_single(emb: "Embedding") -> "Embedding":
+    """A plain embedding for tools without per-layer support: the average of the layers' vectors.
+
+    Warns (one line), since what the layers learned apart is lost.  A plain embedding is returned
+    as it is."""
+    if emb.layers is None:
+        return emb
+    warnings.warn(f"{printable(emb.name)}: averaged its {len(emb.layers)} per-layer vector sets into one; "
+                  "what each layer learned apart is lost", stacklevel=2)
+    vectors = {slot: t.float().mean(dim=0) for slot, t in emb.vectors.items()}
+    return dataclasses.replace(emb, vectors=vectors, layers=None, source_format=None,
+                               meta=dict(emb.meta, averaged_layers=len(emb.layers)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,13 +187,27 @@ CARD_KEY = cards.KEY
 A1111_STAR_TOKEN = 265  # CLIP id of "*", written by A1111, never read back
 
 FORMATS = ("diffusers", "diffusers-sdxl", "a1111", "original", "kohya", "sdxl", "lora-bundle",
-           "png-card")
-SAVE_FORMATS = ("diffusers", "a1111", "kohya", "sdxl", "png")
+           "png-card", "xti", "per-layer")
+SAVE_FORMATS = ("diffusers", "a1111", "kohya", "sdxl", "png")  # plain embeddings
+PER_LAYER_FORMATS = ("xti", "per-layer")  # per-layer (P+) embeddings: kohya's XTI, textinv's own
 CANDIDATE_SUFFIXES = {".pt", ".bin", ".safetensors", ".ckpt", ".png", ".webp"}
 DIFFUSERS_SDXL_STEMS = ("learned_embeds", "learned_embeds_2")  # 768-wide, then 1280-wide
 # Meta keys carried through every format that can hold them (safetensors metadata as textinv.*).
 CARRIED_META = ("step", "sd_checkpoint", "sd_checkpoint_name", "init_text", "clip_skip")
 _XTI_KEY = re.compile(r"^(IN\d\d|MID|OUT\d\d)$")
+
+# kohya's XTI keys (sd-scripts, train_textual_inversion_XTI.py) and the SD 1.x/2.x UNet layers they
+# stand for: its cross-attention layers in the order the forward pass visits them (down blocks 0-2,
+# two each; the mid block; up blocks 1-3, three each), the order kohya feeds them in.
+XTI_KEYS = ("IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID", "OUT03", "OUT04", "OUT05", "OUT06", "OUT07",
+            "OUT08", "OUT09", "OUT10", "OUT11")
+SD_LAYERS = tuple([f"down_blocks.{b}.attentions.{i}.transformer_blocks.0.attn2" for b in range(3) for i in range(2)]
+                  + ["mid_block.attentions.0.transformer_blocks.0.attn2"]
+                  + [f"up_blocks.{b}.attentions.{i}.transformer_blocks.0.attn2" for b in (1, 2, 3) for i in range(3)])
+MAX_LAYERS = 128  # SDXL's UNet has 70 cross-attention layers; more is no UNet we know
+LAYER_KEY = "layers.{:03d}"  # textinv's per-layer layout: one tensor per layer, named by its index
+_LAYER_KEY = re.compile(r"^layers\.\d{3}$")
+_LAYER_NAME = re.compile(r"^[A-Za-z_]\w*(\.\w+)*$")  # a module path such as mid_block.attentions.0...
 
 
 def _fail(path, problem) -> EmbeddingFileError:
@@ -265,16 +312,25 @@ def save(emb: Embedding, path, format: str | None = None, *, preview=None) -> Pa
 
     ``format=None`` follows the suffix: .pt -> a1111 (sdxl for SDXL), .png -> png,
     .safetensors -> diffusers (sdxl for SDXL), .bin -> diffusers, no suffix + SDXL -> the
-    diffusers two-file folder.  ``preview`` (a PIL image) is the visible part of a png card.
+    diffusers two-file folder; a per-layer embedding: .pt -> xti, .safetensors -> xti for
+    kohya's 16 layers, else per-layer (:data:`PER_LAYER_FORMATS`).  ``preview`` (a PIL image) is
+    the visible part of a png card.
     """
     path = Path(path)
     fmt = {"png-card": "png", "diffusers-sdxl": "diffusers"}.get(format, format)
     if fmt is None:
         fmt = _format_for_suffix(emb, path)
-    if fmt not in SAVE_FORMATS:
+    if fmt not in SAVE_FORMATS + PER_LAYER_FORMATS:
         raise _fail(path, f"cannot write format {format!r}; choose one of "
-                          f"{', '.join(SAVE_FORMATS)}")
+                          f"{', '.join(SAVE_FORMATS + PER_LAYER_FORMATS)}")
     emb = _checked(path, emb)
+    if emb.layers is not None and fmt not in PER_LAYER_FORMATS:
+        raise _fail(path, f"{emb.name!r} is a per-layer (P+) embedding ({len(emb.layers)} layers); format "
+                          f"{fmt!r} holds one set of vectors: add --to-single to average the layers "
+                          "(to_single() in Python; the per-layer detail is lost), or write --format xti "
+                          "or per-layer")
+    if emb.layers is None and fmt in PER_LAYER_FORMATS:
+        raise _fail(path, f"format {fmt!r} holds per-layer (P+) embeddings; {emb.name!r} is a plain one")
     suffix = path.suffix.lower()
     if emb.is_sdxl and fmt == "diffusers":
         if suffix in CANDIDATE_SUFFIXES:
@@ -314,7 +370,7 @@ def _read(path: Path) -> tuple[str, list[Embedding]]:
             data, st_meta = _read_safetensors(path)
         else:
             data, st_meta = _read_pickle(path, zipped=kind == "zip"), {}
-        fmt, found = _classify_top(path, data)
+        fmt, found = _classify_top(path, data, st_meta)
         for emb in found:
             if fmt != "lora-bundle":
                 emb.name = path.stem
@@ -421,7 +477,7 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
         raise _fail(path, f"corrupt or truncated safetensors file ({err})") from None
 
 
-def _classify_top(path: Path, data) -> tuple[str, list[Embedding]]:
+def _classify_top(path: Path, data, st_meta: dict | None = None) -> tuple[str, list[Embedding]]:
     """Format and embeddings of an unpickled/safetensors dict, bundles included."""
     if not isinstance(data, dict):
         raise _fail(path, f"not an embedding file: holds a {type(data).__name__}, "
@@ -447,12 +503,14 @@ def _classify_top(path: Path, data) -> tuple[str, list[Embedding]]:
             emb.meta["stored_name"] = emb_name
             found.append(emb)
         return "lora-bundle", found
-    fmt, found = _classify(path, data, default_name=path.stem)
+    fmt, found = _classify(path, data, default_name=path.stem, st_meta=st_meta)
     return fmt, found
 
 
-def _classify(path: Path, data, default_name: str, where: str = "") -> tuple[str, list[Embedding]]:
-    """A1111's order: string_to_param, then clip_l + clip_g, then a single tensor."""
+def _classify(path: Path, data, default_name: str, where: str = "",
+              st_meta: dict | None = None) -> tuple[str, list[Embedding]]:
+    """Per-layer layouts first (their keys say so), then A1111's order: string_to_param, then
+    clip_l + clip_g, then a single tensor."""
     where = f"{where}: " if where else ""
     if not isinstance(data, dict):
         raise _fail(path, f"{where}not an embedding: holds a {type(data).__name__}")
@@ -460,8 +518,11 @@ def _classify(path: Path, data, default_name: str, where: str = "") -> tuple[str
     tensors = {str(k): v for k, v in data.items() if isinstance(v, torch.Tensor)}
     meta = _plain_meta(data)
     if len(tensors) > 1 and all(_XTI_KEY.match(k) for k in tensors):
-        raise _fail(path, f"{where}a kohya XTI per-layer embedding ({len(tensors)} keys "
-                          f"{', '.join(sorted(tensors)[:3])}, ...), which is not supported")
+        layers, stacked = list(SD_LAYERS), _read_xti(path, data, keys, where)
+        return "xti", [Embedding(name=default_name, vectors={SINGLE_KEY: stacked}, meta=meta, layers=layers)]
+    if tensors and all(_LAYER_KEY.match(k) for k in tensors):
+        layers, stacked = _read_layer_layout(path, data, keys, st_meta or {}, where)
+        return "per-layer", [Embedding(name=default_name, vectors={SINGLE_KEY: stacked}, meta=meta, layers=layers)]
     if "string_to_param" in data:
         params = data["string_to_param"]
         if not isinstance(params, dict) or not params:
@@ -499,6 +560,68 @@ def _classify(path: Path, data, default_name: str, where: str = "") -> tuple[str
                           "no tensors)")
     vectors = _check_vectors(path, vectors, where)
     return fmt, [Embedding(name=default_name, vectors=vectors, meta=meta)]
+
+
+def _read_xti(path: Path, data: dict, keys: list[str], where: str) -> torch.Tensor:
+    """kohya's XTI dict -> ``[16, n, D]`` in kohya's layer order; its loaders insist on exactly
+    these 16 keys ("NOT XTI" otherwise), and so does this one."""
+    missing = [k for k in XTI_KEYS if k not in data]
+    extra = [k for k in keys if k not in XTI_KEYS]
+    if missing or extra:
+        problem = ", ".join(x for x in (f"missing {', '.join(missing)}" if missing else "",
+                                        f"unexpected {', '.join(extra[:4])}" if extra else "") if x)
+        raise _fail(path, f"{where}a kohya XTI per-layer embedding must hold exactly the 16 layers "
+                          f"{XTI_KEYS[0]} … {XTI_KEYS[-1]}; this one holds {len(keys)} keys ({problem})")
+    return _stack_layers(path, [data[k] for k in XTI_KEYS], list(XTI_KEYS), where)
+
+
+def _read_layer_layout(path: Path, data: dict, keys: list[str], st_meta: dict, where: str):
+    """textinv's per-layer layout -> (layer names, ``[L, n, D]``): tensors ``layers.000`` … and
+    the layer names in the metadata ``textinv.layers``."""
+    raw = st_meta.get("textinv.layers")
+    if raw is None:
+        raise _fail(path, f"{where}a per-layer embedding ({len(keys)} tensors {keys[0]}, ...) without its "
+                          "layer map (safetensors metadata textinv.layers)")
+    try:
+        layers = json.loads(raw)
+    except ValueError:
+        raise _fail(path, f"{where}damaged layer map (textinv.layers is not JSON)") from None
+    _check_layer_names(path, layers, where)
+    expected = [LAYER_KEY.format(i) for i in range(len(layers))]
+    if sorted(keys) != expected:
+        raise _fail(path, f"{where}its layer map names {len(layers)} layers but it holds {len(keys)} tensors "
+                          f"({', '.join(sorted(keys)[:4])}{', ...' if len(keys) > 4 else ''}); they must match")
+    return list(layers), _stack_layers(path, [data[k] for k in expected], expected, where)
+
+
+def _check_layer_names(path, layers, where: str = "") -> None:
+    """A layer map: 1 to MAX_LAYERS distinct module paths."""
+    if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
+        raise _fail(path, f"{where}the layer map is not a list of layer names")
+    if not 1 <= len(layers) <= MAX_LAYERS:
+        raise _fail(path, f"{where}{len(layers)} layers; a per-layer embedding has 1 to {MAX_LAYERS}")
+    bad = next((x for x in layers if not _LAYER_NAME.match(x)), None)
+    if bad is not None:
+        raise _fail(path, f"{where}layer name {printable(bad)[:80]!r} is not a module path")
+    if len(set(layers)) != len(layers):
+        dup = next(x for x in layers if layers.count(x) > 1)
+        raise _fail(path, f"{where}layer {dup!r} is named twice")
+
+
+def _stack_layers(path, tensors: list, labels: list[str], where: str) -> torch.Tensor:
+    """Each layer's ``[n, D]`` checked as a plain embedding's vectors, then stacked to ``[L, n, D]``;
+    every layer must hold as many vectors of the same width, in one dtype."""
+    checked = _check_vectors(path, dict(zip(labels, tensors)), where)
+    first_label, first = labels[0], checked[labels[0]]
+    for label in labels[1:]:
+        t = checked[label]
+        if t.shape != first.shape:
+            raise _fail(path, f"{where}ragged per-layer vectors: {first_label} is {first.shape[0]}×{first.shape[1]} "
+                              f"but {label} is {t.shape[0]}×{t.shape[1]}; every layer holds the same shape")
+    values = list(checked.values())
+    if len({t.dtype for t in values}) > 1:
+        values = [t.float() for t in values]  # mixed precisions: float32 holds each exactly
+    return torch.stack(values)
 
 
 def _plain_meta(data: dict) -> dict:
@@ -562,12 +685,31 @@ def _check_sdxl_widths(path, width_l: int, width_g: int, where: str) -> None:
 
 def _checked(path: Path, emb: Embedding) -> Embedding:
     """A validated copy to write: detached tensors; the caller's trainable ones stay untouched."""
+    if emb.layers is not None:
+        return _checked_per_layer(path, emb)
     if set(emb.vectors) not in ({SINGLE_KEY}, set(SDXL_KEYS)):
         raise _fail(path, f"embedding {emb.name!r} has vector slots {sorted(emb.vectors)}; "
                           "expected clip, or clip_l + clip_g")
     if not emb.name:
         raise _fail(path, "the embedding has no name")
     return dataclasses.replace(emb, vectors=_check_vectors(path, emb.vectors))
+
+
+def _checked_per_layer(path: Path, emb: Embedding) -> Embedding:
+    if set(emb.vectors) != {SINGLE_KEY}:
+        raise _fail(path, f"per-layer embedding {emb.name!r} has vector slots {sorted(emb.vectors)}; per-layer "
+                          "embeddings hold one text encoder's vectors (clip): SD 1.x/2.x only")
+    if not emb.name:
+        raise _fail(path, "the embedding has no name")
+    layers = list(emb.layers)
+    _check_layer_names(path, layers)
+    t = emb.vectors[SINGLE_KEY]
+    if not isinstance(t, torch.Tensor) or t.ndim != 3 or t.shape[0] != len(layers):
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise _fail(path, f"per-layer embedding {emb.name!r}: vectors are {shape}, not [{len(layers)} layers, "
+                          "vectors, width]")
+    stacked = _stack_layers(path, list(t.unbind(0)), layers, "")
+    return dataclasses.replace(emb, vectors={SINGLE_KEY: stacked}, layers=layers)
 
 
 def _apply_safetensors_meta(emb: Embedding, st_meta: dict) -> None:
@@ -678,11 +820,15 @@ _SAVE_SUFFIXES = {
     "kohya": (".safetensors", ".pt", ".ckpt"),
     "sdxl": (".safetensors", ".pt"),
     "png": (".png",),
+    "xti": (".safetensors", ".pt"),  # kohya's training script reads only .safetensors; its generator both
+    "per-layer": (".safetensors",),
 }
 
 
 def _format_for_suffix(emb: Embedding, path: Path) -> str:
     suffix = path.suffix.lower()
+    if emb.layers is not None and suffix in (".pt", ".safetensors"):
+        return "xti" if suffix == ".pt" else native_format(emb)
     if suffix == ".pt":
         return "sdxl" if emb.is_sdxl else "a1111"
     if suffix == ".safetensors":
@@ -868,5 +1014,31 @@ def _save_png(emb: Embedding, path: Path, preview) -> None:
         image.save(tmp, format="PNG", pnginfo=info)
 
 
+def _save_xti(emb: Embedding, path: Path, preview) -> None:
+    """kohya's XTI layout: one ``[n, D]`` tensor per layer under its key, in kohya's order (its
+    loaders concatenate the values in file order), nothing else in a .pt (kohya refuses other
+    keys); a .safetensors also carries textinv's metadata, which kohya ignores."""
+    if list(emb.layers) != list(SD_LAYERS):
+        raise _fail(path, f"format 'xti' is kohya's map of the SD 1.x/2.x UNet's 16 cross-attention layers; "
+                          f"{emb.name!r} has {len(emb.layers)} layers of another UNet: use --format per-layer "
+                          "(format='per-layer' in Python)")
+    stacked = emb.vectors[SINGLE_KEY]
+    tensors = {key: stacked[i].clone() for i, key in enumerate(XTI_KEYS)}  # own storage each: safetensors refuses shared
+    if path.suffix.lower() == ".pt":
+        _write_torch(path, tensors)
+    else:
+        _write_safetensors(path, tensors, _carried_metadata(emb))
+
+
+def _save_per_layer(emb: Embedding, path: Path, preview) -> None:
+    """textinv's per-layer layout: ``layers.000`` … one ``[n, D]`` tensor per layer, the layer
+    names (diffusers module paths, forward order) and the model family in the metadata."""
+    stacked = emb.vectors[SINGLE_KEY]
+    tensors = {LAYER_KEY.format(i): stacked[i].clone() for i in range(len(emb.layers))}
+    metadata = {"textinv.layers": json.dumps(list(emb.layers)), "textinv.family": json.dumps(emb.family),
+                **_carried_metadata(emb)}
+    _write_safetensors(path, tensors, metadata)
+
+
 _WRITERS = {"diffusers": _save_diffusers, "a1111": _save_a1111, "kohya": _save_kohya,
-            "sdxl": _save_sdxl, "png": _save_png}
+            "sdxl": _save_sdxl, "png": _save_png, "xti": _save_xti, "per-layer": _save_per_layer}

@@ -29,11 +29,17 @@ def describe(path, emb) -> dict:
         "format": emb.source_format,
         "trigger": emb.name,
         "family": emb.family,
-        "vectors": {slot: list(t.shape) for slot, t in emb.vectors.items()},
+        "vectors": {slot: list(t.shape[-2:]) for slot, t in emb.vectors.items()},  # [vectors, width]
         "dtype": {slot: str(t.dtype).replace("torch.", "") for slot, t in emb.vectors.items()},
-        "norms": {slot: [round(float(x), 4) for x in t.float().norm(dim=-1)] for slot, t in emb.vectors.items()},
+        # per vector; for a per-layer embedding, averaged over its layers (layer_norms has each)
+        "norms": {slot: [round(float(x), 4) for x in t.float().norm(dim=-1).reshape(-1, t.shape[-2]).mean(dim=0)]
+                  for slot, t in emb.vectors.items()},
         "meta": {k: v for k, v in emb.meta.items() if isinstance(v, (str, int, float, bool, type(None)))},
     }
+    if emb.layers is not None:
+        info["layers"] = list(emb.layers)
+        info["layer_norms"] = {slot: [[round(float(x), 4) for x in layer] for layer in t.float().norm(dim=-1)]
+                               for slot, t in emb.vectors.items()}
     if emb.source_format == "diffusers" and emb.meta.get("token") not in (None, emb.name):
         info["also_triggered_by"] = emb.meta["token"]
     real = Path(emb.path) if emb.path is not None else Path(path)
@@ -77,6 +83,10 @@ def _check_same_family(embs: list[Embedding], what: str) -> None:
         if e.widths != first.widths:
             raise TextinvError(f"{what}: {e.name!r} is made for {e.family} ({e.widths}), "
                                f"{first.name!r} for {first.family} ({first.widths}): cannot combine")
+        if e.layers != first.layers:
+            odd = e if e.layers is not None else first
+            raise TextinvError(f"{what}: {odd.name!r} is a per-layer (P+) embedding and the others are not, or have "
+                               "other layers: cannot combine (textinv convert --to-single makes a plain one)")
 
 
 def merge(embs: list[Embedding], weights: list[float] | None = None, *, name: str = "merged") -> Embedding:
@@ -95,7 +105,7 @@ def merge(embs: list[Embedding], weights: list[float] | None = None, *, name: st
         raise TextinvError(f"merge: a weighted average needs equal vector counts ({detail}); use --concat to stack them")
     vectors = {slot: sum(w * e.vectors[slot].float() for w, e in zip(weights, embs)) for slot in embs[0].vectors}
     meta = {"merged_from": [e.name for e in embs], "merge_weights": weights}
-    return Embedding(name, vectors, meta)
+    return Embedding(name, vectors, meta, layers=embs[0].layers)
 
 
 def concat(embs: list[Embedding], *, name: str = "merged") -> Embedding:
@@ -106,8 +116,8 @@ def concat(embs: list[Embedding], *, name: str = "merged") -> Embedding:
     total = sum(e.num_vectors for e in embs)
     if total > formats.MAX_VECTORS:
         raise TextinvError(f"merge --concat: {total} vectors, more than the {formats.MAX_VECTORS} a prompt chunk can hold")
-    vectors = {slot: torch.cat([e.vectors[slot].float() for e in embs]) for slot in embs[0].vectors}
-    return Embedding(name, vectors, {"merged_from": [e.name for e in embs]})
+    vectors = {slot: torch.cat([e.vectors[slot].float() for e in embs], dim=-2) for slot in embs[0].vectors}
+    return Embedding(name, vectors, {"merged_from": [e.name for e in embs]}, layers=embs[0].layers)
 
 
 def scale(emb: Embedding, factor: float, *, name: str | None = None) -> Embedding:
@@ -115,4 +125,4 @@ def scale(emb: Embedding, factor: float, *, name: str | None = None) -> Embeddin
     if not math.isfinite(factor):
         raise TextinvError(f"FACTOR: must be a finite number, got {factor}")
     meta = {k: v for k, v in emb.meta.items() if k in formats.CARRIED_META}
-    return Embedding(name or emb.name, {s: t.float() * factor for s, t in emb.vectors.items()}, meta)
+    return Embedding(name or emb.name, {s: t.float() * factor for s, t in emb.vectors.items()}, meta, layers=emb.layers)

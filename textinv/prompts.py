@@ -192,9 +192,28 @@ def run_encoder(text_encoder, ids: torch.Tensor, sdxl: bool, clip_skip: int = 1)
     return model.final_layer_norm(out.hidden_states[-clip_skip]), None
 
 
+def weigh(z: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """A1111's emphasis on one chunk's hidden states ``[1, 77, D]``: each token's state times its
+    weight, then the chunk rescaled to its unweighted mean."""
+    w = torch.tensor(weights, device=z.device, dtype=z.dtype).view(1, -1, 1)
+    before = z.float().mean()
+    weighted = z * w
+    after = weighted.float().mean()
+    # A1111 keeps the chunk's mean; an encoder whose outputs average to ~0 (a random,
+    # untrained one) has no mean to keep, and dividing by it would blow up.
+    scale_ok = min(before.abs(), after.abs()) > 1e-3 * z.float().abs().mean()
+    return weighted * (before / after).to(z.dtype) if scale_ok else weighted
+
+
 @torch.no_grad()
 def encode(pipe, parsed: Parsed, clip_skip: int = 1) -> Encoded:
-    """Prompt embeddings for ``prompt_embeds=`` (and ``pooled_prompt_embeds=`` on SDXL)."""
+    """Prompt embeddings for ``prompt_embeds=`` (and ``pooled_prompt_embeds=`` on SDXL).
+
+    A chunk that calls per-layer embeddings is also encoded per layer, each layer's states weighed
+    as the chunk's are, and handed to :mod:`textinv.perlayer`, whose attention processors give
+    each cross-attention layer its version where these embeddings reach the UNet."""
+    from . import perlayer
+
     pairs = tokens.encoder_pairs(pipe)
     sdxl = len(pairs) == 2
     per_encoder, pooled = [], None
@@ -202,16 +221,14 @@ def encode(pipe, parsed: Parsed, clip_skip: int = 1) -> Encoded:
         device = te.device
         states = []
         for j, (ids, weights) in enumerate(chunks(parsed, tok)):
-            z, pool = run_encoder(te, torch.tensor([ids], device=device), sdxl, clip_skip)
+            ids = torch.tensor([ids], device=device)
+            (z, pool), layered = perlayer.encode_chunk(pipe, ids, lambda x: run_encoder(te, x, sdxl, clip_skip))
             if any(w != 1.0 for w in weights):
-                w = torch.tensor(weights, device=device, dtype=z.dtype).view(1, -1, 1)
-                before = z.float().mean()
-                weighted = z * w
-                after = weighted.float().mean()
-                # A1111 keeps the chunk's mean; an encoder whose outputs average to ~0 (a random,
-                # untrained one) has no mean to keep, and dividing by it would blow up.
-                scale_ok = min(before.abs(), after.abs()) > 1e-3 * z.float().abs().mean()
-                z = weighted * (before / after).to(z.dtype) if scale_ok else weighted
+                z = weigh(z, weights)
+                if layered is not None:
+                    layered = torch.stack([weigh(x, weights) for x in layered])
+            if layered is not None:
+                perlayer.remember(pipe, ids, z, layered)
             states.append(z)
             if k == len(pairs) - 1 and j == 0 and sdxl:
                 pooled = pool

@@ -18,6 +18,9 @@ How it works, and why it differs from diffusers' ``load_textual_inversion``:
 * On a diffusers pipeline, :func:`apply` routes the pipeline's own prompt handling
   (``maybe_convert_prompt``, used for prompts and negative prompts, by SD and SDXL alike)
   through :func:`expand`, so ``pipe("a photo of my-cat")`` just works.
+* A per-layer (P+) embedding's trigger expands the same way, to tokens holding its layers'
+  average; each layer's vectors get tokens of their own, and :mod:`textinv.perlayer` makes every
+  UNet cross-attention layer see the prompt encoded with its layer's vectors.
 """
 from __future__ import annotations
 
@@ -52,10 +55,18 @@ class TriggerEmbedding(nn.Module):
         super().__init__()
         self.base = base
         self.num_base = int(base.num_embeddings)
-        self.extra = nn.Parameter(extra, requires_grad=False)
+        # The rows sit in a child registered after ``base``: transformers reads a model's dtype off
+        # its first parameter, and float32 rows first made a half-precision text encoder report
+        # float32 (diffusers then cast the prompt embeddings, and the latents, to float32).
+        self.rows = nn.ParameterList([nn.Parameter(extra, requires_grad=False)])
         row_of = torch.full((max(token_ids, default=0) + 1,), -1, dtype=torch.long)
         row_of[torch.as_tensor(list(token_ids), dtype=torch.long)] = torch.arange(len(token_ids))
         self.register_buffer("row_of", row_of.to(extra.device), persistent=False)
+
+    @property
+    def extra(self) -> nn.Parameter:
+        """The trigger rows, float32 (training makes them its only parameters)."""
+        return self.rows[0]
 
     @property
     def embedding_dim(self) -> int:
@@ -77,7 +88,13 @@ class Applied:
 
     embedding: Embedding
     triggers: list[str]  # the name first, then aliases (e.g. a diffusers file's stored token)
-    tokens: list[str]  # internal tokens, one per vector
+    tokens: list[str]  # internal tokens, one per vector: what prompts expand the trigger to
+    layer_tokens: list[list[str]] = field(default_factory=list)  # per-layer embeddings: each layer's own
+
+    @property
+    def all_tokens(self) -> list[str]:
+        """Every internal token, in the order of the rows :func:`table_rows` gives."""
+        return self.tokens + [t for layer in self.layer_tokens for t in layer]
 
 
 @dataclass
@@ -101,6 +118,8 @@ class TriggerState:
     encoders: list[_Encoder]
     applied: dict[str, Applied] = field(default_factory=dict)  # key: name, lower-cased
     _matcher: dict | None = None
+    unet: object = field(default=None, repr=False)  # the pipeline's UNet: per-layer embeddings condition its cross-attention layers
+    layered: object = field(default=None, repr=False)  # textinv.perlayer.Conditioning while per-layer embeddings are applied
 
     # -- model description -------------------------------------------------------------
     @property
@@ -108,7 +127,12 @@ class TriggerState:
         return model_family([e.width for e in self.encoders])
 
     def check(self, emb: Embedding) -> None:
-        """Raise ModelMismatchError unless ``emb`` fits these encoders (width and count)."""
+        """Raise ModelMismatchError unless ``emb`` fits these encoders (width and count) and, for a
+        per-layer embedding, the UNet's cross-attention layers."""
+        if emb.layers is not None:
+            from . import perlayer
+
+            perlayer.check(self, emb)
         slots = [e.slot for e in self.encoders]
         fits = set(emb.vectors) == set(slots) and all(emb.widths[e.slot] == e.width for e in self.encoders)
         if not fits:
@@ -136,11 +160,13 @@ class TriggerState:
         for emb, extra_names in zip(embeddings, aliases):
             triggers = [emb.name] + [a for a in extra_names if a and a.lower() != emb.name.lower()]
             safe = re.sub(r"[^a-z0-9_.-]+", "-", emb.name.lower()) or "x"
-            tokens = [f"<|ti:{safe}:{i}|>" for i in range(emb.num_vectors)]
-            tokens = self._unique(tokens)
-            new.append(Applied(emb, triggers, tokens))
+            n = emb.num_vectors
+            layers = [[f"<|ti:{safe}:{i}@{k}|>" for i in range(n)] for k in range(len(emb.layers or ()))]
+            tokens = self._unique([f"<|ti:{safe}:{i}|>" for i in range(n)] + [t for layer in layers for t in layer],
+                                  [t for a in new for t in a.all_tokens])
+            new.append(Applied(emb, triggers, tokens[:n], [tokens[n * (k + 1) : n * (k + 2)] for k in range(len(layers))]))
         for enc in self.encoders:
-            enc.variants.switch(enc.tokenizer, [t for a in [*self.applied.values(), *new] for t in a.tokens])
+            enc.variants.switch(enc.tokenizer, [t for a in [*self.applied.values(), *new] for t in a.all_tokens])
             # Rows already applied are taken from the live module: training may have moved them.
             module = enc.text_encoder.get_input_embeddings()
             old = module.extra.data if isinstance(module, TriggerEmbedding) else torch.zeros(0, enc.width)
@@ -148,6 +174,7 @@ class TriggerState:
         for a in new:
             self.applied[a.embedding.name.lower()] = a
         self._matcher = None
+        self._sync_layers()
         return new
 
     def remove(self, names: Iterable[str] | None = None) -> list[str]:
@@ -163,19 +190,26 @@ class TriggerState:
     def _remove(self, keys: list[str]) -> None:
         keep = [a for k, a in self.applied.items() if k not in keys]
         for enc in self.encoders:
-            enc.variants.switch(enc.tokenizer, [t for a in keep for t in a.tokens])
+            enc.variants.switch(enc.tokenizer, [t for a in keep for t in a.all_tokens])
             if not keep:
                 self._uninstall(enc)
                 continue
             self._install(enc, keep, _rows(enc, keep))
         self.applied = {a.embedding.name.lower(): a for a in keep}
         self._matcher = None
+        self._sync_layers()
+
+    def _sync_layers(self) -> None:
+        if self.layered is not None or any(a.layer_tokens for a in self.applied.values()):
+            from . import perlayer
+
+            perlayer.sync(self)
 
     @staticmethod
     def _install(enc: _Encoder, applied: list[Applied], extra: torch.Tensor) -> None:
         # Learned vectors stay float32 whatever the encoder's dtype; TriggerEmbedding casts on lookup.
         device = next(enc.base.parameters()).device
-        ids = enc.tokenizer.convert_tokens_to_ids([t for a in applied for t in a.tokens])
+        ids = enc.tokenizer.convert_tokens_to_ids([t for a in applied for t in a.all_tokens])
         enc.text_encoder.set_input_embeddings(TriggerEmbedding(enc.base, extra.to(device), ids))
         if enc.pooling_fix is None:
             enc.pooling_fix = pool_at_end_token(enc.text_encoder, int(enc.base.num_embeddings))
@@ -187,8 +221,8 @@ class TriggerState:
             enc.pooling_fix.remove()
             enc.pooling_fix = None
 
-    def _unique(self, tokens: list[str]) -> list[str]:
-        taken = {t for a in self.applied.values() for t in a.tokens}
+    def _unique(self, tokens: list[str], also_taken: Iterable[str] = ()) -> list[str]:
+        taken = {t for a in self.applied.values() for t in a.all_tokens} | set(also_taken)
         out = []
         for t in tokens:
             u, k = t, 1
@@ -360,7 +394,16 @@ def _rows(enc: _Encoder, applied: list[Applied]) -> torch.Tensor:
     """The vectors ``applied`` embeddings give this encoder, stacked as float32 CPU rows."""
     if not applied:
         return torch.zeros(0, enc.width)
-    return torch.cat([a.embedding.vectors[enc.slot].detach().to("cpu", torch.float32) for a in applied])
+    return torch.cat([table_rows(a.embedding, enc.slot) for a in applied])
+
+
+def table_rows(emb: Embedding, slot: str) -> torch.Tensor:
+    """An embedding's rows in the trigger table, float32 on the CPU: its vectors; for a per-layer
+    one the layers' average (what its trigger expands to), then each layer's vectors in turn."""
+    t = emb.vectors[slot].detach().to("cpu", torch.float32)
+    if emb.layers is None:
+        return t
+    return torch.cat([t.mean(dim=0), t.reshape(-1, t.shape[-1])])
 
 
 def _inside_word(text: str, start: int, end: int) -> bool:
@@ -421,7 +464,7 @@ def state(pipe, create: bool = True) -> TriggerState | None:
         encoders = [
             _Encoder(slot, tok, te, te.get_input_embeddings(), _TokenizerStates.of(tok)) for slot, (tok, te) in zip(slots, pairs)
         ]
-        st = TriggerState(encoders)
+        st = TriggerState(encoders, unet=getattr(pipe, "unet", None))
         object.__setattr__(pipe, "_textinv", st)
     return st
 
@@ -525,6 +568,8 @@ def nearest_words(emb: Embedding, pipe, k: int = 5) -> dict[str, list[list[tuple
         table = te.get_input_embeddings()
         table = table.base.weight if isinstance(table, TriggerEmbedding) else table.weight
         vecs = emb.vectors[slot].float()
+        if emb.layers is not None:
+            vecs = vecs.mean(dim=0)  # a per-layer embedding: its layers' average
         if vecs.shape[-1] != table.shape[-1]:
             raise ModelMismatchError(
                 f"embedding {emb.name!r} is {describe_widths(emb)}; this model is {model_family([table.shape[-1]])}"
