@@ -321,3 +321,37 @@ def test_clip_skip_in_plain_batches_and_refused_for_sdxl(sd_pipe, sdxl_pipe):
     assert np.abs(np.asarray(a[1], dtype=int) - np.asarray(b[0], dtype=int)).max() <= 1
     with pytest.raises(TextinvError, match="SDXL already"):
         textinv.generate("a cat", pipe=sdxl_pipe, steps=2, clip_skip=2)
+
+
+# ------------------------------------------------------------------------- {a|b} variants
+def test_variants_cycle_through_every_combination_equally_often():
+    text = "a {red | green} {big|small|tiny} ball, {}"
+    picked = [prompts.pick_variant(text, i) for i in range(12)]
+    assert picked[:3] == ["a red big ball, {}", "a green big ball, {}", "a red small ball, {}"]
+    assert len(set(picked[:6])) == 6 and picked[6:] == picked[:6]  # 2·3 combinations, each once, then again
+    assert prompts.pick_variant("no groups {} here", 5) == "no groups {} here"
+    assert prompts.variant_groups("a {x|y} and {z|w|v}") == [["x", "y"], ["z", "w", "v"]]
+    with pytest.raises(TextinvError, match="nested"):
+        prompts.variant_groups("a {x|{y|z}}")
+
+
+def test_generate_draws_image_i_from_its_own_variant_and_records_it(sd_pipe, tmp_path):
+    tk.apply(sd_pipe, [emb("<v-a>", seed=1, scale=3.0), emb("<v-b>", n=2, seed=2, scale=3.0)])
+    try:
+        mixed = generation.generate("a photo of a {<v-a>|<v-b>|cat}", negative="{ugly|blurry}", pipe=sd_pipe, n=6,
+                                    steps=2, batch=4, seed=10)
+        for i in range(6):
+            one = generation.generate(prompts.pick_variant("a photo of a {<v-a>|<v-b>|cat}", i),
+                                      negative=("ugly", "blurry")[i % 2], pipe=sd_pipe, steps=2, seed=10 + i)
+            assert np.abs(np.asarray(mixed.images[i], dtype=int) - np.asarray(one.images[0], dtype=int)).max() <= 1
+            assert mixed.parameters[i] == one.parameters[0]  # the options drawn, as Dynamic Prompts writes them
+        assert set(mixed.used) == {"<v-a>", "<v-b>"}
+        # a long variant batches with a short one (padded to one length)
+        long = generation.generate("{a cat|" + "a very long prompt " * 20 + "}", pipe=sd_pipe, n=2, steps=1)
+        assert len(long.images) == 2
+        # generation.images (previews, eval, bias) cycles the same way
+        imgs = generation.images(sd_pipe, ["a photo of a {<v-a>|<v-b>|cat}"] * 2, seed=10, steps=2)
+        plain = generation.generate("a photo of a {<v-a>|<v-b>|cat}", pipe=sd_pipe, n=2, steps=2, seed=10)
+        assert np.abs(np.asarray(imgs[1], dtype=int) - np.asarray(plain.images[1], dtype=int)).max() <= 1
+    finally:
+        tk.remove(sd_pipe)

@@ -24,13 +24,10 @@ def clip_skip_kwargs(pipe, prompts_: list[str], negative: str | None, clip_skip:
     if clip_skip == 1:
         return {}
     from . import prompts
-    from .errors import TextinvError
 
     prompts.check_clip_skip(pipe, clip_skip)
-    encoded = {p: _prompt_arguments(pipe, p, negative, clip_skip)[0] for p in dict.fromkeys(prompts_)}  # each once
-    parts = [encoded[p] for p in prompts_]
-    if len({kw["prompt_embeds"].shape[1] for kw in parts}) > 1:
-        raise TextinvError("--clip-skip with prompts longer than 75 tokens: give one prompt at a time")
+    encoded, _used = _prompt_arguments(pipe, [(p, negative) for p in prompts_], clip_skip)  # each once, one length
+    parts = [encoded[(p, negative)] for p in prompts_]
     return {k: torch.cat([kw[k] for kw in parts]) for k in parts[0]}
 
 
@@ -41,8 +38,11 @@ def images(pipe, prompts: list[str], *, seed: int = 0, steps: int = DEFAULT_STEP
     ``guidance`` None: the model's own default (:func:`textinv.models.pipeline_defaults`)."""
     from .models import pipeline_defaults
 
+    from .prompts import pick_variant
+
     if guidance is None:
         guidance = pipeline_defaults(pipe).guidance
+    prompts = [pick_variant(p, i) for i, p in enumerate(prompts)]  # {a|b}: image i takes option i mod k
 
     def call(i: int, b: int) -> dict:
         chunk = prompts[i : i + b]
@@ -220,12 +220,16 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
         if sampler:
             pipe.scheduler = samplers.make(pipe, sampler)
         sampler_name = samplers.name_of(pipe.scheduler)
-        kwargs, used = _prompt_arguments(pipe, prompt, negative, clip_skip)
+        # {a|b} variants: image i's own prompt pair; each distinct pair is encoded once
+        pairs = [(prompts.pick_variant(prompt, i), prompts.pick_variant(negative, i, "negative prompt") if negative
+                  else negative) for i in range(n)]
+        encoded, used = _prompt_arguments(pipe, pairs, clip_skip)
 
         def call(i: int, b: int) -> dict:
-            if kwargs:
-                return {k: v.expand(b, *v.shape[1:]) for k, v in kwargs.items()}
-            return {"prompt": [prompt] * b, "negative_prompt": [negative] * b if negative else None}
+            chunk = pairs[i : i + b]
+            if encoded[chunk[0]]:
+                return {k: torch.cat([encoded[pair][k] for pair in chunk]) for k in encoded[chunk[0]]}
+            return {"prompt": [p for p, _ in chunk], "negative_prompt": [q for _, q in chunk] if negative else None}
 
         images_ = sample(pipe, n, call, seed=seed, steps=steps, guidance=guidance, batch=batch, progress=progress,
                          width=width, height=height)
@@ -235,42 +239,45 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
             tokens.remove(pipe, [a.embedding.name for a in added])
     ti = {a.embedding.name: h for a in used if (h := formats.embedding_hash(a.embedding))}
     seeds = [seed + i for i in range(n)]
-    params = [_parameters(prompt, negative, steps, sampler_name, guidance, s, width, height, model_hash, name, clip_skip, ti)
-              for s in seeds]
+    params = [_parameters(p, q, steps, sampler_name, guidance, s, width, height, model_hash, name, clip_skip, ti)
+              for s, (p, q) in zip(seeds, pairs)]  # the options drawn, as A1111's Dynamic Prompts writes them
     result = Generation(images_, seeds, params, used=[a.embedding.name for a in used])
     if out is not None:
         _write(result, Path(out))
     return result
 
 
-def _prompt_arguments(pipe, prompt: str, negative: str | None, clip_skip: int) -> tuple[dict, list]:
-    """The pipeline's prompt arguments and the embeddings the prompts use.
+def _prompt_arguments(pipe, pairs: list[tuple[str, str | None]], clip_skip: int) -> tuple[dict, list]:
+    """Each distinct (prompt, negative) pair's pipeline arguments, and the embeddings they use.
 
-    SD 1.x/2.x always, SDXL for weighted or long prompts: prompt embeddings encoded once for all
-    images (no per-image tokenization or encoder pass); plain SDXL prompts: {} (the pipeline's own)."""
+    SD 1.x/2.x always, SDXL for weighted or long prompts: prompt embeddings encoded once per pair
+    (no per-image tokenization or encoder pass), all padded to one length so that images of
+    different {a|b} variants batch together; plain SDXL prompts: {} (the pipeline's own)."""
     from . import prompts
 
-    for where, text in (("prompt", prompt), ("negative prompt", negative or "")):
-        for word in prompts.unmatched_triggers(pipe, text):
-            warnings.warn(f"{where}: {word!r} matches no loaded embedding", stacklevel=3)
-    pos = prompts.split(pipe, prompt, "prompt")
-    neg = prompts.split(pipe, negative or "", "negative prompt")
-    used = list({id(a): a for a in pos.used + neg.used}.values())
+    parsed = {}
+    for pair in dict.fromkeys(pairs):
+        for where, text in (("prompt", pair[0]), ("negative prompt", pair[1] or "")):
+            for word in prompts.unmatched_triggers(pipe, text):
+                warnings.warn(f"{where}: {word!r} matches no loaded embedding", stacklevel=3)
+        parsed[pair] = (prompts.split(pipe, pair[0], "prompt"), prompts.split(pipe, pair[1] or "", "negative prompt"))
+    used = list({id(a): a for pos, neg in parsed.values() for a in pos.used + neg.used}.values())
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    if sdxl and not (pos.weighted or neg.weighted or _long(pipe, pos, neg)):
-        return {}, used
-    pe, ne = prompts.encode(pipe, pos, clip_skip), prompts.encode(pipe, neg, clip_skip)
-    length = max(pe.embeds.shape[1], ne.embeds.shape[1])
-    if pe.embeds.shape[1] != ne.embeds.shape[1]:
-        empty = prompts.encode(pipe, prompts.split(pipe, "", "negative prompt"), clip_skip)
+    if sdxl and not any(pos.weighted or neg.weighted or _long(pipe, pos, neg) for pos, neg in parsed.values()):
+        return {pair: {} for pair in parsed}, used
+    encoded = {pair: (prompts.encode(pipe, pos, clip_skip), prompts.encode(pipe, neg, clip_skip))
+               for pair, (pos, neg) in parsed.items()}
+    length = max(e.embeds.shape[1] for both in encoded.values() for e in both)
+    empty = prompts.encode(pipe, prompts.split(pipe, "", "negative prompt"), clip_skip)
+    dtype, out = pipe.unet.dtype, {}
+    for pair, (pe, ne) in encoded.items():
         pe, ne = prompts.pad_to(pe, length, empty), prompts.pad_to(ne, length, empty)
-    if sdxl and not negative and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
-        ne = prompts.Encoded(torch.zeros_like(ne.embeds), torch.zeros_like(ne.pooled))
-    dtype = pipe.unet.dtype
-    kwargs = {"prompt_embeds": pe.embeds.to(dtype), "negative_prompt_embeds": ne.embeds.to(dtype)}
-    if sdxl:
-        kwargs |= {"pooled_prompt_embeds": pe.pooled.to(dtype), "negative_pooled_prompt_embeds": ne.pooled.to(dtype)}
-    return kwargs, used
+        if sdxl and not pair[1] and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+            ne = prompts.Encoded(torch.zeros_like(ne.embeds), torch.zeros_like(ne.pooled))
+        out[pair] = {"prompt_embeds": pe.embeds.to(dtype), "negative_prompt_embeds": ne.embeds.to(dtype)}
+        if sdxl:
+            out[pair] |= {"pooled_prompt_embeds": pe.pooled.to(dtype), "negative_pooled_prompt_embeds": ne.pooled.to(dtype)}
+    return out, used
 
 
 def _parameters(prompt, negative, steps, sampler, guidance, seed, width, height, model_hash, model, clip_skip, ti) -> str:

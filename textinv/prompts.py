@@ -78,6 +78,36 @@ def parse(text: str, where: str = "prompt") -> list[tuple[str, float | None]]:
     return [(t, w) for t, w in merged] or [("", 1.0)]
 
 
+# ------------------------------------------------------------------------------ variants {a|b}
+# ComfyUI's text boxes (its built-in dynamic prompts) and A1111's Dynamic Prompts extension read
+# "{red|green|blue}" as one of the options; textinv reads it too, so that a set of per-value
+# embeddings ("{<ball-red>|<ball-green>|...}", see textinv.bias) is used the same way everywhere.
+_VARIANT = re.compile(r"\{([^{}]*\|[^{}]*)\}")
+
+
+def variant_groups(text: str, where: str = "prompt") -> list[list[str]]:
+    """The option lists of the ``{a|b|...}`` groups in ``text``, in order ({} without | is text)."""
+    groups = [m.group(1).split("|") for m in _VARIANT.finditer(text or "")]
+    if _VARIANT.search(_VARIANT.sub("x", text or "")):  # "{a|{b|c}}": the outer group is left over
+        raise TextinvError(f"{where}: nested {{a|b}} variants are not supported: {text!r}")
+    return groups
+
+
+def pick_variant(text: str, i: int, where: str = "prompt") -> str:
+    """Image ``i``'s prompt: group g takes option ``(i // (k0·…·k(g-1))) mod kg``, so every option
+    (and, over k0·k1·… images, every combination) comes up equally often; A1111's extension and
+    ComfyUI pick at random, which is balanced only on average."""
+    groups = variant_groups(text, where)
+    if not groups:
+        return text
+    stride, chosen = 1, []
+    for options in groups:
+        chosen.append(options[(i // stride) % len(options)].strip())
+        stride *= len(options)
+    picks = iter(chosen)
+    return _VARIANT.sub(lambda _m: next(picks), text)
+
+
 @dataclass
 class Piece:
     """A prompt piece: plain text, an embedding (its internal tokens), or a BREAK."""
