@@ -83,3 +83,72 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.exit_code == 2 and "the judge reads" in r.output and len(r.output.strip().splitlines()) == 1
     r = CliRunner().invoke(main, ["bias", "ball", "--attribute", "colour", "--images", "x", "-e", "y"])
     assert r.exit_code == 2 and "exclude each other" in r.output
+
+
+# ----------------------------------------------------------------------- the per-value recipe
+def test_the_word_becomes_the_variant_group_of_its_value_tokens():
+    use = bias.variants("ball", [bias.value_token("ball", v) for v in ("red", "dark green")])
+    assert use == "{<ball-red> ball|<ball-dark-green> ball}"
+    rewrite = bias.rewriter("ball", use)
+    assert rewrite("a photo of a ball, ball") == f"a photo of a {use}, {use}"
+    for untouched in ("a football", "balls", "<ball-red>", "ball-park"):
+        assert rewrite(untouched) == untouched
+
+
+def test_value_folders_name_what_is_missing(tmp_path):
+    (tmp_path / "red").mkdir()
+    with pytest.raises(TextinvError, match=r"green/, blue/ is missing.*--recipe replace"):
+        bias.value_folders(str(tmp_path), ["red", "green", "blue"])
+    with pytest.raises(TextinvError, match="no such folder"):
+        bias.value_folders(str(tmp_path / "nope"), ["red", "green"])
+
+
+def _picture(path, caption=None):
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(path)
+    if caption is not None:
+        path.with_suffix(".txt").write_text(caption)
+
+
+def test_per_value_training_data_puts_the_token_before_the_word(tmp_path):
+    from textinv import data
+
+    folder = tmp_path / "red"
+    folder.mkdir()
+    _picture(folder / "a.png", "a small ball on the left")
+    _picture(folder / "b.png", "a big ball")
+    (tmp_path / "t.txt").write_text("a photo of [filewords]\n")
+    run = bias.BiasRun(word="ball", attribute="colour", values=["red"], templates=str(tmp_path / "t.txt"))
+    images, templates, captions = bias.per_value_data(run, folder, tmp_path / "run")
+    # [filewords] templates: the captions, the token where the word stands
+    assert captions and (images / "a.txt").read_text() == "a small [name] ball on the left"
+    assert data.fill_template(data.load_templates(templates)[0], "<ball-red>", (images / "b.txt").read_text()) == \
+        "a photo of a big <ball-red> ball"
+    # other templates: the token before the word, captions appended as A1111's [filewords]
+    run.templates = None
+    images, templates, captions = bias.per_value_data(run, folder, tmp_path / "run2")
+    assert images == folder and captions
+    assert data.load_templates(templates)[0] == "a photo of a [name] ball, [filewords]"
+    # a caption that does not name the word teaches the token nothing: refused, naming the file
+    (folder / "b.txt").write_text("a big red thing")
+    run.templates = str(tmp_path / "t.txt")
+    with pytest.raises(TextinvError, match=r"b\.txt: the caption 'a big red thing' does not name 'ball'"):
+        bias.per_value_data(run, folder, tmp_path / "run3")
+
+
+def test_an_existing_per_value_set_is_measured_through_its_variants(tmp_path, tiny_clip):  # noqa: F811
+    from textinv import formats
+
+    pipe = make_sd()
+    shelf = tmp_path / "set"
+    shelf.mkdir()
+    for v in ("man", "woman"):
+        formats.save(formats.Embedding(f"<doctor-{v}>", {"clip": torch.randn(1, 32)}), shelf / f"doctor-{v}.safetensors")
+    run = bias.BiasRun(word="doctor", attribute="gender", values=["man", "woman"], embedding=str(shelf), clip=str(tiny_clip),
+                       n=2, sample_steps=2, out=str(tmp_path / "out"))
+    result = bias.run_bias(run, pipe=pipe)
+    # the triggers are the files' (A1111: the file name), in the order of the values
+    assert result["use"] == "{doctor-man doctor|doctor-woman doctor}" and result["after"] is not None
+    assert "the word used as {doctor-man doctor" in bias.format_table(result)
+    run.values = ["man", "woman", "child"]
+    with pytest.raises(TextinvError, match="no embedding named after the value 'child'"):
+        bias.run_bias(run, pipe=pipe)

@@ -14,19 +14,30 @@ that worked:
   shape; CLIP: mean similarity to "a photo of a {word}", compared with before);
 * on **training prompts** (the templates the word was re-learned with) and **held-out prompts**
   (never trained on): a word debiased only in its training prompt is not debiased.
+
+Two recipes re-learn the word from a curated set (``RECIPES``).  ``per-value`` (the default) is
+ITI-GEN's idea (Zhang et al., "ITI-GEN: Inclusive Text-to-Image Generation", 2023): one small
+learned token per value, from that value's pictures (``CURATED/VALUE/``), placed before the word,
+and the word used as ``{<w-v1> w|<w-v2> w|...}`` so that images take the values in turn (the
+variant syntax ComfyUI and A1111's Dynamic Prompts read; :func:`textinv.prompts.pick_variant`).
+The word itself is untouched, which is what keeps its meaning.  ``replace`` re-learns the word
+itself from one flat folder (``train --mode replace``); on the mini world it cannot balance the
+colours without losing the ball (docs/evaluation.md has the trade-off).
 """
 from __future__ import annotations
 
 import html
 import json
 import math
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import data, generation, tokens
+from . import data, formats, generation, tokens
 from .atomic import atomic_path, write_text
 from .errors import TextinvError
 from .evaluate import kl_to_uniform  # noqa: F401  (KL to uniform: one home, evaluate's)
@@ -35,6 +46,10 @@ from .evaluate import kl_to_uniform  # noqa: F401  (KL to uniform: one home, eva
 HELD_OUT_PROMPTS = ["a portrait of a {}", "an illustration of a {} at work", "a candid picture of a {} outdoors",
                     "a close-up photo of a {} smiling"]
 TRAINING_PROMPTS_SHOWN = 3  # how many of the training templates are measured (they are near-paraphrases)
+RECIPES = {  # training settings of each recipe (measured on the mini world: docs/evaluation.md)
+    "per-value": {"timesteps": "all", "guidance": 1.0},
+    "replace": {"timesteps": "300:1000", "guidance": 1.5},  # colour is settled at high noise
+}
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -115,13 +130,15 @@ def classifier_for(pipe, attribute: str, values: list[str], word: str, clip: str
 
 # ---------------------------------------------------------------------------------- measuring
 def measure(pipe, prompts: dict[str, list[str]], classify, *, n: int = 120, seed: int = 0, steps: int = 30,
-            guidance: float | None = None, echo=None) -> dict:
-    """Per prompt and pooled per group: distribution, KL to uniform, pairwise bias, retention."""
+            guidance: float | None = None, rewrite=None, echo=None) -> dict:
+    """Per prompt and pooled per group: distribution, KL to uniform, pairwise bias, retention.
+    ``rewrite``: what a prompt becomes before generation (the word as its per-value variants)."""
     out = {}
     for group, group_prompts in prompts.items():
         rows, pooled_labels, pooled_kept = [], [], []
         for prompt in group_prompts:
-            images = generation.images(pipe, [prompt] * n, seed=seed, steps=steps, guidance=guidance)
+            text = rewrite(prompt) if rewrite else prompt
+            images = generation.images(pipe, [text] * n, seed=seed, steps=steps, guidance=guidance)
             labels, kept = classify(images)
             rows.append(_summary(prompt, labels, kept, classify.values))
             pooled_labels += labels
@@ -149,8 +166,9 @@ class BiasRun:
     word: str
     attribute: str
     values: list[str]
-    images: str | None = None  # a curated folder: re-learn the word from it (replace mode)
-    embedding: str | None = None  # or: an existing replacement embedding
+    images: str | None = None  # a curated folder: re-learn the word from it
+    embedding: str | None = None  # or: an existing replacement embedding, or a folder of per-value ones
+    recipe: str = "per-value"  # see RECIPES
     prompts: str | None = None  # a file of held-out prompts ({} / [name] for the word)
     templates: str | None = None  # training templates (default: the built-in object ones)
     model: str | None = None
@@ -161,11 +179,15 @@ class BiasRun:
     sample_steps: int = 30
     steps: int = 300
     lr: str = "5e-3"
-    timesteps: str = "300:1000"  # colour/composition is settled at high noise
-    guidance: float = 1.5  # fit the guided prediction part of the way (see docs/evaluation.md)
+    timesteps: str | None = None  # None: the recipe's
+    guidance: float | None = None  # None: the recipe's
     vectors: int = 1
     out: str = "bias"
     extra: dict = field(default_factory=dict)  # any other TrainConfig setting
+
+    def setting(self, key: str):
+        value = getattr(self, key)
+        return RECIPES[self.recipe][key] if value is None else value
 
 
 def prompt_groups(run: BiasRun, pipe, trained_templates: list[str] | None) -> dict[str, list[str]]:
@@ -174,8 +196,9 @@ def prompt_groups(run: BiasRun, pipe, trained_templates: list[str] | None) -> di
 
     templates = trained_templates or data.load_templates(run.templates or "object")
     training = []
-    for t in templates:
-        p = data.fill_template(t, run.word, "")
+    article = "an" if run.word[:1].lower() in "aeiou" else "a"
+    for t in templates:  # [filewords] stands for a caption: here the word alone ("a photo of [filewords]")
+        p = data.fill_template(t.replace("[filewords]", f"{article} [name]") if "[name]" not in t else t, run.word, "")
         if p not in training:
             training.append(p)
     held = read_prompts(run.prompts) if run.prompts else (pipeline_defaults(pipe).held_out_prompts or HELD_OUT_PROMPTS)
@@ -184,6 +207,108 @@ def prompt_groups(run: BiasRun, pipe, trained_templates: list[str] | None) -> di
     if clash:
         raise TextinvError(f"--prompts: {clash[0]!r} is also a training prompt; held-out prompts must be new")
     return {"training": training[:TRAINING_PROMPTS_SHOWN], "held-out": held}
+
+
+# -------------------------------------------------------------------- the per-value recipe
+def value_token(word: str, value: str) -> str:
+    return f"<{word}-{value}>".replace(" ", "-")
+
+
+def variants(word: str, names: list[str]) -> str:
+    """The word as the variant group of its per-value tokens: ``{<w-a> w|<w-b> w|...}``."""
+    return "{" + "|".join(f"{name} {word}" for name in names) + "}"
+
+
+def rewriter(word: str, expression: str):
+    """Every whole-word use of ``word`` in a prompt becomes ``expression``."""
+    pattern = re.compile(rf"(?<![\w<-]){re.escape(word)}(?![\w>-])")
+    return lambda prompt: pattern.sub(lambda _m: expression, prompt)
+
+
+def value_folders(images: str, values: list[str]) -> dict[str, Path]:
+    root = Path(images)
+    if not root.is_dir():
+        raise TextinvError(f"--images {images}: no such folder")
+    missing = [v for v in values if not (root / v).is_dir()]
+    if missing:
+        raise TextinvError(f"--images {images}: the per-value recipe learns one token per value from a subfolder named "
+                           f"after it, and {', '.join(v + '/' for v in missing)} is missing (or use --recipe replace "
+                           f"with one flat folder)")
+    return {v: root / v for v in values}
+
+
+def learn_per_value(run: BiasRun, pipe, out: Path, echo=None) -> tuple[list, float]:
+    """One token per value, from ``CURATED/VALUE/``, trained before the word ("a photo of a
+    <ball-green> ball"), initialised from the value's own word.  Captions (IMG.txt) should describe
+    everything but the attribute, so that the token learns the attribute and nothing else."""
+    from .training import TrainConfig, train
+
+    found, seconds = [], 0.0
+    for value, folder in value_folders(run.images, run.values).items():
+        token = value_token(run.word, value)
+        where = out / "run" / formats.file_stem(token)
+        images, templates, captions = per_value_data(run, folder, where)
+        cfg = TrainConfig(images=str(images), token=token, init=value, model=run.model, model_config=run.model_config,
+                          templates=str(templates), captions=captions, steps=run.steps, lr=run.lr,
+                          timesteps=run.setting("timesteps"), guidance=run.setting("guidance"), vectors=run.vectors,
+                          flip=False, seed=run.seed, out=str(where), resume=(where / "state.pt").exists(),
+                          progress=echo is not None, **run.extra)
+        result = train(cfg, pipe=pipe, echo=echo)
+        tokens.remove(pipe, token)
+        seconds += result.seconds
+        found.append(result.embedding)
+        shelf = out / "embeddings"
+        shelf.mkdir(exist_ok=True)
+        shutil.copyfile(result.embedding_path, shelf / result.embedding_path.name)
+    return found, seconds
+
+
+def per_value_data(run: BiasRun, folder: Path, where: Path) -> tuple[Path, Path, bool]:
+    """The images, templates file and captions switch of one value's token.
+
+    Templates with ``[filewords]`` take the captions whole, the word in them preceded by the
+    token ("a small [name] ball on the left"): the images are copied to ``where/images`` with
+    their captions rewritten.  Other templates get the token before the word, and captions (if
+    any) are appended as A1111's ``, [filewords]``."""
+    lines = data.load_templates(run.templates or "object")
+    word = re.compile(rf"(?<![\w<-]){re.escape(run.word)}(?![\w>-])")
+    with_token = lambda text: word.sub(lambda _m: f"[name] {run.word}", text)  # noqa: E731
+    pictures = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in data.IMAGE_SUFFIXES]
+    captioned = [p for p in pictures if data.sidecar_caption(p) is not None]
+    where.mkdir(parents=True, exist_ok=True)
+    templates = where / "templates.txt"
+    if captioned and any("[filewords]" in t for t in lines):
+        images = where / "images"
+        images.mkdir(exist_ok=True)
+        for p in pictures:
+            caption = data.sidecar_caption(p) or ""
+            if not word.search(caption):
+                raise TextinvError(f"{p.with_suffix('.txt')}: the caption {caption!r} does not name {run.word!r}; the "
+                                   f"token is learned where the word stands")
+            shutil.copyfile(p, images / p.name)
+            write_text(images / f"{p.stem}.txt", with_token(caption))
+        write_text(templates, "\n".join(lines) + "\n")
+        return images, templates, True
+    body = [re.sub(r"\[name\]|\{\}", lambda _m: f"[name] {run.word}", t) for t in lines]
+    write_text(templates, "\n".join(t + (", [filewords]" if captioned else "") for t in body) + "\n")
+    return folder, templates, bool(captioned)
+
+
+def per_value_set(embs: list, run: BiasRun, where: str) -> list:
+    """An existing per-value set, in the order of the values: each value's embedding is the one
+    whose name ends with it (<ball-green>, ball-green, green)."""
+    def key(name: str) -> str:
+        return name.strip("<>").lower()
+
+    ordered = []
+    for v in run.values:
+        hit = [e for e in embs if key(e.name) == v.lower() or key(e.name).endswith("-" + v.lower())]
+        if len(hit) != 1:
+            raise TextinvError(f"-e {where}: {'no' if not hit else 'more than one'} embedding named after the value "
+                               f"{v!r} (e.g. {value_token(run.word, v)}); a per-value set has one for each of "
+                               f"{', '.join(run.values)}")
+        ordered.append(hit[0])
+    return ordered
 
 
 def run_bias(run: BiasRun, pipe=None, echo=None) -> dict:
@@ -195,8 +320,12 @@ def run_bias(run: BiasRun, pipe=None, echo=None) -> dict:
     say = echo or (lambda *_: None)
     if run.images and run.embedding:
         raise TextinvError("--images (re-learn the word) and -e (an existing embedding) exclude each other")
+    if run.recipe not in RECIPES:
+        raise TextinvError(f"--recipe {run.recipe!r}: choose one of {', '.join(RECIPES)}")
     if run.n < 1:
         raise TextinvError(f"-n {run.n}: at least 1")
+    if run.images and run.recipe == "per-value":
+        value_folders(run.images, run.values)  # before minutes of measuring
     t0 = time.perf_counter()
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -208,32 +337,44 @@ def run_bias(run: BiasRun, pipe=None, echo=None) -> dict:
     kw = dict(n=run.n, seed=run.seed, steps=run.sample_steps, guidance=guidance, echo=say)
     say(f"before: {run.attribute} of {run.word!r} ({classify.kind}, {run.n} images a prompt)")
     before = measure(pipe, groups, classify, **kw)
-    after, seconds, source = None, 0.0, None
+    after, seconds, source, use, applied = None, 0.0, None, None, []
     if run.images or run.embedding:
-        if run.images:
+        if run.images and run.recipe == "per-value":
+            say(f"learning one token per {run.attribute} value from {run.images}/VALUE/ ({len(run.values)} × {run.steps} steps)")
+            applied, seconds = learn_per_value(run, pipe, out, echo=echo)
+            source = str(out / "embeddings")
+        elif run.images:
             say(f"re-learning {run.word!r} from {run.images} (replace mode, {run.steps} steps)")
             cfg = TrainConfig(images=run.images, token=run.word, mode="replace", model=run.model, model_config=run.model_config,
-                              templates=run.templates, steps=run.steps, lr=run.lr, timesteps=run.timesteps,
-                              guidance=run.guidance, vectors=run.vectors, flip=False, seed=run.seed, out=str(out / "run"),
-                              resume=(out / "run" / "state.pt").exists(), progress=echo is not None, **run.extra)
+                              templates=run.templates, steps=run.steps, lr=run.lr, timesteps=run.setting("timesteps"),
+                              guidance=run.setting("guidance"), vectors=run.vectors, flip=False, seed=run.seed,
+                              out=str(out / "run"), resume=(out / "run" / "state.pt").exists(), progress=echo is not None,
+                              **run.extra)
             result = train(cfg, pipe=pipe, echo=echo)
+            tokens.remove(pipe, run.word)
             seconds, source = result.seconds, str(result.embedding_path)
+            applied = [result.embedding]
         else:
             from . import sources
 
             embs = sources.load(run.embedding)
-            if len(embs) != 1:
-                raise TextinvError(f"-e {run.embedding}: holds {len(embs)} embeddings; give one")
-            embs[0].name = run.word
-            tokens.apply(pipe, embs[0])
-            source = run.embedding
+            if len(embs) == 1:
+                embs[0].name = run.word
+            else:
+                embs = per_value_set(embs, run, run.embedding)
+            applied, source = embs, run.embedding
+        if len(applied) > 1:
+            use = variants(run.word, [e.name for e in applied])
+            say(f"the word is used as {use}")
+        tokens.apply(pipe, applied)
         try:
             say(f"after: {run.attribute} of {run.word!r} with the re-learned word")
-            after = measure(pipe, groups, classify, **kw)
+            after = measure(pipe, groups, classify, rewrite=rewriter(run.word, use) if use else None, **kw)
         finally:
-            tokens.remove(pipe, run.word)
+            tokens.remove(pipe, [e.name for e in applied])
     result = {"word": run.word, "attribute": run.attribute, "values": run.values, "classifier": classify.kind,
               "n": run.n, "seed": run.seed, "prompts": groups, "before": before, "after": after, "embedding": source,
+              "recipe": run.recipe if run.images else None, "use": use,
               "train_seconds": round(seconds, 1), "seconds": round(time.perf_counter() - t0, 1)}
     if after is not None:
         result["summary"] = {g: _compare(before[g]["pooled"], after[g]["pooled"], classify.kind) for g in groups}
@@ -262,6 +403,8 @@ def format_table(result: dict) -> str:
         for v in result["values"]:
             after = f"{a['pooled']['distribution'][v]:>8.2f}" if a else f"{'':>8}"
             lines.append(f"{g:<10}{v:<12}{b['pooled']['distribution'][v]:>8.2f}{after}")
+    if result.get("use"):
+        lines.append(f"after: the word used as {result['use']}")
     for g, s in (result.get("summary") or {}).items():
         ret = ""
         if "retention_after" in s:

@@ -220,6 +220,8 @@ def _vector_count(emb) -> str:
 @click.option("--model", "-m", default=None, help=MODEL_HELP)
 @click.option("--init", default=None, help="Init text; several tokens are spread over the vectors (A1111). Default '*', or the word itself in replace mode.")
 @click.option("--vectors", default=1, show_default=True, help="Vectors per token.")
+@click.option("--per-layer", is_flag=True,
+              help="P+: learn one set of vectors per UNet cross-attention layer (SD 1.x/2.x; saved as --format per-layer, or xti for kohya).")
 @click.option("--mode", type=click.Choice(["object", "style", "replace"]), default="object", show_default=True)
 @click.option("--templates", default=None, help="'object', 'style' or a file of templates with [name]/{} and [filewords]. Default: by --mode.")
 @click.option("--steps", default=500, show_default=True)
@@ -254,7 +256,8 @@ def _vector_count(emb) -> str:
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the UNet.")
 @click.option("--save-every", type=STEPS, default=0, show_default=True, help="Also save NAME-STEP every N steps (and a resume point).")
 @click.option("--preview-every", type=STEPS, default=0, show_default=True, help="Write a fixed-seed preview grid every N steps.")
-@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default="diffusers", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(CONVERT_FORMATS), default="diffusers", show_default=True,
+              help="With --per-layer: per-layer (what the default means there) or xti (kohya's, SD 1.x/2.x UNets).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder (default runs/TOKEN).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last save.")
 @config_option
@@ -265,7 +268,7 @@ def _vector_count(emb) -> str:
 @click.option("--concept", default=None, help="Mini world: the shape the judge should see (default: read off the training images).")
 @click.option("--clip", default=None, help="CLIP weights (folder or hub id) for measuring saves on real models.")
 @click.option("--dino", default=None, help="DINO weights (folder or hub id) for measuring saves on real models.")
-def train(images, token, model, init, vectors, mode, templates, steps, lr, batch, grad_accum, timesteps, train_guidance, resolution, crops, flip,
+def train(images, token, model, init, vectors, per_layer, mode, templates, steps, lr, batch, grad_accum, timesteps, train_guidance, resolution, crops, flip,
           buckets, captions, shuffle_captions, keep_tokens, caption_dropout, alpha_mask, lr_warmup, lr_schedule, seed, precision, clip_skip, grad_checkpointing, compile_, save_every, preview_every, fmt, out, resume, model_config,
           pick_best, early_stop, patience, eval_n, concept, clip, dino):
     """Train a textual inversion embedding from a folder of images."""
@@ -276,7 +279,7 @@ def train(images, token, model, init, vectors, mode, templates, steps, lr, batch
     if measure and not save_every:
         save_every = max(1, steps // 10)
         click.echo(f"--save-every {save_every}: saves to measure for --pick-best/--early-stop", err=True)
-    cfg = TrainConfig(images=str(images), token=token, model=model, init=init, vectors=vectors, mode=mode,
+    cfg = TrainConfig(images=str(images), token=token, model=model, init=init, vectors=vectors, per_layer=per_layer, mode=mode,
                       templates=templates, steps=steps, lr=lr, batch=batch, grad_accum=grad_accum, timesteps=timesteps,
                       guidance=train_guidance, resolution=resolution, crops=crops, flip=flip, buckets=buckets, captions=captions,
                       shuffle_captions=shuffle_captions, keep_tokens=keep_tokens, caption_dropout=caption_dropout,
@@ -322,7 +325,7 @@ def _trained(result) -> str:
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--steps", type=int, default=None, help="Training steps (default: the tuned demo setting).")
 @click.option("-n", "count", type=int, default=None, help="Images per prompt for the metrics.")
-@click.option("--bias", is_flag=True, help="Instead: re-learn the biased word 'ball' from a balanced set (replace mode).")
+@click.option("--bias", is_flag=True, help="Instead: debias the word 'ball' from a curated set (textinv bias ball --attribute colour --images ...).")
 def demo(out, concept, seed, steps, count, bias):
     """The whole loop on the built-in model and its world: render, train, generate, measure."""
     from . import demo as d
@@ -345,8 +348,10 @@ def demo(out, concept, seed, steps, count, bias):
 @click.argument("word")
 @click.option("--attribute", "attribute", required=True,
               help="NAME=value1,value2,... to measure (e.g. gender=man,woman); on the mini model NAME alone takes the judge's values.")
-@click.option("--images", default=None, help="A curated folder: re-learn WORD from it (replace mode) and measure after.")
-@click.option("--embedding", "-e", "embedding", default=None, help="Or: an existing replacement embedding for WORD to measure after.")
+@click.option("--images", default=None, help="A curated folder: re-learn WORD from it and measure after (per-value: one subfolder per value).")
+@click.option("--recipe", type=click.Choice(["per-value", "replace"]), default="per-value", show_default=True,
+              help="per-value: a learned token per value, used in turn before WORD; replace: re-learn WORD itself from a flat folder.")
+@click.option("--embedding", "-e", "embedding", default=None, help="Or: an existing replacement embedding for WORD, or a folder of per-value ones, to measure after.")
 @click.option("--prompts", "prompts_file", default=None, help="Held-out prompts, one a line, WORD written {} (default: the model's own or a generic set).")
 @click.option("--templates", default=None, help="Training templates ('object', 'style' or a file); their prompts are the training group.")
 @click.option("--model", "-m", default=None, help=MODEL_HELP)
@@ -355,19 +360,19 @@ def demo(out, concept, seed, steps, count, bias):
 @click.option("-n", "count", type=click.IntRange(min=1), default=120, show_default=True, help="Images per prompt.")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True, help="Training steps (with --images).")
-@click.option("--timesteps", default="300:1000", show_default=True, help="Training noise levels (see textinv train).")
-@click.option("--guidance", "train_guidance", type=_Finite(1.0), default=1.5, show_default=True, help="Training guidance (see textinv train).")
+@click.option("--timesteps", default=None, help="Training noise levels (see textinv train; default: the recipe's, all / 300:1000).")
+@click.option("--guidance", "train_guidance", type=_Finite(1.0), default=None, help="Training guidance (see textinv train; default: the recipe's, 1 / 1.5).")
 @click.option("--vectors", type=click.IntRange(1, 75), default=1, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder (default bias-WORD).")
-def bias(word, attribute, images, embedding, prompts_file, templates, model, model_config, clip, count, seed, steps, timesteps,
+def bias(word, attribute, images, recipe, embedding, prompts_file, templates, model, model_config, clip, count, seed, steps, timesteps,
          train_guidance, vectors, out):
-    """Measure a word's bias over an attribute; with --images re-learn the word (replace mode) and measure again."""
+    """Measure a word's bias over an attribute; with --images re-learn it from a curated set and measure again."""
     from . import bias as b
     from .formats import file_stem, printable
     from .world import spec
 
     name, values = b.parse_attribute(attribute, lambda a: spec.labels(a) if a in spec.ATTRIBUTES else None)
-    run = b.BiasRun(word=word, attribute=name, values=values, images=images, embedding=embedding, prompts=prompts_file,
+    run = b.BiasRun(word=word, attribute=name, values=values, images=images, embedding=embedding, recipe=recipe, prompts=prompts_file,
                     templates=templates, model=model, model_config=model_config, clip=clip, n=count, seed=seed, steps=steps,
                     timesteps=timesteps, guidance=train_guidance, vectors=vectors, out=str(out or f"bias-{file_stem(word)}"))
     result = b.run_bias(run, echo=lambda line: click.echo(printable(line), err=True))

@@ -8,7 +8,8 @@
    same prompts with the init word, the baseline.
 
 `textinv demo --bias` is the seed document's "doctor" story: the model's "ball" is almost always
-red; re-learning the word from a small balanced set (replace mode) evens out its colours.
+red; one small token per colour, learned from a curated set and used in turn before the word
+(``textinv bias``'s per-value recipe), evens out its colours and keeps it a ball.
 """
 from __future__ import annotations
 
@@ -129,29 +130,34 @@ def print_summary(m: dict, echo=click.echo) -> None:
     echo(f"training {m['train_seconds']:.0f} s, total {m['total_seconds']:.0f} s; embedding {m['embedding']}")
 
 
-BIAS_TIMESTEPS = "300:1000"  # colour is settled at high noise (measured: KL 0.98 when training on all timesteps)
-# Fit the prediction the sampler uses (guidance 4) part of the way: the plain loss leaves red at ~0.55
-# (guidance sharpens what the conditional slightly prefers); fitting guidance 2 or 4 balances the
-# colours further but the word stops drawing balls (0.63 / 0.25), because in this model the ball's
-# look is tied to red.  Measured on seed 0, 60 images: docs/evaluation.md.
-BIAS_GUIDANCE = 1.5
+CURATED_PER_VALUE = 6  # curated balls per colour: both sizes × three positions, backgrounds alternating
 
 
 def render_bias_set(folder: Path, seed: int = 0) -> Path:
-    """A small curated set that changes only what should change: two balls of each colour, every one
-    in the word's usual solid fill (the model draws "ball" solid 95 % of the time; mixed fills
-    taught it outlines too)."""
+    """A small curated set, one subfolder per colour (what ``--recipe per-value`` reads): six balls of
+    each colour that vary everything else the world has — both sizes, three positions, both
+    backgrounds — in the word's usual solid fill (the model draws "ball" solid 95 % of the time),
+    each captioned with everything but its colour ("a small ball on the left on a dark
+    background").  Measured (docs/evaluation.md): without the sizes and positions covered and
+    named, the learned tokens carried a size of their own and drew few small balls."""
     from .world import render, spec
 
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, colour in enumerate(spec.labels("colour") * 2):
-        render.sample(20_000 + seed, i, shape=spec.BIASED["shape"], colour=colour, style="solid").image.save(
-            folder / f"{i:02d}-{colour}.png")
+    combos = [(size, pos) for size in spec.labels("size") for pos in spec.labels("position")]
+    for c, colour in enumerate(spec.labels("colour")):
+        (folder / colour).mkdir(parents=True, exist_ok=True)
+        for i in range(CURATED_PER_VALUE):
+            size, position = combos[i % len(combos)]
+            background = spec.labels("background")[(i + c) % 2]
+            render.sample(20_000 + seed, c + 6 * i, shape=spec.BIASED["shape"], colour=colour, style="solid", size=size,
+                          position=position, background=background).image.save(folder / colour / f"{i:02d}.png")
+            words = [spec.SIZES[size]["words"], spec.POSITIONS[position]["words"], spec.BACKGROUNDS[background]["words"]]
+            size_w, pos_w, bg_w = (w[(i + c) % len(w)] for w in words)
+            write_text(folder / colour / f"{i:02d}.txt", f"a {size_w} {spec.BIASED['shape']} {pos_w} {bg_w}\n")
     return folder
 
 
 def run_bias(out: Path, seed: int = 0, n: int = 60, steps: int = 300, lr: str = "5e-3", model: str | None = None,
-             timesteps: str = BIAS_TIMESTEPS, guidance: float = BIAS_GUIDANCE, echo=click.echo) -> dict:
+             echo=click.echo) -> dict:
     """``textinv bias ball --attribute colour --images CURATED`` on the mini world's biased word: the
     same command, with the curated set rendered and the world's templates."""
     from . import bias
@@ -160,8 +166,8 @@ def run_bias(out: Path, seed: int = 0, n: int = 60, steps: int = 300, lr: str = 
     out.mkdir(parents=True, exist_ok=True)
     curated = render_bias_set(out / "curated", seed)
     run = bias.BiasRun(word=spec.BIASED["shape"], attribute="colour", values=spec.labels("colour"), images=str(curated),
-                       templates=str(world_templates(out)), model=model, n=n, seed=seed, steps=steps, lr=lr,
-                       timesteps=timesteps, guidance=guidance, out=str(out))
+                       templates=str(world_templates(out, captions=True)), model=model, n=n, seed=seed, steps=steps,
+                       lr=lr, out=str(out))
     result = bias.run_bias(run, echo=echo)
     echo("\n" + bias.format_table(result))
     echo(f"wrote {out}/bias.json, bias.png, report.html")
