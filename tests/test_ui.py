@@ -167,3 +167,36 @@ def test_browser_train_preview_download_generate_and_bad_uploads(server, tmp_pat
     # so the time is recorded rather than asserted.
     (ARTIFACTS / "timing.txt").write_text(f"browser test body: {elapsed:.1f} s\n")
     print(f"browser test body: {elapsed:.1f} s")
+
+
+def test_browser_bias_tab_renders_and_a_bad_attribute_is_a_message(server):
+    from playwright.sync_api import expect, sync_playwright
+
+    demo, url, _ = server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(url)
+            page.get_by_role("tab", name="Bias").click()
+            page.locator("#bias-word textarea, #bias-word input").first.fill("ball")
+            page.locator("#bias-attribute textarea, #bias-attribute input").first.fill("gender")  # no values: refused
+            expect(page.locator("#bias-recipe")).to_contain_text("per-value")
+            page.locator("#bias-start").click()
+            expect(_status(page, "bias-status")).to_have_value(re.compile(r"^Error: --attribute 'gender': expected NAME="),
+                                                               timeout=30_000)
+            _shot(page, "08-bias-bad-attribute.png")
+            assert demo.textinv_app.bias is None  # refused before anything started
+
+            # measure only (no folder, no embedding), 1 image a prompt: the table, the chart and the files come back
+            page.locator("#bias-attribute textarea, #bias-attribute input").first.fill("colour")
+            page.locator("#bias-prompts textarea").fill("a {} on the left")
+            page.locator("#bias-n input").fill("1")
+            page.locator("#bias-start").click()
+            expect(_status(page, "bias-status")).to_have_value(re.compile(r"^Done in \d+ s: bias\.json"), timeout=120_000)
+            expect(_status(page, "bias-table")).to_have_value(re.compile(r"colour of 'ball' \(judge, 1 images a prompt\)"))
+            expect(page.locator("#bias-chart img").first).to_be_visible(timeout=10_000)
+            expect(page.locator("#bias-files")).to_contain_text("report.html")
+            _shot(page, "09-bias-measured.png")
+        finally:
+            browser.close()

@@ -13,6 +13,7 @@ from textinv.errors import TextinvError
 from textinv.formats import Embedding
 
 from conftest import malicious_pt
+from test_eval import tiny_clip  # noqa: F401  (a fixture)
 
 pytest.importorskip("gradio", reason="the web UI needs gradio (pip install -e '.[test]')")
 
@@ -221,3 +222,76 @@ def test_the_page_hears_the_runs_summary_and_the_mini_models_limits_while_it_run
     finally:
         app.stop_training()
         job.thread.join(120)
+
+
+# ------------------------------------------------------------------------------------ bias
+def test_bias_input_errors_are_one_line_messages(tmp_path, app):
+    emb = formats.save(mini_emb("ball"), tmp_path / "ball.pt")
+    bad = {
+        "Word: give the word": dict(word=" ", attribute="colour"),
+        "--attribute 'gender': expected NAME=value1": dict(word="ball", attribute="gender"),
+        "--attribute 'g=a,a'": dict(word="ball", attribute="g=a,a"),
+        "Recipe 'mixed'": dict(word="ball", attribute="colour", recipe="mixed"),
+        "at least 1": dict(word="ball", attribute="colour", n=0),
+        "not both": dict(word="ball", attribute="colour", images_folder=str(tmp_path), embedding=str(emb)),
+        "not a folder on this machine": dict(word="ball", attribute="colour", images_folder=str(tmp_path / "missing")),
+        "no such file or folder": dict(word="ball", attribute="colour", embedding=str(tmp_path / "gone.pt")),
+    }
+    for message, kw in bad.items():
+        with pytest.raises(TextinvError, match=message) as e:
+            app.start_bias(**kw)
+        assert "\n" not in str(e.value)
+    assert app.bias is None and not list(app.runs.iterdir())  # nothing started, no run folder left behind
+
+
+def test_bias_and_training_refuse_each_other_and_a_bias_run_holds_the_model(tmp_path, app):
+    import threading
+
+    job = app.start_training(pictures(tmp_path / "imgs"), token="<busy>", steps=5000, preview_every=0)
+    try:
+        with pytest.raises(TextinvError, match=r"a training run \(<busy>\) is going"):
+            app.start_bias("ball", "colour")
+    finally:
+        app.stop_training()
+        job.thread.join(120)
+    release = threading.Event()  # a bias run in progress, without its minutes of work
+    app.bias = ui.BiasJob("ball", "colour", tmp_path, thread=threading.Thread(target=release.wait, daemon=True))
+    app.bias.thread.start()
+    try:
+        with pytest.raises(TextinvError, match=r"a bias run \(ball\) is going"):
+            app.start_training(pictures(tmp_path / "more"), token="<other>")
+        with pytest.raises(TextinvError, match=r"a bias run \(ball\) is going"):
+            app.start_bias("ball", "colour")
+        with pytest.raises(TextinvError, match="the model is busy measuring the bias of 'ball'"):
+            app.generate("a ball", n=1, steps=2)
+        assert app.bias.status().startswith("Measuring the colour of 'ball'")
+    finally:
+        release.set()
+        app.bias.thread.join(10)
+
+
+def test_a_bias_run_in_the_app_writes_json_chart_and_report(tmp_path, app, tiny_clip, monkeypatch):  # noqa: F811
+    import json
+
+    from conftest import make_sd
+
+    from textinv import metrics, tokens
+
+    monkeypatch.setattr(metrics, "DEFAULT_CLIP", str(tiny_clip))  # a real model's zero-shot classifier, tiny and offline
+    app._pipe = make_sd()
+    emb = formats.save(Embedding("x", {"clip": torch.randn(1, 32)}), tmp_path / "x.safetensors")
+    job = app.start_bias("doctor", "gender=man,woman", embedding=str(emb), prompts_text="a portrait of a {}\n\n", n=2)
+    job.thread.join(120)
+    assert job.error is None and not job.running, job.status()
+    assert job.out.parent == app.runs and job.out.name.endswith("-bias-doctor")
+    saved = json.loads((job.out / "bias.json").read_text())
+    assert saved["prompts"]["held-out"] == ["a portrait of a doctor"] and saved["n"] == 2
+    assert set(job.paths()) == {"json", "chart", "report"}
+    status = job.status()
+    assert status.startswith("Done in ") and "bias.json, bias.png, report.html" in status and "KL" in status
+    assert "held-out: KL " in job.table() and "gender of 'doctor'" in job.table()
+    assert not tokens.state(app._pipe).names  # the pipeline is clean for Generate
+    failed = app.start_bias("doctor", "gender=man,woman", embedding=str(emb), prompts_text="a photo of a {}", n=2)
+    failed.thread.join(120)
+    assert failed.status().startswith("Bias run failed: --prompts: 'a photo of a doctor' is also a training prompt")
+    assert failed.result is None and not failed.paths() and failed.out != job.out  # a run folder each, even within a second

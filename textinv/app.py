@@ -1,4 +1,4 @@
-"""The web app's logic in plain Python: training jobs, generation, the library folder.
+"""The web app's logic in plain Python: training and bias jobs, generation, the library folder.
 
 :class:`App` raises :class:`~textinv.errors.TextinvError` for anything a user can get wrong and
 needs no Gradio: it is tested without a browser.  :mod:`textinv.ui` puts it in a page.
@@ -23,6 +23,7 @@ DEFAULT_LIBRARY = Path("~/.textinv/embeddings")
 DEFAULT_WORKDIR = Path("~/.textinv/ui")
 MAX_IMAGE_BYTES = 50 << 20
 MODEL_DEFAULT_SAMPLER = "(model default)"
+BIAS_RECIPES = ("per-value", "replace")  # textinv.bias.RECIPES: a value per subfolder, or the word re-learned from one folder
 NAME_RE = re.compile(r"[\w][\w.-]*")
 
 
@@ -138,6 +139,56 @@ class TrainJob:
         return "Not started."
 
 
+# ------------------------------------------------------------------------------------ bias
+@dataclass
+class BiasJob:
+    """One bias run (measure, re-learn or apply, measure again) in a background thread; the page polls :meth:`status`."""
+
+    word: str
+    attribute: str
+    out: Path
+    thread: threading.Thread | None = None
+    lines: list[str] = field(default_factory=list)  # the run's echo, as it comes
+    warnings: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    result: dict | None = None  # what bias.json holds
+    error: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def echo(self, line) -> None:
+        self.lines.append(str(line))
+
+    def status(self, last: int = 8) -> str:
+        """The run's state in a line, then its last lines (per prompt: KL and retention) and its warnings."""
+        seconds = (self.ended or time.time()) - self.started
+        if self.error:
+            head = f"Bias run failed: {self.error}"
+        elif self.result is not None:
+            head = f"Done in {seconds:.0f} s: {', '.join(p.name for p in self.paths().values())} in {self.out}"
+        elif self.running:
+            head = f"Measuring the {self.attribute} of {self.word!r} ({seconds:.0f} s)" + ("" if self.lines else ": loading the model…")
+        else:
+            head = "Not started."
+        return "\n".join([head] + self.lines[-last:] + [f"warning: {w}" for w in self.warnings])
+
+    def table(self) -> str:
+        """The before/after figures (bias.format_table), once done."""
+        from .bias import format_table
+
+        return format_table(self.result) if self.result is not None else ""
+
+    def paths(self) -> dict[str, Path]:
+        """The files written when done: json (bias.json), chart (bias.png, with matplotlib), report (report.html)."""
+        if self.result is None:
+            return {}
+        names = {"json": "bias.json", "chart": "bias.png", "report": "report.html"}
+        return {k: self.out / name for k, name in names.items() if (self.out / name).is_file()}
+
+
 # ------------------------------------------------------------------------------------ the app
 class App:
     """The web app's state and actions, independent of Gradio."""
@@ -154,6 +205,7 @@ class App:
             except OSError as e:
                 raise TextinvError(f"{d}: cannot create this folder ({e.strerror or e})") from None
         self.job: TrainJob | None = None
+        self.bias: BiasJob | None = None
         self._pipe = None
         self._pipe_lock = threading.RLock()
         self._job_lock = threading.Lock()
@@ -177,10 +229,17 @@ class App:
                 self._pipe = load_pipeline(self.model, config=self.model_config)
             return self._pipe
 
+    def _check_model_free(self) -> None:
+        """A bias run holds the pipeline for minutes (it applies and trains tokens in it): say so, rather than wait."""
+        job = self.bias
+        if job is not None and job.running:
+            raise TextinvError(f"the model is busy measuring the bias of {job.word!r} (Bias tab); try again when it ends")
+
     def check_fits(self, emb) -> None:
         """ModelMismatchError (a TextinvError) unless ``emb`` is made for this app's model."""
         from . import tokens
 
+        self._check_model_free()
         with self._pipe_lock:
             tokens.state(self.pipe()).check(emb)
 
@@ -210,8 +269,7 @@ class App:
         from .training import MODES, TrainConfig, parse_lr
 
         with self._job_lock:
-            if self.job is not None and self.job.running:
-                raise TextinvError(f"a training run ({self.job.token}) is going; stop it first")
+            self._check_no_job()
             token = (token or "").strip()
             if not token:
                 raise TextinvError("Token: give the new trigger word, e.g. <my-cat>")
@@ -275,6 +333,85 @@ class App:
             self._to_trash(path)
         return formats.save(emb, path, native_format(emb))
 
+    def _check_no_job(self) -> None:
+        """Training and bias runs share the model (and its memory): one at a time."""
+        if self.job is not None and self.job.running:
+            raise TextinvError(f"a training run ({self.job.token}) is going; stop it first")
+        if self.bias is not None and self.bias.running:
+            raise TextinvError(f"a bias run ({self.bias.word}) is going; wait for it to end")
+
+    # -- bias ----------------------------------------------------------------------------------
+    def start_bias(self, word: str, attribute: str, images_folder: str = "", embedding: str = "", prompts_text: str = "",
+                   recipe: str = "per-value", n: int = 60, seed: int = 0, steps: int = 300) -> BiasJob:
+        """``textinv bias`` in a background thread, on this app's pipeline; outputs in ``runs/DATE-bias-WORD``."""
+        from . import bias
+        from .world import spec
+
+        with self._job_lock:
+            self._check_no_job()
+            word = (word or "").strip()
+            if not word:
+                raise TextinvError("Word: give the word to measure, e.g. doctor (ball on the mini model)")
+            name, values = bias.parse_attribute((attribute or "").strip(),
+                                                lambda a: spec.labels(a) if a in spec.ATTRIBUTES else None)
+            if recipe not in BIAS_RECIPES:
+                raise TextinvError(f"Recipe {recipe!r}: choose one of {', '.join(BIAS_RECIPES)}")
+            n, seed, steps = int(n or 0), int(seed or 0), int(steps or 0)
+            if n < 1 or steps < 1:
+                raise TextinvError("Images per prompt and training steps must be at least 1")
+            folder, emb = (str(x or "").strip() for x in (images_folder, embedding))
+            if folder and emb:
+                raise TextinvError("give either a curated folder (re-learn the word) or existing embedding(s), not both")
+            if folder and not Path(folder).expanduser().is_dir():
+                raise TextinvError(f"Folder {folder}: not a folder on this machine")
+            if emb and not Path(emb).expanduser().exists():
+                raise TextinvError(f"Embedding {emb}: no such file or folder on this machine")
+            held_out = [line.strip() for line in (prompts_text or "").splitlines() if line.strip()]
+            out = self._new_run_folder(f"{time.strftime('%Y%m%d-%H%M%S')}-bias-{file_stem(word)}")
+            prompts = None
+            if held_out:
+                prompts = out / "held-out-prompts.txt"
+                prompts.write_text("\n".join(held_out) + "\n", encoding="utf-8")
+            run = bias.BiasRun(word=word, attribute=name, values=values,
+                               images=str(Path(folder).expanduser()) if folder else None,
+                               embedding=str(Path(emb).expanduser()) if emb else None, recipe=recipe,
+                               prompts=str(prompts) if prompts else None, model=self.model, model_config=self.model_config,
+                               n=n, seed=seed, steps=steps, out=str(out))
+            job = BiasJob(word, name, out)
+            job.thread = threading.Thread(target=self._bias, args=(job, run), name=f"textinv-bias-{word}", daemon=True)
+            self.bias = job
+            job.thread.start()
+            return job
+
+    def _new_run_folder(self, name: str) -> Path:
+        """runs/NAME, or NAME-2, NAME-3… when a run of that name started within the same second."""
+        out, i = self.runs / name, 1
+        while True:
+            try:
+                out.mkdir(parents=True)
+                return out
+            except FileExistsError:
+                i += 1
+                out = self.runs / f"{name}-{i}"
+
+    def _bias(self, job: BiasJob, run) -> None:
+        from . import bias, tokens
+
+        with collecting(into=job.warnings):
+            try:
+                with self._pipe_lock:  # the run applies and trains tokens in the pipeline: no generation meanwhile
+                    job.result = bias.run_bias(run, pipe=self.pipe(), echo=job.echo)
+            except Exception as e:  # noqa: BLE001 - shown in the page; the server goes on
+                job.error = describe_error(e)
+                if not isinstance(e, TextinvError):
+                    traceback.print_exc()
+                with self._pipe_lock:  # a run stopped half-way may leave tokens applied: the next use loads a clean one
+                    st = tokens.state(self._pipe, create=False) if self._pipe is not None else None
+                    if st is not None and st.names:
+                        self._pipe = None
+            finally:
+                job.ended = time.time()
+
     def close(self, timeout: float = 60) -> None:
         """Stop a running training run and wait for it (the server is shutting down)."""
         job = self.job
@@ -316,6 +453,7 @@ class App:
 
         if not (prompt or "").strip():
             raise TextinvError("Prompt: empty")
+        self._check_model_free()
         n, steps, seed = int(n or 0), int(steps or 0), int(seed or 0)
         if not 1 <= n <= 64:
             raise TextinvError("Images: between 1 and 64")
@@ -380,6 +518,8 @@ class App:
         except OSError:
             stamp = None
         key = (str(emb.path), emb.name, stamp)
+        if key not in self._nearest_cache and self.bias is not None and self.bias.running:
+            return "— (the model is busy with a bias run)"  # not cached: asked again after the run
         if key not in self._nearest_cache:
             try:
                 self.check_fits(emb)

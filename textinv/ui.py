@@ -1,7 +1,7 @@
-"""``textinv ui``: a local web app (Gradio) to train, generate and manage embeddings.
+"""``textinv ui``: a local web app (Gradio) to train, generate and manage embeddings, and measure a word's bias.
 
-Two layers.  :class:`textinv.app.App` is plain Python — training jobs, generation, the library
-folder — tested without a browser.  :func:`build` wires it to Gradio components: every handler
+Two layers.  :class:`textinv.app.App` is plain Python — training and bias jobs, generation, the
+library folder — tested without a browser.  :func:`build` wires it to Gradio components: every handler
 turns an error into a message in the page (a status box and a warning toast), so a bad upload or
 a bad setting never stops the server.
 
@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from .app import MODEL_DEFAULT_SAMPLER, App, TrainJob, describe_error, install_warning_router
+from .app import BIAS_RECIPES, MODEL_DEFAULT_SAMPLER, App, BiasJob, TrainJob, describe_error, install_warning_router
 from .errors import TextinvError
 from .formats import SAVE_FORMATS
 
@@ -30,6 +30,7 @@ DEFAULT_MAX_UPLOAD_MB = 200  # a LoRA bundle may carry embeddings; checkpoints a
 LIBRARY_HEADERS = ["trigger", "family", "vectors", "steps", "hash", "nearest words", "file"]
 CSS = """
 #previews img, #gen-gallery img { image-rendering: pixelated; }
+#bias-table textarea { font-family: monospace; white-space: pre; }
 .status textarea { font-family: monospace; }
 """
 
@@ -81,7 +82,7 @@ class _Page:
 
 
 def build(app: App):
-    """The Gradio Blocks of the app (not launched): three tabs, then their handlers."""
+    """The Gradio Blocks of the app (not launched): four tabs, then their handlers."""
     gr = _gr()
     page = _Page(gr, app)
     with gr.Blocks(title="textinv", analytics_enabled=False) as demo:
@@ -90,10 +91,13 @@ def build(app: App):
             train = _train_tab(gr, app, page)
             gen = _generate_tab(gr)
             lib = _library_tab(gr)
+            bias = _bias_tab(gr)
         _train_handlers(gr, app, page, train, gen)
         _generate_handlers(gr, app, page, gen)
         _library_handlers(gr, app, page, lib, gen, demo)
+        _bias_handlers(gr, app, page, bias)
         demo.load(lambda: app.job.status() if app.job else "", None, train.status)  # a reloaded page sees the run
+        demo.load(lambda: app.bias.status() if app.bias else "", None, bias.status)
     demo.queue(default_concurrency_limit=2)
     return demo
 
@@ -208,6 +212,39 @@ def _library_tab(gr):
               merge_pick=merge_pick, weights=weights, concat=concat, merge_name=merge_name, merge=merge)
 
 
+def _bias_tab(gr):
+    from types import SimpleNamespace as NS
+
+    with gr.Tab("Bias", id="bias"):
+        with gr.Row():
+            with gr.Column():
+                word = gr.Textbox(label="Word", placeholder="doctor (on the mini model: ball)", elem_id="bias-word")
+                attribute = gr.Textbox(label="Attribute (NAME=value1,value2,…; on the mini model a name alone, e.g. colour)",
+                                       placeholder="gender=man,woman", elem_id="bias-attribute")
+                folder = gr.Textbox(label="Curated folder on this machine: re-learn the word from it (per-value: a subfolder "
+                                          "per value)", placeholder="/path/to/curated", elem_id="bias-folder")
+                embedding = gr.Textbox(label="…or existing embedding(s): a file, or a folder of per-value ones (neither: "
+                                             "measure only)", placeholder="/path/to/doctor.safetensors", elem_id="bias-embedding")
+                recipe = gr.Radio(list(BIAS_RECIPES), value=BIAS_RECIPES[0], label="Recipe (with a folder)", elem_id="bias-recipe")
+            with gr.Column():
+                prompts = gr.Textbox(label="Held-out prompts (one a line, the word written {}; empty: the model's defaults)",
+                                     lines=4, placeholder="a portrait of a {}", elem_id="bias-prompts")
+                with gr.Row():
+                    n = gr.Number(label="Images per prompt", value=60, precision=0, minimum=1, elem_id="bias-n")
+                    seed = gr.Number(label="Seed", value=0, precision=0, elem_id="bias-seed")
+                    steps = gr.Number(label="Training steps (with a folder)", value=300, precision=0, minimum=1,
+                                      elem_id="bias-steps")
+                go = gr.Button("Measure", variant="primary", elem_id="bias-start")
+        status = gr.Textbox(label="Status", interactive=False, lines=6, elem_id="bias-status", elem_classes="status")
+        table = gr.Textbox(label="Before → after (pooled per prompt group)", interactive=False, lines=8, elem_id="bias-table")
+        with gr.Row():
+            chart = gr.Image(label="Distribution before and after", type="filepath", interactive=False, elem_id="bias-chart")
+            files = gr.File(label="bias.json, report.html", file_count="multiple", interactive=False, height=150,
+                            elem_id="bias-files")
+    return NS(inputs=[word, attribute, folder, embedding, prompts, recipe, n, seed, steps], go=go, status=status,
+              outputs=[status, table, chart, files])
+
+
 def _train_handlers(gr, app: App, page: _Page, t, gen) -> None:
     def on_images(paths):
         good, bad = app.check_images(paths)
@@ -257,6 +294,44 @@ def _follow(gr, page: _Page, job: TrainJob):
         yield job.status(), gr.skip(), gr.skip(), gr.skip()
     else:
         yield job.status(), page.loss_frame(job), page.gallery(job), gr.update(choices=page.library_choices())
+
+
+def _bias_handlers(gr, app: App, page: _Page, b) -> None:
+    def on_measure(word, attribute, folder, embedding, prompts, recipe, n, seed, steps):
+        try:
+            job = app.start_bias(word, attribute, folder, embedding, prompts, recipe=recipe, n=n, seed=seed, steps=steps)
+        except Exception as e:  # noqa: BLE001 - every error is a message in the page
+            msg = describe_error(e)
+            page.warn([msg])
+            yield f"Error: {msg}", gr.skip(), gr.skip(), gr.skip()
+            return
+        yield from _follow_bias(gr, page, job)
+
+    # no queue limit: a second click while a run goes is refused at once by the App, not queued behind the run
+    b.go.click(on_measure, b.inputs, b.outputs, concurrency_limit=None, show_progress="hidden")
+
+
+def _follow_bias(gr, page: _Page, job: BiasJob):
+    """A running bias job, once a second: its status; when done, the table, the chart and the files."""
+    shown = 0
+    yield job.status(), "", None, None  # the last run's results leave the page
+    while True:
+        alive = job.running
+        if len(job.warnings) > shown:
+            page.warn(job.warnings[shown:])
+            shown = len(job.warnings)
+        if not alive:
+            break
+        time.sleep(1.0)
+        yield job.status(), gr.skip(), gr.skip(), gr.skip()
+    if job.error:
+        page.warn([job.error])
+        yield job.status(), gr.skip(), gr.skip(), gr.skip()
+        return
+    paths = job.paths()
+    chart = str(paths["chart"]) if "chart" in paths else None
+    files = [str(paths[k]) for k in ("json", "report") if k in paths]
+    yield job.status(), job.table(), chart, files
 
 
 def _generate_handlers(gr, app: App, page: _Page, g) -> None:
