@@ -76,6 +76,31 @@ def key(concept, images, vectors, seed) -> str:
     return f"{concept}-i{images}-v{vectors}-s{seed}"
 
 
+def measured_run(pipe, cfg: TrainConfig, metric, measure: dict, curve_n: int) -> dict:
+    """Train ``cfg`` on ``pipe`` and measure it: fidelity at every save (``curve_n`` images of "a photo
+    of a S*"), fidelity and editability of the final embedding, the first step reaching TARGET, and
+    the training seconds without the measurements."""
+    curve, eval_seconds = [], 0.0
+
+    def on_save(step, path):
+        nonlocal eval_seconds
+        t = time.perf_counter()
+        r = metric(pipe, cfg.token, probes=metric.fidelity_only(), **dict(measure, n=curve_n))
+        curve.append({"step": step, "fidelity": r["fidelity"]})
+        eval_seconds += time.perf_counter() - t
+        return False
+
+    res = train(cfg, pipe=pipe, on_save=on_save)
+    final = metric(pipe, cfg.token, **measure)
+    tk.remove(pipe)
+    curve.append({"step": res.steps, "fidelity": final["probes"][0]["concept"]})
+    return {"fidelity": final["fidelity"], "editability": final["editability"],
+            "score": evaluate.tradeoff_score(final["fidelity"], final["editability"]),
+            "steps_to_target": next((p["step"] for p in curve if p["fidelity"] >= TARGET), None), "curve": curve,
+            "train_seconds": round(res.seconds - eval_seconds, 2), "eval_seconds": round(eval_seconds, 2),
+            "file_bytes": res.embedding_path.stat().st_size}
+
+
 def main() -> None:
     a = parse()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -99,35 +124,17 @@ def main() -> None:
         folder = a.out / "images" / f"{concept}-s{seed}-i{k}"
         if not folder.is_dir():
             render_training_set(concept, folder, n=k, seed=seed, captions=settings.captions)
-        curve, eval_seconds = [], 0.0
-
-        def on_save(step, path):
-            nonlocal eval_seconds
-            t = time.perf_counter()
-            r = metric(pipe, "<c>", probes=metric.fidelity_only(), **dict(measure, n=a.curve_n))
-            curve.append({"step": step, "fidelity": r["fidelity"]})
-            eval_seconds += time.perf_counter() - t
-            return False
-
         run_dir = a.out / "runs" / key(concept, k, v, seed)
         shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts again (its curve was lost)
         cfg = TrainConfig(images=str(folder), token="<c>", init=INIT_WORD, vectors=v, templates=str(templates),
                           steps=a.steps, lr=a.lr, batch=a.batch, flip=False, seed=seed, save_every=a.save_every,
                           out=str(run_dir), progress=False)
-        res = train(cfg, pipe=pipe, on_save=on_save)
-        final = metric(pipe, "<c>", **measure)
-        tk.remove(pipe)
-        curve.append({"step": res.steps, "fidelity": final["probes"][0]["concept"]})
-        reached = next((p["step"] for p in curve if p["fidelity"] >= TARGET), None)
-        results["runs"][key(concept, k, v, seed)] = {
-            "concept": concept, "images": k, "vectors": v, "seed": seed, "fidelity": final["fidelity"],
-            "editability": final["editability"], "score": evaluate.tradeoff_score(final["fidelity"], final["editability"]),
-            "steps_to_target": reached, "curve": curve, "train_seconds": round(res.seconds - eval_seconds, 2),
-            "eval_seconds": round(eval_seconds, 2)}
+        r = measured_run(pipe, cfg, metric, measure, a.curve_n)
+        reached = r["steps_to_target"]
+        results["runs"][key(concept, k, v, seed)] = {"concept": concept, "images": k, "vectors": v, "seed": seed, **r}
         write_text(results_path, json.dumps(results, indent=1))
         done = idx + 1
         per = (time.perf_counter() - t_start) / done
-        r = results["runs"][key(concept, k, v, seed)]
         print(f"[{done}/{len(todo)}] {key(concept, k, v, seed)}: fidelity {r['fidelity']:.2f}, editability "
               f"{r['editability']:.2f}, to {TARGET}: {reached or '—'}, train {r['train_seconds']:.0f} s; "
               f"{per * (len(todo) - done) / 60:.1f} min left", flush=True)

@@ -281,6 +281,27 @@ def test_train_pick_best_then_eval_a_run_writes_curve_report_and_table(tmp_path,
     assert [p["step"] for p in json.loads((run / "embeddings" / "blk-2-eval" / "metrics.json").read_text())["points"]] == [2]
 
 
+def test_per_layer_run_picks_its_best_save_and_evaluates(tmp_path, tiny_model, tiny_clip, tiny_dino):
+    # --per-layer saves per-layer files; --pick-best copies the chosen one in that layout; eval measures every save
+    from click.testing import CliRunner
+
+    from textinv.cli import main
+
+    imgs, run, runner = blocks(tmp_path / "imgs"), tmp_path / "run", CliRunner()
+    metric = ["--clip", str(tiny_clip), "--dino", str(tiny_dino)]
+    res = runner.invoke(main, ["train", "--images", str(imgs), "--token", "<blk>", "--init", "square", "--model", str(tiny_model),
+                               "--steps", "4", "--batch", "2", "--save-every", "2", "--out", str(run), "--pick-best",
+                               "--eval-n", "1", "--per-layer", *metric])
+    assert res.exit_code == 0, res.output
+    best = json.loads((run / "eval" / "metrics.json").read_text())["best_step"]
+    final = formats.load(run / "blk.safetensors")
+    assert final.source_format == "per-layer" and final.meta["step"] == best and len(final.layers) == 4
+    assert torch.equal(final.vectors["clip"], formats.load(run / "embeddings" / f"blk-{best}.safetensors").vectors["clip"])
+    res = runner.invoke(main, ["eval", str(run), "-n", "1", "--steps", "1", "--no-baseline", *metric])
+    assert res.exit_code == 0, res.output
+    assert [p["step"] for p in json.loads((run / "eval" / "metrics.json").read_text())["points"]] == [2, 4]
+
+
 def test_eval_errors_are_one_line_with_exit_2(tmp_path, tiny_model):
     from click.testing import CliRunner
 

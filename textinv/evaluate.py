@@ -502,13 +502,13 @@ def pick_best(tracker: StepTracker, result, cfg, tolerance: float = 0.05) -> tup
     best = best_step(tracker.points, tolerance)
     if best is None or best == result.steps:
         return result.steps, result.embedding_path
-    stem, suffix = formats.file_stem(cfg.token), formats.suffix_for(cfg.format, result.embedding)
+    stem, suffix = formats.file_stem(cfg.token), formats.suffix_for(cfg.file_format, result.embedding)
     folder = result.out / "embeddings"
     last = folder / f"{stem}-{result.steps}{suffix}"
     if not last.exists():
-        formats.save(result.embedding, last, cfg.format)
+        formats.save(result.embedding, last, cfg.file_format)
     chosen = formats.load(folder / f"{stem}-{best}{suffix}", name=result.embedding.name)
-    formats.save(chosen, result.embedding_path, cfg.format)
+    formats.save(chosen, result.embedding_path, cfg.file_format)
     return best, result.embedding_path
 
 

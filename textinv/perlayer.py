@@ -25,6 +25,8 @@ A per-layer embedding gives every cross-attention layer of the UNet its own vect
 For training, :func:`encoder_states` gives every layer's states differentiably (gradients reach
 the trigger rows, ``TriggerEmbedding.extra``) and :func:`layer_states` / :func:`unet_forward` run
 the UNet with them; :func:`rows` says which rows of ``extra`` hold which layer's vectors.
+``textinv train --per-layer`` uses them through :func:`trainable` (the new word, one copy of its
+init vectors per layer) and :class:`LayeredUNet` (the UNet the loss calls).
 
 Not covered: diffusers' own ``clip_skip=`` argument (textinv's ``--clip-skip`` is), and prompt
 embeddings built by other libraries that re-weight the states (compel): those chunks are not
@@ -34,6 +36,7 @@ the embedding was applied replace the wrappers.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 from collections import OrderedDict
@@ -42,7 +45,7 @@ import torch
 from torch import nn
 
 from .errors import ModelMismatchError, TextinvError
-from .formats import Embedding
+from .formats import SD_LAYERS, Embedding
 
 REMEMBERED = 64  # prompt chunks whose per-layer states are kept (oldest forgotten first)
 _STAGES = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
@@ -150,6 +153,40 @@ def unet_forward(pipe, sample: torch.Tensor, timestep, states: torch.Tensor, **k
     """``pipe.unet(sample, timestep, ...)`` with each cross-attention layer given its own ``states[i]``."""
     with layer_states(pipe, states):
         return pipe.unet(sample, timestep, encoder_hidden_states=states[0], **kwargs)
+
+
+def trainable(emb: Embedding, pipe, fmt: str) -> Embedding:
+    """The new word ``emb`` (plain vectors) as a per-layer embedding of the pipeline's UNet, every
+    layer starting from the same vectors (P+ starts each layer from the init word, as plain TI
+    starts its one set).  Checked before the first step: SD 1.x/2.x only, and ``fmt`` "xti" only
+    where the UNet has kohya's 16-layer map."""
+    if set(emb.vectors) != {"clip"}:
+        raise TextinvError(f"--per-layer: P+ (per-layer) training is for SD 1.x/2.x models; this one is {emb.family}")
+    layers = unet_layers(pipe.unet)
+    if fmt == "xti" and layers != list(SD_LAYERS):
+        raise TextinvError(f"--format xti: kohya's XTI files hold the SD 1.x/2.x UNet's 16 cross-attention layers; "
+                           f"this model's UNet has {len(layers)}: use --format per-layer")
+    t = emb.vectors["clip"]
+    return dataclasses.replace(emb, vectors={"clip": t.expand(len(layers), *t.shape).clone()}, layers=layers)
+
+
+class LayeredUNet:
+    """A trainer's UNet (the pipeline's, or its compiled version) that also takes per-layer states:
+    ``[layers, B, S, D]`` encoder states (from :func:`encoder_states`) give each cross-attention
+    layer its own; ordinary ``[B, S, D]`` ones (the frozen unconditional branch of a guided loss)
+    pass through as they are.  Other attributes (``dtype``, ``config``) are the UNet's."""
+
+    def __init__(self, pipe, unet):
+        self.pipe, self.unet = pipe, unet
+
+    def __getattr__(self, name):
+        return getattr(self.unet, name)
+
+    def __call__(self, sample, timestep, encoder_hidden_states, **kwargs):
+        if encoder_hidden_states.ndim != 4:
+            return self.unet(sample, timestep, encoder_hidden_states, **kwargs)
+        with layer_states(self.pipe, encoder_hidden_states):
+            return self.unet(sample, timestep, encoder_hidden_states[0], **kwargs)
 
 
 def encode_chunk(pipe, ids: torch.Tensor, run):

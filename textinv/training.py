@@ -11,6 +11,11 @@ loop, saving.  What makes it fast and safe:
 * All randomness of step ``s`` comes from a generator seeded by ``(seed, s)``: a run resumed
   from its last save ends with the same embedding, bit for bit on CPU, as one never stopped.
 * The learned vectors stay float32 whatever ``--precision`` the model runs in (no NaN from fp16).
+
+``--per-layer`` (P+, SD 1.x/2.x) learns one set of vectors per UNet cross-attention layer: the word
+starts as one copy of its init vectors per layer (:func:`textinv.perlayer.trainable`), the prompts
+are encoded once per layer and each layer attends to its own (:class:`PromptTable`,
+:class:`textinv.perlayer.LayeredUNet`); the rest of the loop is the same.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data, formats, generation, prompts, tokens
+from . import data, formats, generation, perlayer, prompts, tokens
 from .atomic import atomic_path, write_text
 from .errors import TextinvError
 from .formats import Embedding
@@ -56,6 +61,7 @@ class TrainConfig:
     model_config: str | None = None  # single-file models: a diffusers folder / hub id with the configs
     init: str | None = None  # None: "*" (A1111's default), or the word itself in replace mode
     vectors: int = 1
+    per_layer: bool = False  # P+: one set of vectors per UNet cross-attention layer (SD 1.x/2.x)
     mode: str = "object"
     templates: str | None = None  # None: the mode's built-in list
     steps: int = 500
@@ -84,13 +90,19 @@ class TrainConfig:
     save_every: int = 0  # 0: only the final embedding
     preview_every: int = 0
     preview_prompts: list[str] = field(default_factory=list)  # default: the first template
-    format: str = "diffusers"
+    format: str = "diffusers"  # with per_layer: "per-layer" (what the default means there) or "xti"
     out: str | None = None  # None: runs/<token>
     resume: bool = False
     progress: bool = True
 
     def resolved_out(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / formats.file_stem(self.token)
+
+    @property
+    def file_format(self) -> str:
+        """The format saves are written in: ``format``, except that for a per-layer run the default
+        (diffusers, which holds one set of vectors) means textinv's per-layer layout."""
+        return "per-layer" if self.per_layer and self.format == "diffusers" else self.format
 
 
 @dataclass
@@ -194,7 +206,7 @@ class PromptTable:
     """
 
     def __init__(self, pipe, templates: list[str], token: str, captions: list[str], clip_skip: int = 1,
-                 vary: dict | None = None):
+                 vary: dict | None = None, per_layer: bool = False):
         self.captions = sorted(set(captions))
         self.caption_of = torch.tensor([self.captions.index(c) for c in captions])
         filled = [data.fill_template(t, token, c) for t in templates for c in self.captions]
@@ -206,7 +218,7 @@ class PromptTable:
         self.shape = (len(templates), len(self.captions))
         self.encoders = [te for _, te in tokens.encoder_pairs(pipe)]
         self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
-        self.clip_skip = clip_skip
+        self.clip_skip, self.per_layer = clip_skip, per_layer
         self.ids = [self._tokenize(tok, prompts).view(*self.shape, -1) for tok, _ in tokens.encoder_pairs(pipe)]
 
     @staticmethod
@@ -216,13 +228,18 @@ class PromptTable:
 
     def encode(self, template_idx: torch.Tensor, view_idx: torch.Tensor, device, rng=None):
         """Hidden states (and SDXL's pooled embedding) of the prompts (template, caption of view);
-        with varying captions, ``rng`` (a ``random.Random``) draws each prompt's version."""
+        with varying captions, ``rng`` (a ``random.Random``) draws each prompt's version.  A
+        per-layer word's prompts: ``[layers, B, S, D]``, each cross-attention layer's own states."""
         if self.vary and rng is not None:
             texts = [tokens.expand(self.pipe, data.fill_template(
                 self.templates[int(t)], self.token, data.vary_caption(self.captions[int(self.caption_of[v])], rng, **self.vary)))
                 for t, v in zip(template_idx, view_idx)]
-            return self._run([self._tokenize(tok, texts).to(device) for tok, _ in tokens.encoder_pairs(self.pipe)])
-        return self._run([ids[template_idx, self.caption_of[view_idx]].to(device) for ids in self.ids])
+            rows = [self._tokenize(tok, texts).to(device) for tok, _ in tokens.encoder_pairs(self.pipe)]
+        else:
+            rows = [ids[template_idx, self.caption_of[view_idx]].to(device) for ids in self.ids]
+        if self.per_layer:
+            return perlayer.encoder_states(self.pipe, rows[0], self.clip_skip), None
+        return self._run(rows)
 
     @torch.no_grad()
     def unconditional(self, pipe, device):
@@ -373,9 +390,9 @@ def _train(cfg: TrainConfig, pipe, on_save, on_step, echo=None) -> TrainResult:
     last_step, loss, seconds = _loop(cfg, out, model, batches, word, start, dist, on_save, on_step)
 
     final = _current(word.applied, cfg, last_step, model.pipe)
-    path = out / f"{formats.file_stem(cfg.token)}{formats.suffix_for(cfg.format, final)}"
+    path = out / f"{formats.file_stem(cfg.token)}{formats.suffix_for(cfg.file_format, final)}"
     if dist.is_main_process:
-        formats.save(final, path, cfg.format, preview=_card_picture(model.pipe, cfg, batches.templates))
+        formats.save(final, path, cfg.file_format, preview=_card_picture(model.pipe, cfg, batches.templates))
         _save_state(out / STATE_FILE, cfg, word.params, word.optimizer, last_step, word.scaler)
     for p in word.params:
         p.requires_grad_(False)
@@ -396,8 +413,15 @@ def check_config(cfg: TrainConfig) -> None:
         raise TextinvError(f"--vectors {cfg.vectors}: must be between 1 and {formats.MAX_VECTORS}")
     if cfg.steps < 1 or cfg.batch < 1 or cfg.grad_accum < 1:
         raise TextinvError("--steps, --batch and --grad-accum must be at least 1")
-    if cfg.format not in formats.SAVE_FORMATS:
-        raise TextinvError(f"--format {cfg.format!r}: choose one of {', '.join(formats.SAVE_FORMATS)}")
+    if cfg.format not in formats.SAVE_FORMATS + formats.PER_LAYER_FORMATS:
+        raise TextinvError(f"--format {cfg.format!r}: choose one of {', '.join(formats.SAVE_FORMATS + formats.PER_LAYER_FORMATS)}")
+    if cfg.per_layer and cfg.file_format not in formats.PER_LAYER_FORMATS:
+        raise TextinvError(f"--format {cfg.format}: holds one set of vectors; --per-layer saves per-layer (its default) or xti")
+    if not cfg.per_layer and cfg.format in formats.PER_LAYER_FORMATS:
+        raise TextinvError(f"--format {cfg.format}: holds per-layer (P+) embeddings; add --per-layer to train one")
+    if cfg.per_layer and (cfg.compile or cfg.grad_checkpointing):
+        raise TextinvError("--per-layer: not with --grad-checkpointing (the recomputed layers would not see their own "
+                           "states) or --compile (not supported yet)")
     if not (math.isfinite(cfg.guidance) and cfg.guidance >= 1.0):
         raise TextinvError(f"--guidance {cfg.guidance}: must be a number >= 1 (1: the plain conditional loss)")
     if cfg.precision not in DTYPES:
@@ -469,6 +493,8 @@ def _frozen_model(cfg: TrainConfig, pipe, device) -> _Model:
     if resolution % vae_scale:
         raise TextinvError(f"--resolution {resolution}: must be a multiple of {vae_scale} (this model's VAE scale factor)")
     unet = torch.compile(pipe.unet) if cfg.compile else pipe.unet
+    if cfg.per_layer:  # the loss gives it each layer's states
+        unet = perlayer.LayeredUNet(pipe, unet)
     step = data.bucket_step(resolution, vae_scale, 2 ** (len(pipe.unet.config.block_out_channels) - 1))
     return _Model(pipe, unet, noise_scheduler, timesteps, resolution, step, pipe.unet.device, pipe.unet.dtype)
 
@@ -583,7 +609,7 @@ class _Batches:
         vary = None
         if plan.captioned and (cfg.shuffle_captions or cfg.keep_tokens or cfg.caption_dropout):
             vary = {"shuffle": cfg.shuffle_captions, "keep": cfg.keep_tokens, "dropout": cfg.caption_dropout}
-        self.prompts = PromptTable(model.pipe, self.templates, cfg.token, captions, cfg.clip_skip, vary)
+        self.prompts = PromptTable(model.pipe, self.templates, cfg.token, captions, cfg.clip_skip, vary, cfg.per_layer)
         self.time_ids = view_time_ids(model.pipe, self.views)
         self.uncond = None
         if cfg.guidance > 1:  # the empty prompt's branch is frozen: encode it once
@@ -694,19 +720,24 @@ def _new_embedding(pipe, cfg: TrainConfig) -> Embedding:
     meta = {"step": 0, "init_text": init, "mode": cfg.mode, "sd_checkpoint_name": name_of(cfg.model), "sd_checkpoint": None}
     if cfg.clip_skip > 1:  # the embedding is meant to be used with the same Clip skip
         meta["clip_skip"] = cfg.clip_skip
-    return Embedding(cfg.token, vectors, meta=meta)
+    emb = Embedding(cfg.token, vectors, meta=meta)
+    return perlayer.trainable(emb, pipe, cfg.file_format) if cfg.per_layer else emb
 
 
 def _current(applied, cfg: TrainConfig, step: int, pipe) -> Embedding:
+    """The word as it stands: its rows of the trigger table, in its layout (``[n, D]``, or
+    ``[layers, n, D]`` for a per-layer word)."""
     state = tokens.state(pipe)
-    vectors = {enc.slot: enc.text_encoder.get_input_embeddings().extra.detach().clone().float().cpu() for enc in state.encoders}
-    return Embedding(cfg.token, vectors, meta=dict(applied.embedding.meta, step=step))
+    rows = perlayer.rows(pipe, cfg.token) if applied.embedding.layers else slice(None)
+    vectors = {enc.slot: enc.text_encoder.get_input_embeddings().extra.detach()[rows].clone().float().cpu()
+               for enc in state.encoders}
+    return Embedding(cfg.token, vectors, meta=dict(applied.embedding.meta, step=step), layers=applied.embedding.layers)
 
 
 def _save(out: Path, pipe, applied, cfg, step: int, suffix: str, subdir: str, templates=()) -> Path:
     emb = _current(applied, cfg, step, pipe)
-    path = out / subdir / f"{formats.file_stem(cfg.token)}{suffix}{formats.suffix_for(cfg.format, emb)}"
-    return formats.save(emb, path, cfg.format, preview=_card_picture(pipe, cfg, templates))
+    path = out / subdir / f"{formats.file_stem(cfg.token)}{suffix}{formats.suffix_for(cfg.file_format, emb)}"
+    return formats.save(emb, path, cfg.file_format, preview=_card_picture(pipe, cfg, templates))
 
 
 @torch.no_grad()
@@ -737,7 +768,7 @@ def _save_state(path: Path, cfg: TrainConfig, params, optimizer, step: int, scal
 
 def _identity(cfg: TrainConfig) -> dict:
     """What must not change between a run and its resumption."""
-    keep = ("images", "token", "model", "init", "vectors", "mode", "templates", "lr", "batch", "grad_accum", "timesteps", "guidance",
+    keep = ("images", "token", "model", "init", "vectors", "per_layer", "mode", "templates", "lr", "batch", "grad_accum", "timesteps", "guidance",
             "resolution", "crops", "flip", "seed", "precision", "clip_skip", "weight_decay", "buckets", "captions",
             "shuffle_captions", "keep_tokens", "caption_dropout", "alpha_mask", "lr_warmup", "lr_schedule")
     return {k: str(getattr(cfg, k)) for k in keep}
@@ -751,7 +782,7 @@ def _load_state(path: Path, cfg: TrainConfig, params, optimizer, scaler) -> int:
     if not (isinstance(st, dict) and isinstance(st.get("identity"), dict)):
         raise TextinvError(f"{path}: not a textinv training state (damaged or foreign); use another --out")
     # A state from before a setting existed was made with its default.
-    defaults = {"clip_skip": "1", "buckets": "None", "captions": "None", "shuffle_captions": "False", "keep_tokens": "0",
+    defaults = {"per_layer": "False", "clip_skip": "1", "buckets": "None", "captions": "None", "shuffle_captions": "False", "keep_tokens": "0",
                 "caption_dropout": "0.0", "alpha_mask": "False", "lr_warmup": "0", "lr_schedule": "constant"}
     changed = {k: (v, now) for k in _identity(cfg) if (v := st["identity"].get(k, defaults.get(k))) != (now := _identity(cfg)[k])}
     if changed:
