@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .bias import RECIPES as BIAS_RECIPES  # a value per subfolder, or the word re-learned from one folder
 from .errors import TextinvError
 from .formats import SAVE_FORMATS, file_stem, native_format, suffix_for
 from .models import name_of
@@ -23,7 +24,6 @@ DEFAULT_LIBRARY = Path("~/.textinv/embeddings")
 DEFAULT_WORKDIR = Path("~/.textinv/ui")
 MAX_IMAGE_BYTES = 50 << 20
 MODEL_DEFAULT_SAMPLER = "(model default)"
-BIAS_RECIPES = ("per-value", "replace")  # textinv.bias.RECIPES: a value per subfolder, or the word re-learned from one folder
 NAME_RE = re.compile(r"[\w][\w.-]*")
 
 
@@ -355,7 +355,7 @@ class App:
             name, values = bias.parse_attribute((attribute or "").strip(),
                                                 lambda a: spec.labels(a) if a in spec.ATTRIBUTES else None)
             if recipe not in BIAS_RECIPES:
-                raise TextinvError(f"Recipe {recipe!r}: choose one of {', '.join(BIAS_RECIPES)}")
+                raise TextinvError(f"Recipe {recipe!r}: choose one of {', '.join(BIAS_RECIPES)}")  # the CLI's --recipe
             n, seed, steps = int(n or 0), int(seed or 0), int(steps or 0)
             if n < 1 or steps < 1:
                 raise TextinvError("Images per prompt and training steps must be at least 1")

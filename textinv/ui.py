@@ -225,7 +225,7 @@ def _bias_tab(gr):
                                           "per value)", placeholder="/path/to/curated", elem_id="bias-folder")
                 embedding = gr.Textbox(label="…or existing embedding(s): a file, or a folder of per-value ones (neither: "
                                              "measure only)", placeholder="/path/to/doctor.safetensors", elem_id="bias-embedding")
-                recipe = gr.Radio(list(BIAS_RECIPES), value=BIAS_RECIPES[0], label="Recipe (with a folder)", elem_id="bias-recipe")
+                recipe = gr.Radio(list(BIAS_RECIPES), value=next(iter(BIAS_RECIPES)), label="Recipe (with a folder)", elem_id="bias-recipe")
             with gr.Column():
                 prompts = gr.Textbox(label="Held-out prompts (one a line, the word written {}; empty: the model's defaults)",
                                      lines=4, placeholder="a portrait of a {}", elem_id="bias-prompts")
