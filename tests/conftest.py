@@ -16,6 +16,18 @@ import torch
 from textinv.models import MINI_PATH
 
 TOKENIZER = MINI_PATH / "tokenizer"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_latent_cache(tmp_path_factory):
+    """The suite's cached latents go to a temporary folder, not the user's ~/.cache/textinv."""
+    saved = os.environ.get("TEXTINV_CACHE")
+    os.environ["TEXTINV_CACHE"] = str(tmp_path_factory.mktemp("textinv-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("TEXTINV_CACHE", None)
+    else:
+        os.environ["TEXTINV_CACHE"] = saved
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 

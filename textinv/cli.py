@@ -268,12 +268,19 @@ def _vector_count(emb) -> str:
 @click.option("--concept", default=None, help="Mini world: the shape the judge should see (default: read off the training images).")
 @click.option("--clip", default=None, help="CLIP weights (folder or hub id) for measuring saves on real models.")
 @click.option("--dino", default=None, help="DINO weights (folder or hub id) for measuring saves on real models.")
+@click.option("--latent-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the views' VAE latents here, so the next run on the same images starts at once "
+                   "(default: $TEXTINV_CACHE/latents, else ~/.cache/textinv/latents).")
+@click.option("--no-latent-cache", is_flag=True, help="Neither read nor keep cached latents.")
 def train(images, token, model, init, vectors, per_layer, mode, templates, steps, lr, batch, grad_accum, timesteps, train_guidance, resolution, crops, flip,
           buckets, captions, shuffle_captions, keep_tokens, caption_dropout, alpha_mask, lr_warmup, lr_schedule, seed, precision, clip_skip, grad_checkpointing, compile_, save_every, preview_every, fmt, out, resume, model_config,
-          pick_best, early_stop, patience, eval_n, concept, clip, dino):
+          pick_best, early_stop, patience, eval_n, concept, clip, dino, latent_cache, no_latent_cache):
     """Train a textual inversion embedding from a folder of images."""
     from . import formats
     from .training import TrainConfig, train as run
+
+    if latent_cache and no_latent_cache:
+        raise click.UsageError("--latent-cache and --no-latent-cache: give one")
 
     measure = pick_best or early_stop
     if measure and not save_every:
@@ -286,7 +293,8 @@ def train(images, token, model, init, vectors, per_layer, mode, templates, steps
                       alpha_mask=alpha_mask, lr_warmup=lr_warmup, lr_schedule=lr_schedule, seed=seed, precision=precision,
                       clip_skip=1 if clip_skip is None else clip_skip, grad_checkpointing=grad_checkpointing,
                       compile=compile_, save_every=save_every, preview_every=preview_every, format=fmt,
-                      out=str(out) if out else None, resume=resume, model_config=model_config)
+                      out=str(out) if out else None, resume=resume, model_config=model_config,
+                      latent_cache="" if no_latent_cache else (str(latent_cache) if latent_cache else None))
     echo = lambda line: click.echo(formats.printable(line), err=True)  # noqa: E731
     if not measure:
         result = run(cfg, echo=echo)

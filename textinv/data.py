@@ -1,4 +1,4 @@
-"""Training data: image folders, captions, prompt templates, augmentation and the latent cache.
+"""Training data: image folders, captions, prompt templates, augmentation and VAE encoding.
 
 Users hand us whatever their phone or browser saved — EXIF-rotated JPEGs, CMYK, 16-bit PNGs,
 palette images with transparency, animated GIFs/WebPs, the odd corrupt file.  Every image is
@@ -315,34 +315,43 @@ def _cast_quietly(module, dtype) -> None:
         dlog.set_verbosity(level)
 
 
+def encode_dtype(vae) -> torch.dtype:
+    """The dtype the VAE encodes in: its own, except float32 for a float16 VAE whose config says
+    force_upcast (SDXL's, and diffusers' default), which overflows in float16."""
+    dtype = next(vae.parameters()).dtype
+    return torch.float32 if dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False)) else dtype
+
+
 @torch.no_grad()
-def encode_latents(vae, pixels: torch.Tensor, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_latents(vae, pixels: torch.Tensor, batch: int = 1, done=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of each view's latent distribution, already scaled like the UNet's inputs.
 
     Training then draws ``mean + std * noise`` per step (A1111's "random" latent sampling)
-    without ever running the VAE again.
+    without ever running the VAE again.  ``batch`` views per VAE call; the default, one, makes a
+    view's latent independent of which views share its call (a batch of one and of two differ in
+    the last bits), so a latent read from the cache is the one this run would compute, bit for
+    bit; on a CPU it is no slower.  ``done(first, mean, std)`` hears each call's result.
     """
     scale = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     means, stds = [], []
     param = next(vae.parameters())
-    # A VAE whose config says force_upcast (SDXL's, and diffusers' default) overflows in float16:
-    # encode in float32, as the pipelines decode, and put it back afterwards.
-    upcast = param.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
-    if upcast:
-        _cast_quietly(vae, torch.float32)
+    own, dtype = param.dtype, encode_dtype(vae)
+    if dtype != own:  # encode in float32, as the pipelines decode, and put it back afterwards
+        _cast_quietly(vae, dtype)
     try:
-        dtype = next(vae.parameters()).dtype
         for i in range(0, len(pixels), batch):
             dist = vae.encode(pixels[i : i + batch].to(param.device, dtype)).latent_dist
-            means.append(((dist.mean - shift) * scale).float().cpu())
-            stds.append((dist.std * scale).float().cpu())
+            mean, std = ((dist.mean - shift) * scale).float().cpu(), (dist.std * scale).float().cpu()
+            if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+                why = "the VAE weights or images hold NaN" if dtype == torch.float32 else \
+                    f"the VAE overflows in {str(dtype).removeprefix('torch.')}: use --precision fp32"
+                raise TextinvError(f"the VAE gave NaN/inf latents for the training images ({why})")
+            if done is not None:
+                done(i, mean, std)
+            means.append(mean)
+            stds.append(std)
     finally:
-        if upcast:
-            _cast_quietly(vae, torch.float16)
-    mean, std = torch.cat(means), torch.cat(stds)
-    if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
-        why = "the VAE weights or images hold NaN" if dtype == torch.float32 else \
-            f"the VAE overflows in {str(dtype).removeprefix('torch.')}: use --precision fp32"
-        raise TextinvError(f"the VAE gave NaN/inf latents for the training images ({why})")
-    return mean, std
+        if dtype != own:
+            _cast_quietly(vae, own)
+    return torch.cat(means), torch.cat(stds)

@@ -6,8 +6,9 @@ loop, saving.  What makes it fast and safe:
 * Only the new vectors are parameters.  They live in :class:`textinv.tokens.TriggerEmbedding`
   beside the frozen token table, so there is no whole-table gradient, no whole-table AdamW state
   and no "restore the other rows" copy after every step.
-* Every image view (crops, mirrors) is VAE-encoded once; a step draws ``mean + std * noise``
-  from the cached latent distribution.  Frozen networks hold no weight gradients.
+* Every image view (crops, mirrors) is VAE-encoded once, and kept on disk (:mod:`textinv.latents`):
+  a second run on the same images starts at once.  A step draws ``mean + std * noise`` from the
+  cached latent distribution.  Frozen networks hold no weight gradients.
 * All randomness of step ``s`` comes from a generator seeded by ``(seed, s)``: a run resumed
   from its last save ends with the same embedding, bit for bit on CPU, as one never stopped.
 * The learned vectors stay float32 whatever ``--precision`` the model runs in (no NaN from fp16).
@@ -36,6 +37,7 @@ from . import data, formats, generation, perlayer, prompts, tokens
 from .atomic import atomic_path, write_text
 from .errors import TextinvError
 from .formats import Embedding
+from .latents import encode_views, open_cache
 from . import models
 from .models import DTYPES, load_pipeline, name_of
 
@@ -94,6 +96,7 @@ class TrainConfig:
     out: str | None = None  # None: runs/<token>
     resume: bool = False
     progress: bool = True
+    latent_cache: str | None = None  # a folder; None: $TEXTINV_CACHE/latents or ~/.cache/textinv/latents; "": none
 
     def resolved_out(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / formats.file_stem(self.token)
@@ -582,9 +585,9 @@ def plan(cfg: "TrainConfig", images: list, skipped: list[str], resolution: int, 
 
 
 class _Batches:
-    """The training data, ready to draw from: every view VAE-encoded once (per bucket: the views of
-    one batch share a size), every prompt tokenized once, SDXL's time ids per view; a batch is one
-    bucket's, drawn from a generator seeded by (seed, step, micro)."""
+    """The training data, ready to draw from: every view VAE-encoded once or read from the latent
+    cache (per bucket: the views of one batch share a size), every prompt tokenized once, SDXL's
+    time ids per view; a batch is one bucket's, drawn from a generator seeded by (seed, step, micro)."""
 
     def __init__(self, cfg: TrainConfig, model: _Model, plan: Plan, rank: int):
         self.cfg, self.model, self.rank = cfg, model, rank
@@ -598,11 +601,13 @@ class _Batches:
         sizes = sorted({v.size for v in self.views}, key=lambda wh: (wh[0] * wh[1], wh))
         self.buckets = [torch.tensor([k for k, v in enumerate(self.views) if v.size == wh]) for wh in sizes]
         self.share = torch.tensor([len(b) for b in self.buckets], dtype=torch.float)  # a bucket's chance: its views'
-        self.latents, self.masks = [], []
+        pixels = [data.to_tensor([self.views[k].image for k in members]) for members in self.buckets]
+        cache = open_cache(cfg.latent_cache, model.pipe.vae)
+        self.latents = encode_views(model.pipe.vae, pixels, cache, progress=cfg.progress and rank == 0)
+        self.masks = []
         factor = model.pipe.vae_scale_factor
         for wh, members in zip(sizes, self.buckets):
             bucket_views = [self.views[k] for k in members]
-            self.latents.append(data.encode_latents(model.pipe.vae, data.to_tensor([v.image for v in bucket_views])))
             masked = cfg.alpha_mask and any(v.mask is not None for v in bucket_views)
             self.masks.append(data.mask_tensor([v.mask for v in bucket_views], (wh[0] // factor, wh[1] // factor))
                               if masked else None)
