@@ -137,8 +137,8 @@ def measure(pipe, prompts: dict[str, list[str]], classify, *, n: int = 120, seed
     for group, group_prompts in prompts.items():
         rows, pooled_labels, pooled_kept = [], [], []
         for prompt in group_prompts:
-            text = rewrite(prompt) if rewrite else prompt
-            images = generation.images(pipe, [text] * n, seed=seed, steps=steps, guidance=guidance)
+            text = rewrite(prompt) if rewrite else prompt  # A1111 weights and {a|b} variants read as generate reads them
+            images = generation.generate(text, pipe=pipe, n=n, seed=seed, steps=steps, guidance=guidance, batch=32).images
             labels, kept = classify(images)
             rows.append(_summary(prompt, labels, kept, classify.values))
             pooled_labels += labels
