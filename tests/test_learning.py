@@ -28,17 +28,18 @@ def test_embedding_draws_the_unnamed_shape_far_more_often_than_the_init_word(dem
     assert fidelity >= 0.75 and fidelity >= baseline + 0.5, (fidelity, baseline)
 
 
-def test_replace_mode_moves_the_biased_words_colours(tmp_path):
-    # `textinv demo --bias` = `textinv bias ball --attribute colour --images CURATED`: 12 balanced solid
-    # balls, replace mode, timesteps 300:1000, guidance 1.5; judged on 3 training and 3 held-out prompts.
-    # Measured (seed 0, 60 images a prompt): red 1.00 → 0.25 / 0.28, KL 5.2× / 6.0× lower, still a ball 0.75 / 0.68
-    # (training / held-out prompts).  Here 20 images a prompt, thresholds below those figures.
-    m = run_bias(tmp_path, seed=0, n=20, echo=lambda *_: None)
+def test_per_value_tokens_even_out_the_biased_words_colours_and_keep_it_a_ball(tmp_path):
+    # `textinv demo --bias` = `textinv bias ball --attribute colour --images CURATED`: one token per
+    # colour from 6 captioned balls each, used in turn before the word; judged on 3 training and 3
+    # held-out prompts.  The full recipe (300 steps, 60 images a prompt) is measured in
+    # docs/evaluation.md; here 100 steps and 12 images a prompt, thresholds below what they gave
+    # (seed 0: KL 28.7× / 47.5× lower, still a ball 0.92 / 0.83 on training / held-out prompts).
+    m = run_bias(tmp_path, seed=0, n=12, steps=100, echo=lambda *_: None)
     red = spec.BIASED["colour"]
     for group in ("training", "held-out"):
         before = m["before"][group]["pooled"]["distribution"][red]
         after = m["after"][group]["pooled"]["distribution"][red]
         s = m["summary"][group]
-        assert before >= 0.9 and after <= before - 0.4, (group, before, after)
-        assert s["kl_ratio"] >= 2.5, (group, s)
-        assert s["retention_after"] >= 0.5, (group, s)  # the word still means a ball, not some other shape
+        assert before >= 0.9 and after <= 0.4, (group, before, after)
+        assert s["kl_ratio"] >= 10, (group, s)
+        assert s["retention_after"] >= 0.7, (group, s)  # the word still means a ball, not some other shape
