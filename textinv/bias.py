@@ -219,9 +219,14 @@ def variants(word: str, names: list[str]) -> str:
     return "{" + "|".join(f"{name} {word}" for name in names) + "}"
 
 
+def whole_word(word: str) -> re.Pattern:
+    """``word`` standing alone: not inside another word, a trigger (<ball-red>) or a hyphenated name."""
+    return re.compile(rf"(?<![\w<-]){re.escape(word)}(?![\w>-])")
+
+
 def rewriter(word: str, expression: str):
     """Every whole-word use of ``word`` in a prompt becomes ``expression``."""
-    pattern = re.compile(rf"(?<![\w<-]){re.escape(word)}(?![\w>-])")
+    pattern = whole_word(word)
     return lambda prompt: pattern.sub(lambda _m: expression, prompt)
 
 
@@ -271,7 +276,7 @@ def per_value_data(run: BiasRun, folder: Path, where: Path) -> tuple[Path, Path,
     their captions rewritten.  Other templates get the token before the word, and captions (if
     any) are appended as A1111's ``, [filewords]``."""
     lines = data.load_templates(run.templates or "object")
-    word = re.compile(rf"(?<![\w<-]){re.escape(run.word)}(?![\w>-])")
+    word = whole_word(run.word)
     with_token = lambda text: word.sub(lambda _m: f"[name] {run.word}", text)  # noqa: E731
     pictures = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in data.IMAGE_SUFFIXES]
     captioned = [p for p in pictures if data.sidecar_caption(p) is not None]
