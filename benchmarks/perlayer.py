@@ -79,7 +79,7 @@ def main() -> None:
         name = f"{concept}-{seed}-{method}"
         cfg = TrainConfig(images=str(folder), token="<c>", init=INIT_WORD, vectors=a.vectors, templates=str(templates),
                           steps=a.steps, lr=a.lr, batch=a.batch, flip=False, seed=seed, save_every=a.save_every,
-                          out=str(a.out / "runs" / name), progress=False, per_layer=METHODS[method])
+                          out=str(a.out / "runs" / name), progress=False, per_layer=METHODS[method], early_stop=False)
         shutil.rmtree(cfg.out, ignore_errors=True)  # an interrupted run starts again (its curve was lost)
         measure = dict(n=a.n, seed=1000 * seed, steps=a.sample_steps, guidance=guidance)
         r = measured_run(pipe, cfg, evaluate.JudgeMetric(concept), measure, a.curve_n)

@@ -128,7 +128,7 @@ def main() -> None:
         shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts again (its curve was lost)
         cfg = TrainConfig(images=str(folder), token="<c>", init=INIT_WORD, vectors=v, templates=str(templates),
                           steps=a.steps, lr=a.lr, batch=a.batch, flip=False, seed=seed, save_every=a.save_every,
-                          out=str(run_dir), progress=False)
+                          out=str(run_dir), progress=False, early_stop=False)  # the curve over all --steps
         r = measured_run(pipe, cfg, metric, measure, a.curve_n)
         reached = r["steps_to_target"]
         results["runs"][key(concept, k, v, seed)] = {"concept": concept, "images": k, "vectors": v, "seed": seed, **r}

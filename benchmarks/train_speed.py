@@ -332,7 +332,7 @@ def textinv_loop(run: Run, precision: str) -> float:
     shutil.rmtree(out, ignore_errors=True)
     train(images=run.images, token=TOKEN, model=run.model, precision=precision, steps=run.steps, batch=run.batch,
           resolution=run.resolution, grad_checkpointing=run.grad_checkpointing, flip=True, lr=str(LR), out=str(out),
-          progress=False)
+          progress=False, early_stop=False)  # every loop times the same steps
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     return (log[-1]["seconds"] - log[run.warmup - 1]["seconds"]) / (run.steps - run.warmup)
 

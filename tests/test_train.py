@@ -59,7 +59,8 @@ def test_timesteps_range_is_parsed_checked_and_used(tmp_path):
     train(images=str(shapes(tmp_path / "imgs")), token="<t>", steps=5, batch=4, timesteps="990:1000",
           out=str(tmp_path / "run"), pipe=pipe, progress=False)
     t = torch.cat(seen)
-    assert len(t) == 20 and t.min() >= 990 and t.max() < 1000
+    # 5 steps × batch 4, and the early-stopping evaluation batch (8) at steps 0 and 5: all in the range
+    assert len(t) == 20 + 2 * 8 and t.min() >= 990 and t.max() < 1000
 
 
 @pytest.mark.parametrize("make", [make_sd, make_sdxl])
@@ -69,10 +70,11 @@ def test_guidance_fits_the_guided_prediction_with_a_frozen_empty_prompt_branch(t
     forward = pipe.unet.forward
     pipe.unet.forward = lambda sample, t, hidden, *a, **k: calls.append((hidden.requires_grad, torch.is_grad_enabled())) or forward(sample, t, hidden, *a, **k)
     images = str(shapes(tmp_path / "imgs"))
-    plain = train(images=images, token="<t>", steps=3, batch=2, out=str(tmp_path / "plain"), pipe=pipe, progress=False)
+    kw = dict(steps=3, batch=2, pipe=pipe, progress=False, early_stop=False)  # only the training steps' calls
+    plain = train(images=images, token="<t>", out=str(tmp_path / "plain"), **kw)
     assert len(calls) == 3
     calls.clear()
-    cfg = train(images=images, token="<t>", steps=3, batch=2, guidance=4.0, out=str(tmp_path / "cfg"), pipe=pipe, progress=False)
+    cfg = train(images=images, token="<t>", guidance=4.0, out=str(tmp_path / "cfg"), **kw)
     # per step: the trigger's branch (with gradient) and the empty prompt's (no gradient, one extra forward)
     assert calls == [(True, True), (False, False)] * 3
     a, b = formats.load(plain.embedding_path), formats.load(cfg.embedding_path)

@@ -132,7 +132,8 @@ class TrainJob:
             from .training import LOSS_WINDOW
 
             r = self.result
-            how = "Stopped" if r.steps < self.total else "Done"
+            how = "Stopped" if self.stop_event.is_set() and r.steps < self.total else (
+                "Learned (early stopping: the evaluation loss had flattened), done" if r.stopped else "Done")
             where = f"; added to the library as {self.library_path.name}" if self.library_path else ""
             return (f"{how} at step {r.steps}/{self.total} ({r.seconds:.0f} s, loss {r.loss:.4f}, the mean of the last "
                     f"{LOSS_WINDOW} steps): {r.embedding_path}{where}")

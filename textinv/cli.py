@@ -261,10 +261,15 @@ def _vector_count(emb) -> str:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder (default runs/TOKEN).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last save.")
 @config_option
+@click.option("--early-stop/--no-early-stop", default=True, show_default=True,
+              help="Stop once the loss of a fixed evaluation batch has flattened (the word is learned); --steps is then "
+                   "the most a run may take. --no-early-stop trains exactly --steps.")
+@click.option("--eval-every", type=click.IntRange(min=1), default=5, show_default=True, help="Score the evaluation batch every N steps (early stopping).")
+@click.option("--eval-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Items in the evaluation batch (early stopping).")
 @click.option("--pick-best", is_flag=True, help="Measure every save (as textinv eval does) and make the recommended step the final embedding.")
-@click.option("--early-stop", is_flag=True, help="Stop once --patience saves in a row bring no better fidelity × editability score.")
-@click.option("--patience", default=3, show_default=True, help="Saves without improvement before --early-stop stops.")
-@click.option("--eval-n", default=8, show_default=True, help="Images per prompt when measuring saves (--pick-best / --early-stop).")
+@click.option("--patience", type=click.IntRange(min=1), default=None,
+              help="Measure every save and stop once N saves in a row bring no better fidelity × editability score.")
+@click.option("--eval-n", default=8, show_default=True, help="Images per prompt when measuring saves (--pick-best / --patience).")
 @click.option("--concept", default=None, help="Mini world: the shape the judge should see (default: read off the training images).")
 @click.option("--clip", default=None, help="CLIP weights (folder or hub id) for measuring saves on real models.")
 @click.option("--dino", default=None, help="DINO weights (folder or hub id) for measuring saves on real models.")
@@ -274,7 +279,7 @@ def _vector_count(emb) -> str:
 @click.option("--no-latent-cache", is_flag=True, help="Neither read nor keep cached latents.")
 def train(images, token, model, init, vectors, per_layer, mode, templates, steps, lr, batch, grad_accum, timesteps, train_guidance, resolution, crops, flip,
           buckets, captions, shuffle_captions, keep_tokens, caption_dropout, alpha_mask, lr_warmup, lr_schedule, seed, precision, clip_skip, grad_checkpointing, compile_, save_every, preview_every, fmt, out, resume, model_config,
-          pick_best, early_stop, patience, eval_n, concept, clip, dino, latent_cache, no_latent_cache):
+          early_stop, eval_every, eval_batch, pick_best, patience, eval_n, concept, clip, dino, latent_cache, no_latent_cache):
     """Train a textual inversion embedding from a folder of images."""
     from . import formats
     from .training import TrainConfig, train as run
@@ -282,17 +287,18 @@ def train(images, token, model, init, vectors, per_layer, mode, templates, steps
     if latent_cache and no_latent_cache:
         raise click.UsageError("--latent-cache and --no-latent-cache: give one")
 
-    measure = pick_best or early_stop
+    measure = pick_best or patience is not None
     if measure and not save_every:
         save_every = max(1, steps // 10)
-        click.echo(f"--save-every {save_every}: saves to measure for --pick-best/--early-stop", err=True)
+        click.echo(f"--save-every {save_every}: saves to measure for --pick-best/--patience", err=True)
     cfg = TrainConfig(images=str(images), token=token, model=model, init=init, vectors=vectors, per_layer=per_layer, mode=mode,
                       templates=templates, steps=steps, lr=lr, batch=batch, grad_accum=grad_accum, timesteps=timesteps,
                       guidance=train_guidance, resolution=resolution, crops=crops, flip=flip, buckets=buckets, captions=captions,
                       shuffle_captions=shuffle_captions, keep_tokens=keep_tokens, caption_dropout=caption_dropout,
                       alpha_mask=alpha_mask, lr_warmup=lr_warmup, lr_schedule=lr_schedule, seed=seed, precision=precision,
                       clip_skip=1 if clip_skip is None else clip_skip, grad_checkpointing=grad_checkpointing,
-                      compile=compile_, save_every=save_every, preview_every=preview_every, format=fmt,
+                      compile=compile_, early_stop=early_stop, eval_every=eval_every, eval_batch=eval_batch,
+                      save_every=save_every, preview_every=preview_every, format=fmt,
                       out=str(out) if out else None, resume=resume, model_config=model_config,
                       latent_cache="" if no_latent_cache else (str(latent_cache) if latent_cache else None))
     echo = lambda line: click.echo(formats.printable(line), err=True)  # noqa: E731
@@ -305,7 +311,7 @@ def train(images, token, model, init, vectors, per_layer, mode, templates, steps
     from .report import format_table
 
     measured = evaluate.train_measured(cfg, concept=concept, clip=clip, dino=dino, n=eval_n,
-                                       patience=patience if early_stop else None, keep_best=pick_best,
+                                       patience=patience, keep_best=pick_best,
                                        echo=lambda msg: click.echo(f"\n  measured {msg}", err=True), on_start=echo)
     result = measured.result
     click.echo(_trained(result))
@@ -322,8 +328,9 @@ def _trained(result) -> str:
     from .formats import printable
     from .training import LOSS_WINDOW
 
-    return (f"wrote {printable(result.embedding_path)} ({result.steps} steps, {result.seconds:.0f} s, "
+    line = (f"wrote {printable(result.embedding_path)} ({result.steps} steps, {result.seconds:.0f} s, "
             f"loss {result.loss:.4f}: the mean of the last {LOSS_WINDOW} steps, as in the bar)")
+    return f"{result.stopped}\n{line}" if result.stopped else line
 
 
 # ------------------------------------------------------------------------------------- demo

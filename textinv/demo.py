@@ -90,7 +90,7 @@ def run(out: Path, concept: str | None = None, seed: int = 0, settings: DemoSett
     echo(f"2/4 baseline: the init word {INIT_WORD!r} alone")
     # Sampling seeds 1000·seed … : the demo's seeds 0, 1, 2 judge disjoint sets of images.
     base = evaluate.judge_scores(pipe, INIT_WORD, "shape", concept, n=settings.n, seed=1000 * seed, keep_images=True)
-    echo(f"3/4 training {token} ({settings.steps} steps)")
+    echo(f"3/4 training {token} (until learned: early stopping, at most {settings.steps} steps)")
     cfg = TrainConfig(images=str(out / "images"), token=token, model=model, init=INIT_WORD, vectors=settings.vectors,
                       templates=str(world_templates(out, settings.captions)), steps=settings.steps, lr=settings.lr, batch=settings.batch,
                       flip=False, seed=seed, out=str(out / "run"), resume=(out / "run" / "state.pt").exists())
@@ -111,7 +111,7 @@ def run(out: Path, concept: str | None = None, seed: int = 0, settings: DemoSett
         "fidelity": learned["fidelity"], "editability": learned["editability"],
         "baseline_fidelity": base["fidelity"], "baseline_editability": base["editability"],
         "probes": learned["probes"], "baseline_probes": base["probes"],
-        "train_seconds": round(train_seconds, 1), "total_seconds": round(time.perf_counter() - t0, 1),
+        "train_steps": result.steps, "train_seconds": round(train_seconds, 1), "total_seconds": round(time.perf_counter() - t0, 1),
         "embedding": str(result.embedding_path),
     }
     write_text(out / "metrics.json", json.dumps(metrics, indent=2))
@@ -127,7 +127,7 @@ def print_summary(m: dict, echo=click.echo) -> None:
         echo(f"{r['prompt']:<34}{r['concept']:>9.2f}{extra}   {b['concept']:.2f}{bextra}")
     echo(f"fidelity    {m['fidelity']:.2f}   (baseline {m['baseline_fidelity']:.2f})")
     echo(f"editability {m['editability']:.2f}   (baseline {m['baseline_editability']:.2f})")
-    echo(f"training {m['train_seconds']:.0f} s, total {m['total_seconds']:.0f} s; embedding {m['embedding']}")
+    echo(f"training {m.get('train_steps', '?')} steps, {m['train_seconds']:.0f} s, total {m['total_seconds']:.0f} s; embedding {m['embedding']}")
 
 
 CURATED_PER_VALUE = 6  # curated balls per colour: both sizes × three positions, backgrounds alternating

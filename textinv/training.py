@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data, formats, generation, perlayer, prompts, tokens
+from . import data, formats, generation, perlayer, prompts, stopping, tokens
 from .atomic import atomic_path, write_text
 from .errors import TextinvError
 from .formats import Embedding
@@ -49,6 +49,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 MAX_RESOLUTION = 2048  # SDXL trains at 1024; 2048 px already needs tens of GB per image in the UNet
 MAX_SEED = 2**63 - 1  # what a scheduler config may say the UNet predicts
 MAX_SKIPPED_STEPS = 25  # fp16: this many overflowing steps in a row is not a transient, it is the model
+EVAL_STREAM = 2**40  # the random stream of the fixed evaluation batch (training draws use the process index)
 
 
 class TrainingDiverged(TextinvError):
@@ -66,7 +67,7 @@ class TrainConfig:
     per_layer: bool = False  # P+: one set of vectors per UNet cross-attention layer (SD 1.x/2.x)
     mode: str = "object"
     templates: str | None = None  # None: the mode's built-in list
-    steps: int = 500
+    steps: int = 500  # with early_stop: the most steps a run may take
     lr: str = "5e-3"  # a number or an A1111 schedule "0.005:100, 1e-3:1000, 1e-5"
     batch: int = 4
     grad_accum: int = 1
@@ -89,6 +90,9 @@ class TrainConfig:
     grad_checkpointing: bool = False  # the UNet's (frozen text encoders run in eval mode, where it is a no-op)
     compile: bool = False
     weight_decay: float = 0.0
+    early_stop: bool = True  # stop once the fixed evaluation batch's loss has flattened (textinv.stopping)
+    eval_every: int = 5  # score the evaluation batch every this-many steps (and at step 0)
+    eval_batch: int = 8  # items in the evaluation batch
     save_every: int = 0  # 0: only the final embedding
     preview_every: int = 0
     preview_prompts: list[str] = field(default_factory=list)  # default: the first template
@@ -117,6 +121,8 @@ class TrainResult:
     seconds: float
     loss: float  # the mean of the last LOSS_WINDOW steps' losses (what the progress bar shows)
     is_main_process: bool = True  # with several processes (accelerate launch), only the main one writes
+    stopped: str | None = None  # why the run ended before --steps (early stopping, a callback); None: it did not
+    eval_loss: float | None = None  # the evaluation batch's loss at the last evaluation (early stopping on)
 
 
 # ---------------------------------------------------------------------------- small helpers
@@ -380,9 +386,10 @@ def _train(cfg: TrainConfig, pipe, on_save, on_step, echo=None) -> TrainResult:
             echo(the_plan.summary(cfg, name_of(cfg.model), out))
     word = _Word(model.pipe, cfg, dist.device)  # before the prompts are tokenized: they name it
     batches = _Batches(cfg, model, the_plan, dist.process_index)
-    start = 0
+    start, curve = 0, []
     if cfg.resume and (out / STATE_FILE).exists():
-        start = _load_state(out / STATE_FILE, cfg, word.params, word.optimizer, word.scaler)
+        start, curve = _load_state(out / STATE_FILE, cfg, word.params, word.optimizer, word.scaler)
+    stopper = _Stopper(batches, cfg, curve) if cfg.early_stop else None
     if dist.is_main_process:
         _trim_log(out, start)  # each step once, after any number of resumes
         config_json = dict(dataclasses.asdict(cfg), resolution=model.resolution, init=word.applied.embedding.meta["init_text"],
@@ -390,13 +397,13 @@ def _train(cfg: TrainConfig, pipe, on_save, on_step, echo=None) -> TrainResult:
                            views=len(batches.views), buckets={str(p.path.name): list(wh) for p, wh in zip(images, the_plan.sizes)},
                            captions_used=the_plan.captioned)
         write_text(out / "config.json", json.dumps(config_json, indent=2, default=str))
-    last_step, loss, seconds = _loop(cfg, out, model, batches, word, start, dist, on_save, on_step)
+    last_step, loss, seconds, stopped = _loop(cfg, out, model, batches, word, start, dist, on_save, on_step, stopper)
 
     final = _current(word.applied, cfg, last_step, model.pipe)
     path = out / f"{formats.file_stem(cfg.token)}{formats.suffix_for(cfg.file_format, final)}"
     if dist.is_main_process:
         formats.save(final, path, cfg.file_format, preview=_card_picture(model.pipe, cfg, batches.templates))
-        _save_state(out / STATE_FILE, cfg, word.params, word.optimizer, last_step, word.scaler)
+        _save_state(out / STATE_FILE, cfg, word.params, word.optimizer, last_step, word.scaler, stopper)
     for p in word.params:
         p.requires_grad_(False)
     if dist.num_processes > 1:
@@ -404,7 +411,8 @@ def _train(cfg: TrainConfig, pipe, on_save, on_step, echo=None) -> TrainResult:
         # interpreter's exit can abort (SIGABRT) the process that leaves last.
         dist.wait_for_everyone()
         torch.distributed.destroy_process_group()
-    return TrainResult(out, path, final, last_step, seconds, loss, dist.is_main_process)
+    return TrainResult(out, path, final, last_step, seconds, loss, dist.is_main_process, stopped,
+                       stopper.curve[-1][1] if stopper and stopper.curve else None)
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -431,6 +439,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise TextinvError(f"--precision {cfg.precision!r}: choose one of {', '.join(DTYPES)}")
     if not 0 <= cfg.seed <= MAX_SEED:
         raise TextinvError(f"--seed {cfg.seed}: must be between 0 and {MAX_SEED}")
+    if cfg.eval_every < 1 or cfg.eval_batch < 1:
+        raise TextinvError(f"--eval-every {cfg.eval_every} / --eval-batch {cfg.eval_batch}: must be at least 1")
     if cfg.save_every < 0 or cfg.preview_every < 0:
         raise TextinvError(f"--save-every {cfg.save_every} / --preview-every {cfg.preview_every}: 0 (off) or a number of steps")
     if cfg.crops < 1:
@@ -643,6 +653,42 @@ class _Batches:
         weight = None if self.masks[b] is None else self.masks[b][local]
         return denoising_loss(m.unet, m.noise_scheduler, latents, noise, t, hidden, added, self.uncond, cfg.guidance, weight)
 
+    def fixed_eval(self, k: int) -> list[dict]:
+        """The evaluation batch of early stopping (:mod:`textinv.stopping`), drawn once from the seed:
+        ``k`` items cycling through every view in a seeded order, each with a fixed template, noise
+        and timestep (stratified: item i's in the i-th of ``k`` equal slices of the training range).
+        The views' latent means are used, not samples; grouped per bucket (one UNet call each)."""
+        cfg, m = self.cfg, self.model
+        g = step_generator(cfg.seed, 0, 0, EVAL_STREAM)  # a stream no training step draws from
+        order = torch.randperm(len(self.views), generator=g)
+        picked = order[torch.arange(k) % len(order)]
+        which = torch.randint(len(self.templates), (k,), generator=g)
+        low, high = m.timesteps
+        t = (low + (torch.arange(k) + torch.rand(k, generator=g)) * (high - low) / k).long().clamp(low, high - 1)
+        groups = []
+        for b, members in enumerate(self.buckets):
+            rows = [i for i in range(k) if int(picked[i]) in set(members.tolist())]
+            if not rows:
+                continue
+            local = torch.tensor([members.tolist().index(int(picked[i])) for i in rows])
+            latents = self.latents[b][0][local]
+            groups.append({"bucket": b, "local": local, "idx": picked[rows], "which": which[rows], "t": t[rows],
+                           "latents": latents, "noise": torch.randn(latents.shape, generator=g)})
+        return groups
+
+    @torch.no_grad()
+    def eval_loss(self, groups: list[dict]) -> float:
+        """The denoising loss of the fixed evaluation batch with the vectors as they stand."""
+        m, total, count = self.model, 0.0, 0
+        for gr in groups:
+            hidden, pooled = self.prompts.encode(gr["which"], gr["idx"], m.device)
+            added = None if pooled is None else {"text_embeds": pooled, "time_ids": self.time_ids[gr["idx"]].to(m.device, m.dtype)}
+            weight = None if self.masks[gr["bucket"]] is None else self.masks[gr["bucket"]][gr["local"]]
+            loss = denoising_loss(m.unet, m.noise_scheduler, gr["latents"], gr["noise"], gr["t"], hidden, added,
+                                  self.uncond, self.cfg.guidance, weight)
+            total, count = total + float(loss) * len(gr["idx"]), count + len(gr["idx"])
+        return total / count
+
 
 def _optimizer_step(cfg: TrainConfig, batches: _Batches, word: _Word, step: int, dist, last_good) -> tuple[float, float, bool]:
     """One optimizer step over ``grad_accum`` micro-batches: (mean loss, loss scale, skipped)."""
@@ -666,14 +712,44 @@ def _optimizer_step(cfg: TrainConfig, batches: _Batches, word: _Word, step: int,
     return total, scale, word.fp16 and word.scaler.get_scale() < scale
 
 
+class _Stopper:
+    """Early stopping: the fixed evaluation batch, its loss curve [(step, loss)] and the rule.
+    The curve is saved with the training state, so a resumed run decides as an unbroken one."""
+
+    def __init__(self, batches: _Batches, cfg: TrainConfig, curve: list, rule: stopping.Rule = stopping.Rule()):
+        self.batches, self.rule, self.curve = batches, rule, list(curve)
+        self.groups = batches.fixed_eval(cfg.eval_batch)
+        self.ratio = 1.0
+
+    def evaluate(self, step: int) -> bool:
+        """Score the evaluation batch at ``step``; True: the rule says the word is learned."""
+        self.curve = [c for c in self.curve if c[0] < step] + [(step, self.batches.eval_loss(self.groups))]
+        return self.decide()
+
+    def decide(self) -> bool:
+        stop, self.ratio = stopping.should_stop([v for _, v in self.curve], self.rule)
+        return stop
+
+    def reason(self, step: int, ceiling: int) -> str:
+        return (f"stopped at step {step} of {ceiling}: the evaluation loss has flattened (the variance of its last "
+                f"{self.rule.recent:.0%} is {self.ratio:.3f}× the whole curve's, below {self.rule.threshold:g}); "
+                f"--no-early-stop trains all {ceiling} steps")
+
+
 def _loop(cfg: TrainConfig, out: Path, model: _Model, batches: _Batches, word: _Word, start: int, dist, on_save,
-          on_step) -> tuple[int, float, float]:
-    """Steps ``start`` … ``cfg.steps``; logs, saves, previews and callbacks.  (last step, loss, seconds)"""
+          on_step, stopper: _Stopper | None = None) -> tuple[int, float, float, str | None]:
+    """Steps ``start`` … ``cfg.steps``; logs, early stopping, saves, previews and callbacks.
+    (last step, loss, seconds, why it stopped early or None)"""
     main = dist.is_main_process
-    progress = _progress(cfg, start) if main else None
     t0, last_good, skipped_in_a_row = time.perf_counter(), None, 0
     recent = _recent_losses(out, start)  # a resumed run's bar goes on from the same window
-    last_step = cfg.steps
+    last_step, stopped = cfg.steps, None
+    if stopper is not None:
+        if start % cfg.eval_every == 0 and not (stopper.curve and stopper.curve[-1][0] == start):
+            stopper.evaluate(start)  # the curve's first point (a run resumed from a state without a curve: its first)
+        if start > 0 and stopper.decide():  # a run that stopped here stays stopped (--no-early-stop goes on)
+            return start, float(np.mean(recent)) if recent else float("nan"), 0.0, stopper.reason(start, cfg.steps)
+    progress = _progress(cfg, start) if main else None
     for step in range(start, cfg.steps):
         lr = lr_at(word.schedule, step) * lr_factor(cfg.lr_schedule, cfg.lr_warmup, step, cfg.steps)
         for group in word.optimizer.param_groups:
@@ -684,27 +760,36 @@ def _loop(cfg: TrainConfig, out: Path, model: _Model, batches: _Batches, word: _
             raise _diverged(step + 1, word.params, last_good, word.fp16, word.table_norm)
         done = step + 1
         recent = (recent + [total])[-LOSS_WINDOW:]
+        learned = stopper is not None and done % cfg.eval_every == 0 and stopper.evaluate(done)
+        if learned and done < cfg.steps:
+            last_step, stopped = done, stopper.reason(done, cfg.steps)
         if not main:
+            if stopped:
+                break
             continue
         record = {"step": done, "loss": round(total, 6), "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
+        if stopper is not None and stopper.curve[-1][0] == done:
+            record |= {"eval_loss": round(stopper.curve[-1][1], 6), "eval_ratio": round(stopper.ratio, 4)}
         _log(out, record | ({"loss_scale": scale, "skipped": skipped} if word.fp16 else {}))
         progress.update(1)
-        progress.set_postfix(loss=f"{np.mean(recent):.4f}", lr=f"{lr:.2g}", refresh=False)  # the bar redraws on its own clock
+        shown = {"eval": f"{stopper.curve[-1][1]:.4f}", "ratio": f"{stopper.ratio:.2f}"} if stopper is not None else {}
+        progress.set_postfix(loss=f"{np.mean(recent):.4f}", **shown, lr=f"{lr:.2g}", refresh=False)  # the bar redraws on its own clock
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
             last_good = _save(out, model.pipe, word.applied, cfg, done, suffix=f"-{done}", subdir="embeddings",
                               templates=batches.templates)
-            _save_state(out / STATE_FILE, cfg, word.params, word.optimizer, done, word.scaler)
+            _save_state(out / STATE_FILE, cfg, word.params, word.optimizer, done, word.scaler, stopper)
             if on_save is not None and on_save(done, last_good):
-                last_step = done
+                last_step, stopped = done, stopped or f"stopped at step {done} by the measured saves (--patience)"
                 break
         if cfg.preview_every and done % cfg.preview_every == 0:
             preview(model.pipe, cfg, batches.templates, out / "previews" / f"{done:06d}.png")
-        if on_step is not None and on_step(done, total) and done < cfg.steps:
-            last_step = done
+        if on_step is not None and on_step(done, total) and done < cfg.steps and not stopped:
+            last_step, stopped = done, f"stopped at step {done} on request"
+        if stopped:
             break
     if progress is not None:
         progress.close()
-    return last_step, float(np.mean(recent)) if recent else float("nan"), time.perf_counter() - t0
+    return last_step, float(np.mean(recent)) if recent else float("nan"), time.perf_counter() - t0, stopped
 
 
 # ------------------------------------------------------------------------------- pieces
@@ -765,21 +850,25 @@ def _samples(pipe, cfg: TrainConfig, prompt: str, n: int, steps: int) -> list:
     return pipe(**call, num_inference_steps=steps, generator=torch.Generator().manual_seed(cfg.seed)).images
 
 
-def _save_state(path: Path, cfg: TrainConfig, params, optimizer, step: int, scaler) -> None:
+def _save_state(path: Path, cfg: TrainConfig, params, optimizer, step: int, scaler, stopper=None) -> None:
+    curve = [c for c in stopper.curve if c[0] <= step] if stopper is not None else []
     with atomic_path(path) as tmp:
         torch.save({"step": step, "params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "identity": _identity(cfg)}, tmp)
+                    "scaler": scaler.state_dict(), "identity": _identity(cfg),
+                    "eval_curve": torch.tensor(curve, dtype=torch.float64).reshape(-1, 2)}, tmp)
 
 
 def _identity(cfg: TrainConfig) -> dict:
     """What must not change between a run and its resumption."""
     keep = ("images", "token", "model", "init", "vectors", "per_layer", "mode", "templates", "lr", "batch", "grad_accum", "timesteps", "guidance",
             "resolution", "crops", "flip", "seed", "precision", "clip_skip", "weight_decay", "buckets", "captions",
-            "shuffle_captions", "keep_tokens", "caption_dropout", "alpha_mask", "lr_warmup", "lr_schedule")
+            "shuffle_captions", "keep_tokens", "caption_dropout", "alpha_mask", "lr_warmup", "lr_schedule",
+            "eval_every", "eval_batch")
     return {k: str(getattr(cfg, k)) for k in keep}
 
 
-def _load_state(path: Path, cfg: TrainConfig, params, optimizer, scaler) -> int:
+def _load_state(path: Path, cfg: TrainConfig, params, optimizer, scaler) -> tuple[int, list]:
+    """Restore the vectors, AdamW and the loss scaler: (the step, the evaluation-loss curve so far)."""
     try:
         st = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -788,7 +877,8 @@ def _load_state(path: Path, cfg: TrainConfig, params, optimizer, scaler) -> int:
         raise TextinvError(f"{path}: not a textinv training state (damaged or foreign); use another --out")
     # A state from before a setting existed was made with its default.
     defaults = {"per_layer": "False", "clip_skip": "1", "buckets": "None", "captions": "None", "shuffle_captions": "False", "keep_tokens": "0",
-                "caption_dropout": "0.0", "alpha_mask": "False", "lr_warmup": "0", "lr_schedule": "constant"}
+                "caption_dropout": "0.0", "alpha_mask": "False", "lr_warmup": "0", "lr_schedule": "constant",
+                "eval_every": "5", "eval_batch": "8"}
     changed = {k: (v, now) for k in _identity(cfg) if (v := st["identity"].get(k, defaults.get(k))) != (now := _identity(cfg)[k])}
     if changed:
         k, (was, now) = next(iter(changed.items()))
@@ -809,7 +899,12 @@ def _load_state(path: Path, cfg: TrainConfig, params, optimizer, scaler) -> int:
             scaler.load_state_dict(st["scaler"])
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise TextinvError(f"{path}: its optimizer state does not fit this run ({' '.join(str(e).split())[:200]})") from None
-    return int(st["step"])
+    curve = st.get("eval_curve")
+    if curve is None:  # a state from before early stopping
+        curve = torch.zeros(0, 2, dtype=torch.float64)
+    if not (isinstance(curve, torch.Tensor) and curve.ndim == 2 and curve.shape[1] == 2 and torch.isfinite(curve).all()):
+        raise TextinvError(f"{path}: a damaged training state (its evaluation-loss curve); use another --out")
+    return int(st["step"]), [(int(s), float(v)) for s, v in curve.tolist() if s <= st["step"]]
 
 
 class RunLock:
