@@ -43,6 +43,16 @@ def test_rule_stops_once_the_curve_has_flattened_and_never_before_min_evals():
     assert stopping.stop_index(fast[:rule.min_evals - 1], rule) is None
 
 
+def test_rule_waits_while_a_slow_creep_after_the_first_drop_keeps_reaching_new_lows():
+    """The grid's failure case: leaving the init word makes the big drop; the concept is learned
+    later, moving the loss by a hair each time.  The variance ratio alone calls that flat."""
+    creep = [1.0] + [0.5 - 1e-4 * i for i in range(40)]
+    assert stopping.variance_ratio(creep) < stopping.THRESHOLD  # the ratio alone would stop
+    assert stopping.stop_index(creep) is None  # but every evaluation is a new low
+    settled = creep + [creep[-1] + 1e-5 * (-1) ** i for i in range(1, 9)]  # then it only wobbles
+    assert stopping.stop_index(settled) is not None and stopping.stop_index(settled) >= len(creep)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_rule_does_not_stop_on_a_curve_that_only_wobbles(seed):
     """A word that learns nothing (the loss only fluctuates) runs to the ceiling."""

@@ -12,6 +12,8 @@ loop, saving.  What makes it fast and safe:
 * All randomness of step ``s`` comes from a generator seeded by ``(seed, s)``: a run resumed
   from its last save ends with the same embedding, bit for bit on CPU, as one never stopped.
 * The learned vectors stay float32 whatever ``--precision`` the model runs in (no NaN from fp16).
+* It stops when the word is learned: a fixed evaluation batch is scored every ``eval_every`` steps
+  without a gradient, and :mod:`textinv.stopping` reads that curve; ``--steps`` is the ceiling.
 
 ``--per-layer`` (P+, SD 1.x/2.x) learns one set of vectors per UNet cross-attention layer: the word
 starts as one copy of its init vectors per layer (:func:`textinv.perlayer.trainable`), the prompts

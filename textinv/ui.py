@@ -117,7 +117,8 @@ def _train_tab(gr, app: App, page: _Page):
                 init = gr.Textbox(label="Init text", placeholder="cat (default '*')", elem_id="init")
                 with gr.Row():
                     vectors = gr.Number(label="Vectors", value=1, precision=0, minimum=1, maximum=75, elem_id="vectors")
-                    steps = gr.Number(label="Steps", value=500, precision=0, minimum=1, elem_id="steps")
+                    steps = gr.Number(label="Steps at most (it stops once the word is learned)", value=500, precision=0, minimum=1,
+                                      elem_id="steps")
                 mode = gr.Radio(["object", "style", "replace"], value="object", label="Mode", elem_id="mode")
                 with gr.Accordion("More settings", open=False):
                     lr = gr.Textbox(label="Learning rate (or A1111 schedule)", value="5e-3", elem_id="lr")
