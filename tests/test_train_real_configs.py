@@ -76,7 +76,7 @@ def test_fp16_step_whose_scaled_gradients_overflow_is_skipped_and_the_scale_lowe
     pipe.unet.forward = overflowing_on_step_3
     seen, on_step = vectors_after_each_step(pipe)
     res = train(images=str(photos(tmp_path / "imgs")), token="<h>", steps=5, batch=2, lr="5e-2", precision="fp16",
-                out=str(tmp_path / "run"), pipe=pipe, progress=False, on_step=on_step)
+                out=str(tmp_path / "run"), pipe=pipe, progress=False, on_step=on_step, early_stop=False)  # its hooks count training passes
     records = log(res.out)
     assert [r["skipped"] for r in records] == [False, False, True, False, False]
     assert torch.equal(seen[2], seen[1])  # the overflowed step changed nothing
@@ -217,7 +217,7 @@ def test_gradient_checkpointing_recomputes_the_unet_in_the_backward_pass(tmp_pat
         calls, forward = [], block.forward
         block.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)  # (hooks do not fire in a recompute)
         train(images=imgs, token="<g>", steps=2, batch=1, grad_checkpointing=flag, out=str(tmp_path / f"run{flag}"),
-              pipe=pipe, progress=False)
+              pipe=pipe, progress=False, early_stop=False)  # training passes only
         counts[flag] = len(calls)
     assert counts[False] == 2 and counts[True] == 4  # each step's forward runs again during backward
 
