@@ -32,9 +32,10 @@ def test_per_value_tokens_even_out_the_biased_words_colours_and_keep_it_a_ball(t
     # `textinv demo --bias` = `textinv bias ball --attribute colour --images CURATED`: one token per
     # colour from 6 captioned balls each, used in turn before the word; judged on 3 training and 3
     # held-out prompts.  The full recipe (300 steps, 60 images a prompt) is measured in
-    # docs/evaluation.md; here 100 steps and 12 images a prompt, thresholds below what they gave
-    # (seed 0: KL 28.7× / 47.5× lower, still a ball 0.92 / 0.83 on training / held-out prompts).
-    m = run_bias(tmp_path, seed=0, n=12, steps=100, echo=lambda *_: None)
+    # docs/evaluation.md; here 60 steps and 12 images a prompt, thresholds below what they gave
+    # (seed 0: KL 385× / 76× lower, still a ball 0.94 / 0.83 on training / held-out prompts;
+    # 100 steps gave 28.7× / 47.5× and 0.92 / 0.83).
+    m = run_bias(tmp_path, seed=0, n=12, steps=60, echo=lambda *_: None)
     red = spec.BIASED["colour"]
     for group in ("training", "held-out"):
         before = m["before"][group]["pooled"]["distribution"][red]
