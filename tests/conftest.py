@@ -10,8 +10,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from textinv.models import MINI_PATH
 
@@ -28,7 +30,22 @@ def _own_latent_cache(tmp_path_factory):
         os.environ.pop("TEXTINV_CACHE", None)
     else:
         os.environ["TEXTINV_CACHE"] = saved
+
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def red_blocks(folder: Path, n: int = 3, size: tuple[int, int] = (32, 32), name: str = "{i:02d}.png") -> Path:
+    """``n`` pictures of a red block on light grey, each shorter and further right: views of one
+    small concept for tests that train a few steps.  No picture equals another or any one's mirror
+    image (the latent cache would share their entries).  ``name`` may carry a caption."""
+    folder.mkdir(parents=True, exist_ok=True)
+    h, w = size
+    for i in range(n):
+        a = np.full((h, w, 3), 230, np.uint8)
+        a[6:h - 6 - 2 * i, 2 + 4 * i:w // 2 + 4 * i] = (200, 30, 30)
+        Image.fromarray(a).save(folder / name.format(i=i))
+    return folder
 
 
 def tokenizer(pad: str = "<|endoftext|>"):

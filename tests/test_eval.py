@@ -14,16 +14,7 @@ from textinv import evaluate, formats
 from textinv.errors import TextinvError
 from textinv.training import train
 
-from conftest import make_sd
-
-
-def blocks(folder: Path, n: int = 3) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        a = np.full((32, 32, 3), 230, np.uint8)
-        a[6:26, 4 + 2 * i:24 + 2 * i] = (200, 30, 30)
-        Image.fromarray(a).save(folder / f"{i:02d}.png")
-    return folder
+from conftest import make_sd, red_blocks
 
 
 # ------------------------------------------------------------------------ training hook
@@ -38,7 +29,7 @@ def test_on_save_sees_every_save_and_can_stop_training_early(tmp_path):
         generation.images(pipe, ["a photo of <blk>"] * 2, steps=2)  # measuring with the training pipeline
         return step >= 4
 
-    imgs = blocks(tmp_path / "imgs")
+    imgs = red_blocks(tmp_path / "imgs")
     res = train(images=str(imgs), token="<blk>", init="square", steps=8, batch=2, save_every=2,
                 out=str(tmp_path / "run"), pipe=pipe, progress=False, on_save=on_save)
     assert seen == [(2, "blk-2.safetensors"), (4, "blk-4.safetensors")]
@@ -244,7 +235,7 @@ def test_train_pick_best_then_eval_a_run_writes_curve_report_and_table(tmp_path,
 
     from textinv.cli import main
 
-    imgs = blocks(tmp_path / "imgs")
+    imgs = red_blocks(tmp_path / "imgs")
     run = tmp_path / "run"
     runner = CliRunner()
     res = runner.invoke(main, ["train", "--images", str(imgs), "--token", "<blk>", "--init", "square", "--model", str(tiny_model),
@@ -287,7 +278,7 @@ def test_per_layer_run_picks_its_best_save_and_evaluates(tmp_path, tiny_model, t
 
     from textinv.cli import main
 
-    imgs, run, runner = blocks(tmp_path / "imgs"), tmp_path / "run", CliRunner()
+    imgs, run, runner = red_blocks(tmp_path / "imgs"), tmp_path / "run", CliRunner()
     metric = ["--clip", str(tiny_clip), "--dino", str(tiny_dino)]
     res = runner.invoke(main, ["train", "--images", str(imgs), "--token", "<blk>", "--init", "square", "--model", str(tiny_model),
                                "--steps", "4", "--batch", "2", "--save-every", "2", "--out", str(run), "--pick-best",
@@ -313,7 +304,7 @@ def test_eval_errors_are_one_line_with_exit_2(tmp_path, tiny_model):
     cases = [
         (["eval", str(tmp_path / "missing")], "no such file"),
         (["eval", str(emb)], "--images: needed"),
-        (["eval", str(emb), "--images", str(blocks(tmp_path / "i")), "--model", str(tiny_model)],
+        (["eval", str(emb), "--images", str(red_blocks(tmp_path / "i")), "--model", str(tiny_model)],
          "--clip openai/clip-vit-base-patch32: the CLIP weights the metrics need are not in the local Hugging Face cache"),
         (["eval", str(emb), "--images", str(tmp_path / "i"), "--model", str(tiny_model), "--concept", "bowtie", "--clip", "x"],
          "exclude each other"),

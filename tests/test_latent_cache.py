@@ -8,24 +8,17 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from textinv import latents
 from textinv.training import train
 
-from conftest import make_sd
+from conftest import make_sd, red_blocks
 
 
-def pictures(folder: Path, n: int = 3) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        a = np.full((40, 48, 3), 230, np.uint8)
-        a[8:30, 6 + 4 * i : 28 + 4 * i] = (200, 30, 30)
-        Image.fromarray(a).save(folder / f"{i:03d}-a red block.png")
-    return str(folder)
+def pictures(folder: Path) -> str:
+    return str(red_blocks(folder, size=(40, 48), name="{i:03d}-a red block.png"))  # captioned, not square
 
 
 def counted(pipe) -> list:

@@ -667,12 +667,13 @@ class _Batches:
         which = torch.randint(len(self.templates), (k,), generator=g)
         low, high = m.timesteps
         t = (low + (torch.arange(k) + torch.rand(k, generator=g)) * (high - low) / k).long().clamp(low, high - 1)
+        place = {v: (b, j) for b, members in enumerate(self.buckets) for j, v in enumerate(members.tolist())}
         groups = []
-        for b, members in enumerate(self.buckets):
-            rows = [i for i in range(k) if int(picked[i]) in set(members.tolist())]
+        for b in range(len(self.buckets)):  # bucket order: the noise below is drawn in it
+            rows = [i for i in range(k) if place[int(picked[i])][0] == b]
             if not rows:
                 continue
-            local = torch.tensor([members.tolist().index(int(picked[i])) for i in rows])
+            local = torch.tensor([place[int(picked[i])][1] for i in rows])
             latents = self.latents[b][0][local]
             groups.append({"bucket": b, "local": local, "idx": picked[rows], "which": which[rows], "t": t[rows],
                            "latents": latents, "noise": torch.randn(latents.shape, generator=g)})
@@ -728,8 +729,12 @@ class _Stopper:
         self.curve = [c for c in self.curve if c[0] < step] + [(step, self.batches.eval_loss(self.groups))]
         return self.decide()
 
+    @property
+    def values(self) -> list[float]:
+        return [v for _, v in self.curve]
+
     def decide(self) -> bool:
-        stop, self.ratio = stopping.should_stop([v for _, v in self.curve], self.rule)
+        stop, self.ratio = stopping.should_stop(self.values, self.rule)
         return stop
 
     def reason(self, step: int, ceiling: int) -> str:
