@@ -18,7 +18,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save_file
 
-from textinv import cards, formats
+from textinv import cards, formats, tokens
 from textinv.errors import EmbeddingFileError
 from textinv.formats import Embedding, detect_format, is_embedding_candidate, load, load_all, save
 
@@ -649,3 +649,12 @@ def test_save_from_trainable_parameter(tmp_path):
     back = load(save(emb, tmp_path / "live.pt"))
     assert emb.vectors["clip"] is param  # the caller's trainable tensor is left alone
     assert torch.equal(back.vectors["clip"], param.detach())
+
+
+def test_an_embedding_built_in_python_with_unknown_slots_is_one_clear_error():
+    from textinv.errors import TextinvError
+
+    for slots in (["clip_h"], ["clip_l"], ["clip", "clip_g"]):
+        with pytest.raises(TextinvError, match=r"vector slots .*expected \['clip'\] \(SD 1.x/2.x\) or \['clip_l', 'clip_g'\]"):
+            Embedding("x", {s: torch.zeros(1, 8) for s in slots})
+    assert tokens.describe_widths(Embedding("x", {"clip": torch.zeros(1, 768)})) == "768-wide: made for SD 1.x"

@@ -33,7 +33,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from . import cards, safe_pickle
 from .atomic import atomic_path, write_bytes
-from .errors import EmbeddingFileError
+from .errors import EmbeddingFileError, TextinvError
 
 # Width of a token vector -> the model family whose text encoder has that width.
 FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL (clip_g)"}
@@ -71,6 +71,13 @@ class Embedding:
     source_format: str | None = None  # set by load(): "diffusers", "a1111", "kohya", "sdxl", ...
     path: Path | None = None
     layers: list[str] | None = None  # per-layer (P+) embeddings only
+
+    def __post_init__(self):
+        # Every reader produces one of the two slot sets; an Embedding built in Python with another
+        # would fail far from here (a KeyError when it is described, applied or saved).
+        if set(self.vectors) not in ({SINGLE_KEY}, set(SDXL_KEYS)):
+            raise TextinvError(f"embedding {self.name!r}: vector slots {sorted(self.vectors)}; expected "
+                               f"['{SINGLE_KEY}'] (SD 1.x/2.x) or {list(SDXL_KEYS)} (SDXL)")
 
     @property
     def is_sdxl(self) -> bool:
