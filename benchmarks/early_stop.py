@@ -148,7 +148,9 @@ def main() -> None:
         overhead(a)
         return
     if a.table:
-        write_text(a.table, markdown(a))
+        kept = a.table.read_text() if a.table.is_file() else ""
+        kept = kept[kept.index("\n## ") + 1:] if "\n## " in kept else ""  # the hand-written sections stay
+        write_text(a.table, markdown(a) + ("\n" + kept if kept else ""))
         print(a.table.read_text())
         return
     shard, shards = (int(x) for x in a.shard.split("/"))
@@ -324,6 +326,16 @@ def load_results(out: Path) -> dict:
     return merged
 
 
+def fixed_steps(runs: list[dict], ceiling: int) -> list[tuple[int, list[tuple[float, float]]]]:
+    """(step, [(fidelity there, best save's fidelity)]) for each measured save and the fixed ceiling:
+    how a rule that ignores the curve would fare on the same test."""
+    steps = sorted({int(s) for r in runs for s in r["saves"]})
+    out = [(s, [(r["saves"][str(s)]["fidelity"], r["best"]["fidelity"]) for r in runs if r["best"] and str(s) in r["saves"]])
+           for s in steps]
+    out.append((ceiling, [(r["fixed"]["fidelity"], r["best"]["fidelity"]) for r in runs if r["best"] and "fixed" in r]))
+    return out
+
+
 def _f(x, d=2):
     return "—" if x is None else f"{x:.{d}f}"
 
@@ -356,6 +368,9 @@ def markdown(a) -> str:
         f"runs that stopped before the ceiling: {sum(r['auto']['stopped'] for r in runs)}/{len(runs)}.",
         f"- **Fidelity at the stop within 0.02 of the best save (or above it): {len(close)}/{len(runs)} runs "
         f"({len(close) / len(runs):.0%})**.",
+        "- The same test for stopping at one fixed step in every run: " + "; ".join(
+            f"step {step}: {sum(f >= b - 0.02 for f, b in pairs)}/{len(pairs)} ({sum(f >= b - 0.02 for f, b in pairs) / len(pairs):.0%})"
+            for step, pairs in fixed_steps(runs, a.ceiling) if pairs) + ".",
         "",
         "| images | vectors | stop step (median, range) | s to stop | fidelity stop / best | editability stop / best | score stop / best | best step (median) |",
         "|---|---|---|---|---|---|---|---|",
