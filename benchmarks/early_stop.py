@@ -255,7 +255,7 @@ def replay(a) -> None:
                 r["auto"] = {"step": step, "seconds": round(seconds, 2), "stopped": i is not None, "rule": rule.describe(), **m}
             else:
                 metric = evaluate.JudgeMetric(r["concept"])
-                opts = dict(n=a.n, fidelity_n=a.fidelity_n, seed=1000 * r["seed"], steps=a.sample_steps,
+                opts = dict(n=a.n, fidelity_n=r.get("fidelity_n", a.fidelity_n), seed=1000 * r["seed"], steps=a.sample_steps,
                             guidance=models.defaults(None).guidance)
                 path = run / "embeddings" / f"c-{step}.safetensors"
                 m = measure(pipe, metric, path if path.is_file() else run / "c.safetensors", opts)
