@@ -312,7 +312,7 @@ def more_fidelity(a) -> None:
                 m["fidelity"] = (m["fidelity"] * have + cache[step] * a.more_fidelity) / (have + a.more_fidelity)
                 m["score"] = evaluate.tradeoff_score(m["fidelity"], m["editability"])
             r["best_step"] = evaluate.best_step([{"step": int(s), **m} for s, m in r["saves"].items()])
-            r["best"] = r["saves"].get(str(r["best_step"]), r["saves"].get(r["best_step"]))
+            r["best"] = r["saves"].get(str(r["best_step"]))  # JSON keys: always strings
             r["fidelity_n"] = have + a.more_fidelity
             write_text(results_path, json.dumps(results, indent=1))
             print(f"[{i + 1}/{len(names)}] {name}: stop {r['auto']['step']} fidelity {r['auto']['fidelity']:.3f}, "

@@ -19,7 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save_file
 
 from textinv import cards, formats, tokens
-from textinv.errors import EmbeddingFileError
+from textinv.errors import EmbeddingFileError, TextinvError
 from textinv.formats import Embedding, detect_format, is_embedding_candidate, load, load_all, save
 
 from conftest import Touch, malicious_pt
@@ -652,8 +652,6 @@ def test_save_from_trainable_parameter(tmp_path):
 
 
 def test_an_embedding_built_in_python_with_unknown_slots_is_one_clear_error():
-    from textinv.errors import TextinvError
-
     for slots in (["clip_h"], ["clip_l"], ["clip", "clip_g"]):
         with pytest.raises(TextinvError, match=r"vector slots .*expected \['clip'\] \(SD 1.x/2.x\) or \['clip_l', 'clip_g'\]"):
             Embedding("x", {s: torch.zeros(1, 8) for s in slots})
