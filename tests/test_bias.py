@@ -152,3 +152,39 @@ def test_an_existing_per_value_set_is_measured_through_its_variants(tmp_path, ti
     run.values = ["man", "woman", "child"]
     with pytest.raises(TextinvError, match="no embedding named after the value 'child'"):
         bias.run_bias(run, pipe=pipe)
+
+
+def test_value_tokens_start_from_the_value_the_model_draws_most_for_the_word():
+    def measured(*dists):  # before, as run_bias measures it: groups with a pooled distribution
+        return {f"g{i}": {"pooled": {"distribution": d}} for i, d in enumerate(dists)}
+
+    # the majority is pooled over every group: red leads one group, but blue leads overall
+    before = measured({"red": 0.6, "blue": 0.4}, {"red": 0.1, "blue": 0.9})
+    assert bias.start_word("majority", "green", before) == "blue"
+    assert bias.start_word("value", "green", before) == "green"
+    assert bias.start_word("crimson", "green", before) == "crimson"
+    # nothing measured, or nothing recognised: each token from its own value
+    assert bias.start_word("majority", "green", None) == "green"
+    assert bias.start_word("majority", "green", measured({"red": 0.0, "blue": 0.0})) == "green"
+
+
+def test_a_per_value_run_starts_every_token_from_the_measured_majority(tmp_path, tiny_clip):  # noqa: F811
+    pipe = make_sd()
+    for v in ("man", "woman"):
+        (tmp_path / "set" / v).mkdir(parents=True)
+        for i in range(2):
+            _picture(tmp_path / "set" / v / f"{i}.png", "a doctor at work")
+    run = bias.BiasRun(word="doctor", attribute="gender", values=["man", "woman"], images=str(tmp_path / "set"),
+                       clip=str(tiny_clip), n=3, sample_steps=2, steps=2, out=str(tmp_path / "out"))
+    result = bias.run_bias(run, pipe=pipe)
+    expected = bias.start_word("majority", "man", result["before"])
+    assert expected in ("man", "woman") and result["init"] == [expected, expected]
+    run.init, run.out = "value", str(tmp_path / "out2")
+    assert bias.run_bias(run, pipe=pipe)["init"] == ["man", "woman"]
+
+
+def test_init_is_refused_where_it_cannot_apply(tmp_path):
+    with pytest.raises(TextinvError, match="only the per-value recipe"):
+        bias.run_bias(bias.BiasRun(word="ball", attribute="colour", values=["red", "blue"], recipe="replace", init="value"))
+    with pytest.raises(TextinvError, match="--init: empty"):
+        bias.run_bias(bias.BiasRun(word="ball", attribute="colour", values=["red", "blue"], init=" "))

@@ -30,17 +30,20 @@ def test_embedding_draws_the_unnamed_shape_far_more_often_than_the_init_word(dem
 
 def test_per_value_tokens_even_out_the_biased_words_colours_and_keep_it_a_ball(tmp_path):
     # `textinv demo --bias` = `textinv bias ball --attribute colour --images CURATED`: one token per
-    # colour from 6 captioned balls each, used in turn before the word; judged on 3 training and 3
-    # held-out prompts.  The full recipe (300 steps, 60 images a prompt) is measured in
-    # docs/evaluation.md; here 60 steps and 12 images a prompt, thresholds below what they gave
-    # (seed 0: KL 385× / 76× lower, still a ball 0.94 / 0.83 on training / held-out prompts;
-    # 100 steps gave 28.7× / 47.5× and 0.92 / 0.83).
-    m = run_bias(tmp_path, seed=0, n=12, steps=60, echo=lambda *_: None)
+    # colour from 6 captioned balls each, every token starting from the colour the model draws for
+    # "ball" today (red), used in turn before the word; judged on 3 training and 3 held-out prompts.
+    # The full measurement (six colours, 60 images a prompt, 3 seeds) is in docs/evaluation.md; here
+    # three colours (red, green — the hardest — and blue), the default 300 steps (a red start needs
+    # them: at 60 every token still drew red) and 12 images a prompt.  Measured: red/green/blue
+    # exactly even on the training prompts with every image a ball; held-out 1/3, 0.28, 1/3 and 0.89.
+    values = ["red", "green", "blue"]
+    m = run_bias(tmp_path, seed=0, n=12, steps=300, values=values, echo=lambda *_: None)
     red = spec.BIASED["colour"]
     for group in ("training", "held-out"):
         before = m["before"][group]["pooled"]["distribution"][red]
         after = m["after"][group]["pooled"]["distribution"][red]
         s = m["summary"][group]
-        assert before >= 0.9 and after <= 0.4, (group, before, after)
+        assert m["init"] == [red] * len(values)
+        assert before >= 0.9 and after <= 0.5, (group, before, after)
         assert s["kl_ratio"] >= 10, (group, s)
         assert s["retention_after"] >= 0.7, (group, s)  # the word still means a ball, not some other shape
