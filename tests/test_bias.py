@@ -27,6 +27,18 @@ def test_kl_and_pairwise_bias_on_known_distributions():
     assert bias.distribution(["a", "a", "b", "x"], ["a", "b"]) == {"a": 0.5, "b": 0.25}
 
 
+def test_a_perfectly_even_after_reads_evened_out_not_a_billion_times_lower():
+    values = ["a", "b", "c"]
+    before = bias._summary(None, ["a"] * 6, [1.0] * 6, values)
+    for after_labels, says in ((["a", "b", "c"] * 2, "(evened out)"), (["a", "a", "b", "c", "c", "b"][:5] + ["a"], "× lower)")):
+        after = bias._summary(None, after_labels, [1.0] * 6, values)
+        result = {"attribute": "x", "word": "w", "classifier": "judge", "n": 6, "values": values, "use": None,
+                  "before": {"g": {"pooled": before}}, "after": {"g": {"pooled": after}},
+                  "summary": {"g": bias._compare(before, after, "judge")}}
+        line = bias.format_table(result).splitlines()[-1]
+        assert says in line and "e+" not in line and "1098612288" not in line, line
+
+
 def test_attribute_option_parses_and_refuses_in_one_line():
     assert bias.parse_attribute("gender=man, woman") == ("gender", ["man", "woman"])
     assert bias.parse_attribute("colour", lambda a: ["red", "blue"] if a == "colour" else None) == ("colour", ["red", "blue"])

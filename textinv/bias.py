@@ -452,7 +452,8 @@ def format_table(result: dict) -> str:
         ret = ""
         if "retention_after" in s:
             ret = f", retention {s['retention_before']:.2f} → {s['retention_after']:.2f}"
-        lines.append(f"{g}: KL {s['kl_before']:.3f} → {s['kl_after']:.3f} ({s['kl_ratio']:.1f}× lower), pairwise "
+        lower = "evened out" if s["kl_after"] < 1e-12 < s["kl_before"] else f"{s['kl_ratio']:.1f}× lower"  # not 1e9×
+        lines.append(f"{g}: KL {s['kl_before']:.3f} → {s['kl_after']:.3f} ({lower}), pairwise "
                      f"{s['pairwise_before']:.3f} → {s['pairwise_after']:.3f}{ret}")
     return "\n".join(lines)
 
