@@ -39,6 +39,16 @@ def test_a_perfectly_even_after_reads_evened_out_not_a_billion_times_lower():
         assert says in line and "e+" not in line and "1098612288" not in line, line
 
 
+def test_a_run_that_did_not_move_the_balance_says_so():
+    def summary(*pairs):
+        return {f"g{i}": {"kl_before": b, "kl_after": a} for i, (b, a) in enumerate(pairs)}
+
+    assert bias.unmoved(summary((1.79, 1.79), (1.79, 1.70)))  # a start that never left the majority
+    assert not bias.unmoved(summary((1.79, 1.79), (1.79, 0.5)))  # one group moved: not "unmoved"
+    assert not bias.unmoved(summary((0.0, 0.0)))  # already even: nothing to move
+    assert not bias.unmoved({})
+
+
 def test_attribute_option_parses_and_refuses_in_one_line():
     assert bias.parse_attribute("gender=man, woman") == ("gender", ["man", "woman"])
     assert bias.parse_attribute("colour", lambda a: ["red", "blue"] if a == "colour" else None) == ("colour", ["red", "blue"])

@@ -421,8 +421,17 @@ def run_bias(run: BiasRun, pipe=None, echo=None) -> dict:
               "train_seconds": round(seconds, 1), "seconds": round(time.perf_counter() - t0, 1)}
     if after is not None:
         result["summary"] = {g: _compare(before[g]["pooled"], after[g]["pooled"], classify.kind) for g in groups}
+        if run.images and unmoved(result["summary"]):
+            result["warning"] = (f"the re-learned word is as biased as before: train longer (--steps, now {run.steps}; a "
+                                 f"majority start needs its steps) or check the curated folder")
+            say("warning: " + result["warning"])
     write_outputs(result, out)
     return result
+
+
+def unmoved(summary: dict) -> bool:
+    """No group's KL fell by a tenth: the tokens (or the re-learned word) did not move the balance."""
+    return bool(summary) and all(s["kl_after"] > 0.9 * s["kl_before"] > 0 for s in summary.values())
 
 
 def _compare(b: dict, a: dict, kind: str) -> dict:
@@ -455,6 +464,8 @@ def format_table(result: dict) -> str:
         lower = "evened out" if s["kl_after"] < 1e-12 < s["kl_before"] else f"{s['kl_ratio']:.1f}× lower"  # not 1e9×
         lines.append(f"{g}: KL {s['kl_before']:.3f} → {s['kl_after']:.3f} ({lower}), pairwise "
                      f"{s['pairwise_before']:.3f} → {s['pairwise_after']:.3f}{ret}")
+    if result.get("warning"):
+        lines.append(f"warning: {result['warning']}")
     return "\n".join(lines)
 
 
