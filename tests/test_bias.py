@@ -30,7 +30,7 @@ def test_kl_and_pairwise_bias_on_known_distributions():
 def test_a_perfectly_even_after_reads_evened_out_not_a_billion_times_lower():
     values = ["a", "b", "c"]
     before = bias._summary(None, ["a"] * 6, [1.0] * 6, values)
-    for after_labels, says in ((["a", "b", "c"] * 2, "(evened out)"), (["a", "a", "b", "c", "c", "b"][:5] + ["a"], "× lower)")):
+    for after_labels, says in ((["a", "b", "c"] * 2, "(evened out)"), (["a", "a", "b", "c", "c", "a"], "× lower)")):
         after = bias._summary(None, after_labels, [1.0] * 6, values)
         result = {"attribute": "x", "word": "w", "classifier": "judge", "n": 6, "values": values, "use": None,
                   "before": {"g": {"pooled": before}}, "after": {"g": {"pooled": after}},

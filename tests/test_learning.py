@@ -39,11 +39,11 @@ def test_per_value_tokens_even_out_the_biased_words_colours_and_keep_it_a_ball(t
     values = ["red", "green", "blue"]
     m = run_bias(tmp_path, seed=0, n=12, steps=300, values=values, echo=lambda *_: None)
     red = spec.BIASED["colour"]
+    assert m["init"] == [red] * len(values)
     for group in ("training", "held-out"):
         before = m["before"][group]["pooled"]["distribution"][red]
         after = m["after"][group]["pooled"]["distribution"][red]
         s = m["summary"][group]
-        assert m["init"] == [red] * len(values)
         assert before >= 0.9 and after <= 0.5, (group, before, after)
         assert s["kl_ratio"] >= 10, (group, s)
         assert s["retention_after"] >= 0.7, (group, s)  # the word still means a ball, not some other shape

@@ -422,8 +422,9 @@ def run_bias(run: BiasRun, pipe=None, echo=None) -> dict:
     if after is not None:
         result["summary"] = {g: _compare(before[g]["pooled"], after[g]["pooled"], classify.kind) for g in groups}
         if run.images and unmoved(result["summary"]):
-            result["warning"] = (f"the re-learned word is as biased as before: train longer (--steps, now {run.steps}; a "
-                                 f"majority start needs its steps) or check the curated folder")
+            why = "; a majority start needs its steps" if run.recipe == "per-value" and run.init == "majority" else ""
+            result["warning"] = (f"the re-learned word is as biased as before: train longer (--steps, now {run.steps}{why}) "
+                                 f"or check the curated folder")
             say("warning: " + result["warning"])
     write_outputs(result, out)
     return result
