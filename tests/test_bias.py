@@ -107,6 +107,18 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.exit_code == 2 and "exclude each other" in r.output
 
 
+def test_cli_named_reaches_the_run(monkeypatch):
+    from textinv.cli import main
+
+    seen = []
+    monkeypatch.setattr(bias, "run_bias", lambda run, echo=None: seen.append(run) or {"x": 1})
+    monkeypatch.setattr(bias, "format_table", lambda result: "table")
+    for args, named in ((["--named"], True), ([], False)):
+        r = CliRunner().invoke(main, ["bias", "ball", "--attribute", "colour", *args])
+        assert r.exit_code == 0, r.output
+        assert seen[-1].named is named
+
+
 # ----------------------------------------------------------------------- the per-value recipe
 def test_the_word_becomes_the_variant_group_of_its_value_tokens():
     use = bias.variants("ball", [bias.value_token("ball", v) for v in ("red", "dark green")])
@@ -115,6 +127,17 @@ def test_the_word_becomes_the_variant_group_of_its_value_tokens():
     assert rewrite("a photo of a ball, ball") == f"a photo of a {use}, {use}"
     for untouched in ("a football", "balls", "<ball-red>", "ball-park"):
         assert rewrite(untouched) == untouched
+
+
+def test_each_option_of_a_variant_group_is_scored_on_the_images_that_took_it():
+    # image i takes option i mod k: here "red ball" images 0, 2, 4 and "green ball" images 1, 3, 5
+    labels = ["red", "green", "red", "blue", "red", "green"]
+    kept = [True, False, True, True, True, False]
+    parts = bias.by_option("a {red ball|green ball} on the left", labels, kept)
+    assert parts == [("red ball", ["red", "red", "red"], [True, True, True]), ("green ball", ["green", "blue", "green"], [False, True, False])]
+    assert bias.by_option("a ball", labels, kept) == []  # no group: nothing to split
+    assert bias.by_option("a {a|b} and {c|d}", labels, kept) == []  # two groups: options are not i mod k
+    assert bias.by_option("{a|b}", labels, None)[1] == ("b", ["green", "blue", "green"], None)  # CLIP without retention
 
 
 def test_value_folders_name_what_is_missing(tmp_path):
@@ -166,11 +189,20 @@ def test_an_existing_per_value_set_is_measured_through_its_variants(tmp_path, ti
     for v in ("man", "woman"):
         formats.save(formats.Embedding(f"<doctor-{v}>", {"clip": torch.randn(1, 32)}), shelf / f"doctor-{v}.safetensors")
     run = bias.BiasRun(word="doctor", attribute="gender", values=["man", "woman"], embedding=str(shelf), clip=str(tiny_clip),
-                       n=2, sample_steps=2, out=str(tmp_path / "out"))
+                       n=4, sample_steps=2, named=True, out=str(tmp_path / "out"))
     result = bias.run_bias(run, pipe=pipe)
     # the triggers are the files' (A1111: the file name), in the order of the values
     assert result["use"] == "{doctor-man doctor|doctor-woman doctor}" and result["after"] is not None
-    assert "the word used as {doctor-man doctor" in bias.format_table(result)
+    table = bias.format_table(result)
+    assert "the word used as {doctor-man doctor" in table
+    # --named: the word asked for in each value by name, and each value's share of images, per option
+    for phase, options in (("named", ["man doctor", "woman doctor"]), ("after", ["doctor-man doctor", "doctor-woman doctor"])):
+        pooled = result[phase]["held-out"]["pooled"]
+        assert [o["option"] for o in pooled["options"]] == options
+        assert [o["n"] for o in pooled["options"]] == [2 * len(result["prompts"]["held-out"])] * 2  # image i: option i mod 2
+        assert [o["option"] for o in result[phase]["training"]["prompts"][0]["options"]] == options
+    assert "held-out, asked by name: KL" in table and "per value (share still the word / share judged the value): by name, token" in table
+    assert "retention asked by name" in (tmp_path / "out" / "report.html").read_text()
     run.values = ["man", "woman", "child"]
     with pytest.raises(TextinvError, match="no embedding named after the value 'child'"):
         bias.run_bias(run, pipe=pipe)

@@ -37,7 +37,7 @@ def test_per_value_tokens_even_out_the_biased_words_colours_and_keep_it_a_ball(t
     # them: at 60 every token still drew red) and 12 images a prompt.  Measured: red/green/blue
     # exactly even on the training prompts with every image a ball; held-out 1/3, 0.28, 1/3 and 0.89.
     values = ["red", "green", "blue"]
-    m = run_bias(tmp_path, seed=0, n=12, steps=300, values=values, echo=lambda *_: None)
+    m = run_bias(tmp_path, seed=0, n=12, steps=300, values=values, echo=lambda *_: None, named=False)
     red = spec.BIASED["colour"]
     assert m["init"] == [red] * len(values)
     for group in ("training", "held-out"):

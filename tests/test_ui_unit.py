@@ -280,7 +280,7 @@ def test_a_bias_run_in_the_app_writes_json_chart_and_report(tmp_path, app, tiny_
     monkeypatch.setattr(metrics, "DEFAULT_CLIP", str(tiny_clip))  # a real model's zero-shot classifier, tiny and offline
     app._pipe = make_sd()
     emb = formats.save(Embedding("x", {"clip": torch.randn(1, 32)}), tmp_path / "x.safetensors")
-    job = app.start_bias("doctor", "gender=man,woman", embedding=str(emb), prompts_text="a portrait of a {}\n\n", n=2)
+    job = app.start_bias("doctor", "gender=man,woman", embedding=str(emb), prompts_text="a portrait of a {}\n\n", n=2, named=True)
     job.thread.join(120)
     assert job.error is None and not job.running, job.status()
     assert job.out.parent == app.runs and job.out.name.endswith("-bias-doctor")
@@ -290,6 +290,7 @@ def test_a_bias_run_in_the_app_writes_json_chart_and_report(tmp_path, app, tiny_
     status = job.status()
     assert status.startswith("Done in ") and "bias.json, bias.png, report.html" in status and "KL" in status
     assert "held-out: KL " in job.table() and "gender of 'doctor'" in job.table()
+    assert saved["named"]["held-out"]["prompts"][0]["n"] == 2 and "held-out, asked by name: KL" in job.table()  # the checkbox
     assert not tokens.state(app._pipe).names  # the pipeline is clean for Generate
     failed = app.start_bias("doctor", "gender=man,woman", embedding=str(emb), prompts_text="a photo of a {}", n=2)
     failed.thread.join(120)

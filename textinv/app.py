@@ -343,7 +343,7 @@ class App:
 
     # -- bias ----------------------------------------------------------------------------------
     def start_bias(self, word: str, attribute: str, images_folder: str = "", embedding: str = "", prompts_text: str = "",
-                   recipe: str = "per-value", n: int = 60, seed: int = 0, steps: int = 300) -> BiasJob:
+                   recipe: str = "per-value", n: int = 60, seed: int = 0, steps: int = 300, named: bool = False) -> BiasJob:
         """``textinv bias`` in a background thread, on this app's pipeline; outputs in ``runs/DATE-bias-WORD``."""
         from . import bias
         from .world import spec
@@ -377,7 +377,7 @@ class App:
                                images=str(Path(folder).expanduser()) if folder else None,
                                embedding=str(Path(emb).expanduser()) if emb else None, recipe=recipe,
                                prompts=str(prompts) if prompts else None, model=self.model, model_config=self.model_config,
-                               n=n, seed=seed, steps=steps, out=str(out))
+                               n=n, seed=seed, steps=steps, named=named, out=str(out))
             job = BiasJob(word, name, out)
             job.thread = threading.Thread(target=self._bias, args=(job, run), name=f"textinv-bias-{word}", daemon=True)
             self.bias = job

@@ -136,18 +136,39 @@ def measure(pipe, prompts: dict[str, list[str]], classify, *, n: int = 120, seed
     ``rewrite``: what a prompt becomes before generation (the word as its per-value variants)."""
     out = {}
     for group, group_prompts in prompts.items():
-        rows, pooled_labels, pooled_kept = [], [], []
+        rows, pooled_labels, pooled_kept, pooled_options = [], [], [], {}
         for prompt in group_prompts:
             text = rewrite(prompt) if rewrite else prompt  # A1111 weights and {a|b} variants read as generate reads them
             images = generation.generate(text, pipe=pipe, n=n, seed=seed, steps=steps, guidance=guidance, batch=32).images
             labels, kept = classify(images)
             rows.append(_summary(prompt, labels, kept, classify.values))
+            for j, (option, option_labels, option_kept) in enumerate(by_option(text, labels, kept)):
+                rows[-1].setdefault("options", []).append({"option": option, **_summary(None, option_labels, option_kept, classify.values)})
+                pool = pooled_options.setdefault(j, (option, [], []))
+                pool[1].extend(option_labels)
+                pool[2].extend(option_kept or [])
             pooled_labels += labels
             pooled_kept += kept or []
             if echo:
                 echo(f"  {prompt!r}: KL {rows[-1]['kl']:.3f}, retention {_fmt(rows[-1]['retention'])}")
         out[group] = {"prompts": rows, "pooled": _summary(None, pooled_labels, pooled_kept or None, classify.values)}
+        if pooled_options:
+            out[group]["pooled"]["options"] = [{"option": o, **_summary(None, la, ke or None, classify.values)}
+                                               for o, la, ke in pooled_options.values()]
     return out
+
+
+def by_option(text: str, labels: list, kept: list | None) -> list[tuple[str, list, list | None]]:
+    """The images of each option of the prompt's one ``{a|b}`` group (image i took option i mod k,
+    :func:`textinv.prompts.pick_variant`): which value's token, or which named value, lost the word.
+    Empty unless the prompt has exactly one group."""
+    from .prompts import variant_groups
+
+    groups = variant_groups(text)
+    if len(groups) != 1:
+        return []
+    k = len(groups[0])
+    return [(option.strip(), labels[j::k], kept[j::k] if kept else None) for j, option in enumerate(groups[0])]
 
 
 def _summary(prompt, labels, kept, values) -> dict:
@@ -190,6 +211,7 @@ class BiasRun:
     guidance: float | None = None  # None: the recipe's
     vectors: int = 1
     init: str = "majority"  # per-value tokens start from: see start_word
+    named: bool = False  # also measure the word with each value named ("a green ball"): see run_bias
     out: str = "bias"
     extra: dict = field(default_factory=dict)  # any other TrainConfig setting
 
@@ -223,7 +245,8 @@ def value_token(word: str, value: str) -> str:
 
 
 def variants(word: str, names: list[str]) -> str:
-    """The word as the variant group of its per-value tokens: ``{<w-a> w|<w-b> w|...}``."""
+    """The word as the variant group of its per-value tokens, ``{<w-a> w|<w-b> w|...}``, or of its
+    values by name, ``{a w|b w|...}``."""
     return "{" + "|".join(f"{name} {word}" for name in names) + "}"
 
 
@@ -379,6 +402,11 @@ def run_bias(run: BiasRun, pipe=None, echo=None) -> dict:
     kw = dict(n=run.n, seed=run.seed, steps=run.sample_steps, guidance=guidance, echo=say)
     say(f"before: {run.attribute} of {run.word!r} ({classify.kind}, {run.n} images a prompt)")
     before = measure(pipe, groups, classify, **kw)
+    named = None
+    if run.named:  # the hard-prompt baseline, and how well the model draws the word in each value at all
+        ask = variants(run.word, run.values)
+        say(f"asked by name: {run.word!r} as {ask}")
+        named = measure(pipe, groups, classify, rewrite=rewriter(run.word, ask), **kw)
     after, seconds, source, use, applied = None, 0.0, None, None, []
     if run.images or run.embedding:
         if run.images and run.recipe == "per-value":
@@ -415,7 +443,7 @@ def run_bias(run: BiasRun, pipe=None, echo=None) -> dict:
         finally:
             tokens.remove(pipe, [e.name for e in applied])
     result = {"word": run.word, "attribute": run.attribute, "values": run.values, "classifier": classify.kind,
-              "n": run.n, "seed": run.seed, "prompts": groups, "before": before, "after": after, "embedding": source,
+              "n": run.n, "seed": run.seed, "prompts": groups, "before": before, "named": named, "after": after, "embedding": source,
               "recipe": run.recipe if run.images else None, "use": use,
               "init": [e.meta.get("init_text") for e in applied] if run.images and run.recipe == "per-value" else None,
               "train_seconds": round(seconds, 1), "seconds": round(time.perf_counter() - t0, 1)}
@@ -465,13 +493,37 @@ def format_table(result: dict) -> str:
         lower = "evened out" if s["kl_after"] < 1e-12 < s["kl_before"] else f"{s['kl_ratio']:.1f}× lower"  # not 1e9×
         lines.append(f"{g}: KL {s['kl_before']:.3f} → {s['kl_after']:.3f} ({lower}), pairwise "
                      f"{s['pairwise_before']:.3f} → {s['pairwise_after']:.3f}{ret}")
+    for g, m in (result.get("named") or {}).items():
+        lines.append(f"{g}, asked by name: KL {m['pooled']['kl']:.3f}, retention {_fmt(m['pooled']['retention'])}")
+    lines += _per_value_lines(result)
     if result.get("warning"):
         lines.append(f"warning: {result['warning']}")
     return "\n".join(lines)
 
 
+def _per_value_lines(result: dict) -> list[str]:
+    """Asked by name ("a green ball") and, after, each value's token: the share still the word
+    (retention) and the share judged that value.  The named column is what the model can draw at
+    all: a token that keeps the word less often than its value's name did is the recipe's loss,
+    one that keeps it as often is the model's limit."""
+    phases = [(name, result.get(key)) for name, key in (("by name", "named"), ("token", "after"))]
+    phases = [(name, m) for name, m in phases if m and all(len(g["pooled"].get("options", [])) == len(result["values"]) for g in m.values())]
+    if not phases:
+        return []
+    lines = ["per value (share still the word / share judged the value): " + ", ".join(n for n, _ in phases)]
+    for g in result["before"]:
+        for j, v in enumerate(result["values"]):
+            cells = []
+            for _name, m in phases:
+                o = m[g]["pooled"]["options"][j]
+                cells.append(f"{_fmt(o['retention']):>7} / {o['distribution'][v]:.2f}")
+            lines.append(f"{g:<10}{v:<12}" + "   ".join(cells))
+    return lines
+
+
 def plot(result: dict, path: Path) -> Path | None:
-    """Bars per value: before and after, one panel per prompt group (None without matplotlib)."""
+    """Bars per value: before, asked by name (--named) and after, one panel per prompt group (None
+    without matplotlib)."""
     try:
         import matplotlib
     except ImportError:
@@ -483,11 +535,13 @@ def plot(result: dict, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.2), sharey=True, squeeze=False)
     x = np.arange(len(result["values"]))
     for ax, g in zip(axes[0], groups):
-        before = [result["before"][g]["pooled"]["distribution"][v] for v in result["values"]]
-        ax.bar(x - 0.2, before, 0.4, label="before", color="#999999")
-        if result["after"]:
-            after = [result["after"][g]["pooled"]["distribution"][v] for v in result["values"]]
-            ax.bar(x + 0.2, after, 0.4, label="after", color="#3060c0")
+        bars = [("before", result["before"], "#999999"), ("asked by name", result.get("named"), "#a0c0e0"),
+                ("after", result["after"], "#3060c0")]
+        bars = [b for b in bars if b[1]]
+        width = 0.8 / len(bars)
+        for i, (label, m, colour) in enumerate(bars):
+            shares = [m[g]["pooled"]["distribution"][v] for v in result["values"]]
+            ax.bar(x + (i - (len(bars) - 1) / 2) * width, shares, width, label=label, color=colour)
         ax.axhline(1 / len(x), color="k", lw=0.8, ls="--", label="uniform")
         ax.set_xticks(x, result["values"], rotation=30)
         ax.set_title(f"{g} prompts")
@@ -509,15 +563,16 @@ def write_outputs(result: dict, out: Path) -> dict[str, Path]:
     for g, b in result["before"].items():
         for i, row in enumerate(b["prompts"]):
             a = result["after"][g]["prompts"][i] if result["after"] else None
+            named = result["named"][g]["prompts"][i] if result.get("named") else None
             cells = [g, html.escape(row["prompt"]), f"{row['kl']:.3f}", "" if a is None else f"{a['kl']:.3f}",
-                     _fmt(row["retention"]), "" if a is None else _fmt(a["retention"])]
+                     _fmt(row["retention"]), "" if named is None else _fmt(named["retention"]), "" if a is None else _fmt(a["retention"])]
             rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     img = '<img src="bias.png" alt="distribution before and after">' if chart else "<p>(pip install 'textinv[eval]' for the chart)</p>"
     page = (f"<!doctype html><meta charset=utf-8><title>bias of {html.escape(result['word'])}</title>"
             f"<h1>{html.escape(result['attribute'])} of “{html.escape(result['word'])}”</h1>"
             f"<pre>{html.escape(format_table(result))}</pre>{img}"
             "<table border=1 cellpadding=4><tr><th>group</th><th>prompt</th><th>KL before</th><th>KL after</th>"
-            "<th>retention before</th><th>retention after</th></tr>" + "".join(rows) + "</table>")
+            "<th>retention before</th><th>retention asked by name</th><th>retention after</th></tr>" + "".join(rows) + "</table>")
     write_text(paths["report"], page)
     if chart is None:
         del paths["chart"]

@@ -380,9 +380,11 @@ def demo(out, concept, seed, steps, count, bias):
 @click.option("--vectors", type=click.IntRange(1, 75), default=1, show_default=True)
 @click.option("--init", default="majority", show_default=True,
               help="Per-value tokens start from: majority (the value the model draws most for WORD today), value (each its own value's word), or a word.")
+@click.option("--named", is_flag=True,
+              help="Also measure WORD with each value named in turn ('a woman doctor'): the hard-prompt baseline, and how often the model keeps the word in each value at all.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder (default bias-WORD).")
 def bias(word, attribute, images, recipe, embedding, prompts_file, templates, model, model_config, clip, count, seed, steps, timesteps,
-         train_guidance, vectors, init, out):
+         train_guidance, vectors, init, named, out):
     """Measure a word's bias over an attribute; with --images re-learn it from a curated set and measure again."""
     from . import bias as b
     from .formats import file_stem, printable
@@ -391,7 +393,8 @@ def bias(word, attribute, images, recipe, embedding, prompts_file, templates, mo
     name, values = b.parse_attribute(attribute, lambda a: spec.labels(a) if a in spec.ATTRIBUTES else None)
     run = b.BiasRun(word=word, attribute=name, values=values, images=images, embedding=embedding, recipe=recipe, prompts=prompts_file,
                     templates=templates, model=model, model_config=model_config, clip=clip, n=count, seed=seed, steps=steps,
-                    timesteps=timesteps, guidance=train_guidance, vectors=vectors, init=init, out=str(out or f"bias-{file_stem(word)}"))
+                    timesteps=timesteps, guidance=train_guidance, vectors=vectors, init=init, named=named,
+                    out=str(out or f"bias-{file_stem(word)}"))
     result = b.run_bias(run, echo=lambda line: click.echo(printable(line), err=True))
     click.echo(b.format_table(result))
     click.echo(f"wrote {run.out}/bias.json, bias.png, report.html")

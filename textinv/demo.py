@@ -157,9 +157,9 @@ def render_bias_set(folder: Path, seed: int = 0) -> Path:
 
 
 def run_bias(out: Path, seed: int = 0, n: int = 60, steps: int = 300, lr: str = "5e-3", model: str | None = None,
-             echo=click.echo, values: list[str] | None = None) -> dict:
-    """``textinv bias ball --attribute colour --images CURATED`` on the mini world's biased word: the
-    same command, with the curated set rendered and the world's templates."""
+             echo=click.echo, values: list[str] | None = None, named: bool = True) -> dict:
+    """``textinv bias ball --attribute colour --images CURATED --named`` on the mini world's biased
+    word: the same command, with the curated set rendered and the world's templates."""
     from . import bias
     from .world import spec
 
@@ -167,7 +167,7 @@ def run_bias(out: Path, seed: int = 0, n: int = 60, steps: int = 300, lr: str = 
     curated = render_bias_set(out / "curated", seed)
     run = bias.BiasRun(word=spec.BIASED["shape"], attribute="colour", values=values or spec.labels("colour"), images=str(curated),
                        templates=str(world_templates(out, captions=True)), model=model, n=n, seed=seed, steps=steps,
-                       lr=lr, out=str(out))
+                       lr=lr, named=named, out=str(out))
     result = bias.run_bias(run, echo=echo)
     echo("\n" + bias.format_table(result))
     echo(f"wrote {out}/bias.json, bias.png, report.html")

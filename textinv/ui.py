@@ -235,6 +235,8 @@ def _bias_tab(gr):
                     seed = gr.Number(label="Seed", value=0, precision=0, elem_id="bias-seed")
                     steps = gr.Number(label="Training steps (with a folder)", value=300, precision=0, minimum=1,
                                       elem_id="bias-steps")
+                named = gr.Checkbox(label="Also ask for each value by name (\"a woman doctor\"): the baseline, and what the model can draw",
+                                    value=False, elem_id="bias-named")
                 go = gr.Button("Measure", variant="primary", elem_id="bias-start")
         status = gr.Textbox(label="Status", interactive=False, lines=6, elem_id="bias-status", elem_classes="status")
         table = gr.Textbox(label="Before → after (pooled per prompt group)", interactive=False, lines=8, elem_id="bias-table")
@@ -242,7 +244,7 @@ def _bias_tab(gr):
             chart = gr.Image(label="Distribution before and after", type="filepath", interactive=False, elem_id="bias-chart")
             files = gr.File(label="bias.json, report.html", file_count="multiple", interactive=False, height=150,
                             elem_id="bias-files")
-    return NS(inputs=[word, attribute, folder, embedding, prompts, recipe, n, seed, steps], go=go, status=status,
+    return NS(inputs=[word, attribute, folder, embedding, prompts, recipe, n, seed, steps, named], go=go, status=status,
               outputs=[status, table, chart, files])
 
 
@@ -298,9 +300,10 @@ def _follow(gr, page: _Page, job: TrainJob):
 
 
 def _bias_handlers(gr, app: App, page: _Page, b) -> None:
-    def on_measure(word, attribute, folder, embedding, prompts, recipe, n, seed, steps):
+    def on_measure(word, attribute, folder, embedding, prompts, recipe, n, seed, steps, named):
         try:
-            job = app.start_bias(word, attribute, folder, embedding, prompts, recipe=recipe, n=n, seed=seed, steps=steps)
+            job = app.start_bias(word, attribute, folder, embedding, prompts, recipe=recipe, n=n, seed=seed, steps=steps,
+                                 named=bool(named))
         except Exception as e:  # noqa: BLE001 - every error is a message in the page
             msg = describe_error(e)
             page.warn([msg])
