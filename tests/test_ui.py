@@ -182,6 +182,8 @@ def test_browser_bias_tab_renders_and_a_bad_attribute_is_a_message(server):
             page.locator("#bias-word textarea, #bias-word input").first.fill("ball")
             page.locator("#bias-attribute textarea, #bias-attribute input").first.fill("gender")  # no values: refused
             expect(page.locator("#bias-recipe")).to_contain_text("per-value")
+            expect(page.locator("#bias-init textarea, #bias-init input").first).to_have_value("majority")
+            expect(page.locator("#bias-named")).to_contain_text("by name")
             page.locator("#bias-start").click()
             expect(_status(page, "bias-status")).to_have_value(re.compile(r"^Error: --attribute 'gender': expected NAME="),
                                                                timeout=30_000)

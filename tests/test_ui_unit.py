@@ -236,12 +236,26 @@ def test_bias_input_errors_are_one_line_messages(tmp_path, app):
         "not both": dict(word="ball", attribute="colour", images_folder=str(tmp_path), embedding=str(emb)),
         "not a folder on this machine": dict(word="ball", attribute="colour", images_folder=str(tmp_path / "missing")),
         "no such file or folder": dict(word="ball", attribute="colour", embedding=str(tmp_path / "gone.pt")),
+        "Tokens start from 'value': only per-value tokens learned from a curated folder": dict(word="ball", attribute="colour", init="value"),
+        "Tokens start from 'red'": dict(word="ball", attribute="colour", images_folder=str(tmp_path), recipe="replace", init="red"),
     }
     for message, kw in bad.items():
         with pytest.raises(TextinvError, match=message) as e:
             app.start_bias(**kw)
         assert "\n" not in str(e.value)
     assert app.bias is None and not list(app.runs.iterdir())  # nothing started, no run folder left behind
+
+
+def test_the_bias_form_hands_its_start_and_named_choice_to_the_run(tmp_path, app, monkeypatch):
+    from textinv import bias
+
+    runs = []
+    monkeypatch.setattr(bias, "run_bias", lambda run, pipe=None, echo=None: runs.append(run) or {})
+    monkeypatch.setattr(app, "pipe", lambda: None)
+    for init, named, expected in (("value", True, "value"), ("  ", False, "majority")):
+        job = app.start_bias("ball", "colour", images_folder=str(tmp_path), init=init, named=named)
+        job.thread.join(30)
+        assert (runs[-1].init, runs[-1].named, runs[-1].images) == (expected, named, str(tmp_path))
 
 
 def test_bias_and_training_refuse_each_other_and_a_bias_run_holds_the_model(tmp_path, app):

@@ -343,7 +343,8 @@ class App:
 
     # -- bias ----------------------------------------------------------------------------------
     def start_bias(self, word: str, attribute: str, images_folder: str = "", embedding: str = "", prompts_text: str = "",
-                   recipe: str = "per-value", n: int = 60, seed: int = 0, steps: int = 300, named: bool = False) -> BiasJob:
+                   recipe: str = "per-value", n: int = 60, seed: int = 0, steps: int = 300, named: bool = False,
+                   init: str = "majority") -> BiasJob:
         """``textinv bias`` in a background thread, on this app's pipeline; outputs in ``runs/DATE-bias-WORD``."""
         from . import bias
         from .world import spec
@@ -367,6 +368,9 @@ class App:
                 raise TextinvError(f"Folder {folder}: not a folder on this machine")
             if emb and not Path(emb).expanduser().exists():
                 raise TextinvError(f"Embedding {emb}: no such file or folder on this machine")
+            init = (init or "").strip() or "majority"  # an emptied box: the default, as the CLI's
+            if init != "majority" and (recipe != "per-value" or not folder):
+                raise TextinvError(f"Tokens start from {init!r}: only per-value tokens learned from a curated folder have a start")
             held_out = [line.strip() for line in (prompts_text or "").splitlines() if line.strip()]
             out = self._new_run_folder(f"{time.strftime('%Y%m%d-%H%M%S')}-bias-{file_stem(word)}")
             prompts = None
@@ -377,7 +381,7 @@ class App:
                                images=str(Path(folder).expanduser()) if folder else None,
                                embedding=str(Path(emb).expanduser()) if emb else None, recipe=recipe,
                                prompts=str(prompts) if prompts else None, model=self.model, model_config=self.model_config,
-                               n=n, seed=seed, steps=steps, named=named, out=str(out))
+                               n=n, seed=seed, steps=steps, named=named, init=init, out=str(out))
             job = BiasJob(word, name, out)
             job.thread = threading.Thread(target=self._bias, args=(job, run), name=f"textinv-bias-{word}", daemon=True)
             self.bias = job

@@ -227,6 +227,8 @@ def _bias_tab(gr):
                 embedding = gr.Textbox(label="…or existing embedding(s): a file, or a folder of per-value ones (neither: "
                                              "measure only)", placeholder="/path/to/doctor.safetensors", elem_id="bias-embedding")
                 recipe = gr.Radio(list(BIAS_RECIPES), value=next(iter(BIAS_RECIPES)), label="Recipe (with a folder)", elem_id="bias-recipe")
+                init = gr.Textbox(label="Per-value tokens start from: majority (the value the model draws most for the word), "
+                                        "value (each its own) or a word", value="majority", elem_id="bias-init")
             with gr.Column():
                 prompts = gr.Textbox(label="Held-out prompts (one a line, the word written {}; empty: the model's defaults)",
                                      lines=4, placeholder="a portrait of a {}", elem_id="bias-prompts")
@@ -244,7 +246,7 @@ def _bias_tab(gr):
             chart = gr.Image(label="Distribution before and after", type="filepath", interactive=False, elem_id="bias-chart")
             files = gr.File(label="bias.json, report.html", file_count="multiple", interactive=False, height=150,
                             elem_id="bias-files")
-    return NS(inputs=[word, attribute, folder, embedding, prompts, recipe, n, seed, steps, named], go=go, status=status,
+    return NS(inputs=[word, attribute, folder, embedding, prompts, recipe, n, seed, steps, named, init], go=go, status=status,
               outputs=[status, table, chart, files])
 
 
@@ -300,10 +302,10 @@ def _follow(gr, page: _Page, job: TrainJob):
 
 
 def _bias_handlers(gr, app: App, page: _Page, b) -> None:
-    def on_measure(word, attribute, folder, embedding, prompts, recipe, n, seed, steps, named):
+    def on_measure(word, attribute, folder, embedding, prompts, recipe, n, seed, steps, named, init):
         try:
             job = app.start_bias(word, attribute, folder, embedding, prompts, recipe=recipe, n=n, seed=seed, steps=steps,
-                                 named=bool(named))
+                                 named=bool(named), init=init)
         except Exception as e:  # noqa: BLE001 - every error is a message in the page
             msg = describe_error(e)
             page.warn([msg])
