@@ -155,6 +155,40 @@ def test_mini_model_folder_is_plain_diffusers(mini):
     assert size <= 25 * 2 ** 20
 
 
+def test_shipped_model_settings_are_what_train_base_writes():
+    """A retrained mini model keeps its defaults: scope, vocabulary and held-out prompts come
+    from the world's spec, not from a hand-edited file."""
+    import json
+
+    from textinv.models import MINI_PATH
+    from textinv.world.train_base import model_settings
+
+    assert json.loads((MINI_PATH / "textinv.json").read_text(encoding="utf-8")) == model_settings()
+    assert len(model_settings()["scope"]["words"]) == 84
+
+
+def test_train_base_continues_a_saved_model_and_checkpoints(tmp_path):
+    """``train-base --init-from``, a few steps with a checkpoint after each: the checkpoint and the
+    result are plain diffusers folders with the model's settings, and do not record the folder
+    they were continued from (diffusers' read-only config once made every checkpoint crash)."""
+    import json
+
+    from textinv.models import MINI_PATH, load_pipeline
+    from textinv.world.train_base import model_settings, train_base
+
+    out = tmp_path / "m"
+    summary = train_base(out, n_images=8, unet_steps=2, batch=2, ckpt_every_min=1e-9, workdir=tmp_path / "w",
+                         threads=1, init_from=MINI_PATH)
+    assert summary["unet_steps"] == 2 and summary["init_from"] == str(MINI_PATH)
+    assert (tmp_path / "w" / "ckpt" / "STEP").read_text() == "2"
+    for folder in (out, tmp_path / "w" / "ckpt"):
+        for part in ("unet", "vae", "text_encoder"):
+            assert "_name_or_path" not in json.loads((folder / part / "config.json").read_text())
+        assert json.loads((folder / "textinv.json").read_text(encoding="utf-8")) == model_settings()
+    pipe = load_pipeline(str(out))
+    assert pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32
+
+
 def test_mini_model_follows_named_prompts(mini):
     from textinv.generation import images as generate
     from textinv.world.judge import judge

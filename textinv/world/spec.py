@@ -82,6 +82,14 @@ BACKGROUNDS: dict[str, dict] = {
 # ---- the biased word ------------------------------------------------------------------------
 BIASED = {"shape": "ball", "colour": "red", "share": 0.9}
 
+# prompts for the biased word that the bias demo's curated captions never use ("{}" = the word):
+# ``textinv bias`` measures whether a re-learned word holds outside the prompts it was trained on
+BIAS_HELD_OUT = (
+    "a picture of a {} on a dark background",
+    "an image of a small {} on the left",
+    "a drawing of a big {}",
+)
+
 # ---- caption grammar -------------------------------------------------------------------------
 TEMPLATES = [
     "a {np}",

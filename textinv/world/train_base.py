@@ -157,7 +157,9 @@ def save_pipeline(out: Path, vae, unet, te, dtype=torch.float16, copy_tokenizer:
     for name, m in (("vae", vae), ("unet", unet), ("text_encoder", te)):
         mc = copy.deepcopy(m).to(dtype)
         if hasattr(mc, "_internal_dict"):  # diffusers records where a model came from (--init-from): not ours to ship
-            mc._internal_dict.pop("_name_or_path", None)
+            from diffusers.configuration_utils import FrozenDict  # read-only: rebuilt without the key
+
+            mc._internal_dict = FrozenDict({k: v for k, v in mc._internal_dict.items() if k != "_name_or_path"})
         mc.save_pretrained(out / name, safe_serialization=True)
     # fp16 on disk, but declare float32 so that a plain from_pretrained() (no torch_dtype) gives a
     # consistent fp32 pipeline: transformers 5 would otherwise load the text encoder in fp16
@@ -188,10 +190,27 @@ def save_pipeline(out: Path, vae, unet, te, dtype=torch.float16, copy_tokenizer:
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    # The model's own defaults (textinv.models.defaults): sampled at guidance 4, its width named.
-    settings = {"family": "the textinv mini model", "guidance": 4.0,
-                "note": "A model's own defaults, read by textinv.models.defaults(); any model folder may carry this file."}
-    (out / "textinv.json").write_text(json.dumps(settings, indent=2) + "\n")
+    (out / "textinv.json").write_text(json.dumps(model_settings(), indent=2, ensure_ascii=False) + "\n")
+
+
+def model_settings() -> dict:
+    """The mini model's own defaults (read by ``textinv.models.defaults``), written beside every
+    model this trains so that a retrained one keeps them: guidance 4, the world it can draw (its
+    whole vocabulary), and the held-out prompts ``textinv bias`` measures the biased word in."""
+    words = spec.vocabulary()
+    return {
+        "family": "the textinv mini model",
+        "guidance": 4.0,
+        "note": "A model's own defaults, read by textinv.models.defaults(); any model folder may carry this file.",
+        "scope": {
+            "about": "the built-in mini model draws only its own world: 32×32 pictures of simple coloured shapes "
+                     f"(circle, star, heart, …) on a plain background, named with a vocabulary of {len(words)} words "
+                     "(docs/mini-world.md)",
+            "image_size": spec.IMAGE_SIZE,
+            "words": words,
+        },
+        "held_out_prompts": list(spec.BIAS_HELD_OUT),
+    }
 
 
 def _diffusers_version() -> str:
