@@ -1,4 +1,4 @@
-"""``textinv world ...``: render, sample, judge, train-base, quality, train-judge.
+"""``textinv world ...``: render, sample, judge, train-base, tune-decoder, quality, train-judge.
 
 Learnability (textual inversion of an unnamed shape) is `textinv demo --concept SHAPE`.
 
@@ -143,6 +143,21 @@ def train_base_cmd(out, seed, n_images, vae_steps, minutes, unet_minutes, unet_s
                    unet_steps=unet_steps, batch=batch, lr=lr, text_lr=lr, workdir=workdir,
                    init_from=init_from)
     click.echo(f"trained in {s['minutes']:.1f} min ({s['unet_steps']} UNet steps); wrote {out}")
+
+
+@world.command("tune-decoder")
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="output model folder")
+@click.option("--steps", default=2000, show_default=True)
+@click.option("--images", "n_images", default=30000, show_default=True, help="rendered training images")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--lr", default=5e-4, show_default=True)
+def tune_decoder_cmd(model, out, steps, n_images, seed, lr):
+    """Fine-tune a saved mini model's VAE decoder on today's world; encoder, UNet and text encoder unchanged."""
+    from .train_base import tune_decoder
+
+    s = tune_decoder(model, out, steps=steps, n_images=n_images, seed=seed, lr=lr)
+    click.echo(f"tuned the decoder in {s['minutes']:.1f} min ({steps} steps); wrote {out}")
 
 
 @world.command("quality")

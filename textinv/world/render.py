@@ -75,7 +75,11 @@ def make_caption(a: dict[str, str], rng: np.random.Generator) -> str:
             post.append(_pick(rng, post_words))
         else:
             pre.append(_pick(rng, pre_words))
-    if rng.random() < spec.MENTION["colour"]:
+    named_colour = rng.random() < spec.MENTION["colour"]  # drawn always: the stream stays the same
+    b = spec.BIASED
+    if b["others_named"] and a["shape"] == b["shape"] and a["colour"] != b["colour"]:
+        named_colour = True
+    if named_colour:
         pre.append(_pick(rng, spec.COLOURS[a["colour"]]["words"]))
     describe = spec.MENTION["descriptor" if sh["named"] else "descriptor_unnamed"]
     if rng.random() < describe:  # the first descriptor is the specific one

@@ -8,7 +8,10 @@ Hidden concepts
 * ``named: False`` shapes are drawn in training images but their name never appears in any
   caption: they are captioned with a generic word ("shape", "thing", "object").
 * ``named: False`` styles likewise: the fill pattern is captioned "patterned" / "with a pattern".
-* ``BIASED``: the word "ball" is drawn in its dominant colour in ``share`` of its images.
+* ``BIASED``: the word "ball" is drawn in its dominant colour in ``share`` of its images, and a
+  ball of any other colour has that colour named in every caption (``others_named``).  So a caption
+  without a colour is always a red ball, while every colour of ball is common enough to be drawn
+  well when asked for: the bare word is biased, the model is not unable (the seed's "doctor").
 
 Every shape also carries a *descriptor* (its corner count / kind of sides), used in a fraction of
 all captions, named and unnamed alike.  It gives the conditioning space a continuous, shared
@@ -80,7 +83,7 @@ BACKGROUNDS: dict[str, dict] = {
 }
 
 # ---- the biased word ------------------------------------------------------------------------
-BIASED = {"shape": "ball", "colour": "red", "share": 0.9}
+BIASED = {"shape": "ball", "colour": "red", "share": 0.5, "others_named": True}
 
 # prompts for the biased word that the bias demo's curated captions never use ("{}" = the word):
 # ``textinv bias`` measures whether a re-learned word holds outside the prompts it was trained on

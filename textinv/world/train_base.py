@@ -106,11 +106,19 @@ def _lr_at(step: int, total: int, warmup: int, base: float, final_frac: float = 
     return base * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def train_vae(vae, imgs: np.ndarray, steps: int, batch: int, lr: float, seed: int, logfile=None, kl_weight=1e-6):
+def train_vae(vae, imgs: np.ndarray, steps: int, batch: int, lr: float, seed: int, logfile=None, kl_weight=1e-6,
+              decoder_only: bool = False):
+    """MSE + L1 + small KL.  ``decoder_only``: the encoder (so the latent space, and every UNet
+    trained on it) stays as it is; only how latents are drawn back into pixels is learned."""
     from tqdm import tqdm
 
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters()) if decoder_only else list(vae.parameters())
+    for p in vae.parameters():
+        p.requires_grad_(not decoder_only)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     x_all = torch.from_numpy(imgs)
     vae.train()
     bar = tqdm(range(steps), desc="vae", mininterval=5)
@@ -127,7 +135,7 @@ def train_vae(vae, imgs: np.ndarray, steps: int, batch: int, lr: float, seed: in
         loss = rec + kl_weight * kl * z[0].numel()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 200 == 0 or step == steps - 1:
             bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.3f}")
@@ -157,9 +165,7 @@ def save_pipeline(out: Path, vae, unet, te, dtype=torch.float16, copy_tokenizer:
     for name, m in (("vae", vae), ("unet", unet), ("text_encoder", te)):
         mc = copy.deepcopy(m).to(dtype)
         if hasattr(mc, "_internal_dict"):  # diffusers records where a model came from (--init-from): not ours to ship
-            from diffusers.configuration_utils import FrozenDict  # read-only: rebuilt without the key
-
-            mc._internal_dict = FrozenDict({k: v for k, v in mc._internal_dict.items() if k != "_name_or_path"})
+            mc._internal_dict = _without_origin(mc._internal_dict)
         mc.save_pretrained(out / name, safe_serialization=True)
     # fp16 on disk, but declare float32 so that a plain from_pretrained() (no torch_dtype) gives a
     # consistent fp32 pipeline: transformers 5 would otherwise load the text encoder in fp16
@@ -191,6 +197,13 @@ def save_pipeline(out: Path, vae, unet, te, dtype=torch.float16, copy_tokenizer:
     }
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "textinv.json").write_text(json.dumps(model_settings(), indent=2, ensure_ascii=False) + "\n")
+
+
+def _without_origin(config):
+    """A diffusers config without ``_name_or_path`` (the config is read-only: rebuilt)."""
+    from diffusers.configuration_utils import FrozenDict
+
+    return FrozenDict({k: v for k, v in config.items() if k != "_name_or_path"})
 
 
 def model_settings() -> dict:
@@ -409,3 +422,34 @@ def train_base(
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     log(f"done: {summary}", logfile)
     return summary
+
+
+def tune_decoder(model: Path, out: Path, steps: int = 2000, n_images: int = 30000, seed: int = 0, lr: float = 5e-4,
+                 batch: int = 64, threads: int = 2) -> dict:
+    """Teach a saved model's VAE decoder the world as it is now, encoder frozen.
+
+    The latent space stays exactly as it was, so the UNet and text encoder keep working unchanged
+    and are copied as they are.  (Model v3: the v2 decoder, trained when 90 % of balls were red,
+    blurred away the highlight that makes a small yellow or cyan disc a ball.)
+    """
+    from diffusers import AutoencoderKL
+
+    torch.set_num_threads(threads)
+    t_start = time.time()
+    model, out = Path(model), Path(out)
+    imgs, _ = render_dataset(n_images, seed + 5000)
+    vae = AutoencoderKL.from_pretrained(model / "vae", torch_dtype=torch.float32)
+    train_vae(vae, imgs, steps, batch, lr, seed, decoder_only=True)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    part = out.parent / (out.name + ".partial")  # a whole model folder or none: renamed into place at the end
+    if part.exists():
+        shutil.rmtree(part)
+    shutil.copytree(model, part)
+    mc = vae.to(torch.float16)
+    mc._internal_dict = _without_origin(mc._internal_dict)
+    mc.save_pretrained(part / "vae", safe_serialization=True)
+    if out.exists():
+        shutil.rmtree(out)
+    part.rename(out)
+    return {"steps": steps, "n_images": n_images, "seed": seed, "lr": lr, "minutes": (time.time() - t_start) / 60}
