@@ -1,7 +1,8 @@
 """How many balls could *any* per-colour conditioning keep on the mini world's held-out bias prompts?
 
-`textinv demo --bias` learns one token per colour and keeps the ball in 83–88 % of the held-out
-images; the issue asks for 90 %.  This probe asks whether that is the recipe's limit or the model's.
+`textinv demo --bias` learns one token per colour; on model v2 it kept the ball in 83–88 % of the
+held-out images where the issue asks for 90 %.  This probe asks whether such a shortfall is the
+recipe's limit or the model's (on v2: the model's, which led to model v3).
 For each weak cell (a colour × a held-out prompt) it trains a *specialist* token on nothing but
 pictures that match that prompt in that colour — far more freedom than one token per colour has —
 and judges images of exactly that prompt, beside the colour asked for by name.  It then prints the
