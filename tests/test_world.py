@@ -288,6 +288,9 @@ def test_cli_errors_are_one_line(tmp_path):
     bad.write_text("not an image")
     r = CliRunner().invoke(_cli(), ["world", "judge", str(bad)])
     assert r.exit_code == 2 and "not an image" in r.output
+    r = CliRunner().invoke(_cli(), ["world", "tune-decoder", str(tmp_path), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 2 and r.output.strip() == f"error: {tmp_path}: not a model folder (no vae/config.json)"
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.partial").exists()
 
 
 def test_cli_sample(tmp_path):

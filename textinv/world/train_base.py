@@ -157,16 +157,11 @@ def encode_all(vae, imgs: np.ndarray, batch: int = 512):
 
 def save_pipeline(out: Path, vae, unet, te, dtype=torch.float16, copy_tokenizer: bool = True) -> None:
     """Write a diffusers Stable Diffusion folder (weights in ``dtype``)."""
-    import copy
-
     from diffusers import DDIMScheduler
 
     out.mkdir(parents=True, exist_ok=True)
     for name, m in (("vae", vae), ("unet", unet), ("text_encoder", te)):
-        mc = copy.deepcopy(m).to(dtype)
-        if hasattr(mc, "_internal_dict"):  # diffusers records where a model came from (--init-from): not ours to ship
-            mc._internal_dict = _without_origin(mc._internal_dict)
-        mc.save_pretrained(out / name, safe_serialization=True)
+        _save_weights(m, out / name, dtype)
     # fp16 on disk, but declare float32 so that a plain from_pretrained() (no torch_dtype) gives a
     # consistent fp32 pipeline: transformers 5 would otherwise load the text encoder in fp16
     # while diffusers loads the UNet/VAE in fp32.
@@ -199,11 +194,16 @@ def save_pipeline(out: Path, vae, unet, te, dtype=torch.float16, copy_tokenizer:
     (out / "textinv.json").write_text(json.dumps(model_settings(), indent=2, ensure_ascii=False) + "\n")
 
 
-def _without_origin(config):
-    """A diffusers config without ``_name_or_path`` (the config is read-only: rebuilt)."""
+def _save_weights(model, folder: Path, dtype) -> None:
+    """One part of a model folder, in ``dtype`` (a copy: the model being trained stays fp32)."""
+    import copy
+
     from diffusers.configuration_utils import FrozenDict
 
-    return FrozenDict({k: v for k, v in config.items() if k != "_name_or_path"})
+    mc = copy.deepcopy(model).to(dtype)
+    if hasattr(mc, "_internal_dict"):  # diffusers records where a model came from (--init-from): not ours to ship
+        mc._internal_dict = FrozenDict({k: v for k, v in mc._internal_dict.items() if k != "_name_or_path"})  # read-only: rebuilt
+    mc.save_pretrained(folder, safe_serialization=True)
 
 
 def model_settings() -> dict:
@@ -437,18 +437,22 @@ def tune_decoder(model: Path, out: Path, steps: int = 2000, n_images: int = 3000
     torch.set_num_threads(threads)
     t_start = time.time()
     model, out = Path(model), Path(out)
+    if not (model / "vae" / "config.json").is_file():
+        from ..errors import TextinvError
+
+        raise TextinvError(f"{model}: not a model folder (no vae/config.json)")
     imgs, _ = render_dataset(n_images, seed + 5000)
     vae = AutoencoderKL.from_pretrained(model / "vae", torch_dtype=torch.float32)
     train_vae(vae, imgs, steps, batch, lr, seed, decoder_only=True)
-    for p in vae.parameters():
-        p.requires_grad_(False)
     part = out.parent / (out.name + ".partial")  # a whole model folder or none: renamed into place at the end
     if part.exists():
         shutil.rmtree(part)
-    shutil.copytree(model, part)
-    mc = vae.to(torch.float16)
-    mc._internal_dict = _without_origin(mc._internal_dict)
-    mc.save_pretrained(part / "vae", safe_serialization=True)
+    try:
+        shutil.copytree(model, part)
+        _save_weights(vae, part / "vae", torch.float16)
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
     part.rename(out)
