@@ -13,16 +13,24 @@ Recipe (one call of :func:`train_base`, CLI ``textinv world train-base``):
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
 import time
+from multiprocessing import get_context
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.configuration_utils import FrozenDict
+from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..errors import TextinvError
 from . import render, spec
 
 PACKAGE_TOKENIZER = Path(__file__).resolve().parent.parent / "data" / "mini" / "tokenizer"
@@ -74,9 +82,7 @@ def _render_chunk(args):
 
 def render_dataset(n: int, seed: int, ncap: int = 4, workers: int = 2):
     """``n`` images (uint8) with ``ncap`` captions each, rendered in parallel."""
-    from multiprocessing import get_context
 
-    from tqdm import tqdm
 
     chunk = 2000
     jobs = [(seed, s, min(chunk, n - s), ncap) for s in range(0, n, chunk)]
@@ -89,8 +95,6 @@ def render_dataset(n: int, seed: int, ncap: int = 4, workers: int = 2):
 
 
 def build_models(seed: int):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(**VAE_CONFIG)
@@ -110,7 +114,6 @@ def train_vae(vae, imgs: np.ndarray, steps: int, batch: int, lr: float, seed: in
               decoder_only: bool = False):
     """MSE + L1 + small KL.  ``decoder_only``: the encoder (so the latent space, and every UNet
     trained on it) stays as it is; only how latents are drawn back into pixels is learned."""
-    from tqdm import tqdm
 
     g = torch.Generator().manual_seed(seed)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters()) if decoder_only else list(vae.parameters())
@@ -157,7 +160,6 @@ def encode_all(vae, imgs: np.ndarray, batch: int = 512):
 
 def save_pipeline(out: Path, vae, unet, te, dtype=torch.float16, copy_tokenizer: bool = True) -> None:
     """Write a diffusers Stable Diffusion folder (weights in ``dtype``)."""
-    from diffusers import DDIMScheduler
 
     out.mkdir(parents=True, exist_ok=True)
     for name, m in (("vae", vae), ("unet", unet), ("text_encoder", te)):
@@ -196,9 +198,7 @@ def save_pipeline(out: Path, vae, unet, te, dtype=torch.float16, copy_tokenizer:
 
 def _save_weights(model, folder: Path, dtype) -> None:
     """One part of a model folder, in ``dtype`` (a copy: the model being trained stays fp32)."""
-    import copy
 
-    from diffusers.configuration_utils import FrozenDict
 
     mc = copy.deepcopy(model).to(dtype)
     if hasattr(mc, "_internal_dict"):  # diffusers records where a model came from (--init-from): not ours to ship
@@ -227,14 +227,12 @@ def model_settings() -> dict:
 
 
 def _diffusers_version() -> str:
-    import diffusers
 
     return diffusers.__version__
 
 
 class EMA:
     def __init__(self, model, decay: float):
-        import copy
 
         self.decay = decay
         self.model = copy.deepcopy(model).eval()
@@ -250,7 +248,6 @@ class EMA:
 
 def _tokenized_captions(caps) -> tuple[torch.Tensor, int, torch.Tensor]:
     """(ids [images, captions, 77], captions per image, the empty prompt's ids)."""
-    from transformers import CLIPTokenizer
 
     tok = CLIPTokenizer.from_pretrained(str(PACKAGE_TOKENIZER))
     flat = [c for cs in caps for c in cs]
@@ -261,11 +258,17 @@ def _tokenized_captions(caps) -> tuple[torch.Tensor, int, torch.Tensor]:
 
 
 def _vae_stage(init_from, seed: int, imgs, vae_steps: int, vae_batch: int, logfile):
-    """The VAE (trained, or a saved model's) and every image's latent mean/std: (vae, unet, te, mean, std, scaling)."""
-    if init_from is not None:  # continue training a saved model (its VAE stays as it is)
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel
+    """The VAE (trained, or a saved model's), logged with its reconstruction error, and every
+    image's latent mean/std: (vae, unet, te, (mean, std, scaling), reconstruction mse)."""
+    t0 = time.time()
+    vae, unet, te, mean, std, sf = _vae_models(init_from, seed, imgs, vae_steps, vae_batch, logfile)
+    mse = _recon_mse(vae, imgs)
+    log(f"vae done in {time.time() - t0:.0f}s; scaling_factor {sf:.4f}; recon mse(mean) {mse:.5f}", logfile)
+    return vae, unet, te, (mean, std, sf), mse
 
+
+def _vae_models(init_from, seed: int, imgs, vae_steps: int, vae_batch: int, logfile):
+    if init_from is not None:  # continue training a saved model (its VAE stays as it is)
         init_from = Path(init_from)
         vae = AutoencoderKL.from_pretrained(init_from / "vae", torch_dtype=torch.float32)
         unet = UNet2DConditionModel.from_pretrained(init_from / "unet", torch_dtype=torch.float32)
@@ -286,15 +289,49 @@ def _vae_stage(init_from, seed: int, imgs, vae_steps: int, vae_batch: int, logfi
     return vae, unet, te, mean, std, sf
 
 
+def _unet_optimizer(unet, te, lr: float, text_lr: float) -> torch.optim.AdamW:
+    """AdamW over both networks; each group keeps its ``base`` rate for the warm-up/cosine schedule."""
+    return torch.optim.AdamW(
+        [
+            {"params": list(unet.parameters()), "lr": lr, "base": lr, "weight_decay": 0.01},
+            {"params": list(te.parameters()), "lr": text_lr, "base": text_lr, "weight_decay": 0.0},
+        ],
+        betas=(0.9, 0.99),
+    )
+
+
+def _unet_loss(unet, te, sched, w_t, latents, captions, batch: int, cond_drop: float, g) -> torch.Tensor:
+    """One batch's min-SNR-weighted epsilon loss: random images, one of their captions (dropped to
+    the empty caption with probability ``cond_drop``), a fresh posterior sample and noise level."""
+    mean, std, sf = latents
+    ids, ncap, empty_ids = captions
+    idx = torch.randint(0, len(mean), (batch,), generator=g)
+    ci = torch.randint(0, ncap, (batch,), generator=g)
+    tokens = ids[idx, ci]
+    drop = torch.rand(batch, generator=g) < cond_drop
+    tokens[drop] = empty_ids
+    z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * sf
+    noise = torch.randn(z.shape, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    pred = unet(sched.add_noise(z, noise, t), t, te(tokens).last_hidden_state).sample
+    return (((pred - noise) ** 2).mean(dim=(1, 2, 3)) * w_t[t]).mean()
+
+
+def _fitted_total(step: int, started: float, unet_minutes: float, bar, logfile) -> int:
+    """The step count that fits the wall-clock budget, re-estimated as the machine's load changes."""
+    per = (time.time() - started) / step
+    total = max(step + 1, 60, int(unet_minutes * 60 / per))
+    bar.total = total
+    bar.refresh()
+    if step == 30:
+        log(f"unet: {per:.3f}s/step -> {total} steps for {unet_minutes} min", logfile)
+    return total
+
+
 def _unet_stage(vae, unet, te, latents, captions, *, seed, unet_steps, unet_minutes, batch, lr, text_lr, warmup, ema_decay,
                 cond_drop, ckpt_every_min, workdir, logfile):
     """UNet + text encoder with EMA, min-SNR-5 weighting and caption dropout, for ``unet_steps`` or
     the wall-clock budget; checkpoints every ``ckpt_every_min``.  (ema unet, ema text, steps, losses)"""
-    from diffusers import DDPMScheduler
-    from tqdm import tqdm
-
-    mean, std, sf = latents
-    ids, ncap, empty_ids = captions
     sched = DDPMScheduler(**SCHEDULER_TRAIN)
     acp = sched.alphas_cumprod.float()
     snr = acp / (1 - acp)
@@ -302,13 +339,7 @@ def _unet_stage(vae, unet, te, latents, captions, *, seed, unet_steps, unet_minu
     unet.train()
     te.train()
     ema_u, ema_t = EMA(unet, ema_decay), EMA(te, ema_decay)
-    opt = torch.optim.AdamW(
-        [
-            {"params": list(unet.parameters()), "lr": lr, "base": lr, "weight_decay": 0.01},
-            {"params": list(te.parameters()), "lr": text_lr, "base": text_lr, "weight_decay": 0.0},
-        ],
-        betas=(0.9, 0.99),
-    )
+    opt = _unet_optimizer(unet, te, lr, text_lr)
     g = torch.Generator().manual_seed(seed + 1)
     total = unet_steps or 10 ** 9
     t_unet = last_ckpt = time.time()
@@ -317,16 +348,7 @@ def _unet_stage(vae, unet, te, latents, captions, *, seed, unet_steps, unet_minu
     while step < total:
         for pg in opt.param_groups:
             pg["lr"] = _lr_at(step, total, warmup, pg["base"])
-        idx = torch.randint(0, len(mean), (batch,), generator=g)
-        ci = torch.randint(0, ncap, (batch,), generator=g)
-        tokens = ids[idx, ci]
-        drop = torch.rand(batch, generator=g) < cond_drop
-        tokens[drop] = empty_ids
-        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * sf
-        noise = torch.randn(z.shape, generator=g)
-        t = torch.randint(0, 1000, (batch,), generator=g)
-        pred = unet(sched.add_noise(z, noise, t), t, te(tokens).last_hidden_state).sample
-        loss = (((pred - noise) ** 2).mean(dim=(1, 2, 3)) * w_t[t]).mean()
+        loss = _unet_loss(unet, te, sched, w_t, latents, captions, batch, cond_drop, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(te.parameters()), 1.0)
@@ -337,13 +359,7 @@ def _unet_stage(vae, unet, te, latents, captions, *, seed, unet_steps, unet_minu
         step += 1
         bar.update(1)
         if unet_steps is None and (step == 30 or step % 100 == 0):
-            # fit the wall-clock budget; re-estimated as the machine's load changes
-            per = (time.time() - t_unet) / step
-            total = max(step + 1, 60, int(unet_minutes * 60 / per))
-            bar.total = total
-            bar.refresh()
-            if step == 30:
-                log(f"unet: {per:.3f}s/step -> {total} steps for {unet_minutes} min", logfile)
+            total = _fitted_total(step, t_unet, unet_minutes, bar, logfile)
         if step % 200 == 0:
             log(f"unet step {step}/{total} loss {np.mean(losses[-200:]):.4f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"elapsed {(time.time() - t_unet) / 60:.1f} min", logfile)
@@ -354,6 +370,14 @@ def _unet_stage(vae, unet, te, latents, captions, *, seed, unet_steps, unet_minu
             last_ckpt = time.time()
     bar.close()
     return ema_u, ema_t, step, losses
+
+
+def _recon_mse(vae, imgs: np.ndarray) -> float:
+    """The VAE's reconstruction error (posterior mean) on the first 256 images."""
+    with torch.no_grad():
+        x = torch.from_numpy(imgs[:256]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+        return F.mse_loss(rec, x).item()
 
 
 def train_base(
@@ -394,20 +418,13 @@ def train_base(
     log(f"rendered {len(imgs)} images in {time.time() - t_start:.0f}s; e.g. {caps[0][0]!r}", logfile)
     captions = _tokenized_captions(caps)
 
-    t0 = time.time()
-    vae, unet, te, mean, std, sf = _vae_stage(init_from, seed, imgs, vae_steps, vae_batch, logfile)
+    vae, unet, te, latents, vae_mse = _vae_stage(init_from, seed, imgs, vae_steps, vae_batch, logfile)
     if init_from is not None:
         warmup = min(warmup, 100)
-    with torch.no_grad():
-        x = torch.from_numpy(imgs[:256]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
-        vae_mse = F.mse_loss(rec, x).item()
-    log(f"vae done in {time.time() - t0:.0f}s; scaling_factor {sf:.4f}; recon mse(mean) {vae_mse:.5f}", logfile)
 
     if unet_minutes is None:  # what is left of the whole command's budget (2 min kept for saving)
         unet_minutes = max(1.0, minutes - (time.time() - t_start) / 60 - 2.0)
     log(f"unet stage: {unet_steps or 'fit'} steps, budget {unet_minutes:.1f} min", logfile)
-    latents = (mean, std, sf)
     ema_u, ema_t, step, losses = _unet_stage(
         vae, unet, te, latents, captions, seed=seed, unet_steps=unet_steps, unet_minutes=unet_minutes, batch=batch, lr=lr,
         text_lr=text_lr, warmup=warmup, ema_decay=ema_decay, cond_drop=cond_drop, ckpt_every_min=ckpt_every_min,
@@ -415,7 +432,7 @@ def train_base(
     save_pipeline(out, vae, ema_u.model, ema_t.model)
     summary = {
         "seed": seed, "n_images": n_images, "unet_minutes": unet_minutes, "vae_steps": vae_steps, "unet_steps": step, "batch": batch,
-        "lr": lr, "text_lr": text_lr, "scaling_factor": sf, "vae_recon_mse": vae_mse,
+        "lr": lr, "text_lr": text_lr, "scaling_factor": latents[2], "vae_recon_mse": vae_mse,
         "final_loss": float(np.mean(losses[-200:])), "minutes": (time.time() - t_start) / 60,
         "init_from": str(init_from) if init_from else None,
     }
@@ -432,13 +449,11 @@ def tune_decoder(model: Path, out: Path, steps: int = 2000, n_images: int = 3000
     and are copied as they are.  (Model v3: the v2 decoder, trained when 90 % of balls were red,
     blurred away the highlight that makes a small yellow or cyan disc a ball.)
     """
-    from diffusers import AutoencoderKL
 
     torch.set_num_threads(threads)
     t_start = time.time()
     model, out = Path(model), Path(out)
     if not (model / "vae" / "config.json").is_file():
-        from ..errors import TextinvError
 
         raise TextinvError(f"{model}: not a model folder (no vae/config.json)")
     imgs, _ = render_dataset(n_images, seed + 5000)
