@@ -7,7 +7,7 @@ For each weak cell (a colour × a held-out prompt) it trains a *specialist* toke
 pictures that match that prompt in that colour — far more freedom than one token per colour has —
 and judges images of exactly that prompt, beside the colour asked for by name.  It then prints the
 held-out retention the group could reach with every weak cell at the better of the two and every
-other cell counted as a perfect 1.0 (an upper estimate, docs/evaluation.md).
+other cell counted as a perfect 1.0 (an upper estimate; its figures on model v2: CHANGELOG.md).
 
     python benchmarks/bias_ceiling.py                       # the 7 weak cells, 90 images each (~15 min, 1 core)
     python benchmarks/bias_ceiling.py --cells green:small-left -n 30

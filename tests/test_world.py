@@ -98,7 +98,7 @@ def test_unnamed_names_never_in_captions():
 
 
 def test_biased_word_is_biased_only_when_the_colour_goes_unsaid():
-    """The seed's "doctor": every colour of ball is common and named in its captions, so the model
+    """Like the paper's "doctor": every colour of ball is common and named in its captions, so the model
     can draw each when asked; only a caption without a colour is biased, and it is always red."""
     b = spec.BIASED
     colour_words = {w: c for c, v in spec.COLOURS.items() for w in v["words"]}

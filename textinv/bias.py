@@ -1,8 +1,8 @@
 """Bias: how a word's pictures spread over an attribute's values, before and after re-learning it.
 
-The seed document's use case: replace a model's notion of a word ("doctor") with a more balanced
-one learned from a small curated set (``train --mode replace``).  This module measures whether
-that worked:
+Textual Inversion's bias reduction (Gal et al. 2022, "An Image is Worth One Word"): replace a
+model's notion of a word ("doctor") with a fairer one learned from a small curated set.  This module
+measures whether that worked:
 
 * the **distribution** of an attribute's values (colour, gender, …) over images generated from
   prompts containing the word, classified by the mini world's judge on the mini model, and by

@@ -7,7 +7,8 @@
    (fidelity) and how often the composed attribute appears with it (editability) — beside the
    same prompts with the init word, the baseline.
 
-`textinv demo --bias` is the seed document's "doctor" story: the model's "ball" is almost always
+`textinv demo --bias` is the Textual Inversion paper's "doctor" bias reduction in miniature
+(Gal et al. 2022, "An Image is Worth One Word"): the model's "ball" is almost always
 red; one small token per colour, learned from a curated set and used in turn before the word
 (``textinv bias``'s per-value recipe), evens out its colours and keeps it a ball.
 """

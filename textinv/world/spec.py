@@ -11,7 +11,8 @@ Hidden concepts
 * ``BIASED``: the word "ball" is drawn in its dominant colour in ``share`` of its images, and a
   ball of any other colour has that colour named in every caption (``others_named``).  So a caption
   without a colour is always a red ball, while every colour of ball is common enough to be drawn
-  well when asked for: the bare word is biased, the model is not unable (the seed's "doctor").
+  well when asked for: the bare word is biased, the model is not unable (like "doctor" in the
+  Textual Inversion paper's bias reduction, Gal et al. 2022).
 
 Every shape also carries a *descriptor* (its corner count / kind of sides), used in a fraction of
 all captions, named and unnamed alike.  It gives the conditioning space a continuous, shared
