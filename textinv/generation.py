@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import formats
+from . import families, formats
 
 DEFAULT_STEPS = 30
 
@@ -250,9 +250,10 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
 def _prompt_arguments(pipe, pairs: list[tuple[str, str | None]], clip_skip: int) -> tuple[dict, list]:
     """Each distinct (prompt, negative) pair's pipeline arguments, and the embeddings they use.
 
-    SD 1.x/2.x always, SDXL for weighted or long prompts: prompt embeddings encoded once per pair
-    (no per-image tokenization or encoder pass), all padded to one length so that images of
-    different {a|b} variants batch together; plain SDXL prompts: {} (the pipeline's own)."""
+    SD 1.x/2.x always, families with a pooled embedding (SDXL) for weighted or long prompts: prompt
+    embeddings encoded once per pair (no per-image tokenization or encoder pass), all padded to one
+    length so that images of different {a|b} variants batch together; plain SDXL prompts: {} (the
+    pipeline's own)."""
     from . import prompts
 
     parsed = {}
@@ -262,8 +263,8 @@ def _prompt_arguments(pipe, pairs: list[tuple[str, str | None]], clip_skip: int)
                 warnings.warn(f"{where}: {word!r} matches no loaded embedding", stacklevel=3)
         parsed[pair] = (prompts.split(pipe, pair[0], "prompt"), prompts.split(pipe, pair[1] or "", "negative prompt"))
     used = list({id(a): a for pos, neg in parsed.values() for a in pos.used + neg.used}.values())
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    if sdxl and not any(pos.weighted or neg.weighted or _long(pipe, pos, neg) for pos, neg in parsed.values()):
+    pooled = families.of_pipeline(pipe).pooled is not None  # the pipeline takes pooled embeddings too (SDXL)
+    if pooled and not any(pos.weighted or neg.weighted or _long(pipe, pos, neg) for pos, neg in parsed.values()):
         return {pair: {} for pair in parsed}, used
     encoded = {pair: (prompts.encode(pipe, pos, clip_skip), prompts.encode(pipe, neg, clip_skip))
                for pair, (pos, neg) in parsed.items()}
@@ -272,10 +273,10 @@ def _prompt_arguments(pipe, pairs: list[tuple[str, str | None]], clip_skip: int)
     dtype, out = pipe.unet.dtype, {}
     for pair, (pe, ne) in encoded.items():
         pe, ne = prompts.pad_to(pe, length, empty), prompts.pad_to(ne, length, empty)
-        if sdxl and not pair[1] and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        if pooled and not pair[1] and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
             ne = prompts.Encoded(torch.zeros_like(ne.embeds), torch.zeros_like(ne.pooled))
         out[pair] = {"prompt_embeds": pe.embeds.to(dtype), "negative_prompt_embeds": ne.embeds.to(dtype)}
-        if sdxl:
+        if pooled:
             out[pair] |= {"pooled_prompt_embeds": pe.pooled.to(dtype), "negative_pooled_prompt_embeds": ne.pooled.to(dtype)}
     return out, used
 
@@ -337,9 +338,11 @@ def regenerate(png, *, embeddings=None, model=None, pipe=None, out=None, progres
 
         pipe = load_pipeline(model, config=model_config)
     clip_skip = get("Clip skip", int, 1)
-    if clip_skip != 1 and getattr(pipe, "text_encoder_2", None) is not None:
+    family = families.of_pipeline(pipe)
+    if clip_skip != 1 and not family.clip_skip:
         # A1111 writes it for SDXL too, but ignores it there at its default settings.
-        warnings.warn(f"{png}: 'Clip skip: {clip_skip}' is ignored for SDXL, as A1111 does by default", stacklevel=2)
+        warnings.warn(f"{png}: 'Clip skip: {clip_skip}' is ignored for {family.name}, as A1111 does by default",
+                      stacklevel=2)
         clip_skip = 1
     result = generate(prompt, negative or None, embeddings=embs, model=model, pipe=pipe, n=1,
                       clip_skip=clip_skip,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import formats
+from . import families, formats
 from .errors import TextinvError
 
 MINI_NAME = "mini"
@@ -149,14 +149,18 @@ def name_of(model: str | os.PathLike | None) -> str:
 
 
 def _register_families() -> None:
-    """The built-in model's text-encoder width gets its name (its settings say which)."""
+    """The built-in model gets a family of its own, named as its settings say: a row of
+    textinv.families shaped like the family whose text encoders it has, with its widths."""
+    family = defaults(MINI_NAME).family
+    shapes = [f for f in families.FAMILIES if all((MINI_PATH / s.text_encoder).is_dir() for s in f.slots)]
+    if not family or not shapes:
+        return
+    base = max(shapes, key=lambda f: len(f.slots))
     try:
-        width = json.loads((MINI_PATH / "text_encoder" / "config.json").read_text())["hidden_size"]
+        widths = [json.loads((MINI_PATH / s.text_encoder / "config.json").read_text())["hidden_size"] for s in base.slots]
     except (OSError, ValueError, KeyError):
         return
-    family = defaults(MINI_NAME).family
-    if family:
-        formats.register_family(int(width), family)
+    families.register(families.like(base, family, *widths))
 
 
 def resolve_model(model: str | os.PathLike | None) -> str:
