@@ -60,7 +60,8 @@ class Family:
 
     @property
     def layer_name(self) -> str:
-        return {-1: "last", -2: "penultimate"}.get(self.hidden_layer, f"{-self.hidden_layer}th-last")
+        """How messages name the hidden layer the UNet takes ("penultimate")."""
+        return {-1: "last", -2: "penultimate"}.get(self.hidden_layer, f"hidden_states[{self.hidden_layer}]")
 
     def slot(self, key: str) -> Slot:
         return next(s for s in self.slots if s.key == key)
@@ -87,6 +88,7 @@ def register(family: Family) -> None:
 
 
 def unregister(family: Family) -> None:
+    """Remove a registered row (a test's, or a plug-in's that goes away)."""
     if family in FAMILIES:
         FAMILIES.remove(family)
 
@@ -122,7 +124,7 @@ def model_name(family: Family, widths: Sequence[int]) -> str:
     if family.fits(widths):
         return family.name
     if len(widths) == 1:
-        return name_of({family.slots[0].key: widths[0]})
+        return of_width(widths[0])
     return "+".join(map(str, widths)) + "-wide model"
 
 
@@ -161,18 +163,22 @@ def stored(keys) -> Family | None:
 
 
 def name_of(vectors: Mapping) -> str:
-    """The family a vector set is shown as made for: "SD 1.x"; one tensor as wide as an encoder of
-    a several-encoder family: "SDXL (clip_g)"; else "an unknown model family"."""
+    """The family a vector set is shown as made for: "SD 1.x"; one tensor of no family's: what its
+    width is (:func:`of_width`)."""
     family = of_vectors(vectors)
     if family is not None:
         return family.name
     widths = _widths(vectors)
-    if len(widths) == 1:
-        (width,) = widths.values()
-        for f in FAMILIES:
-            match = next((s for s in f.slots if s.width == width), None)
-            if match is not None:
-                return f"{f.name} ({match.key})"
+    return of_width(*widths.values()) if len(widths) == 1 else UNKNOWN
+
+
+def of_width(width: int) -> str:
+    """What one encoder this wide is: the first family with an encoder of that width ("SD 1.x"), with
+    the slot where the family has several ("SDXL (clip_g)"); else "an unknown model family"."""
+    for f in FAMILIES:
+        match = next((s for s in f.slots if s.width == int(width)), None)
+        if match is not None:
+            return f.name if len(f.slots) == 1 else f"{f.name} ({match.key})"
     return UNKNOWN
 
 

@@ -270,7 +270,7 @@ def encode(pipe, parsed: Parsed, clip_skip: int = 1) -> Encoded:
     that calls per-layer embeddings per layer, weighed as the chunk is)."""
     family = families.of_pipeline(pipe)
     per_encoder, pooled = [], None
-    for slot, (tok, te) in tokens.slot_pairs(pipe):
+    for slot, (tok, te) in tokens.slot_pairs(pipe, family):
         states = []
         for j, (ids, weights) in enumerate(chunks(parsed, tok)):
             ids = torch.tensor([ids], device=te.device)

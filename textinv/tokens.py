@@ -449,9 +449,10 @@ def encoder_pairs(pipe) -> list[tuple[object, nn.Module]]:
     return [pair for _, pair in slot_pairs(pipe)]
 
 
-def slot_pairs(pipe) -> list[tuple[families.Slot, tuple[object, nn.Module]]]:
-    """Each slot of the pipeline's family with its (tokenizer, text encoder)."""
-    return [(s, (getattr(pipe, s.tokenizer), getattr(pipe, s.text_encoder))) for s in families.of_pipeline(pipe).slots]
+def slot_pairs(pipe, family: families.Family | None = None) -> list[tuple[families.Slot, tuple[object, nn.Module]]]:
+    """Each slot of the pipeline's family (found when not given) with its (tokenizer, text encoder)."""
+    family = family or families.of_pipeline(pipe)
+    return [(s, (getattr(pipe, s.tokenizer), getattr(pipe, s.text_encoder))) for s in family.slots]
 
 
 def state(pipe, create: bool = True) -> TriggerState | None:
@@ -459,10 +460,8 @@ def state(pipe, create: bool = True) -> TriggerState | None:
     st = getattr(pipe, "_textinv", None)
     if st is None and create:
         spec = families.of_pipeline(pipe)
-        encoders = []
-        for slot in spec.slots:
-            tok, te = getattr(pipe, slot.tokenizer), getattr(pipe, slot.text_encoder)
-            encoders.append(_Encoder(slot.key, tok, te, te.get_input_embeddings(), _TokenizerStates.of(tok)))
+        encoders = [_Encoder(s.key, tok, te, te.get_input_embeddings(), _TokenizerStates.of(tok))
+                    for s, (tok, te) in slot_pairs(pipe, spec)]
         st = TriggerState(encoders, spec, unet=getattr(pipe, "unet", None))
         object.__setattr__(pipe, "_textinv", st)
     return st
@@ -556,8 +555,8 @@ def _as_embeddings(embeddings) -> list[Embedding]:
 def nearest_words(emb: Embedding, pipe, k: int = 5) -> dict[str, list[list[tuple[str, float]]]]:
     """Per encoder slot and vector, the ``k`` vocabulary tokens with the highest cosine similarity."""
     out = {}
-    for slot, (tok, te) in slot_pairs(pipe):
-        slot = slot.key
+    for s, (tok, te) in slot_pairs(pipe):
+        slot = s.key
         if slot not in emb.vectors:
             continue
         table = te.get_input_embeddings()
@@ -567,7 +566,7 @@ def nearest_words(emb: Embedding, pipe, k: int = 5) -> dict[str, list[list[tuple
             vecs = vecs.mean(dim=0)  # a per-layer embedding: its layers' average
         if vecs.shape[-1] != table.shape[-1]:
             raise ModelMismatchError(
-                f"embedding {emb.name!r} is {describe_widths(emb)}; this model is {families.name_of({slot: table.shape[-1]})}"
+                f"embedding {emb.name!r} is {describe_widths(emb)}; this model is {families.of_width(table.shape[-1])}"
             )
         sims = nn.functional.normalize(vecs, dim=-1) @ nn.functional.normalize(table.detach().float(), dim=-1).T
         top = sims.topk(k, dim=-1)
