@@ -140,7 +140,7 @@ def _raising_from_pretrained(monkeypatch, error):
             except Exception as e:
                 raise OSError("Cannot load model: the model is not fully cached locally") from e
 
-    monkeypatch.setattr(models, "_pipeline_classes", lambda: (FakePipeline, FakePipeline, FakePipeline))
+    monkeypatch.setattr(models, "_pipeline_class", lambda name="DiffusionPipeline": FakePipeline)
     monkeypatch.setattr(models, "_is_offline", lambda: False)
 
 

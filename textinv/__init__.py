@@ -14,6 +14,7 @@ from .errors import EmbeddingFileError, ModelMismatchError, TextinvError  # noqa
 from .formats import Embedding, load, load_all, save, to_single  # noqa: E402
 from . import models  # noqa: E402,F401 - names the built-in model's family for inspect and the library
 from .tokens import apply, expand, remove  # noqa: E402
+from . import perlayer  # noqa: E402,F401 - plugs per-layer (P+) embeddings into tokens and prompts
 
 
 def train(*args, **kwargs):

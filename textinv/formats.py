@@ -31,23 +31,10 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from . import cards, safe_pickle
+from . import cards, families, safe_pickle
 from .atomic import atomic_path, write_bytes
 from .errors import EmbeddingFileError, TextinvError
-
-# Width of a token vector -> the model family whose text encoder has that width.
-FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL (clip_g)"}
-SDXL_KEYS = ("clip_l", "clip_g")
-SINGLE_KEY = "clip"
-
-
-def register_family(width: int, name: str) -> None:
-    """Name another text-encoder width (a model's settings file may; see textinv.models)."""
-    FAMILIES.setdefault(int(width), name)
-
-
-def family_of_width(width: int) -> str:
-    return FAMILIES.get(width, "an unknown model family")
+from .families import SINGLE_KEY
 
 
 @dataclass
@@ -55,8 +42,9 @@ class Embedding:
     """A trigger word's learned vectors.
 
     ``vectors`` maps a text-encoder slot to an ``[n, D]`` tensor: ``{"clip": T}`` for SD 1.x/2.x
-    (one encoder), ``{"clip_l": T1, "clip_g": T2}`` for SDXL (same ``n``).  Tensors keep the dtype
-    they were stored in so that round trips are bit-exact; users of the vectors cast as needed.
+    (one encoder), ``{"clip_l": T1, "clip_g": T2}`` for SDXL (same ``n``): the slots of a row of
+    :data:`textinv.families.FAMILIES`.  Tensors keep the dtype they were stored in so that round
+    trips are bit-exact; users of the vectors cast as needed.
     ``meta`` holds ``step``, ``sd_checkpoint``, ``sd_checkpoint_name``, ``init_text`` and any extra
     keys found in the file (kept on write where the format allows).
 
@@ -73,15 +61,22 @@ class Embedding:
     layers: list[str] | None = None  # per-layer (P+) embeddings only
 
     def __post_init__(self):
-        # Every reader produces one of the two slot sets; an Embedding built in Python with another
-        # would fail far from here (a KeyError when it is described, applied or saved).
-        if set(self.vectors) not in ({SINGLE_KEY}, set(SDXL_KEYS)):
+        # Every reader produces the slot set of a family in the table (textinv.families); an
+        # Embedding built in Python with another would fail far from here (a KeyError when it is
+        # described, applied or saved).
+        if not families.by_keys(self.vectors):
             raise TextinvError(f"embedding {self.name!r}: vector slots {sorted(self.vectors)}; expected "
-                               f"['{SINGLE_KEY}'] (SD 1.x/2.x) or {list(SDXL_KEYS)} (SDXL)")
+                               f"{families.slot_sets('listed')}")
 
     @property
     def is_sdxl(self) -> bool:
-        return set(self.vectors) == set(SDXL_KEYS)
+        return families.of_embedding(self) is families.SDXL
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        """The vector slots in encoder order (its family's)."""
+        family = families.of_embedding(self)
+        return family.keys if family is not None else tuple(self.vectors)
 
     @property
     def is_per_layer(self) -> bool:
@@ -98,9 +93,7 @@ class Embedding:
 
     @property
     def family(self) -> str:
-        if self.is_sdxl:
-            return "SDXL"
-        return family_of_width(int(self.vectors[SINGLE_KEY].shape[-1]))
+        return families.name_of(self.vectors)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -146,11 +139,12 @@ def file_stem(name: str) -> str:
 
 
 def native_format(emb: "Embedding") -> str:
-    """The format an embedding is kept in when none is asked for: one file, SD or SDXL; a
-    per-layer one as kohya's XTI when it has kohya's 16 layers (kohya reads it too), else ours."""
+    """The format an embedding is kept in when none is asked for: one file, one tensor per
+    encoder ("sdxl" for several); a per-layer one as kohya's XTI when it has kohya's 16 layers
+    (kohya reads it too), else ours."""
     if emb.layers is not None:
         return "xti" if list(emb.layers) == list(SD_LAYERS) else "per-layer"
-    return "sdxl" if emb.is_sdxl else "diffusers"
+    return "sdxl" if len(emb.vectors) > 1 else "diffusers"
 
 
 def suffix_for(fmt: str, emb: "Embedding") -> str:
@@ -187,7 +181,6 @@ MAX_FILE_BYTES = 64 << 20  # bigger files are checkpoints or LoRAs: only LoRA bu
 MAX_TORCH_ZIP_BYTES = 1 << 30
 MAX_PICKLE_BYTES = 4 << 20
 MAX_CARD_JSON_BYTES = 64 << 20  # bound on what a card's zlib stream may inflate to
-SDXL_WIDTHS = {"clip_l": 768, "clip_g": 1280}
 # What an embedding's vectors may be stored as (float8/float4 have no arithmetic to check them with).
 VECTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CARD_KEY = cards.KEY
@@ -517,7 +510,7 @@ def _classify_top(path: Path, data, st_meta: dict | None = None) -> tuple[str, l
 def _classify(path: Path, data, default_name: str, where: str = "",
               st_meta: dict | None = None) -> tuple[str, list[Embedding]]:
     """Per-layer layouts first (their keys say so), then A1111's order: string_to_param, then
-    clip_l + clip_g, then a single tensor."""
+    one tensor per encoder of a family (SDXL's clip_l + clip_g), then a single tensor."""
     where = f"{where}: " if where else ""
     if not isinstance(data, dict):
         raise _fail(path, f"{where}not an embedding: holds a {type(data).__name__}")
@@ -546,8 +539,8 @@ def _classify(path: Path, data, default_name: str, where: str = "",
             meta["stored_name"] = data["name"]
         meta["term"] = str(term)
         vectors = {SINGLE_KEY: tensor}
-    elif "clip_l" in data and "clip_g" in data:
-        fmt, vectors = "sdxl", {"clip_l": data["clip_l"], "clip_g": data["clip_g"]}
+    elif (family := families.stored(data)) is not None:
+        fmt, vectors = "sdxl", {k: data[k] for k in family.keys}
         if isinstance(data.get("name"), str):
             meta["stored_name"] = data["name"]
     elif len(tensors) == 1:
@@ -558,8 +551,9 @@ def _classify(path: Path, data, default_name: str, where: str = "",
         vectors = {SINGLE_KEY: tensor}
     elif len(tensors) > 1:
         shown = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+        several = " or ".join("/".join(f.keys) for f in families.FAMILIES if len(f.slots) > 1)
         raise _fail(path, f"{where}holds {len(tensors)} tensors ({shown}) and no string_to_param "
-                          "or clip_l/clip_g; A1111 calls this 'multiple terms': an embedding "
+                          f"or {several}; A1111 calls this 'multiple terms': an embedding "
                           "file holds exactly one")
     else:
         shown = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
@@ -673,39 +667,45 @@ def _check_vectors(path, vectors: dict, where: str = "") -> dict[str, torch.Tens
         # Own the data: a view of a larger (maybe memory-mapped) storage keeps all of it alive.
         own = t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
         out[key] = t if own else t.clone(memory_format=torch.contiguous_format)
-    if set(out) == set(SDXL_KEYS):
-        _check_sdxl_widths(path, int(out["clip_l"].shape[1]), int(out["clip_g"].shape[1]), where)
-        if out["clip_l"].shape[0] != out["clip_g"].shape[0]:
-            raise _fail(path, f"{where}SDXL clip_l has {out['clip_l'].shape[0]} vectors but "
-                              f"clip_g has {out['clip_g'].shape[0]}; they must match")
+    family = families.of_vectors(out) if len(out) > 1 else None
+    if family is not None and len(family.slots) > 1:
+        _check_slots(path, family, out, where)
     return out
 
 
-def _check_sdxl_widths(path, width_l: int, width_g: int, where: str) -> None:
-    """clip_l is always the narrower encoder (768 vs 1280 in SDXL); a file with them the other
-    way round was written with the keys swapped.  Whether the widths fit a model is checked when
-    the embedding is applied to it (tokens.TriggerState.check)."""
-    if width_l >= width_g:
-        raise _fail(path, f"{where}SDXL clip_l ({width_l} wide) must be narrower than clip_g "
-                          f"({width_g} wide); swapped?")
+def _check_slots(path, family: families.Family, out: dict, where: str) -> None:
+    """The tensors of a several-encoder family: where the family's encoders grow wider in order
+    (SDXL: clip_l 768, clip_g 1280), a file's must too, else it was written with the keys swapped
+    (whether the widths fit a model is checked when the embedding is applied to it:
+    tokens.TriggerState.check); and every encoder has as many vectors."""
+    for a, b in zip(family.slots, family.slots[1:]):
+        wa, wb = int(out[a.key].shape[1]), int(out[b.key].shape[1])
+        if a.width is not None and b.width is not None and a.width < b.width and wa >= wb:
+            raise _fail(path, f"{where}{family.name} {a.key} ({wa} wide) must be narrower than {b.key} "
+                              f"({wb} wide); swapped?")
+    first = family.keys[0]
+    for key in family.keys[1:]:
+        if out[key].shape[0] != out[first].shape[0]:
+            raise _fail(path, f"{where}{family.name} {first} has {out[first].shape[0]} vectors but "
+                              f"{key} has {out[key].shape[0]}; they must match")
 
 
 def _checked(path: Path, emb: Embedding) -> Embedding:
     """A validated copy to write: detached tensors; the caller's trainable ones stay untouched."""
     if emb.layers is not None:
         return _checked_per_layer(path, emb)
-    if set(emb.vectors) not in ({SINGLE_KEY}, set(SDXL_KEYS)):
+    if not families.by_keys(emb.vectors):
         raise _fail(path, f"embedding {emb.name!r} has vector slots {sorted(emb.vectors)}; "
-                          "expected clip, or clip_l + clip_g")
+                          f"expected {families.slot_sets()}")
     if not emb.name:
         raise _fail(path, "the embedding has no name")
     return dataclasses.replace(emb, vectors=_check_vectors(path, emb.vectors))
 
 
 def _checked_per_layer(path: Path, emb: Embedding) -> Embedding:
-    if set(emb.vectors) != {SINGLE_KEY}:
+    if not any(f.per_layer for f in families.by_keys(emb.vectors)):
         raise _fail(path, f"per-layer embedding {emb.name!r} has vector slots {sorted(emb.vectors)}; per-layer "
-                          "embeddings hold one text encoder's vectors (clip): SD 1.x/2.x only")
+                          f"embeddings hold one text encoder's vectors ({SINGLE_KEY}): {families.layouts(per_layer=True)} only")
     if not emb.name:
         raise _fail(path, "the embedding has no name")
     layers = list(emb.layers)
@@ -753,7 +753,7 @@ def _diffusers_sdxl_files(folder: Path) -> tuple[Path, Path] | None:
 def _read_diffusers_sdxl(folder: Path) -> Embedding:
     """learned_embeds (768 wide, clip_l) + learned_embeds_2 (1280 wide, clip_g) -> one SDXL."""
     vectors, tokens = {}, []
-    for slot, file in zip(SDXL_KEYS, _diffusers_sdxl_files(folder)):
+    for slot, file in zip(families.SDXL.keys, _diffusers_sdxl_files(folder)):
         fmt, (part,) = _read(file)
         if fmt != "diffusers":
             raise _fail(file, f"expected a diffusers {{token: tensor}} file, found {fmt}")
@@ -837,9 +837,9 @@ def _format_for_suffix(emb: Embedding, path: Path) -> str:
     if emb.layers is not None and suffix in (".pt", ".safetensors"):
         return "xti" if suffix == ".pt" else native_format(emb)
     if suffix == ".pt":
-        return "sdxl" if emb.is_sdxl else "a1111"
+        return "sdxl" if len(emb.vectors) > 1 else "a1111"
     if suffix == ".safetensors":
-        return "sdxl" if emb.is_sdxl else "diffusers"
+        return "sdxl" if len(emb.vectors) > 1 else "diffusers"
     if suffix == ".png":
         return "png"
     if suffix == ".bin" or (emb.is_sdxl and suffix not in CANDIDATE_SUFFIXES):
@@ -898,17 +898,18 @@ def torch_zip_bytes(obj) -> bytes:
 
 
 def _single(path: Path, emb: Embedding, fmt: str) -> torch.Tensor:
-    if emb.is_sdxl:
-        raise _fail(path, f"{emb.name!r} is an SDXL embedding (clip_l + clip_g); format {fmt!r} "
-                          "holds one text encoder's vectors: use --format sdxl (format='sdxl' in "
-                          "Python), or diffusers with a folder path")
+    if len(emb.vectors) > 1:
+        folder = ", or diffusers with a folder path" if emb.is_sdxl else ""
+        raise _fail(path, f"{emb.name!r} is an {emb.family} embedding ({' + '.join(emb.slots)}); format {fmt!r} "
+                          f"holds one text encoder's vectors: use --format sdxl (format='sdxl' in "
+                          f"Python){folder}")
     return emb.vectors[SINGLE_KEY]
 
 
 def _save_diffusers(emb: Embedding, path: Path, preview) -> None:
     if emb.is_sdxl:  # diffusers' SDXL training output: two files in one folder
         path.mkdir(parents=True, exist_ok=True)
-        for stem, slot in zip(DIFFUSERS_SDXL_STEMS, SDXL_KEYS):
+        for stem, slot in zip(DIFFUSERS_SDXL_STEMS, families.SDXL.keys):
             _write_safetensors(path / f"{stem}.safetensors", {emb.name: emb.vectors[slot]},
                                {"format": "pt", **_carried_metadata(emb)})
         return
@@ -944,7 +945,10 @@ def _save_a1111(emb: Embedding, path: Path, preview) -> None:
     _write_torch(path, _a1111_dict(emb, tensor))
 
 
-_KOHYA_ARCH = {768: "stable-diffusion-v1", 1024: "stable-diffusion-v2-768-v"}
+def _architecture(emb: Embedding) -> str:
+    """The modelspec architecture id of the family ``emb`` was made for ("unknown" when none)."""
+    family = families.of_embedding(emb)
+    return f"{family.modelspec if family is not None and family.modelspec else 'unknown'}/textual-inversion"
 
 
 def _save_kohya(emb: Embedding, path: Path, preview) -> None:
@@ -952,10 +956,9 @@ def _save_kohya(emb: Embedding, path: Path, preview) -> None:
     if path.suffix.lower() != ".safetensors":
         _write_torch(path, {"emb_params": tensor})
         return
-    arch = _KOHYA_ARCH.get(int(tensor.shape[1]), "unknown")
     metadata = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{arch}/textual-inversion",
+        "modelspec.architecture": _architecture(emb),
         "modelspec.implementation": "diffusers",
         "modelspec.title": emb.name,
         **_carried_metadata(emb),
@@ -964,15 +967,15 @@ def _save_kohya(emb: Embedding, path: Path, preview) -> None:
 
 
 def _save_sdxl(emb: Embedding, path: Path, preview) -> None:
-    if not emb.is_sdxl:
-        raise _fail(path, f"format 'sdxl' needs an SDXL embedding (clip_l + clip_g); "
+    """One tensor per encoder, under its slot key (SDXL: clip_l and clip_g; any family of several)."""
+    if len(emb.vectors) < 2:
+        raise _fail(path, f"format 'sdxl' needs an SDXL embedding ({' + '.join(families.SDXL.keys)}); "
                           f"{emb.name!r} is {emb.family} ({emb.widths[SINGLE_KEY]} wide)")
-    tensors = {k: emb.vectors[k] for k in SDXL_KEYS}
+    tensors = {k: emb.vectors[k] for k in emb.slots}
     if path.suffix.lower() == ".pt":
         _write_torch(path, tensors)
         return
-    metadata = {"modelspec.sai_model_spec": "1.0.0",
-                "modelspec.architecture": "stable-diffusion-xl-v1-base/textual-inversion",
+    metadata = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": _architecture(emb),
                 "modelspec.title": emb.name, **_carried_metadata(emb)}
     _write_safetensors(path, tensors, metadata)
 
@@ -986,10 +989,9 @@ def _vectors_and_steps(emb: Embedding) -> str:
 
 def _card_details(emb: Embedding) -> list[str]:
     """The small print of a title card: model family and base model, then vectors and steps."""
-    if emb.is_sdxl or emb.family != family_of_width(-1):
-        family = emb.family
-    else:
-        family = f"{emb.widths[SINGLE_KEY]}-wide text encoder"
+    family = emb.family
+    if family == families.UNKNOWN:
+        family = f"{'+'.join(str(emb.widths[k]) for k in emb.slots)}-wide text encoder"
     return [" · ".join(x for x in (family, _base_model(emb)) if x), _vectors_and_steps(emb)]
 
 
@@ -1001,10 +1003,10 @@ def _base_model(emb: Embedding) -> str:
 
 def _save_png(emb: Embedding, path: Path, preview) -> None:
     """An A1111 card: the JSON in a tEXt chunk and, zlib-compressed, in the pixel blocks."""
-    if emb.is_sdxl:
+    if len(emb.vectors) > 1:
         # A1111 reads a card like a .pt dict, and its SDXL branch detaches every value: anything
         # beside the two tensors (a name, a step, a None) makes it fail.  The name is the file's.
-        data = {k: emb.vectors[k] for k in SDXL_KEYS}
+        data = {k: emb.vectors[k] for k in emb.slots}
     else:
         data = _a1111_dict(emb, emb.vectors[SINGLE_KEY])
     text = cards.payload(data)
@@ -1014,7 +1016,7 @@ def _save_png(emb: Embedding, path: Path, preview) -> None:
                                 _vectors_and_steps(emb))
     else:
         visible = cards.title_card(printable(emb.name), _card_details(emb), cards.square_visible_size(text))
-    first = emb.vectors["clip_l" if emb.is_sdxl else SINGLE_KEY].float()[0, :1024].abs()
+    first = emb.vectors[emb.slots[0]].float()[0, :1024].abs()
     shade = (first / first.max().clamp_min(1e-12) * 255).to(torch.uint8).numpy()
     image, info = cards.encode(text, visible, shade)
     with atomic_path(path) as tmp:

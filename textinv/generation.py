@@ -10,7 +10,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import formats
+from . import __version__, families, formats, pngmeta, prompts, samplers, tokens
+from .errors import TextinvError
+from .images import grid as make_grid
+from .models import defaults, load_pipeline, pipeline_defaults, resolve_model, warn_outside_world
+from .prompts import pick_variant
+from .sources import load as load_source, warn_skipped
 
 DEFAULT_STEPS = 30
 
@@ -23,8 +28,6 @@ def clip_skip_kwargs(pipe, prompts_: list[str], negative: str | None, clip_skip:
     """
     if clip_skip == 1:
         return {}
-    from . import prompts
-
     prompts.check_clip_skip(pipe, clip_skip)
     encoded, _used = _prompt_arguments(pipe, [(p, negative) for p in prompts_], clip_skip)  # each once, one length
     parts = [encoded[(p, negative)] for p in prompts_]
@@ -36,10 +39,6 @@ def images(pipe, prompts: list[str], *, seed: int = 0, steps: int = DEFAULT_STEP
            negative: str | None = None, batch: int = 32, progress: bool = False, clip_skip: int = 1) -> list[Image.Image]:
     """One image per prompt; image ``i`` always uses seed ``seed + i``, whatever the batching.
     ``guidance`` None: the model's own default (:func:`textinv.models.pipeline_defaults`)."""
-    from .models import pipeline_defaults
-
-    from .prompts import pick_variant
-
     if guidance is None:
         guidance = pipeline_defaults(pipe).guidance
     prompts = [pick_variant(p, i) for i, p in enumerate(prompts)]  # {a|b}: image i takes option i mod k
@@ -110,8 +109,6 @@ def model_identity(model) -> tuple[str | None, str | None]:
     folder has no single checkpoint, so its UNet weights file is hashed instead; a hub id is
     hashed from its locally cached UNet file when there is one.
     """
-    from .models import resolve_model
-
     where = Path(resolve_model(model))
     name = where.stem if where.is_file() else where.name
     unet = None
@@ -137,9 +134,6 @@ def model_identity(model) -> tuple[str | None, str | None]:
 def load_embeddings(sources) -> list:
     """Embeddings from Embedding objects or what :func:`textinv.sources.resolve` takes (files, library
     folders, training runs and RUN@STEP, hub ids, URLs); an empty library is an error."""
-    from . import sources as where
-    from .errors import TextinvError
-
     if sources is None:
         return []
     if isinstance(sources, (str, os.PathLike, formats.Embedding)):
@@ -149,7 +143,7 @@ def load_embeddings(sources) -> list:
         if isinstance(src, formats.Embedding):
             out.append(src)
             continue
-        found = where.load(src, on_error=where.warn_skipped)
+        found = load_source(src, on_error=warn_skipped)
         if not found:
             raise TextinvError(f"{src}: no embedding files found")
         out.extend(found)
@@ -157,8 +151,6 @@ def load_embeddings(sources) -> list:
 
 
 def parse_size(size) -> tuple[int, int] | None:
-    from .errors import TextinvError
-
     if size is None or isinstance(size, tuple):
         return size
     m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", str(size))
@@ -173,8 +165,6 @@ def _next_index(out: Path) -> int:
 
 
 def _long(pipe, *parsed) -> bool:
-    from . import prompts, tokens
-
     tok = tokens.encoder_pairs(pipe)[0][0]
     return any(len(prompts.chunks(p, tok)) > 1 for p in parsed)
 
@@ -194,10 +184,6 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
     ``clip_skip``: A1111's "Clip skip" (SD 1.x/2.x).  ``model_config``: a single-file ``model``'s
     diffusers config folder or hub id (see :func:`textinv.models.load_pipeline`).
     """
-    from . import prompts, samplers, tokens
-    from .errors import TextinvError
-    from .models import defaults, load_pipeline, pipeline_defaults, warn_outside_world
-
     if n < 1 or batch < 1 or steps < 1:
         raise TextinvError(f"-n, --batch and --steps must be at least 1 (got {n}, {batch}, {steps})")
     wh = parse_size(size)
@@ -214,27 +200,11 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
         raise TextinvError(f"none of the {len(embs)} embeddings given fits this model ({tokens.state(pipe).family}): nothing to use")
     triggers = [t for a in tokens.state(pipe).applied.values() for t in [a.embedding.name, *a.tokens]]
     warn_outside_world(pipe, prompts=[prompt, negative or ""], triggers=triggers, where="PROMPT")
-    original_scheduler = pipe.scheduler
     try:
-        prompts.check_clip_skip(pipe, clip_skip)
-        if sampler:
-            pipe.scheduler = samplers.make(pipe, sampler)
-        sampler_name = samplers.name_of(pipe.scheduler)
-        # {a|b} variants: image i's own prompt pair; each distinct pair is encoded once
-        pairs = [(prompts.pick_variant(prompt, i), prompts.pick_variant(negative, i, "negative prompt") if negative
-                  else negative) for i in range(n)]
-        encoded, used = _prompt_arguments(pipe, pairs, clip_skip)
-
-        def call(i: int, b: int) -> dict:
-            chunk = pairs[i : i + b]
-            if encoded[chunk[0]]:
-                return {k: torch.cat([encoded[pair][k] for pair in chunk]) for k in encoded[chunk[0]]}
-            return {"prompt": [p for p, _ in chunk], "negative_prompt": [q for _, q in chunk] if negative else None}
-
-        images_ = sample(pipe, n, call, seed=seed, steps=steps, guidance=guidance, batch=batch, progress=progress,
-                         width=width, height=height)
+        images_, pairs, used, sampler_name = _render(pipe, prompt, negative, n, sampler, clip_skip, seed=seed, steps=steps,
+                                                     guidance=guidance, batch=batch, progress=progress, width=width,
+                                                     height=height)
     finally:
-        pipe.scheduler = original_scheduler
         if added:
             tokens.remove(pipe, [a.embedding.name for a in added])
     ti = {a.embedding.name: h for a in used if (h := formats.embedding_hash(a.embedding))}
@@ -247,14 +217,38 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
     return result
 
 
+def _render(pipe, prompt: str, negative: str | None, n: int, sampler: str | None, clip_skip: int, **sampling):
+    """``n`` images (image ``i`` of its own {a|b} variant of the prompt pair, each distinct pair
+    encoded once) with ``sampler`` (None: the pipeline's scheduler; it is put back afterwards).
+    Returns (images, prompt pairs, embeddings used, the sampler's A1111 name)."""
+    original_scheduler = pipe.scheduler
+    try:
+        prompts.check_clip_skip(pipe, clip_skip)
+        if sampler:
+            pipe.scheduler = samplers.make(pipe, sampler)
+        sampler_name = samplers.name_of(pipe.scheduler)
+        pairs = [(prompts.pick_variant(prompt, i), prompts.pick_variant(negative, i, "negative prompt") if negative
+                  else negative) for i in range(n)]
+        encoded, used = _prompt_arguments(pipe, pairs, clip_skip)
+
+        def call(i: int, b: int) -> dict:
+            chunk = pairs[i : i + b]
+            if encoded[chunk[0]]:
+                return {k: torch.cat([encoded[pair][k] for pair in chunk]) for k in encoded[chunk[0]]}
+            return {"prompt": [p for p, _ in chunk], "negative_prompt": [q for _, q in chunk] if negative else None}
+
+        return sample(pipe, n, call, **sampling), pairs, used, sampler_name
+    finally:
+        pipe.scheduler = original_scheduler
+
+
 def _prompt_arguments(pipe, pairs: list[tuple[str, str | None]], clip_skip: int) -> tuple[dict, list]:
     """Each distinct (prompt, negative) pair's pipeline arguments, and the embeddings they use.
 
-    SD 1.x/2.x always, SDXL for weighted or long prompts: prompt embeddings encoded once per pair
-    (no per-image tokenization or encoder pass), all padded to one length so that images of
-    different {a|b} variants batch together; plain SDXL prompts: {} (the pipeline's own)."""
-    from . import prompts
-
+    SD 1.x/2.x always, families with a pooled embedding (SDXL) for weighted or long prompts: prompt
+    embeddings encoded once per pair (no per-image tokenization or encoder pass), all padded to one
+    length so that images of different {a|b} variants batch together; plain SDXL prompts: {} (the
+    pipeline's own)."""
     parsed = {}
     for pair in dict.fromkeys(pairs):
         for where, text in (("prompt", pair[0]), ("negative prompt", pair[1] or "")):
@@ -262,8 +256,8 @@ def _prompt_arguments(pipe, pairs: list[tuple[str, str | None]], clip_skip: int)
                 warnings.warn(f"{where}: {word!r} matches no loaded embedding", stacklevel=3)
         parsed[pair] = (prompts.split(pipe, pair[0], "prompt"), prompts.split(pipe, pair[1] or "", "negative prompt"))
     used = list({id(a): a for pos, neg in parsed.values() for a in pos.used + neg.used}.values())
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    if sdxl and not any(pos.weighted or neg.weighted or _long(pipe, pos, neg) for pos, neg in parsed.values()):
+    pooled = families.of_pipeline(pipe).pooled is not None  # the pipeline takes pooled embeddings too (SDXL)
+    if pooled and not any(pos.weighted or neg.weighted or _long(pipe, pos, neg) for pos, neg in parsed.values()):
         return {pair: {} for pair in parsed}, used
     encoded = {pair: (prompts.encode(pipe, pos, clip_skip), prompts.encode(pipe, neg, clip_skip))
                for pair, (pos, neg) in parsed.items()}
@@ -272,18 +266,16 @@ def _prompt_arguments(pipe, pairs: list[tuple[str, str | None]], clip_skip: int)
     dtype, out = pipe.unet.dtype, {}
     for pair, (pe, ne) in encoded.items():
         pe, ne = prompts.pad_to(pe, length, empty), prompts.pad_to(ne, length, empty)
-        if sdxl and not pair[1] and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        if pooled and not pair[1] and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
             ne = prompts.Encoded(torch.zeros_like(ne.embeds), torch.zeros_like(ne.pooled))
         out[pair] = {"prompt_embeds": pe.embeds.to(dtype), "negative_prompt_embeds": ne.embeds.to(dtype)}
-        if sdxl:
+        if pooled:
             out[pair] |= {"pooled_prompt_embeds": pe.pooled.to(dtype), "negative_pooled_prompt_embeds": ne.pooled.to(dtype)}
     return out, used
 
 
 def _parameters(prompt, negative, steps, sampler, guidance, seed, width, height, model_hash, model, clip_skip, ti) -> str:
     """A1111's infotext for one image, its keys in A1111's order."""
-    from . import __version__, pngmeta
-
     return pngmeta.format_parameters(prompt, negative, {
         "Steps": steps, "Sampler": sampler, "CFG scale": float(guidance), "Seed": seed, "Size": f"{width}x{height}",
         "Model hash": model_hash, "Model": model, "Clip skip": clip_skip if clip_skip > 1 else None, "TI hashes": ti,
@@ -292,9 +284,6 @@ def _parameters(prompt, negative, steps, sampler, guidance, seed, width, height,
 
 def _write(result: Generation, out: Path) -> None:
     """Each image as NNNNN-SEED.png with its parameters, and a grid when there are several."""
-    from . import pngmeta
-    from .images import grid as make_grid
-
     first = _next_index(out)
     for k, (img, s, text) in enumerate(zip(result.images, result.seeds, result.parameters)):
         result.files.append(pngmeta.save_png(img, out / f"{first + k:05d}-{s}.png", text))
@@ -305,9 +294,6 @@ def _write(result: Generation, out: Path) -> None:
 def regenerate(png, *, embeddings=None, model=None, pipe=None, out=None, progress: bool = False,
                model_config=None) -> Generation:
     """Re-create an image from its A1111 ``parameters`` chunk (same seed: same image on CPU)."""
-    from . import pngmeta
-    from .errors import TextinvError
-
     prompt, negative, params = pngmeta.parse_parameters(pngmeta.read_parameters(png))
 
     def get(key, cast, default=None):
@@ -322,9 +308,7 @@ def regenerate(png, *, embeddings=None, model=None, pipe=None, out=None, progres
         model = params.get("Model") or None  # a name textinv.models resolves, the built-in one's too
     sampler = params.get("Sampler")
     if sampler and params.get("Schedule type", "").lower() == "karras":  # A1111 ≥ 1.9 writes the schedule apart
-        from .samplers import SAMPLERS
-
-        sampler = f"{sampler} Karras" if f"{sampler} Karras" in SAMPLERS else sampler
+        sampler = f"{sampler} Karras" if f"{sampler} Karras" in samplers.SAMPLERS else sampler
     embs = load_embeddings(embeddings)
     for name, h in pngmeta.parse_ti_hashes(params.get("TI hashes", "")).items():
         match = [e for e in embs if e.name.lower() == name.lower()]
@@ -333,13 +317,13 @@ def regenerate(png, *, embeddings=None, model=None, pipe=None, out=None, progres
         elif formats.embedding_hash(match[0]) not in (None, h):
             warnings.warn(f"{png}: embedding {name!r} has hash {formats.embedding_hash(match[0])}, the image was made with {h}", stacklevel=2)
     if pipe is None:
-        from .models import load_pipeline
-
         pipe = load_pipeline(model, config=model_config)
     clip_skip = get("Clip skip", int, 1)
-    if clip_skip != 1 and getattr(pipe, "text_encoder_2", None) is not None:
+    family = families.of_pipeline(pipe)
+    if clip_skip != 1 and not family.clip_skip:
         # A1111 writes it for SDXL too, but ignores it there at its default settings.
-        warnings.warn(f"{png}: 'Clip skip: {clip_skip}' is ignored for SDXL, as A1111 does by default", stacklevel=2)
+        warnings.warn(f"{png}: 'Clip skip: {clip_skip}' is ignored for {family.name}, as A1111 does by default",
+                      stacklevel=2)
         clip_skip = 1
     result = generate(prompt, negative or None, embeddings=embs, model=model, pipe=pipe, n=1,
                       clip_skip=clip_skip,

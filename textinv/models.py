@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import formats
+from . import families, formats
 from .errors import TextinvError
 
 MINI_NAME = "mini"
@@ -149,14 +149,18 @@ def name_of(model: str | os.PathLike | None) -> str:
 
 
 def _register_families() -> None:
-    """The built-in model's text-encoder width gets its name (its settings say which)."""
+    """The built-in model gets a family of its own, named as its settings say: a row of
+    textinv.families shaped like the family whose text encoders it has, with its widths."""
+    family = defaults(MINI_NAME).family
+    shapes = [f for f in families.FAMILIES if all((MINI_PATH / s.text_encoder).is_dir() for s in f.slots)]
+    if not family or not shapes:
+        return
+    base = max(shapes, key=lambda f: len(f.slots))
     try:
-        width = json.loads((MINI_PATH / "text_encoder" / "config.json").read_text())["hidden_size"]
+        widths = [json.loads((MINI_PATH / s.text_encoder / "config.json").read_text())["hidden_size"] for s in base.slots]
     except (OSError, ValueError, KeyError):
         return
-    family = defaults(MINI_NAME).family
-    if family:
-        formats.register_family(int(width), family)
+    families.register(families.like(base, family, *widths))
 
 
 def resolve_model(model: str | os.PathLike | None) -> str:
@@ -168,20 +172,26 @@ def resolve_model(model: str | os.PathLike | None) -> str:
     return str(model)
 
 
-def _pipeline_classes():
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+def _pipeline_class(name: str = "DiffusionPipeline"):
+    """diffusers' class of that name (a family row names the one its single-file checkpoints load as)."""
+    import diffusers
 
-    return DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    return getattr(diffusers, name)
 
 
-def _single_file_is_sdxl(path: Path) -> bool:
-    """SDXL checkpoints carry a second text encoder under ``conditioner.embedders.1``."""
+def _single_file_family(path: Path) -> families.Family:
+    """The family whose checkpoint key a single-file checkpoint holds (SDXL's: a second text
+    encoder under ``conditioner.embedders.1``); else SD 1.x, and diffusers' own detection decides
+    (a .ckpt is never opened here)."""
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            return any(k.startswith("conditioner.embedders.1") for k in f.keys())
-    return False  # .ckpt: diffusers' own detection decides below
+            keys = list(f.keys())
+        for family in families.FAMILIES:
+            if family.checkpoint_key and any(k.startswith(family.checkpoint_key) for k in keys):
+                return family
+    return families.SD1
 
 
 def _quiet_loading() -> None:
@@ -311,7 +321,6 @@ def load_pipeline(model: str | os.PathLike | None = None, *, dtype: str | torch.
     configs describe the checkpoint's architecture.  Without it diffusers fetches a default config
     from the hub, which an offline machine cannot do.
     """
-    DiffusionPipeline, SDPipeline, SDXLPipeline = _pipeline_classes()
     _quiet_loading()
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     where = resolve_model(model)
@@ -321,50 +330,67 @@ def load_pipeline(model: str | os.PathLike | None = None, *, dtype: str | torch.
         raise TextinvError(f"--config {formats.printable(config)}: only for a single-file checkpoint; {shown} is a "
                            "diffusers folder or hub id, which carries its own configs")
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise TextinvError(_not_a_pipeline_folder(path, shown))
-        try:
-            with _hushed():
-                pipe = DiffusionPipeline.from_pretrained(where, dtype=torch_dtype, safety_checker=None)
-        except Exception as e:  # a damaged folder: missing weights, bad JSON, a component diffusers lacks
-            raise TextinvError(f"{shown}: cannot load this diffusers folder ({_first_line(e)})") from None
+        pipe = _load_folder(where, shown, torch_dtype)
     elif path.is_file():
-        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-            raise TextinvError(f"{shown}: not a model checkpoint (expected {', '.join(sorted(SINGLE_FILE_SUFFIXES))})")
-        cls = SDXLPipeline if _single_file_is_sdxl(path) else SDPipeline
-        extra = {"config": str(config)} if config else {}
-        try:
-            with _hushed():
-                pipe = cls.from_single_file(where, dtype=torch_dtype, **extra)
-        except Exception as e:  # diffusers raises many kinds here (OSError, SingleFileComponentError, …)
-            hint = "" if config else "; pass --config with a diffusers folder (or hub id) of the same architecture"
-            raise TextinvError(f"{shown}: cannot load this single-file checkpoint ({_first_line(e)}){hint}") from None
+        pipe = _load_single_file(where, shown, torch_dtype, config)
     elif path.exists():
         raise TextinvError(f"{shown}: not a file or folder (a pipe, device or socket?)")
     elif not _is_hub_id(where):
         raise TextinvError(f"{shown}: no such file or folder")
     else:
-        offline = _is_offline()
-        cached = _hub_cache_state(where)
-        if offline and cached is None:
-            raise TextinvError(f"{shown}: no such local folder or file, and not a model in the local Hugging Face "
-                               f"cache (offline); {_WHAT_TO_PASS}")
-        if offline and cached == "other":
-            raise TextinvError(f"{shown}: in the local Hugging Face cache, but not as a diffusers model (no "
-                               f"model_index.json cached; offline); {_WHAT_TO_PASS}")
-        try:
-            with _hushed():
-                pipe = DiffusionPipeline.from_pretrained(where, dtype=torch_dtype)
-        except Exception as e:
-            if offline:
-                raise TextinvError(f"{shown}: cannot load this model from the local Hugging Face cache (offline; "
-                                   f"{_first_line(e)})") from None
-            raise TextinvError(_hub_failure(shown, e)) from None
-    if getattr(pipe, "text_encoder", None) is None:
-        raise TextinvError(f"{shown}: {type(pipe).__name__} has no CLIP text encoder; textinv needs a Stable Diffusion 1.x/2.x/SDXL pipeline")
+        pipe = _load_hub(where, shown, torch_dtype)
+    try:
+        families.of_pipeline(pipe)
+    except TextinvError:
+        raise TextinvError(f"{shown}: {type(pipe).__name__} has no CLIP text encoder; textinv needs a Stable "
+                           "Diffusion 1.x/2.x/SDXL pipeline") from None
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _load_folder(where: str, shown: str, torch_dtype):
+    path = Path(where)
+    if not (path / "model_index.json").is_file():
+        raise TextinvError(_not_a_pipeline_folder(path, shown))
+    try:
+        with _hushed():
+            return _pipeline_class().from_pretrained(where, dtype=torch_dtype, safety_checker=None)
+    except Exception as e:  # a damaged folder: missing weights, bad JSON, a component diffusers lacks
+        raise TextinvError(f"{shown}: cannot load this diffusers folder ({_first_line(e)})") from None
+
+
+def _load_single_file(where: str, shown: str, torch_dtype, config):
+    path = Path(where)
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise TextinvError(f"{shown}: not a model checkpoint (expected {', '.join(sorted(SINGLE_FILE_SUFFIXES))})")
+    cls = _pipeline_class(_single_file_family(path).pipeline_class)
+    extra = {"config": str(config)} if config else {}
+    try:
+        with _hushed():
+            return cls.from_single_file(where, dtype=torch_dtype, **extra)
+    except Exception as e:  # diffusers raises many kinds here (OSError, SingleFileComponentError, …)
+        hint = "" if config else "; pass --config with a diffusers folder (or hub id) of the same architecture"
+        raise TextinvError(f"{shown}: cannot load this single-file checkpoint ({_first_line(e)}){hint}") from None
+
+
+def _load_hub(where: str, shown: str, torch_dtype):
+    offline = _is_offline()
+    cached = _hub_cache_state(where)
+    if offline and cached is None:
+        raise TextinvError(f"{shown}: no such local folder or file, and not a model in the local Hugging Face "
+                           f"cache (offline); {_WHAT_TO_PASS}")
+    if offline and cached == "other":
+        raise TextinvError(f"{shown}: in the local Hugging Face cache, but not as a diffusers model (no "
+                           f"model_index.json cached; offline); {_WHAT_TO_PASS}")
+    try:
+        with _hushed():
+            return _pipeline_class().from_pretrained(where, dtype=torch_dtype)
+    except Exception as e:
+        if offline:
+            raise TextinvError(f"{shown}: cannot load this model from the local Hugging Face cache (offline; "
+                               f"{_first_line(e)})") from None
+        raise TextinvError(_hub_failure(shown, e)) from None
 
 
 _register_families()

@@ -44,6 +44,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from . import families, prompts, tokens
 from .errors import ModelMismatchError, TextinvError
 from .formats import SD_LAYERS, Embedding
 
@@ -62,15 +63,20 @@ def unet_layers(unet) -> list[str]:
     return sorted(found, key=lambda name: _STAGES.get(name.split(".")[0], len(_STAGES)))
 
 
-def check(state, emb: Embedding) -> None:
-    """ModelMismatchError unless the per-layer ``emb`` fits the pipeline ``state`` belongs to."""
-    t = emb.vectors.get("clip")
-    if set(emb.vectors) == {"clip"} and (t.ndim != 3 or t.shape[0] != len(emb.layers)):
-        raise TextinvError(f"per-layer embedding {emb.name!r}: vectors are {tuple(t.shape)}, not "
-                           f"[{len(emb.layers)} layers, vectors, width]")
-    if len(state.encoders) != 1:
-        raise ModelMismatchError(f"embedding {emb.name!r} is a per-layer (P+) embedding; those are SD 1.x/2.x only, "
-                                 f"this model is {state.family} (textinv convert --to-single makes a plain one)")
+def check(state: tokens.TriggerState, emb: Embedding) -> None:
+    """ModelMismatchError unless the per-layer ``emb`` fits the pipeline ``state`` belongs to (a
+    plain embedding is not this check's business)."""
+    if emb.layers is None:
+        return
+    if len(emb.vectors) == 1:
+        (t,) = emb.vectors.values()
+        if t.ndim != 3 or t.shape[0] != len(emb.layers):
+            raise TextinvError(f"per-layer embedding {emb.name!r}: vectors are {tuple(t.shape)}, not "
+                               f"[{len(emb.layers)} layers, vectors, width]")
+    if not state.spec.per_layer:
+        raise ModelMismatchError(f"embedding {emb.name!r} is a per-layer (P+) embedding; those are "
+                                 f"{families.layouts(per_layer=True)} only, this model is {state.family} "
+                                 "(textinv convert --to-single makes a plain one)")
     if state.unet is None:
         raise ModelMismatchError(f"embedding {emb.name!r} is a per-layer (P+) embedding: it needs a pipeline with a UNet")
     want = unet_layers(state.unet)
@@ -82,13 +88,11 @@ def check(state, emb: Embedding) -> None:
 
 def conditioning(pipe) -> "Conditioning | None":
     """The pipeline's per-layer conditioning while per-layer embeddings are applied, else None."""
-    from . import tokens
-
     st = tokens.state(pipe, create=False)
     return st.layered if st is not None else None
 
 
-def sync(state) -> None:
+def sync(state: tokens.TriggerState) -> None:
     """Install, refresh or remove the per-layer machinery to match what ``state`` has applied
     (called by :class:`textinv.tokens.TriggerState` after every change)."""
     per_layer = [a for a in state.applied.values() if a.layer_tokens]
@@ -109,8 +113,6 @@ def sync(state) -> None:
 def rows(pipe, name: str) -> torch.Tensor:
     """``[layers, n]``: the rows of the text encoder's ``TriggerEmbedding.extra`` holding each layer's
     vectors of the applied per-layer embedding ``name`` (a trainer reads its results there)."""
-    from . import tokens
-
     st = tokens.state(pipe, create=False)
     a = st.applied.get(name.lower()) if st is not None else None
     if a is None or not a.layer_tokens:
@@ -124,12 +126,11 @@ def encoder_states(pipe, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
     """``[layers, B, S, D]``: the hidden states of expanded prompts' token ids ``ids`` ``[B, S]`` as
     each cross-attention layer sees them, differentiable in the trigger rows (for training).  All
     layers in one batched text-encoder pass."""
-    from .prompts import run_encoder
-
     cond = _required(pipe)
+    spec = tokens.state(pipe).spec
     with cond.silenced():
         batch = torch.cat([cond.swap(ids, i) for i in range(len(cond.layers))])
-        hidden, _ = run_encoder(cond.text_encoder, batch, False, clip_skip)
+        hidden, _ = prompts.run_encoder(cond.text_encoder, batch, spec, spec.keys[0], clip_skip)
     return hidden.view(len(cond.layers), *ids.shape, hidden.shape[-1])
 
 
@@ -160,14 +161,15 @@ def trainable(emb: Embedding, pipe, fmt: str) -> Embedding:
     layer starting from the same vectors (P+ starts each layer from the init word, as plain TI
     starts its one set).  Checked before the first step: SD 1.x/2.x only, and ``fmt`` "xti" only
     where the UNet has kohya's 16-layer map."""
-    if set(emb.vectors) != {"clip"}:
-        raise TextinvError(f"--per-layer: P+ (per-layer) training is for SD 1.x/2.x models; this one is {emb.family}")
+    if not any(f.per_layer for f in families.by_keys(emb.vectors)):
+        raise TextinvError(f"--per-layer: P+ (per-layer) training is for {families.layouts(per_layer=True)} models; "
+                           f"this one is {emb.family}")
     layers = unet_layers(pipe.unet)
     if fmt == "xti" and layers != list(SD_LAYERS):
         raise TextinvError(f"--format xti: kohya's XTI files hold the SD 1.x/2.x UNet's 16 cross-attention layers; "
                            f"this model's UNet has {len(layers)}: use --format per-layer")
-    t = emb.vectors["clip"]
-    return dataclasses.replace(emb, vectors={"clip": t.expand(len(layers), *t.shape).clone()}, layers=layers)
+    vectors = {slot: t.expand(len(layers), *t.shape).clone() for slot, t in emb.vectors.items()}
+    return dataclasses.replace(emb, vectors=vectors, layers=layers)
 
 
 class LayeredUNet:
@@ -189,24 +191,21 @@ class LayeredUNet:
             return self.unet(sample, timestep, encoder_hidden_states[0], **kwargs)
 
 
-def encode_chunk(pipe, ids: torch.Tensor, run):
-    """``(run(ids), layered)``: ``run`` (ids -> (hidden, pooled)) as is, and ``[layers, B, S, D]``
-    of its hidden states per layer, or None when ``ids`` call no per-layer trigger.  The text
-    encoder's hook stays out of it (the caller remembers what it makes of the states)."""
+def encode_chunk(pipe, ids: torch.Tensor, run, weighed):
+    """textinv.prompts' chunk hook: ``run(ids)`` (-> (hidden, pooled)) weighed, and, when ``ids``
+    call a per-layer trigger, its hidden states per layer, weighed alike and remembered as what
+    each layer sees where the chunk's states appear.  None while no per-layer embedding is
+    applied.  The text encoder's own hook stays out of it."""
     cond = conditioning(pipe)
     if cond is None:
-        return run(ids), None
+        return None
     with cond.silenced():
-        out = run(ids)
+        hidden, pooled = run(ids)
         layered = cond.encode(ids, lambda x: run(x)[0]) if bool(cond.hits(ids).any()) else None
-    return out, layered
-
-
-def remember(pipe, ids: torch.Tensor, hidden: torch.Tensor, layered: torch.Tensor) -> None:
-    """Remember ``layered`` (``[layers, B, S, D]``) as what each layer sees where ``hidden`` appears."""
-    cond = conditioning(pipe)
-    if cond is not None:
-        cond.remember(ids, hidden, layered)
+    hidden = weighed(hidden)
+    if layered is not None:
+        cond.remember(ids, hidden, torch.stack([weighed(x) for x in layered]))
+    return hidden, pooled
 
 
 def _required(pipe) -> "Conditioning":
@@ -402,3 +401,9 @@ class LayerProcessor:
         elif isinstance(encoder_hidden_states, tuple) and encoder_hidden_states:  # IP-Adapter: (text, image)
             encoder_hidden_states = (states(encoder_hidden_states[0], self.index), *encoder_hidden_states[1:])
         return self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+
+# P+ plugs into trigger words and prompt encoding here; importing textinv (or any of its modules:
+# the package imports this one) registers it.
+tokens.HOOKS["per-layer"] = tokens.Hook(check=check, sync=sync)
+prompts.CHUNK_HOOKS["per-layer"] = encode_chunk

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from . import tokens
+from . import families, tokens
 from .errors import TextinvError
 
 CHUNK = tokens.CHUNK
@@ -187,31 +188,35 @@ def chunks(parsed: Parsed, tokenizer) -> list[tuple[list[int], list[float]]]:
 @dataclass
 class Encoded:
     embeds: torch.Tensor  # [1, 77 * chunks, D]
-    pooled: torch.Tensor | None  # [1, P] for SDXL
+    pooled: torch.Tensor | None  # [1, P] for a family with a pooled embedding (SDXL)
 
 
 def check_clip_skip(pipe, clip_skip: int) -> int:
     """``clip_skip`` if this model can use it, else a one-line TextinvError naming the limit."""
+    family = families.of_pipeline(pipe)
     pairs = tokens.encoder_pairs(pipe)
-    if len(pairs) == 2 and clip_skip != 1:
-        raise TextinvError(f"--clip-skip {clip_skip}: SDXL already takes its encoders' penultimate layer; "
-                           "A1111 ignores Clip skip for SDXL at its default settings (use 1)")
+    if not family.clip_skip and clip_skip != 1:
+        raise TextinvError(f"--clip-skip {clip_skip}: {family.name} already takes its encoders' {family.layer_name} "
+                           f"layer; A1111 ignores Clip skip for {family.name} at its default settings (use 1)")
     layers = int(pairs[0][1].config.num_hidden_layers)
     if not 1 <= clip_skip <= layers:
         raise TextinvError(f"--clip-skip {clip_skip}: must be between 1 and {layers} (this text encoder's layers)")
     return clip_skip
 
 
-def run_encoder(text_encoder, ids: torch.Tensor, sdxl: bool, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The hidden states a prompt gives (and SDXL's pooled embedding): the one definition.
+def run_encoder(text_encoder, ids: torch.Tensor, family: families.Family, slot: str,
+                clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The hidden states a prompt gives the encoder of ``family``'s ``slot`` (and the pooled
+    embedding, from the family's pooled slot): the one definition.
 
-    SD 1.x/2.x: the last layer, or with A1111's "Clip skip: N" the hidden state N-1 layers before
-    it, passed through the final layer norm.  SDXL: the penultimate layer, as its pipelines take
-    it, and the projected pooled output (at the end token; see tokens.pool_at_end_token).
+    The family's hidden layer as its pipelines take it: the last (SD 1.x/2.x), or with A1111's
+    "Clip skip: N" the hidden state N-1 layers before it, passed through the final layer norm; or
+    another layer as it is (SDXL: the penultimate).  The pooled embedding is the encoder's
+    projected output (at the end token; see tokens.pool_at_end_token).
     """
-    if sdxl:
+    if not family.clip_skip:
         out = text_encoder(ids, output_hidden_states=True)
-        return out.hidden_states[-2], out[0]
+        return out.hidden_states[family.hidden_layer], (out[0] if slot == family.pooled else None)
     mask = None
     if getattr(text_encoder.config, "use_attention_mask", False):
         mask = torch.ones_like(ids)
@@ -235,32 +240,43 @@ def weigh(z: torch.Tensor, weights: list[float]) -> torch.Tensor:
     return weighted * (before / after).to(z.dtype) if scale_ok else weighted
 
 
+# Chunk hooks: what conditions a model beyond its token table plugs in here (textinv.perlayer
+# does, for per-layer embeddings).  ``hook(pipe, ids, run, weigh)`` encodes one chunk's ids
+# ``[1, 77]`` itself and returns ``(weighed hidden states, pooled)``, or None to leave it to the
+# next hook or to the plain encoding; ``run(ids)`` gives (hidden, pooled), ``weigh(hidden)`` the
+# chunk's A1111 weights applied.  By name; a module registers its own when imported.
+CHUNK_HOOKS: dict[str, Callable] = {}
+
+
+def encode_chunk(pipe, ids: torch.Tensor, run, weights: list[float]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk's weighed hidden states and pooled embedding (through a hook that takes it)."""
+    def weighed(z: torch.Tensor) -> torch.Tensor:
+        return weigh(z, weights) if any(w != 1.0 for w in weights) else z
+
+    for hook in CHUNK_HOOKS.values():
+        done = hook(pipe, ids, run, weighed)
+        if done is not None:
+            return done
+    z, pool = run(ids)
+    return weighed(z), pool
+
+
 @torch.no_grad()
 def encode(pipe, parsed: Parsed, clip_skip: int = 1) -> Encoded:
-    """Prompt embeddings for ``prompt_embeds=`` (and ``pooled_prompt_embeds=`` on SDXL).
+    """Prompt embeddings for ``prompt_embeds=`` (and ``pooled_prompt_embeds=`` where the family
+    has a pooled embedding: SDXL): every encoder's states side by side, in the family's order.
 
-    A chunk that calls per-layer embeddings is also encoded per layer, each layer's states weighed
-    as the chunk's are, and handed to :mod:`textinv.perlayer`, whose attention processors give
-    each cross-attention layer its version where these embeddings reach the UNet."""
-    from . import perlayer
-
-    pairs = tokens.encoder_pairs(pipe)
-    sdxl = len(pairs) == 2
+    The chunk hooks see every chunk (:data:`CHUNK_HOOKS`: textinv.perlayer also encodes a chunk
+    that calls per-layer embeddings per layer, weighed as the chunk is)."""
+    family = families.of_pipeline(pipe)
     per_encoder, pooled = [], None
-    for k, (tok, te) in enumerate(pairs):
-        device = te.device
+    for slot, (tok, te) in tokens.slot_pairs(pipe, family):
         states = []
         for j, (ids, weights) in enumerate(chunks(parsed, tok)):
-            ids = torch.tensor([ids], device=device)
-            (z, pool), layered = perlayer.encode_chunk(pipe, ids, lambda x: run_encoder(te, x, sdxl, clip_skip))
-            if any(w != 1.0 for w in weights):
-                z = weigh(z, weights)
-                if layered is not None:
-                    layered = torch.stack([weigh(x, weights) for x in layered])
-            if layered is not None:
-                perlayer.remember(pipe, ids, z, layered)
+            ids = torch.tensor([ids], device=te.device)
+            z, pool = encode_chunk(pipe, ids, lambda x: run_encoder(te, x, family, slot.key, clip_skip), weights)
             states.append(z)
-            if k == len(pairs) - 1 and j == 0 and sdxl:
+            if j == 0 and slot.key == family.pooled:
                 pooled = pool
         per_encoder.append(torch.cat(states, dim=1))
     n = min(s.shape[1] for s in per_encoder)  # equal unless a tokenizer split text differently

@@ -28,16 +28,18 @@ import functools
 import os
 import pickle
 import re
+import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
+from . import families, sources
 from .errors import ModelMismatchError, TextinvError
-from .formats import SDXL_KEYS, SDXL_WIDTHS, SINGLE_KEY, Embedding, family_of_width
+from .formats import Embedding
 
 CHUNK = 75  # tokens per CLIP chunk between the start and end tokens (A1111)
 # A1111 (bare name), InvokeAI (<name>), ComfyUI (embedding:name, the file extension optional).
@@ -99,7 +101,7 @@ class Applied:
 
 @dataclass
 class _Encoder:
-    slot: str  # "clip", "clip_l" or "clip_g": which of an Embedding's tensors this encoder takes
+    slot: str  # its family's slot key ("clip", "clip_l", ...): which of an Embedding's tensors this encoder takes
     tokenizer: object
     text_encoder: nn.Module
     base: nn.Module  # the original embedding module, put back by remove()
@@ -111,11 +113,25 @@ class _Encoder:
         return int(self.base.embedding_dim)
 
 
+@dataclass(frozen=True)
+class Hook:
+    """What conditions a model beyond its token table plugs in here (textinv.perlayer does, for
+    per-layer embeddings): ``check(state, emb)`` raises for an embedding it cannot take on these
+    encoders; ``sync(state)`` follows every change of what is applied."""
+
+    check: Callable[["TriggerState", Embedding], None]
+    sync: Callable[["TriggerState"], None]
+
+
+HOOKS: dict[str, Hook] = {}  # by name; a module registers its own when imported
+
+
 @dataclass
 class TriggerState:
     """Everything applied to one set of text encoders; kept on the pipeline as ``_textinv``."""
 
     encoders: list[_Encoder]
+    spec: families.Family  # the family these encoders are, as textinv.families declares it
     applied: dict[str, Applied] = field(default_factory=dict)  # key: name, lower-cased
     _matcher: dict | None = None
     unet: object = field(default=None, repr=False)  # the pipeline's UNet: per-layer embeddings condition its cross-attention layers
@@ -124,15 +140,13 @@ class TriggerState:
     # -- model description -------------------------------------------------------------
     @property
     def family(self) -> str:
-        return model_family([e.width for e in self.encoders])
+        return families.model_name(self.spec, [e.width for e in self.encoders])
 
     def check(self, emb: Embedding) -> None:
-        """Raise ModelMismatchError unless ``emb`` fits these encoders (width and count) and, for a
-        per-layer embedding, the UNet's cross-attention layers."""
-        if emb.layers is not None:
-            from . import perlayer
-
-            perlayer.check(self, emb)
+        """Raise ModelMismatchError unless ``emb`` fits these encoders (width and count) and what
+        the hooks check (per-layer embeddings: the UNet's cross-attention layers)."""
+        for hook in HOOKS.values():
+            hook.check(self, emb)
         slots = [e.slot for e in self.encoders]
         fits = set(emb.vectors) == set(slots) and all(emb.widths[e.slot] == e.width for e in self.encoders)
         if not fits:
@@ -200,10 +214,8 @@ class TriggerState:
         self._sync_layers()
 
     def _sync_layers(self) -> None:
-        if self.layered is not None or any(a.layer_tokens for a in self.applied.values()):
-            from . import perlayer
-
-            perlayer.sync(self)
+        for hook in HOOKS.values():
+            hook.sync(self)
 
     @staticmethod
     def _install(enc: _Encoder, applied: list[Applied], extra: torch.Tensor) -> None:
@@ -424,47 +436,33 @@ def _check_finite(emb: Embedding) -> None:
             raise TextinvError(f"embedding {emb.name!r} has NaN/inf values in {slot}")
 
 
-def model_family(widths: Sequence[int]) -> str:
-    widths = list(widths)
-    if widths == [SDXL_WIDTHS[k] for k in SDXL_KEYS]:
-        return "SDXL"
-    if len(widths) == 1:
-        return family_of_width(widths[0])
-    return "+".join(map(str, widths)) + "-wide model"
-
-
 def describe_widths(emb: Embedding) -> str:
-    """'768-wide: made for SD 1.x', or for SDXL files 'clip_l 768 + clip_g 1280: made for SDXL'."""
-    if emb.is_sdxl:
-        return f"clip_l {emb.widths['clip_l']} + clip_g {emb.widths['clip_g']}-wide: made for SDXL"
-    width = emb.widths[SINGLE_KEY]
-    return f"{width}-wide: made for {family_of_width(width)}"
+    """'768-wide: made for SD 1.x', or for SDXL files 'clip_l 768 + clip_g 1280-wide: made for SDXL'."""
+    return families.describe(emb.vectors)
 
 
 # ---------------------------------------------------------------------------------------
-# Pipelines (or any object with tokenizer/text_encoder[_2] attributes)
+# Pipelines (or any object with the tokenizer and text-encoder attributes of a family's slots)
 # ---------------------------------------------------------------------------------------
 def encoder_pairs(pipe) -> list[tuple[object, nn.Module]]:
-    pairs = []
-    if getattr(pipe, "text_encoder", None) is not None:
-        pairs.append((pipe.tokenizer, pipe.text_encoder))
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
-    if not pairs:
-        raise TextinvError(f"{type(pipe).__name__} has no CLIP text encoder to apply embeddings to")
-    return pairs
+    """(tokenizer, text encoder) of each of the pipeline's family's slots, in encoder order."""
+    return [pair for _, pair in slot_pairs(pipe)]
+
+
+def slot_pairs(pipe, family: families.Family | None = None) -> list[tuple[families.Slot, tuple[object, nn.Module]]]:
+    """Each slot of the pipeline's family (found when not given) with its (tokenizer, text encoder)."""
+    family = family or families.of_pipeline(pipe)
+    return [(s, (getattr(pipe, s.tokenizer), getattr(pipe, s.text_encoder))) for s in family.slots]
 
 
 def state(pipe, create: bool = True) -> TriggerState | None:
     """The pipeline's trigger state (created on first use)."""
     st = getattr(pipe, "_textinv", None)
     if st is None and create:
-        pairs = encoder_pairs(pipe)
-        slots = [SINGLE_KEY] if len(pairs) == 1 else list(SDXL_KEYS)
-        encoders = [
-            _Encoder(slot, tok, te, te.get_input_embeddings(), _TokenizerStates.of(tok)) for slot, (tok, te) in zip(slots, pairs)
-        ]
-        st = TriggerState(encoders, unet=getattr(pipe, "unet", None))
+        spec = families.of_pipeline(pipe)
+        encoders = [_Encoder(s.key, tok, te, te.get_input_embeddings(), _TokenizerStates.of(tok))
+                    for s, (tok, te) in slot_pairs(pipe, spec)]
+        st = TriggerState(encoders, spec, unet=getattr(pipe, "unet", None))
         object.__setattr__(pipe, "_textinv", st)
     return st
 
@@ -497,8 +495,6 @@ def apply(pipe, embeddings, *, on_mismatch: str = "error", names: Sequence[str] 
                 st.check(emb)
                 keep.append(emb)
             except ModelMismatchError as e:
-                import warnings
-
                 warnings.warn(f"skipped: {e}", stacklevel=2)
         embs = keep
     aliases = [[emb.meta.get("token", "")] if emb.source_format == "diffusers" else [] for emb in embs]
@@ -547,8 +543,7 @@ def chunk_ids(pipe, prompt: str, encoder: int = 0) -> list[list[int]]:
 
 
 def _as_embeddings(embeddings) -> list[Embedding]:
-    from . import sources  # files, folders, runs (RUN@STEP), hub ids and URLs alike
-
+    """Embedding objects as they are; sources.load reads files, folders, runs (RUN@STEP), hub ids and URLs alike."""
     if isinstance(embeddings, (Embedding, str, os.PathLike)):
         embeddings = [embeddings]
     out = []
@@ -560,9 +555,8 @@ def _as_embeddings(embeddings) -> list[Embedding]:
 def nearest_words(emb: Embedding, pipe, k: int = 5) -> dict[str, list[list[tuple[str, float]]]]:
     """Per encoder slot and vector, the ``k`` vocabulary tokens with the highest cosine similarity."""
     out = {}
-    pairs = encoder_pairs(pipe)
-    slots = [SINGLE_KEY] if len(pairs) == 1 else list(SDXL_KEYS)
-    for slot, (tok, te) in zip(slots, pairs):
+    for s, (tok, te) in slot_pairs(pipe):
+        slot = s.key
         if slot not in emb.vectors:
             continue
         table = te.get_input_embeddings()
@@ -572,7 +566,7 @@ def nearest_words(emb: Embedding, pipe, k: int = 5) -> dict[str, list[list[tuple
             vecs = vecs.mean(dim=0)  # a per-layer embedding: its layers' average
         if vecs.shape[-1] != table.shape[-1]:
             raise ModelMismatchError(
-                f"embedding {emb.name!r} is {describe_widths(emb)}; this model is {model_family([table.shape[-1]])}"
+                f"embedding {emb.name!r} is {describe_widths(emb)}; this model is {families.of_width(table.shape[-1])}"
             )
         sims = nn.functional.normalize(vecs, dim=-1) @ nn.functional.normalize(table.detach().float(), dim=-1).T
         top = sims.topk(k, dim=-1)

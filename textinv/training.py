@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data, formats, generation, perlayer, prompts, stopping, tokens
+from . import data, families, formats, generation, perlayer, prompts, stopping, tokens
 from .atomic import atomic_path, write_text
 from .errors import TextinvError
 from .formats import Embedding
@@ -227,8 +227,8 @@ class PromptTable:
         prompts = [tokens.expand(pipe, p) for p in filled]
         self.pipe, self.templates, self.token, self.vary = pipe, templates, token, vary
         self.shape = (len(templates), len(self.captions))
-        self.encoders = [te for _, te in tokens.encoder_pairs(pipe)]
-        self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        self.family = families.of_pipeline(pipe)
+        self.encoders = [(slot.key, te) for slot, (_, te) in tokens.slot_pairs(pipe)]
         self.clip_skip, self.per_layer = clip_skip, per_layer
         self.ids = [self._tokenize(tok, prompts).view(*self.shape, -1) for tok, _ in tokens.encoder_pairs(pipe)]
 
@@ -257,13 +257,13 @@ class PromptTable:
         """The empty prompt's hidden states (and pooled embedding), as the pipelines' guidance uses."""
         hidden, pooled = self._run([tok([""], padding="max_length", max_length=tok.model_max_length,
                                         return_tensors="pt").input_ids.to(device) for tok, _ in tokens.encoder_pairs(pipe)])
-        if self.sdxl and getattr(pipe.config, "force_zeros_for_empty_prompt", False):  # SDXL's default: zeros, not the encoded ""
+        if pooled is not None and getattr(pipe.config, "force_zeros_for_empty_prompt", False):  # SDXL's default: zeros, not the encoded ""
             return torch.zeros_like(hidden), torch.zeros_like(pooled)
         return hidden, pooled
 
     def _run(self, rows):
-        outs = [prompts.run_encoder(te, r, self.sdxl, self.clip_skip) for te, r in zip(self.encoders, rows)]
-        return torch.cat([hidden for hidden, _ in outs], dim=-1), outs[-1][1]
+        outs = [prompts.run_encoder(te, r, self.family, slot, self.clip_skip) for (slot, te), r in zip(self.encoders, rows)]
+        return torch.cat([hidden for hidden, _ in outs], dim=-1), next((p for _, p in outs if p is not None), None)
 
 
 def guided(unet, pred, noisy, t, uncond, scale: float, kwargs: dict) -> torch.Tensor:
@@ -320,10 +320,11 @@ def denoising_loss(unet, noise_scheduler, latents, noise, t, hidden, added_cond=
 
 def view_time_ids(pipe, views: list) -> torch.Tensor | None:
     """SDXL's micro-conditioning per view: (original size, crop top-left, target size (h, w): the
-    view's own, its bucket's); None for SD."""
-    if getattr(pipe, "text_encoder_2", None) is None:
+    view's own, its bucket's); None for a family without a pooled embedding (SD)."""
+    family = families.of_pipeline(pipe)
+    if family.pooled is None:
         return None
-    dim = pipe.text_encoder_2.config.projection_dim
+    dim = getattr(pipe, family.slot(family.pooled).text_encoder).config.projection_dim
     rows = [pipe._get_add_time_ids(v.original_size, v.crop_top_left, v.size[::-1], dtype=torch.float32,
                                    text_encoder_projection_dim=dim) for v in views]
     return torch.cat(rows)
