@@ -57,10 +57,11 @@ class Setting:
     form: str = ""  # the web form shows it: MAIN or MORE
     form_why_not: str = ""  # not on the web form, and why
     example: str = ""  # the web form's placeholder
-    hint: str = ""  # the web form's hint, where the help text says nothing
+    hint: str = ""  # the web form's hint, where the help text says nothing (default: the help text)
 
 
 def _setting(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, **spec):
+    """A TrainConfig field and its :class:`Setting` (``spec``: Setting's keywords)."""
     return dataclasses.field(default=default, default_factory=factory, metadata={"setting": Setting(**spec)})
 
 
@@ -70,6 +71,8 @@ THE_APPS = "the app's own: textinv ui --model / --config, one model per app"
 
 @dataclass
 class TrainConfig:
+    """The settings of one training run: ``train(TrainConfig(...))`` or ``train(images=..., ...)``."""
+
     images: str = _setting(label="Images", help="Folder of 3–5+ images (jpg/png/webp/bmp; IMG.txt sidecar captions).",
                            identity=True, path="path", form_why_not="the form's picture drop zone or folder box")
     token: str = _setting(label="Token", help="The new trigger word (or, with --mode replace, the existing word to re-learn).",
