@@ -145,6 +145,7 @@ OTHER_VOCABULARIES = {
     "library.py": ({"format", "vectors", "token", "steps"}, "an embedding's description"),
     "models.py": ({"guidance"}, "a model's sampling defaults file"),
     "report.py": ({"images", "model", "guidance", "seed", "init"}, "eval.json's keys"),
+    "runs.py": ({"token", "steps", "format"}, "a run's config.json as training wrote it (the run folder's own record)"),
     "sources.py": ({"model", "token", "steps", "format"}, "the hub's repo type; a run's config.json, which runs.py owns"),
     "tokens.py": ({"token"}, "diffusers' embedding metadata key"),
     "training.py": ({"lr", "mode", "clip_skip"}, "the optimizer's param-group key and log.jsonl's; the embedding's metadata"),
