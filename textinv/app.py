@@ -5,6 +5,7 @@ needs no Gradio: it is tested without a browser.  :mod:`textinv.ui` puts it in a
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import threading
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import settings
 from .bias import RECIPES as BIAS_RECIPES  # a value per subfolder, or the word re-learned from one folder
 from .errors import TextinvError
 from .formats import SAVE_FORMATS, file_stem, native_format, suffix_for
@@ -190,6 +192,41 @@ class BiasJob:
         return {k: self.out / name for k, name in names.items() if (self.out / name).is_file()}
 
 
+# ------------------------------------------------------------------------------------ the training form
+TRISTATE = {"auto": None, "on": True, "off": False}  # a setting the run may decide (buckets, captions): its radio
+
+
+def form_value(f, raw):
+    """One form widget's value as its setting's type: text stripped, an empty box the setting's
+    default, numbers from the box's text or float, a tri-state radio's word as None/True/False, a
+    list one item a line.  A value that does not convert is kept: :func:`settings.check` names it."""
+    kind, optional = settings.kind_of(f)
+    if isinstance(raw, str):
+        raw = raw.strip()
+    if raw is None or (raw == "" and kind is not list):
+        default = settings.default_of(f)
+        return "" if default is dataclasses.MISSING else default
+    if kind is bool:
+        return TRISTATE.get(raw, raw) if optional and isinstance(raw, str) else bool(raw)
+    if kind is list:
+        return [line.strip() for line in raw.splitlines() if line.strip()] if isinstance(raw, str) else list(raw)
+    if kind is str:
+        return str(raw)
+    return _number(raw, kind) if kind in (int, float) else raw
+
+
+def _number(raw, kind: type):
+    if isinstance(raw, bool):
+        return raw
+    try:
+        x = kind(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        return raw
+    if kind is int and isinstance(x, float) and x.is_integer():
+        return int(x)
+    return float(x) if kind is float and isinstance(x, int) else x
+
+
 # ------------------------------------------------------------------------------------ the app
 class App:
     """The web app's state and actions, independent of Gradio."""
@@ -264,53 +301,56 @@ class App:
                 bad.append(describe_error(e) if isinstance(e, TextinvError) else f"{p.name}: not a usable image ({describe_error(e)})")
         return good, bad
 
-    def start_training(self, images=None, folder: str | None = None, *, token: str, init: str | None = None,
-                       vectors: int = 1, mode: str = "object", steps: int = 500, lr: str = "5e-3", batch: int = 4,
-                       preview_every: int | None = None, seed: int = 0, clip_skip: int = 1) -> TrainJob:
-        from .training import MODES, TrainConfig, parse_lr
+    def form_defaults(self) -> dict:
+        """The training form's starting values: the settings' defaults, previews as this app is set up."""
+        return dict(settings.defaults(), preview_every=self.preview_every)
 
+    def start_training(self, images=None, folder: str | None = None, **given) -> TrainJob:
+        """Train in the background on dropped ``images`` or a ``folder``.  ``given``: the training
+        form's settings (:func:`textinv.settings.form_fields`, as its widgets give them: an empty
+        box means the default), ``token`` at least; bad values are refused by the CLI's own check."""
         with self._job_lock:
             self._check_no_job()
-            token = (token or "").strip()
-            if not token:
-                raise TextinvError("Token: give the new trigger word, e.g. <my-cat>")
-            if mode not in MODES:
-                raise TextinvError(f"Mode {mode!r}: choose one of {', '.join(MODES)}")
-            steps, vectors, batch, seed = int(steps or 0), int(vectors or 0), int(batch or 0), int(seed or 0)
-            clip_skip = int(clip_skip or 1)
-            if clip_skip < 1:  # the model's own limit (its layers) is checked when training loads it
-                raise TextinvError("Clip skip: at least 1")
-            if steps < 1 or vectors < 1 or batch < 1:
-                raise TextinvError("Steps, vectors and batch must be at least 1")
-            parse_lr(lr)
-            preview_every = self.preview_every if preview_every is None else int(preview_every)
-            run = self.runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{file_stem(token)}"
-            if folder and str(folder).strip():
-                source = Path(str(folder).strip()).expanduser()
-                if not source.is_dir():
-                    raise TextinvError(f"Folder {source}: not a folder on this machine")
-                if images:
-                    raise TextinvError("give either dropped images or a folder, not both")
-                image_dir = source
-                notes = []
-            else:
-                good, notes = self.check_images(images)
-                if not good:
-                    detail = ("; ".join(notes)) if notes else "drop 3–5 or more pictures of the concept, or give a folder"
-                    raise TextinvError(f"no usable training images: {detail}")
-                image_dir = run / "images"
-                image_dir.mkdir(parents=True)
-                for i, p in enumerate(good):
-                    shutil.copyfile(p, image_dir / f"{i:03d}-{file_stem(p.stem)}{p.suffix.lower()}")
-            cfg = TrainConfig(images=str(image_dir), token=token, model=self.model, model_config=self.model_config,
-                              init=(init or "").strip() or None, vectors=vectors, mode=mode, steps=steps, lr=str(lr),
-                              batch=batch, seed=seed, clip_skip=clip_skip, preview_every=max(0, preview_every), out=str(run),
-                              progress=False)
-            job = TrainJob(token, run, steps, warnings=list(notes))
-            job.thread = threading.Thread(target=self._train, args=(job, cfg), name=f"textinv-train-{token}", daemon=True)
+            cfg = self._form_config(given)
+            settings.check(cfg)
+            run = self.runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{file_stem(cfg.token)}"
+            image_dir, notes = self._training_images(images, folder, run)
+            cfg = dataclasses.replace(cfg, images=str(image_dir), out=str(run))
+            job = TrainJob(cfg.token, run, cfg.steps, warnings=list(notes))
+            job.thread = threading.Thread(target=self._train, args=(job, cfg), name=f"textinv-train-{cfg.token}", daemon=True)
             self.job = job
             job.thread.start()
             return job
+
+    def _form_config(self, given: dict) -> settings.TrainConfig:
+        """The run's settings: the form's values over its defaults, on this app's model."""
+        shown = {f.name: f for f in settings.form_fields()}
+        unknown = sorted(set(given) - set(shown))
+        if unknown:
+            raise TypeError(f"start_training: {unknown[0]!r} is not a setting of the training form")
+        values = dict(self.form_defaults(), **{name: form_value(shown[name], v) for name, v in given.items()})
+        return settings.TrainConfig(**{k: v for k, v in values.items() if k in shown}, images="", model=self.model,
+                                    model_config=self.model_config, progress=False)
+
+    def _training_images(self, images, folder: str | None, run: Path) -> tuple[Path, list[str]]:
+        """The run's image folder: the given folder, or the dropped images (the usable ones) copied
+        into ``run/images``; and a message per dropped file that is not usable."""
+        if folder and str(folder).strip():
+            source = Path(str(folder).strip()).expanduser()
+            if not source.is_dir():
+                raise TextinvError(f"Folder {source}: not a folder on this machine")
+            if images:
+                raise TextinvError("give either dropped images or a folder, not both")
+            return source, []
+        good, notes = self.check_images(images)
+        if not good:
+            detail = ("; ".join(notes)) if notes else "drop 3–5 or more pictures of the concept, or give a folder"
+            raise TextinvError(f"no usable training images: {detail}")
+        image_dir = run / "images"
+        image_dir.mkdir(parents=True)
+        for i, p in enumerate(good):
+            shutil.copyfile(p, image_dir / f"{i:03d}-{file_stem(p.stem)}{p.suffix.lower()}")
+        return image_dir, notes
 
     def _train(self, job: TrainJob, cfg) -> None:
         from .training import train

@@ -47,9 +47,19 @@ from .evaluate import kl_to_uniform  # noqa: F401  (KL to uniform: one home, eva
 HELD_OUT_PROMPTS = ["a portrait of a {}", "an illustration of a {} at work", "a candid picture of a {} outdoors",
                     "a close-up photo of a {} smiling"]
 TRAINING_PROMPTS_SHOWN = 3  # how many of the training templates are measured (they are near-paraphrases)
-RECIPES = {  # training settings of each recipe (measured on the mini world: docs/evaluation.md)
-    "per-value": {"timesteps": "all", "guidance": 1.0},
-    "replace": {"timesteps": "300:1000", "guidance": 1.5},  # colour is settled at high noise
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The training settings a recipe was measured with (on the mini world: docs/evaluation.md)."""
+
+    timesteps: str
+    guidance: float
+
+
+RECIPES = {
+    "per-value": Recipe(timesteps="all", guidance=1.0),
+    "replace": Recipe(timesteps="300:1000", guidance=1.5),  # colour is settled at high noise
 }
 
 
@@ -186,7 +196,7 @@ def _fmt(x) -> str:
 # Early stopping was chosen on learning new concepts (docs/early-stop.md), not on shifting a word's
 # distribution, and the debiasing recipes were measured at a fixed number of steps: a bias run
 # trains all of its --steps unless the caller's extra settings say otherwise.
-UNSTOPPED = {"early_stop": False}
+UNSTOPPED = dict(early_stop=False)  # TrainConfig keywords
 
 
 @dataclass
@@ -215,9 +225,11 @@ class BiasRun:
     out: str = "bias"
     extra: dict = field(default_factory=dict)  # any other TrainConfig setting
 
-    def setting(self, key: str):
-        value = getattr(self, key)
-        return RECIPES[self.recipe][key] if value is None else value
+    def recipe_settings(self) -> dict:
+        """The recipe's training settings as this run gives them (TrainConfig keywords)."""
+        recipe = RECIPES[self.recipe]
+        return dict(timesteps=recipe.timesteps if self.timesteps is None else self.timesteps,
+                    guidance=recipe.guidance if self.guidance is None else self.guidance)
 
 
 def prompt_groups(run: BiasRun, pipe, trained_templates: list[str] | None) -> dict[str, list[str]]:
@@ -311,9 +323,9 @@ def learn_per_value(run: BiasRun, pipe, out: Path, echo=None, before: dict | Non
             echo(f"{token}: starting from {init!r}")
         cfg = TrainConfig(images=str(images), token=token, init=init, model=run.model, model_config=run.model_config,
                           templates=str(templates), captions=captions, steps=run.steps, lr=run.lr,
-                          timesteps=run.setting("timesteps"), guidance=run.setting("guidance"), vectors=run.vectors,
-                          flip=False, seed=run.seed, out=str(where), resume=(where / "state.pt").exists(),
-                          progress=echo is not None, **{**UNSTOPPED, **run.extra})
+                          vectors=run.vectors, flip=False, seed=run.seed, out=str(where),
+                          resume=(where / "state.pt").exists(), progress=echo is not None,
+                          **{**run.recipe_settings(), **UNSTOPPED, **run.extra})
         result = train(cfg, pipe=pipe, echo=echo)
         tokens.remove(pipe, token)
         seconds += result.seconds
@@ -416,10 +428,9 @@ def run_bias(run: BiasRun, pipe=None, echo=None) -> dict:
         elif run.images:
             say(f"re-learning {run.word!r} from {run.images} (replace mode, {run.steps} steps)")
             cfg = TrainConfig(images=run.images, token=run.word, mode="replace", model=run.model, model_config=run.model_config,
-                              templates=run.templates, steps=run.steps, lr=run.lr, timesteps=run.setting("timesteps"),
-                              guidance=run.setting("guidance"), vectors=run.vectors, flip=False, seed=run.seed,
+                              templates=run.templates, steps=run.steps, lr=run.lr, vectors=run.vectors, flip=False, seed=run.seed,
                               out=str(out / "run"), resume=(out / "run" / "state.pt").exists(), progress=echo is not None,
-                              **{**UNSTOPPED, **run.extra})
+                              **{**run.recipe_settings(), **UNSTOPPED, **run.extra})
             result = train(cfg, pipe=pipe, echo=echo)
             tokens.remove(pipe, run.word)
             seconds, source = result.seconds, str(result.embedding_path)

@@ -5,6 +5,7 @@ exit with status 2; there is never a traceback for bad input.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -13,14 +14,14 @@ from pathlib import Path
 
 import click
 
+from . import settings
 from .errors import TextinvError
 from .models import MODEL_HELP
-from .training import MAX_RESOLUTION, MAX_SEED
+from .settings import CLIP_SKIP_HELP, CONFIG_HELP, MAX_SEED, TrainConfig
 
 OUTPUT_FORMATS = ["diffusers", "a1111", "kohya", "sdxl", "png"]
 CONVERT_FORMATS = OUTPUT_FORMATS + ["xti", "per-layer"]  # per-layer (P+) embeddings too
 SEED = click.IntRange(0, MAX_SEED)
-STEPS = click.IntRange(min=0)  # 0: off
 
 
 class _Finite(click.ParamType):
@@ -47,12 +48,8 @@ class _Finite(click.ParamType):
 SOURCE_HELP = "a file, library folder, training run (RUN@STEP: one of its saves), hub id user/repo[/file] or URL"
 
 # Every command that takes --model takes --config (a single-file checkpoint offline needs it).
-config_option = click.option(
-    "--config", "model_config", default=None,
-    help="For a single-file --model: a diffusers folder or hub id with the same architecture's configs (needed offline).")
-clip_skip_option = click.option(
-    "--clip-skip", type=int, default=None,
-    help="A1111's Clip skip (SD 1.x/2.x): 2 = the penultimate text-encoder layer, as many fine-tunes expect. Default 1.")
+config_option = click.option("--config", "model_config", default=None, help=CONFIG_HELP)
+clip_skip_option = click.option("--clip-skip", type=int, default=None, help=CLIP_SKIP_HELP)
 
 
 class _Group(click.Group):
@@ -214,58 +211,79 @@ def _vector_count(emb) -> str:
 
 
 # ------------------------------------------------------------------------------------ train
+# textinv train's options are TrainConfig's fields (textinv.settings): their types show a range or
+# choices in --help as click's own would, but only convert the value; settings.check judges it, so
+# that a bad value gets the same one line here as in the web UI.
+class _IntIn(click.IntRange):
+    def convert(self, value, param, ctx):
+        return click.INT.convert(value, param, ctx)
+
+
+class _FloatIn(click.FloatRange):
+    def convert(self, value, param, ctx):
+        return click.FLOAT.convert(value, param, ctx)
+
+
+class _OneOf(click.Choice):
+    def convert(self, value, param, ctx):
+        return value
+
+
+OFF = "__off"  # the parameter name of a setting's second flag (--no-latent-cache): FIELD__off
+
+
+def _option_type(f, s: settings.Setting):
+    kind, _ = settings.kind_of(f)
+    if s.path:
+        return click.Path(path_type=Path, file_okay=s.path != "folder")
+    if s.choices:
+        return _OneOf(list(s.choices))
+    if kind in (int, float) and (s.low is not None or s.high is not None):
+        if kind is int:
+            return _IntIn(s.low, s.high)
+        return _FloatIn(s.low, s.high, max_open=s.high_open)
+    return {int: click.INT, float: click.FLOAT, str: click.STRING}.get(kind)
+
+
+def _setting_option(f):
+    """The click option of one setting: --name, a --name/--no-name pair for a boolean that defaults
+    to on or to auto, a plain flag for one that defaults to off."""
+    s, default, flag = settings.spec(f), settings.default_of(f), settings.flag_of(f)
+    required = default is dataclasses.MISSING
+    if settings.kind_of(f)[0] is bool:
+        names = [flag] if default is False else [f"{flag}/--no-{flag[2:]}"]
+        kw = dict(is_flag=True) if default is False else dict(default=default)
+    else:
+        names, kw = [flag], dict(type=_option_type(f, s)) | ({} if required else dict(default=default))
+    return click.option(*names, *([s.short] if s.short else []), f.name, required=required, help=s.help or None,
+                        show_default=s.show_default, **kw)
+
+
+def _setting_options(command):
+    """Decorate ``command`` with an option per setting the CLI offers, in TrainConfig's order."""
+    for f in reversed(settings.cli_fields()):
+        s = settings.spec(f)
+        if s.off:
+            command = click.option(s.off[0], f.name + OFF, is_flag=True, help=s.off[1])(command)
+        command = _setting_option(f)(command)
+    return command
+
+
+def _train_config(given: dict) -> TrainConfig:
+    """TrainConfig from textinv train's options: paths as text, a second flag (--no-latent-cache) as its value."""
+    values = {}
+    for f in settings.cli_fields():
+        s, value = settings.spec(f), given[f.name]
+        if s.off and given[f.name + OFF]:
+            if value is not None:
+                raise click.UsageError(f"{settings.flag_of(f)} and {s.off[0]}: give one")
+            value = s.off[2]
+        values[f.name] = str(value) if s.path and isinstance(value, Path) else value
+    return TrainConfig(**values)
+
+
 @main.command()
-@click.option("--images", required=True, type=click.Path(path_type=Path), help="Folder of 3–5+ images (jpg/png/webp/bmp; IMG.txt sidecar captions).")
-@click.option("--token", required=True, help="The new trigger word (or, with --mode replace, the existing word to re-learn).")
-@click.option("--model", "-m", default=None, help=MODEL_HELP)
-@click.option("--init", default=None, help="Init text; several tokens are spread over the vectors (A1111). Default '*', or the word itself in replace mode.")
-@click.option("--vectors", default=1, show_default=True, help="Vectors per token.")
-@click.option("--per-layer", is_flag=True,
-              help="P+: learn one set of vectors per UNet cross-attention layer (SD 1.x/2.x; saved as --format per-layer, or xti for kohya).")
-@click.option("--mode", type=click.Choice(["object", "style", "replace"]), default="object", show_default=True)
-@click.option("--templates", default=None, help="'object', 'style' or a file of templates with [name]/{} and [filewords]. Default: by --mode.")
-@click.option("--steps", default=500, show_default=True)
-@click.option("--lr", default="5e-3", show_default=True, help="A number, or an A1111 schedule like '0.005:100, 1e-3:1000, 1e-5'.")
-@click.option("--batch", default=4, show_default=True)
-@click.option("--grad-accum", default=1, show_default=True)
-@click.option("--timesteps", default="all", show_default=True,
-              help="LOW:HIGH: train on these noise levels only (of 1000), e.g. 300:1000 to re-learn a word's colours (replace mode).")
-@click.option("--guidance", "train_guidance", type=_Finite(1.0), default=1.0, show_default=True,
-              help="Fit the prediction the sampler uses at this classifier-free guidance scale (e.g. 4); 1: the plain loss.")
-@click.option("--resolution", type=click.IntRange(8, MAX_RESOLUTION), default=None,
-              help="Training size in pixels, a multiple of the VAE's factor (default: the model's native size).")
-@click.option("--crops", type=click.IntRange(min=1), default=1, show_default=True, help="Views per image: a centre crop plus random crops.")
-@click.option("--flip/--no-flip", default=True, show_default=True, help="Also train on mirrored views.")
-@click.option("--buckets/--no-buckets", default=None,
-              help="Aspect-ratio buckets: each image kept whole at about the training area (default: on when some image is not square; off: centre crops).")
-@click.option("--captions/--no-captions", default=None,
-              help="Use IMG.txt sidecar captions (A1111's [filewords]; default: on when any image has one).")
-@click.option("--shuffle-captions", is_flag=True, help="Shuffle each caption's comma-separated tags every step.")
-@click.option("--keep-tokens", type=click.IntRange(min=0), default=0, show_default=True, help="With shuffling/dropout: keep the first N tags in place.")
-@click.option("--caption-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
-              help="Drop each tag (after --keep-tokens) with this probability, every step.")
-@click.option("--alpha-mask", is_flag=True, help="Weight the loss by the images' transparency: a cut-out teaches its subject, not its background.")
-@click.option("--lr-warmup", type=click.IntRange(min=0), default=0, show_default=True, help="Steps of linear warm-up to --lr.")
-@click.option("--lr-schedule", type=click.Choice(["constant", "cosine", "linear"]), default="constant", show_default=True,
-              help="After the warm-up: keep --lr, or decay it to 0 at the last step.")
-@click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="The frozen model's precision (fp16: GPUs only, with loss scaling); learned vectors always stay fp32.")
-@clip_skip_option
-@click.option("--grad-checkpointing", is_flag=True, help="Recompute the UNet's activations in the backward pass: less memory, more time.")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the UNet.")
-@click.option("--save-every", type=STEPS, default=0, show_default=True, help="Also save NAME-STEP every N steps (and a resume point).")
-@click.option("--preview-every", type=STEPS, default=0, show_default=True, help="Write a fixed-seed preview grid every N steps.")
-@click.option("--format", "fmt", type=click.Choice(CONVERT_FORMATS), default="diffusers", show_default=True,
-              help="With --per-layer: per-layer (what the default means there) or xti (kohya's, SD 1.x/2.x UNets).")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder (default runs/TOKEN).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last save.")
-@config_option
-@click.option("--early-stop/--no-early-stop", default=True, show_default=True,
-              help="Stop once the loss of a fixed evaluation batch has flattened (the word is learned); --steps is then "
-                   "the most a run may take. --no-early-stop trains exactly --steps.")
-@click.option("--eval-every", type=click.IntRange(min=1), default=5, show_default=True, help="Score the evaluation batch every N steps (early stopping).")
-@click.option("--eval-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Items in the evaluation batch (early stopping).")
+@_setting_options
 @click.option("--pick-best", is_flag=True, help="Measure every save (as textinv eval does) and make the recommended step the final embedding.")
 @click.option("--patience", type=click.IntRange(min=1), default=None,
               help="Measure every save and stop once N saves in a row bring no better fidelity × editability score.")
@@ -273,34 +291,17 @@ def _vector_count(emb) -> str:
 @click.option("--concept", default=None, help="Mini world: the shape the judge should see (default: read off the training images).")
 @click.option("--clip", default=None, help="CLIP weights (folder or hub id) for measuring saves on real models.")
 @click.option("--dino", default=None, help="DINO weights (folder or hub id) for measuring saves on real models.")
-@click.option("--latent-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Keep the views' VAE latents here, so the next run on the same images starts at once "
-                   "(default: $TEXTINV_CACHE/latents, else ~/.cache/textinv/latents).")
-@click.option("--no-latent-cache", is_flag=True, help="Neither read nor keep cached latents.")
-def train(images, token, model, init, vectors, per_layer, mode, templates, steps, lr, batch, grad_accum, timesteps, train_guidance, resolution, crops, flip,
-          buckets, captions, shuffle_captions, keep_tokens, caption_dropout, alpha_mask, lr_warmup, lr_schedule, seed, precision, clip_skip, grad_checkpointing, compile_, save_every, preview_every, fmt, out, resume, model_config,
-          early_stop, eval_every, eval_batch, pick_best, patience, eval_n, concept, clip, dino, latent_cache, no_latent_cache):
+def train(pick_best, patience, eval_n, concept, clip, dino, **given):
     """Train a textual inversion embedding from a folder of images."""
     from . import formats
-    from .training import TrainConfig, train as run
+    from .training import train as run
 
-    if latent_cache and no_latent_cache:
-        raise click.UsageError("--latent-cache and --no-latent-cache: give one")
-
+    cfg = _train_config(given)
+    settings.check(cfg)  # the web UI's words for a bad value, before anything is loaded or written
     measure = pick_best or patience is not None
-    if measure and not save_every:
-        save_every = max(1, steps // 10)
-        click.echo(f"--save-every {save_every}: saves to measure for --pick-best/--patience", err=True)
-    cfg = TrainConfig(images=str(images), token=token, model=model, init=init, vectors=vectors, per_layer=per_layer, mode=mode,
-                      templates=templates, steps=steps, lr=lr, batch=batch, grad_accum=grad_accum, timesteps=timesteps,
-                      guidance=train_guidance, resolution=resolution, crops=crops, flip=flip, buckets=buckets, captions=captions,
-                      shuffle_captions=shuffle_captions, keep_tokens=keep_tokens, caption_dropout=caption_dropout,
-                      alpha_mask=alpha_mask, lr_warmup=lr_warmup, lr_schedule=lr_schedule, seed=seed, precision=precision,
-                      clip_skip=1 if clip_skip is None else clip_skip, grad_checkpointing=grad_checkpointing,
-                      compile=compile_, early_stop=early_stop, eval_every=eval_every, eval_batch=eval_batch,
-                      save_every=save_every, preview_every=preview_every, format=fmt,
-                      out=str(out) if out else None, resume=resume, model_config=model_config,
-                      latent_cache="" if no_latent_cache else (str(latent_cache) if latent_cache else None))
+    if measure and not cfg.save_every:
+        cfg = dataclasses.replace(cfg, save_every=max(1, cfg.steps // 10))
+        click.echo(f"--save-every {cfg.save_every}: saves to measure for --pick-best/--patience", err=True)
     echo = lambda line: click.echo(formats.printable(line), err=True)  # noqa: E731
     if not measure:
         result = run(cfg, echo=echo)

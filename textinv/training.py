@@ -1,7 +1,8 @@
 """Textual inversion training: a few images in, a few-kB embedding out.
 
-Read top to bottom: configuration, set-up (model, images, latent cache, the new token), the
-loop, saving.  What makes it fast and safe:
+Its settings, :class:`~textinv.settings.TrainConfig`, are declared in :mod:`textinv.settings`.
+Read top to bottom: set-up (model, images, latent cache, the new token), the loop, saving.
+What makes it fast and safe:
 
 * Only the new vectors are parameters.  They live in :class:`textinv.tokens.TriggerEmbedding`
   beside the frozen token table, so there is no whole-table gradient, no whole-table AdamW state
@@ -28,7 +29,7 @@ import json
 import os
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,77 +42,19 @@ from .errors import TextinvError
 from .formats import Embedding
 from .latents import encode_views, open_cache
 from . import models
-from .models import DTYPES, load_pipeline, name_of
+from .models import load_pipeline, name_of
+from .settings import (LR_SCHEDULES, MAX_RESOLUTION, MAX_SEED, MODES, TrainConfig, check, identity,  # noqa: F401
+                       older_identity, parse_lr, parse_timesteps, templates_of)  # (re-exported: TrainConfig's old home)
 
-MODES = ("object", "style", "replace")
-LR_SCHEDULES = ("constant", "cosine", "linear")
 LOSS_WINDOW = 20  # the loss shown (bar and summary) is the mean of the last this-many steps
 STATE_FILE = "state.pt"
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-MAX_RESOLUTION = 2048  # SDXL trains at 1024; 2048 px already needs tens of GB per image in the UNet
-MAX_SEED = 2**63 - 1  # what a scheduler config may say the UNet predicts
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what a scheduler config may say the UNet predicts
 MAX_SKIPPED_STEPS = 25  # fp16: this many overflowing steps in a row is not a transient, it is the model
 EVAL_STREAM = 2**40  # the random stream of the fixed evaluation batch (training draws use the process index)
 
 
 class TrainingDiverged(TextinvError):
     """The loss or the vectors became NaN/inf."""
-
-
-@dataclass
-class TrainConfig:
-    images: str
-    token: str
-    model: str | None = None  # None: the built-in model (see textinv.models)
-    model_config: str | None = None  # single-file models: a diffusers folder / hub id with the configs
-    init: str | None = None  # None: "*" (A1111's default), or the word itself in replace mode
-    vectors: int = 1
-    per_layer: bool = False  # P+: one set of vectors per UNet cross-attention layer (SD 1.x/2.x)
-    mode: str = "object"
-    templates: str | None = None  # None: the mode's built-in list
-    steps: int = 500  # with early_stop: the most steps a run may take
-    lr: str = "5e-3"  # a number or an A1111 schedule "0.005:100, 1e-3:1000, 1e-5"
-    batch: int = 4
-    grad_accum: int = 1
-    timesteps: str = "all"  # "LOW:HIGH": train on noise levels in [LOW, HIGH) only, e.g. "300:1000"
-    guidance: float = 1.0  # >1: fit the classifier-free-guided prediction at this scale (see guided())
-    resolution: int | None = None  # None: the model's native size
-    crops: int = 1  # views per image: centre crop + (crops - 1) random crops
-    flip: bool = True
-    buckets: bool | None = None  # aspect-ratio buckets; None: on when some image is not square
-    captions: bool | None = None  # sidecar IMG.txt captions; None: on when there are any (built-in templates)
-    shuffle_captions: bool = False  # shuffle a caption's comma-separated tags every step
-    keep_tokens: int = 0  # ... except the first N tags
-    caption_dropout: float = 0.0  # drop each (not kept) tag with this probability
-    alpha_mask: bool = False  # weight the loss by the images' alpha (transparent pixels teach nothing)
-    lr_warmup: int = 0  # steps of linear warm-up from 0 to the learning rate
-    lr_schedule: str = "constant"  # then: constant, cosine or linear decay to 0 at the last step
-    seed: int = 0
-    precision: str = "fp32"  # of the frozen model; the learned vectors and their optimizer stay fp32
-    clip_skip: int = 1  # A1111's "Clip skip" (SD 1.x/2.x): 2 = the penultimate layer, as many fine-tunes need
-    grad_checkpointing: bool = False  # the UNet's (frozen text encoders run in eval mode, where it is a no-op)
-    compile: bool = False
-    weight_decay: float = 0.0
-    early_stop: bool = True  # stop once the fixed evaluation batch's loss has flattened (textinv.stopping)
-    eval_every: int = 5  # score the evaluation batch every this-many steps (and at step 0)
-    eval_batch: int = 8  # items in the evaluation batch
-    save_every: int = 0  # 0: only the final embedding
-    preview_every: int = 0
-    preview_prompts: list[str] = field(default_factory=list)  # default: the first template
-    format: str = "diffusers"  # with per_layer: "per-layer" (what the default means there) or "xti"
-    out: str | None = None  # None: runs/<token>
-    resume: bool = False
-    progress: bool = True
-    latent_cache: str | None = None  # a folder; None: $TEXTINV_CACHE/latents or ~/.cache/textinv/latents; "": none
-
-    def resolved_out(self) -> Path:
-        return Path(self.out) if self.out else Path("runs") / formats.file_stem(self.token)
-
-    @property
-    def file_format(self) -> str:
-        """The format saves are written in: ``format``, except that for a per-layer run the default
-        (diffusers, which holds one set of vectors) means textinv's per-layer layout."""
-        return "per-layer" if self.per_layer and self.format == "diffusers" else self.format
 
 
 @dataclass
@@ -128,39 +71,6 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------- small helpers
-def parse_lr(spec: str | float) -> list[tuple[float, int | None]]:
-    """A1111's schedule: ``"0.005:100, 1e-3:1000, 1e-5"`` = 0.005 until step 100, then …"""
-    out = []
-    try:
-        for part in str(spec).split(","):
-            rate, _, until = part.strip().partition(":")
-            end = int(until) if until.strip() not in ("", "-1") else None
-            out.append((float(rate), end))
-    except ValueError:
-        raise TextinvError(f"--lr {spec!r}: expected a number or a schedule like '0.005:100, 1e-3:1000, 1e-5'") from None
-    if not out or any(r <= 0 or not math.isfinite(r) for r, _ in out):
-        raise TextinvError(f"--lr {spec!r}: learning rates must be positive numbers")
-    return out
-
-
-def parse_timesteps(spec: str, total: int) -> tuple[int, int]:
-    """``"all"`` or ``"LOW:HIGH"`` (either side may be empty) → the half-open range of training timesteps.
-
-    Why: what a prompt decides at high noise (layout, colour) and at low noise (texture, detail)
-    differ; re-learning a word's colour distribution (replace mode) needs the high-noise steps, and
-    the low-noise ones mostly pull the vector towards the details of the few curated pictures."""
-    if str(spec).strip().lower() in ("", "all"):
-        return 0, total
-    low, sep, high = str(spec).partition(":")
-    try:
-        lo, hi = int(low or 0), int(high or total)
-    except ValueError:
-        lo = hi = -1
-    if not sep or not 0 <= lo < hi <= total:
-        raise TextinvError(f"--timesteps {spec!r}: expected LOW:HIGH with 0 <= LOW < HIGH <= {total} (or 'all')")
-    return lo, hi
-
-
 def lr_at(schedule: list[tuple[float, int | None]], step: int) -> float:
     for rate, end in schedule:
         if end is None or step < end:
@@ -368,7 +278,7 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
 
 def _train(cfg: TrainConfig, pipe, on_save, on_step, echo=None) -> TrainResult:
     """The stages, top to bottom: check, freeze the model, cache the images, add the word, loop, save."""
-    check_config(cfg)
+    check(cfg)
     from accelerate import PartialState
 
     dist = PartialState(cpu=not torch.cuda.is_available())  # several CPU processes talk over gloo
@@ -416,57 +326,6 @@ def _train(cfg: TrainConfig, pipe, on_save, on_step, echo=None) -> TrainResult:
         torch.distributed.destroy_process_group()
     return TrainResult(out, path, final, last_step, seconds, loss, dist.is_main_process, stopped,
                        stopper.curve[-1][1] if stopper and stopper.curve else None)
-
-
-def check_config(cfg: TrainConfig) -> None:
-    """Every setting that can be checked without the model, in one place (CLI, UI and Python alike);
-    the model-dependent part (a multiple of the VAE's factor) is checked once the model is loaded."""
-    if cfg.mode not in MODES:
-        raise TextinvError(f"--mode {cfg.mode!r}: choose one of {', '.join(MODES)}")
-    if not 1 <= cfg.vectors <= formats.MAX_VECTORS:
-        raise TextinvError(f"--vectors {cfg.vectors}: must be between 1 and {formats.MAX_VECTORS}")
-    if cfg.steps < 1 or cfg.batch < 1 or cfg.grad_accum < 1:
-        raise TextinvError("--steps, --batch and --grad-accum must be at least 1")
-    if cfg.format not in formats.SAVE_FORMATS + formats.PER_LAYER_FORMATS:
-        raise TextinvError(f"--format {cfg.format!r}: choose one of {', '.join(formats.SAVE_FORMATS + formats.PER_LAYER_FORMATS)}")
-    if cfg.per_layer and cfg.file_format not in formats.PER_LAYER_FORMATS:
-        raise TextinvError(f"--format {cfg.format}: holds one set of vectors; --per-layer saves per-layer (its default) or xti")
-    if not cfg.per_layer and cfg.format in formats.PER_LAYER_FORMATS:
-        raise TextinvError(f"--format {cfg.format}: holds per-layer (P+) embeddings; add --per-layer to train one")
-    if cfg.per_layer and (cfg.compile or cfg.grad_checkpointing):
-        raise TextinvError("--per-layer: not with --grad-checkpointing (the recomputed layers would not see their own "
-                           "states) or --compile (not supported yet)")
-    if not (math.isfinite(cfg.guidance) and cfg.guidance >= 1.0):
-        raise TextinvError(f"--guidance {cfg.guidance}: must be a number >= 1 (1: the plain conditional loss)")
-    if cfg.precision not in DTYPES:
-        raise TextinvError(f"--precision {cfg.precision!r}: choose one of {', '.join(DTYPES)}")
-    if not 0 <= cfg.seed <= MAX_SEED:
-        raise TextinvError(f"--seed {cfg.seed}: must be between 0 and {MAX_SEED}")
-    if cfg.eval_every < 1 or cfg.eval_batch < 1:
-        raise TextinvError(f"--eval-every {cfg.eval_every} / --eval-batch {cfg.eval_batch}: must be at least 1")
-    if cfg.save_every < 0 or cfg.preview_every < 0:
-        raise TextinvError(f"--save-every {cfg.save_every} / --preview-every {cfg.preview_every}: 0 (off) or a number of steps")
-    if cfg.crops < 1:
-        raise TextinvError(f"--crops {cfg.crops}: at least 1 (the centre crop)")
-    if cfg.resolution is not None and not 8 <= cfg.resolution <= MAX_RESOLUTION:
-        raise TextinvError(f"--resolution {cfg.resolution}: must be between 8 and {MAX_RESOLUTION} pixels")
-    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
-        raise TextinvError(f"weight decay {cfg.weight_decay}: must be a number >= 0")
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise TextinvError(f"--lr-schedule {cfg.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
-    if not 0 <= cfg.lr_warmup < cfg.steps:
-        raise TextinvError(f"--lr-warmup {cfg.lr_warmup}: must be between 0 and --steps ({cfg.steps}) - 1")
-    if cfg.keep_tokens < 0:
-        raise TextinvError(f"--keep-tokens {cfg.keep_tokens}: must be 0 or more")
-    if not (math.isfinite(cfg.caption_dropout) and 0 <= cfg.caption_dropout < 1):
-        raise TextinvError(f"--caption-dropout {cfg.caption_dropout}: must be a probability in [0, 1)")
-    parse_lr(cfg.lr)
-    templates_of(cfg)  # a bad --templates fails before the model loads
-
-
-def templates_of(cfg: TrainConfig) -> list[str]:
-    """The prompt templates of a run: --templates, else the mode's built-in list."""
-    return data.load_templates(cfg.templates or ("style" if cfg.mode == "style" else "object"))
 
 
 @dataclass
@@ -862,17 +721,8 @@ def _save_state(path: Path, cfg: TrainConfig, params, optimizer, step: int, scal
     curve = [c for c in stopper.curve if c[0] <= step] if stopper is not None else []
     with atomic_path(path) as tmp:
         torch.save({"step": step, "params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "identity": _identity(cfg),
+                    "scaler": scaler.state_dict(), "identity": identity(cfg),
                     "eval_curve": torch.tensor(curve, dtype=torch.float64).reshape(-1, 2)}, tmp)
-
-
-def _identity(cfg: TrainConfig) -> dict:
-    """What must not change between a run and its resumption."""
-    keep = ("images", "token", "model", "init", "vectors", "per_layer", "mode", "templates", "lr", "batch", "grad_accum", "timesteps", "guidance",
-            "resolution", "crops", "flip", "seed", "precision", "clip_skip", "weight_decay", "buckets", "captions",
-            "shuffle_captions", "keep_tokens", "caption_dropout", "alpha_mask", "lr_warmup", "lr_schedule",
-            "eval_every", "eval_batch")
-    return {k: str(getattr(cfg, k)) for k in keep}
 
 
 def _load_state(path: Path, cfg: TrainConfig, params, optimizer, scaler) -> tuple[int, list]:
@@ -883,11 +733,8 @@ def _load_state(path: Path, cfg: TrainConfig, params, optimizer, scaler) -> tupl
         raise TextinvError(f"{path}: cannot resume from this state file ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     if not (isinstance(st, dict) and isinstance(st.get("identity"), dict)):
         raise TextinvError(f"{path}: not a textinv training state (damaged or foreign); use another --out")
-    # A state from before a setting existed was made with its default.
-    defaults = {"per_layer": "False", "clip_skip": "1", "buckets": "None", "captions": "None", "shuffle_captions": "False", "keep_tokens": "0",
-                "caption_dropout": "0.0", "alpha_mask": "False", "lr_warmup": "0", "lr_schedule": "constant",
-                "eval_every": "5", "eval_batch": "8"}
-    changed = {k: (v, now) for k in _identity(cfg) if (v := st["identity"].get(k, defaults.get(k))) != (now := _identity(cfg)[k])}
+    older, now = older_identity(), identity(cfg)  # a state from before a setting existed: settings.Setting.older
+    changed = {k: (was, now[k]) for k in now if (was := st["identity"].get(k, older.get(k))) != now[k]}
     if changed:
         k, (was, now) = next(iter(changed.items()))
         raise TextinvError(f"--resume: this run was started with {k}={was}, now {k}={now}; use the same settings or another --out")

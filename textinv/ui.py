@@ -15,7 +15,8 @@ import os
 import sys
 import time
 
-from .app import BIAS_RECIPES, MODEL_DEFAULT_SAMPLER, App, BiasJob, TrainJob, describe_error, install_warning_router
+from . import settings
+from .app import BIAS_RECIPES, MODEL_DEFAULT_SAMPLER, TRISTATE, App, BiasJob, TrainJob, describe_error, install_warning_router
 from .errors import TextinvError
 from .formats import SAVE_FORMATS
 
@@ -113,21 +114,9 @@ def _train_tab(gr, app: App, page: _Page):
                 folder = gr.Textbox(label="…or a folder on this machine", placeholder="/path/to/photos", elem_id="train-folder")
                 check = gr.Textbox(label="Images", interactive=False, lines=2, elem_id="train-check", elem_classes="status")
             with gr.Column():
-                token = gr.Textbox(label="Token (the new trigger word)", placeholder="<my-cat>", elem_id="token")
-                init = gr.Textbox(label="Init text", placeholder="cat (default '*')", elem_id="init")
-                with gr.Row():
-                    vectors = gr.Number(label="Vectors", value=1, precision=0, minimum=1, maximum=75, elem_id="vectors")
-                    steps = gr.Number(label="Steps at most (it stops once the word is learned)", value=500, precision=0, minimum=1,
-                                      elem_id="steps")
-                mode = gr.Radio(["object", "style", "replace"], value="object", label="Mode", elem_id="mode")
+                form = _setting_widgets(gr, app, settings.MAIN)
                 with gr.Accordion("More settings", open=False):
-                    lr = gr.Textbox(label="Learning rate (or A1111 schedule)", value="5e-3", elem_id="lr")
-                    batch = gr.Number(label="Batch", value=4, precision=0, minimum=1, elem_id="batch")
-                    preview = gr.Number(label="Preview every N steps (0: none)", value=app.preview_every, precision=0,
-                                        minimum=0, elem_id="preview-every")
-                    seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
-                    clip_skip = gr.Number(label="Clip skip (A1111; 2 for many SD 1.x fine-tunes)", value=1, precision=0,
-                                          minimum=1, elem_id="clip-skip")
+                    form |= _setting_widgets(gr, app, settings.MORE)
                 with gr.Row():
                     start = gr.Button("Start training", variant="primary", elem_id="start")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -139,9 +128,31 @@ def _train_tab(gr, app: App, page: _Page):
             fmt = gr.Dropdown(list(SAVE_FORMATS), value="a1111", label="Download as", elem_id="export-format")
             export = gr.Button("Prepare download", elem_id="export")
             file = gr.File(label="Embedding file", interactive=False, height=110, elem_id="train-download")
-    return NS(images=images, folder=folder, check=check, settings=[images, folder, token, init, vectors, mode, steps, lr, batch,
-                                                                    preview, seed, clip_skip],
+    return NS(images=images, folder=folder, check=check, names=list(form), settings=[images, folder, *form.values()],
               start=start, stop=stop, status=status, plot=plot, previews=previews, fmt=fmt, export=export, file=file)
+
+
+def _setting_widgets(gr, app: App, where: str) -> dict:
+    """The training form's widgets for the settings shown ``where`` (textinv.settings), by field name;
+    their element ids are the names with dashes (#clip-skip)."""
+    defaults = app.form_defaults()
+    return {f.name: _setting_widget(gr, f, defaults.get(f.name)) for f in settings.form_fields() if settings.spec(f).form == where}
+
+
+def _setting_widget(gr, f, value):
+    s, (kind, optional) = settings.spec(f), settings.kind_of(f)
+    common = dict(label=s.label, info=s.hint or s.help or None, elem_id=f.name.replace("_", "-"))
+    if s.choices:
+        return gr.Radio(list(s.choices), value=value, **common)
+    if kind is bool and optional:
+        return gr.Radio(list(TRISTATE), value=next(k for k, v in TRISTATE.items() if v is value), **common)
+    if kind is bool:
+        return gr.Checkbox(value=value, **common)
+    if kind in (int, float):
+        return gr.Number(value=value, precision=0 if kind is int else None, **common)
+    if kind is list:
+        return gr.Textbox(value="\n".join(value), lines=2, **common)
+    return gr.Textbox(value=value or "", placeholder=s.example or None, **common)
 
 
 def _generate_tab(gr):
@@ -258,10 +269,9 @@ def _train_handlers(gr, app: App, page: _Page, t, gen) -> None:
             return ""
         return "\n".join([f"{len(good)} usable image{'s' if len(good) != 1 else ''}"] + [f"skipped {m}" for m in bad])
 
-    def on_start(paths, folder, token, init, vectors, mode, steps, lr, batch, preview_every, seed, clip_skip):
+    def on_start(paths, folder, *values):
         try:
-            job = app.start_training(paths, folder, token=token, init=init, vectors=vectors, mode=mode, steps=steps,
-                                     lr=lr, batch=batch, preview_every=preview_every, seed=seed, clip_skip=clip_skip)
+            job = app.start_training(paths, folder, **dict(zip(t.names, values)))
         except Exception as e:  # noqa: BLE001 - every error is a message in the page
             msg = describe_error(e)
             page.warn([msg])

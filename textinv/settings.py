@@ -1,0 +1,334 @@
+"""Every training setting, declared once: the fields of :class:`TrainConfig`.
+
+Each field carries a :class:`Setting` in its metadata: its name in words, its help text, its CLI
+spelling, its range or choices, whether a resumed run must keep it (the run's identity), what a
+state file written before it existed implies, and where the web form shows it.  Everything else
+is derived from here: ``textinv train``'s options (:mod:`textinv.cli`), the web form
+(:mod:`textinv.ui`, :mod:`textinv.app`), the resume identity (:func:`identity`) and the one
+validation, :func:`check`, whose one-line messages the CLI and the web UI both show.  A new
+setting is one new field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import data, formats
+from .errors import TextinvError
+from .models import DTYPES, MODEL_HELP
+
+MODES = ("object", "style", "replace")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+MAX_RESOLUTION = 2048  # SDXL trains at 1024; 2048 px already needs tens of GB per image in the UNet
+MAX_SEED = 2**63 - 1
+MAIN, MORE = "main", "more"  # where the web form shows a setting: up front, or under "More settings"
+ALWAYS = object()  # Setting.older: every state file has held this setting
+# Help texts the CLI's other commands share with their own --config / --clip-skip.
+CONFIG_HELP = "For a single-file --model: a diffusers folder or hub id with the same architecture's configs (needed offline)."
+CLIP_SKIP_HELP = ("A1111's Clip skip (SD 1.x/2.x): 2 = the penultimate text-encoder layer, as many fine-tunes expect. "
+                  "Default 1.")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What one TrainConfig field is, for every face; see the module's docstring."""
+
+    label: str  # its name in words: the web form's label, and how its messages begin
+    help: str  # what it does: the text of --help, and the form's hint
+    identity: bool  # a resumed run must keep it (it is in state.pt's identity)
+    older: object = ALWAYS  # with identity: the value a state file from before this setting existed implies
+    flag: str = ""  # the CLI's option when it is not --field-name
+    short: str = ""  # its one-letter CLI alias, e.g. -m
+    low: float | None = None  # numbers: the smallest allowed value
+    high: float | None = None  # ... and the largest
+    high_open: bool = False  # ... ``high`` itself excluded
+    choices: tuple = ()
+    nonempty: bool = False  # text that must not be blank
+    rule: str = ""  # the words for a bad value, where the range's own would say too little
+    path: str = ""  # CLI: "path" or "folder" (a click.Path; the value is kept as text)
+    off: tuple = ()  # CLI: (flag, help, value): a second flag that sets this value (--no-latent-cache)
+    show_default: bool = True  # CLI: --help shows the default (not where the help text says it)
+    cli_why_not: str = ""  # not a CLI option, and why
+    form: str = ""  # the web form shows it: MAIN or MORE
+    form_why_not: str = ""  # not on the web form, and why
+    example: str = ""  # the web form's placeholder
+    hint: str = ""  # the web form's hint, where the help text says nothing (default: the help text)
+
+
+def _setting(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, **spec):
+    """A TrainConfig field and its :class:`Setting` (``spec``: Setting's keywords)."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"setting": Setting(**spec)})
+
+
+NOT_A_FLAG = "not a flag yet: the Python API and the web form set it"
+THE_APPS = "the app's own: textinv ui --model / --config, one model per app"
+
+
+@dataclass
+class TrainConfig:
+    """The settings of one training run: ``train(TrainConfig(...))`` or ``train(images=..., ...)``."""
+
+    images: str = _setting(label="Images", help="Folder of 3–5+ images (jpg/png/webp/bmp; IMG.txt sidecar captions).",
+                           identity=True, path="path", form_why_not="the form's picture drop zone or folder box")
+    token: str = _setting(label="Token", help="The new trigger word (or, with --mode replace, the existing word to re-learn).",
+                          identity=True, nonempty=True, rule="give the new trigger word, e.g. <my-cat>", form=MAIN,
+                          example="<my-cat>")
+    model: str | None = _setting(None, label="Model", help=MODEL_HELP, identity=True, short="-m", form_why_not=THE_APPS)
+    model_config: str | None = _setting(None, label="Model configs", help=CONFIG_HELP, identity=False, flag="--config",
+                                        form_why_not=THE_APPS)
+    init: str | None = _setting(None, label="Init text", help="Init text; several tokens are spread over the vectors (A1111). "
+                                "Default '*', or the word itself in replace mode.", identity=True, form=MAIN,
+                                example="cat (default '*')")
+    vectors: int = _setting(1, label="Vectors", help="Vectors per token.", identity=True, low=1, high=formats.MAX_VECTORS,
+                            form=MAIN)
+    per_layer: bool = _setting(False, label="Per layer (P+)", help="P+: learn one set of vectors per UNet cross-attention "
+                               "layer (SD 1.x/2.x; saved as --format per-layer, or xti for kohya).", identity=True,
+                               older=False, form=MORE)
+    mode: str = _setting("object", label="Mode", help="", identity=True, choices=MODES, form=MAIN)
+    templates: str | None = _setting(None, label="Templates", help="'object', 'style' or a file of templates with "
+                                     "[name]/{} and [filewords]. Default: by --mode.", identity=True, form=MORE)
+    steps: int = _setting(500, label="Steps", help="", identity=False, low=1, form=MAIN,
+                          hint="The most a run takes: it stops once the word is learned (Early stopping).")
+    lr: str = _setting("5e-3", label="Learning rate", help="A number, or an A1111 schedule like '0.005:100, 1e-3:1000, 1e-5'.",
+                       identity=True, form=MORE)
+    batch: int = _setting(4, label="Batch", help="", identity=True, low=1, form=MORE, hint="Image views per batch.")
+    grad_accum: int = _setting(1, label="Gradient accumulation", help="", identity=True, low=1, form=MORE,
+                               hint="Batches averaged per optimizer step: a larger batch in the same memory.")
+    timesteps: str = _setting("all", label="Timesteps", help="LOW:HIGH: train on these noise levels only (of 1000), e.g. "
+                              "300:1000 to re-learn a word's colours (replace mode).", identity=True, older="all", form=MORE)
+    guidance: float = _setting(1.0, label="Training guidance", help="Fit the prediction the sampler uses at this "
+                               "classifier-free guidance scale (e.g. 4); 1: the plain loss.", identity=True, older=1.0,
+                               low=1, rule="at least 1, where 1 is the plain conditional loss", form=MORE)
+    resolution: int | None = _setting(None, label="Resolution", help="Training size in pixels, a multiple of the VAE's "
+                                      "factor (default: the model's native size).", identity=True, low=8, high=MAX_RESOLUTION,
+                                      rule=f"must be between 8 and {MAX_RESOLUTION} pixels", form=MORE)
+    crops: int = _setting(1, label="Crops", help="Views per image: a centre crop plus random crops.", identity=True, low=1,
+                          form=MORE)
+    flip: bool = _setting(True, label="Flip", help="Also train on mirrored views.", identity=True, form=MORE)
+    buckets: bool | None = _setting(None, label="Buckets", help="Aspect-ratio buckets: each image kept whole at about the "
+                                    "training area (default: on when some image is not square; off: centre crops).",
+                                    identity=True, older=None, form=MORE)
+    captions: bool | None = _setting(None, label="Captions", help="Use IMG.txt sidecar captions (A1111's [filewords]; "
+                                     "default: on when any image has one).", identity=True, older=None, form=MORE)
+    shuffle_captions: bool = _setting(False, label="Shuffle captions", help="Shuffle each caption's comma-separated tags "
+                                      "every step.", identity=True, older=False, form=MORE)
+    keep_tokens: int = _setting(0, label="Keep tokens", help="With shuffling/dropout: keep the first N tags in place.",
+                                identity=True, older=0, low=0, form=MORE)
+    caption_dropout: float = _setting(0.0, label="Caption dropout", help="Drop each tag (after --keep-tokens) with this "
+                                      "probability, every step.", identity=True, older=0.0, low=0, high=1, high_open=True,
+                                      rule="must be a probability in [0, 1)", form=MORE)
+    alpha_mask: bool = _setting(False, label="Alpha mask", help="Weight the loss by the images' transparency: a cut-out "
+                                "teaches its subject, not its background.", identity=True, older=False, form=MORE)
+    lr_warmup: int = _setting(0, label="Warm-up steps", help="Steps of linear warm-up to --lr.", identity=True, older=0,
+                              low=0, form=MORE)
+    lr_schedule: str = _setting("constant", label="Learning-rate schedule", help="After the warm-up: keep --lr, or decay it "
+                                "to 0 at the last step.", identity=True, older="constant", choices=LR_SCHEDULES, form=MORE)
+    seed: int = _setting(0, label="Seed", help="", identity=True, low=0, high=MAX_SEED, form=MORE)
+    precision: str = _setting("fp32", label="Precision", help="The frozen model's precision (fp16: GPUs only, with loss "
+                              "scaling); learned vectors always stay fp32.", identity=True, choices=tuple(DTYPES), form=MORE)
+    clip_skip: int = _setting(1, label="Clip skip", help=CLIP_SKIP_HELP, identity=True, older=1, low=1, show_default=False,
+                              form=MORE)
+    grad_checkpointing: bool = _setting(False, label="Gradient checkpointing", help="Recompute the UNet's activations in "
+                                        "the backward pass: less memory, more time.", identity=False, form=MORE)
+    compile: bool = _setting(False, label="Compile", help="torch.compile the UNet.", identity=False, form=MORE)
+    weight_decay: float = _setting(0.0, label="Weight decay", help="AdamW's weight decay on the learned vectors.",
+                                   identity=True, low=0, cli_why_not="the Python API's only: the CLI and the form keep "
+                                   "A1111's 0", form_why_not="the Python API's only: the CLI and the form keep A1111's 0")
+    early_stop: bool = _setting(True, label="Early stopping", help="Stop once the loss of a fixed evaluation batch has "
+                                "flattened (the word is learned); --steps is then the most a run may take. --no-early-stop "
+                                "trains exactly --steps.", identity=False, form=MORE)
+    eval_every: int = _setting(5, label="Evaluate every", help="Score the evaluation batch every N steps (early stopping).",
+                               identity=True, older=5, low=1, form=MORE)
+    eval_batch: int = _setting(8, label="Evaluation batch", help="Items in the evaluation batch (early stopping).",
+                               identity=True, older=8, low=1, rule="at least 1 item, scored every --eval-every steps",
+                               form=MORE)
+    save_every: int = _setting(0, label="Save every", help="Also save NAME-STEP every N steps (and a resume point).",
+                               identity=False, low=0, rule="0 (off) or a number of steps", form=MORE)
+    preview_every: int = _setting(0, label="Preview every", help="Write a fixed-seed preview grid every N steps.",
+                                  identity=False, low=0, rule="0 (off) or a number of steps", form=MORE)
+    preview_prompts: list[str] = _setting(factory=list, label="Preview prompts", help="The previews' prompts, one a line "
+                                          "(default: the first template with the trigger).", identity=False,
+                                          cli_why_not=NOT_A_FLAG, form=MORE)
+    format: str = _setting("diffusers", label="Format", help="With --per-layer: per-layer (what the default means there) or "
+                           "xti (kohya's, SD 1.x/2.x UNets).", identity=False,
+                           choices=formats.SAVE_FORMATS + formats.PER_LAYER_FORMATS,
+                           form_why_not="the app keeps each embedding in the library in its own format; Download converts")
+    out: str | None = _setting(None, label="Output folder", help="Output folder (default runs/TOKEN).", identity=False,
+                               path="path", form_why_not="the app gives every run its own folder (WORKDIR/runs/DATE-TOKEN)")
+    resume: bool = _setting(False, label="Resume", help="Continue the run in --out from its last save.", identity=False,
+                            form_why_not="every run from the form starts in a new folder")
+    progress: bool = _setting(True, label="Progress bar", help="Draw a progress bar in the terminal.", identity=False,
+                              cli_why_not="the CLI always draws it", form_why_not="the page shows its own progress")
+    latent_cache: str | None = _setting(None, label="Latent cache", help="Keep the views' VAE latents here, so the next run on "
+                                        "the same images starts at once (default: $TEXTINV_CACHE/latents, else "
+                                        "~/.cache/textinv/latents).", identity=False, path="folder",
+                                        off=("--no-latent-cache", "Neither read nor keep cached latents.", ""),
+                                        form_why_not="the app's process decides it ($TEXTINV_CACHE)")
+
+    def resolved_out(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / formats.file_stem(self.token)
+
+    @property
+    def file_format(self) -> str:
+        """The format saves are written in: ``format``, except that for a per-layer run the default
+        (diffusers, which holds one set of vectors) means textinv's per-layer layout."""
+        return "per-layer" if self.per_layer and self.format == "diffusers" else self.format
+
+
+# ------------------------------------------------------------------------------ reading the table
+def fields() -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(TrainConfig)
+
+
+def spec(f: dataclasses.Field) -> Setting:
+    return f.metadata["setting"]
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The setting's CLI option, as messages name it: ``--clip-skip``."""
+    return spec(f).flag or "--" + f.name.replace("_", "-")
+
+
+def default_of(f: dataclasses.Field):
+    """The default value (a fresh one for lists); dataclasses.MISSING for a required setting."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+@functools.cache
+def _hints() -> dict:
+    return typing.get_type_hints(TrainConfig)
+
+
+def kind_of(f: dataclasses.Field) -> tuple[type, bool]:
+    """(the value's type: str, int, float, bool or list; whether None is allowed too)."""
+    hint = _hints()[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is list:
+        return list, False
+    return (args[0], True) if args else (hint, False)
+
+
+def cli_fields() -> list[dataclasses.Field]:
+    return [f for f in fields() if not spec(f).cli_why_not]
+
+
+def form_fields() -> list[dataclasses.Field]:
+    return [f for f in fields() if spec(f).form]
+
+
+def defaults() -> dict:
+    """Every setting that has a default, by field name."""
+    return {f.name: default_of(f) for f in fields() if default_of(f) is not dataclasses.MISSING}
+
+
+# ------------------------------------------------------------------------------ resuming a run
+def identity(cfg: TrainConfig) -> dict:
+    """What must not change between a run and its resumption (kept in its state file)."""
+    return {f.name: str(getattr(cfg, f.name)) for f in fields() if spec(f).identity}
+
+
+def older_identity() -> dict:
+    """A state file from before a setting existed was made with this value of it."""
+    return {f.name: str(spec(f).older) for f in fields() if spec(f).identity and spec(f).older is not ALWAYS}
+
+
+# ------------------------------------------------------------------------------ checking
+def check(cfg: TrainConfig) -> None:
+    """Every setting that can be checked without the model, in one place: the CLI, the web UI and
+    Python all call it, so a bad value gets the same one line everywhere.  What depends on the
+    model (a multiple of the VAE's factor, the text encoder's layers) is checked once it is loaded."""
+    for f in fields():
+        value = getattr(cfg, f.name)
+        problem = _problem(f, value)
+        if problem:
+            shown = "" if spec(f).nonempty else f" {value!r}" if isinstance(value, str) else f" {value}"
+            where = f.name if spec(f).cli_why_not else flag_of(f)  # a setting the CLI lacks: its Python name
+            raise TextinvError(f"{spec(f).label}: {problem} ({where}{shown})")
+    if cfg.per_layer and cfg.file_format not in formats.PER_LAYER_FORMATS:
+        raise TextinvError(f"--format {cfg.format}: holds one set of vectors; --per-layer saves per-layer (its default) or xti")
+    if not cfg.per_layer and cfg.format in formats.PER_LAYER_FORMATS:
+        raise TextinvError(f"--format {cfg.format}: holds per-layer (P+) embeddings; add --per-layer to train one")
+    if cfg.per_layer and (cfg.compile or cfg.grad_checkpointing):
+        raise TextinvError("--per-layer: not with --grad-checkpointing (the recomputed layers would not see their own "
+                           "states) or --compile (not supported yet)")
+    if cfg.lr_warmup >= cfg.steps:
+        raise TextinvError(f"--lr-warmup {cfg.lr_warmup}: must be between 0 and --steps ({cfg.steps}) - 1")
+    parse_lr(cfg.lr)
+    parse_timesteps(cfg.timesteps)
+    templates_of(cfg)  # a bad --templates fails before the model loads
+
+
+def _problem(f: dataclasses.Field, value) -> str | None:
+    """What is wrong with one setting's value, in words; None: nothing."""
+    s, (kind, optional) = spec(f), kind_of(f)
+    if value is None and optional:
+        return None
+    if kind is int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        return "must be a whole number"
+    if kind is float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+        return "must be a number"
+    if s.choices and value not in s.choices:
+        return f"choose one of {', '.join(s.choices)}"
+    if s.nonempty and not str(value).strip():
+        return s.rule or "must not be empty"
+    if kind in (int, float) and not _within(value, s):
+        return s.rule or _range_words(s)
+    return None
+
+
+def _within(x, s: Setting) -> bool:
+    if not math.isfinite(x) or (s.low is not None and x < s.low):
+        return False
+    return s.high is None or (x < s.high if s.high_open else x <= s.high)
+
+
+def _range_words(s: Setting) -> str:
+    if s.high is None:
+        return f"at least {s.low}"
+    return f"must be in [{s.low}, {s.high})" if s.high_open else f"must be between {s.low} and {s.high}"
+
+
+def parse_lr(spec: str | float) -> list[tuple[float, int | None]]:
+    """A1111's schedule: ``"0.005:100, 1e-3:1000, 1e-5"`` = 0.005 until step 100, then …"""
+    out = []
+    try:
+        for part in str(spec).split(","):
+            rate, _, until = part.strip().partition(":")
+            end = int(until) if until.strip() not in ("", "-1") else None
+            out.append((float(rate), end))
+    except ValueError:
+        raise TextinvError(f"--lr {spec!r}: expected a number or a schedule like '0.005:100, 1e-3:1000, 1e-5'") from None
+    if not out or any(r <= 0 or not math.isfinite(r) for r, _ in out):
+        raise TextinvError(f"--lr {spec!r}: learning rates must be positive numbers")
+    return out
+
+
+def parse_timesteps(spec: str, total: int | None = None) -> tuple[int, int | None]:
+    """``"all"`` or ``"LOW:HIGH"`` (either side may be empty) → the half-open range of training timesteps.
+    ``total``: the model's number of timesteps; None (before the model is loaded) checks the form only,
+    and an open end stays None.
+
+    Why: what a prompt decides at high noise (layout, colour) and at low noise (texture, detail)
+    differ; re-learning a word's colour distribution (replace mode) needs the high-noise steps, and
+    the low-noise ones mostly pull the vector towards the details of the few curated pictures."""
+    if str(spec).strip().lower() in ("", "all"):
+        return 0, total
+    low, sep, high = str(spec).partition(":")
+    try:
+        lo, hi = int(low or 0), int(high) if high else total
+    except ValueError:
+        lo = hi = -1
+    if not sep or not 0 <= lo < (hi if hi is not None else math.inf) <= (total or math.inf):
+        most = f" <= {total}" if total else ""
+        raise TextinvError(f"--timesteps {spec!r}: expected LOW:HIGH with 0 <= LOW < HIGH{most} (or 'all')")
+    return lo, hi
+
+
+def templates_of(cfg: TrainConfig) -> list[str]:
+    """The prompt templates of a run: --templates, else the mode's built-in list."""
+    return data.load_templates(cfg.templates or ("style" if cfg.mode == "style" else "object"))
