@@ -8,7 +8,7 @@
     textinv.train(images="photos/", token="<my-cat>", init="cat", steps=500)
     textinv.generate("a (my-cat:1.2) on the moon", embeddings=["embeddings/"], n=4, out="outputs")
 """
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401 - one string, shared with generation (a PNG's Version)
 
 from .errors import EmbeddingFileError, ModelMismatchError, TextinvError  # noqa: E402
 from .formats import Embedding, load, load_all, save, to_single  # noqa: E402

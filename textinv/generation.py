@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from . import formats
+from .version import __version__
 
 DEFAULT_STEPS = 30
 
@@ -282,7 +283,7 @@ def _prompt_arguments(pipe, pairs: list[tuple[str, str | None]], clip_skip: int)
 
 def _parameters(prompt, negative, steps, sampler, guidance, seed, width, height, model_hash, model, clip_skip, ti) -> str:
     """A1111's infotext for one image, its keys in A1111's order."""
-    from . import __version__, pngmeta
+    from . import pngmeta
 
     return pngmeta.format_parameters(prompt, negative, {
         "Steps": steps, "Sampler": sampler, "CFG scale": float(guidance), "Seed": seed, "Size": f"{width}x{height}",
