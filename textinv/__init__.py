@@ -11,8 +11,9 @@
 from .version import __version__  # noqa: F401 - one string, shared with generation (a PNG's Version)
 
 from .errors import EmbeddingFileError, ModelMismatchError, TextinvError  # noqa: E402
-from .formats import Embedding, load, load_all, save, to_single  # noqa: E402
+from .formats import Embedding, load, save, to_single  # noqa: E402
 from . import models  # noqa: E402,F401 - names the built-in model's family for inspect and the library
+from .sources import load_all  # noqa: E402 - a library's training runs count once, as their final embedding
 from .tokens import apply, expand, remove  # noqa: E402
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, formats, generation, tokens
+from . import data, formats, generation, runs, tokens
 from .atomic import atomic_path, write_text
 from .errors import TextinvError
 from .evaluate import kl_to_uniform  # noqa: F401  (KL to uniform: one home, evaluate's)
@@ -304,7 +304,7 @@ def learn_per_value(run: BiasRun, pipe, out: Path, echo=None, before: dict | Non
     found, seconds = [], 0.0
     for value, folder in value_folders(run.images, run.values).items():
         token = value_token(run.word, value)
-        where = out / "run" / formats.file_stem(token)
+        where = runs.inner(out) / formats.file_stem(token)
         images, templates, captions = per_value_data(run, folder, where)
         init = start_word(run.init, value, before)
         if echo:
@@ -312,7 +312,7 @@ def learn_per_value(run: BiasRun, pipe, out: Path, echo=None, before: dict | Non
         cfg = TrainConfig(images=str(images), token=token, init=init, model=run.model, model_config=run.model_config,
                           templates=str(templates), captions=captions, steps=run.steps, lr=run.lr,
                           timesteps=run.setting("timesteps"), guidance=run.setting("guidance"), vectors=run.vectors,
-                          flip=False, seed=run.seed, out=str(where), resume=(where / "state.pt").exists(),
+                          flip=False, seed=run.seed, out=str(where), resume=runs.has_state(where),
                           progress=echo is not None, **{**UNSTOPPED, **run.extra})
         result = train(cfg, pipe=pipe, echo=echo)
         tokens.remove(pipe, token)
@@ -418,7 +418,7 @@ def run_bias(run: BiasRun, pipe=None, echo=None) -> dict:
             cfg = TrainConfig(images=run.images, token=run.word, mode="replace", model=run.model, model_config=run.model_config,
                               templates=run.templates, steps=run.steps, lr=run.lr, timesteps=run.setting("timesteps"),
                               guidance=run.setting("guidance"), vectors=run.vectors, flip=False, seed=run.seed,
-                              out=str(out / "run"), resume=(out / "run" / "state.pt").exists(), progress=echo is not None,
+                              out=str(runs.inner(out)), resume=runs.has_state(runs.inner(out)), progress=echo is not None,
                               **{**UNSTOPPED, **run.extra})
             result = train(cfg, pipe=pipe, echo=echo)
             tokens.remove(pipe, run.word)

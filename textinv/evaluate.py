@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import generation
+from . import generation, runs
 from .errors import TextinvError
 from .models import name_of
 
@@ -391,9 +391,7 @@ def _fmt(x) -> str:
 
 def run_embeddings(run_dir) -> tuple[dict, list[tuple[int, "object"]]]:
     """A training run's config and its saved embeddings as (step, path), intermediate and final."""
-    from .sources import run_saves
-
-    return run_saves(run_dir)
+    return runs.saves(run_dir)
 
 
 # ------------------------------------------------------------------------------------------
@@ -431,7 +429,7 @@ def evaluate_path(target, *, images=None, model=None, concept: str | None = None
         raise TextinvError(f"{target}: no such file or folder")
     if n < 1 or steps < 1:
         raise TextinvError(f"-n and --steps must be at least 1 (got {n}, {steps})")
-    if target.is_dir() and (target / "config.json").is_file():
+    if target.is_dir() and runs.config_file(target).is_file():
         cfg, saves = run_embeddings(target)
         trigger, init = cfg["token"], cfg.get("init")
         images = images or cfg.get("images")
@@ -449,7 +447,7 @@ def evaluate_path(target, *, images=None, model=None, concept: str | None = None
             clip_skip = int(emb.meta.get("clip_skip") or 1)
         step = emb.meta.get("step")
         saves = [(int(step) if str(step).isdigit() else 0, target)]
-        cfg = sources.run_config(src.run) if src.run is not None else None
+        cfg = runs.config(src.run) if src.run is not None else None
         if cfg:  # RUN@STEP: the run's own images, model and trigger, as for the whole run
             trigger, init = cfg.get("token", trigger), cfg.get("init", init)
             images = images or cfg.get("images")
@@ -502,12 +500,11 @@ def pick_best(tracker: StepTracker, result, cfg, tolerance: float = 0.05) -> tup
     best = best_step(tracker.points, tolerance)
     if best is None or best == result.steps:
         return result.steps, result.embedding_path
-    stem, suffix = formats.file_stem(cfg.token), formats.suffix_for(cfg.file_format, result.embedding)
-    folder = result.out / "embeddings"
-    last = folder / f"{stem}-{result.steps}{suffix}"
+    suffix = formats.suffix_for(cfg.file_format, result.embedding)
+    last = runs.save_file(result.out, cfg.token, result.steps, suffix)
     if not last.exists():
         formats.save(result.embedding, last, cfg.file_format)
-    chosen = formats.load(folder / f"{stem}-{best}{suffix}", name=result.embedding.name)
+    chosen = formats.load(runs.save_file(result.out, cfg.token, best, suffix), name=result.embedding.name)
     formats.save(chosen, result.embedding_path, cfg.file_format)
     return best, result.embedding_path
 
@@ -546,4 +543,4 @@ def train_measured(cfg, *, concept=None, clip=None, dino=None, n: int = 8, patie
     elif not tracker.has(result.steps):
         tracker.measure(result.steps)
     ev = tracker.evaluation(target=result.out, model=cfg.model, images=cfg.images, training=training_images)
-    return MeasuredRun(result, ev, best, write_outputs(ev, result.out / "eval"))
+    return MeasuredRun(result, ev, best, write_outputs(ev, runs.eval_folder(result.out)))
