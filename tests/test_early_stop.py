@@ -10,7 +10,8 @@ import torch
 
 from textinv import stopping, tokens
 from textinv.errors import TextinvError
-from textinv.training import STATE_FILE, train
+from textinv.runs import STATE_FILE
+from textinv.training import train
 
 from conftest import make_sd
 from test_train import shapes

@@ -21,7 +21,8 @@ from textinv import atomic, data, formats
 from textinv.cli import main
 from textinv.errors import TextinvError
 from textinv.formats import Embedding
-from textinv.training import RunLock, train
+from textinv.runs import RunLock
+from textinv.training import train
 
 import hostile
 from conftest import make_sd, malicious_pt
@@ -223,7 +224,7 @@ def test_a_run_folder_is_owned_by_one_process_and_a_killed_owner_leaves_no_stale
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from textinv.training import RunLock
+        from textinv.runs import RunLock
         with RunLock({str(out)!r}):
             print("locked", flush=True)
             time.sleep(120)

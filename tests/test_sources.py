@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from textinv import formats, generation, sources
+from textinv import formats, generation, runs, sources
 from textinv.cli import main
 from textinv.errors import TextinvError
 from textinv.formats import Embedding
@@ -79,8 +79,20 @@ def run(trained, tmp_path):
 def test_the_trainers_run_folder_has_the_layout_these_tests_assume(run):
     assert {"config.json", "log.jsonl", "state.pt", "blk.safetensors", "embeddings", "previews"} <= {p.name for p in run.iterdir()}
     assert (run / "embeddings" / "blk-2.safetensors").is_file()
-    assert sources.run_final(run) == run / "blk.safetensors"
-    assert [s for s, _ in sources.run_saves(run)[1]] == [2, 4]
+    assert runs.final(run) == run / "blk.safetensors"
+    assert [s for s, _ in runs.saves(run)[1]] == [2, 4]
+
+
+def test_runs_names_each_part_the_trainer_wrote(run):
+    assert runs.config(run)["token"] == "<blk>" and runs.folder_of(run) == run and runs.folder_of(run.parent) is None
+    assert runs.has_state(run) and runs.is_state_file(runs.state_file(run)) and not runs.is_state_file(run / "blk.safetensors")
+    assert runs.save_file(run, "<blk>", 2, ".safetensors").is_file()
+    assert runs.final(run) == runs.final_file(run, "<blk>", ".safetensors")
+    assert runs.previews(run) == [runs.preview_file(run, 2), runs.preview_file(run, 4)]
+    assert [json.loads(line)["step"] for line in runs.log_file(run).read_text().splitlines()] == [1, 2, 3, 4]
+    assert (runs.eval_folder(run) / "metrics.json").is_file()
+    with runs.RunLock(run):  # the run has ended: nothing holds its folder
+        pass
 
 
 def test_a_run_folder_means_its_final_embedding_everywhere(run, tmp_path):
@@ -147,7 +159,7 @@ def test_state_pt_and_unfinished_runs_fail_in_one_line(run):
     one_error_line(runner.invoke(main, ["generate", "a", "-e", str(run), "--steps", "1"]),
                    "no final embedding yet", f"{run}@STEP", "saved steps: 2")
     assert sources.load_one(f"{run}@2").name == "blk"
-    assert formats.load_all(run.parent) == []  # a library scan skips it whole: no state, no step saves
+    assert sources.load_all(run.parent) == []  # a library scan skips it whole: no state, no step saves
 
 
 def test_the_demo_folder_stands_for_its_run(trained, tmp_path, monkeypatch):

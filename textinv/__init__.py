@@ -8,11 +8,12 @@
     textinv.train(images="photos/", token="<my-cat>", init="cat", steps=500)
     textinv.generate("a (my-cat:1.2) on the moon", embeddings=["embeddings/"], n=4, out="outputs")
 """
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401 - one string, shared with generation (a PNG's Version)
 
 from .errors import EmbeddingFileError, ModelMismatchError, TextinvError  # noqa: E402
-from .formats import Embedding, load, load_all, save, to_single  # noqa: E402
+from .formats import Embedding, load, save, to_single  # noqa: E402
 from . import models  # noqa: E402,F401 - names the built-in model's family for inspect and the library
+from .sources import load_all  # noqa: E402 - a library's training runs count once, as their final embedding
 from .tokens import apply, expand, remove  # noqa: E402
 from . import perlayer  # noqa: E402,F401 - plugs per-layer (P+) embeddings into tokens and prompts
 

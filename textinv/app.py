@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import settings
+from . import runs, settings
 from .bias import RECIPES as BIAS_RECIPES  # a value per subfolder, or the word re-learned from one folder
 from .errors import TextinvError
 from .formats import SAVE_FORMATS, file_stem, native_format, suffix_for
@@ -109,7 +109,7 @@ class TrainJob:
         return self.stop_event.is_set()
 
     def previews(self) -> list[Path]:
-        return sorted((self.out / "previews").glob("*.png"))
+        return runs.previews(self.out)
 
     def status(self) -> str:
         """The run's state in a line, and below it the run's summary (images, buckets, captions, model)."""

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import re
 import shutil
 import time
@@ -38,10 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, formats, generation, tokens
+from . import data, formats, generation, runs, sources, tokens
 from .atomic import atomic_path, write_text
 from .errors import TextinvError
-from .evaluate import kl_to_uniform  # noqa: F401  (KL to uniform: one home, evaluate's)
+from .evaluate import kl_to_uniform, read_prompts, world_sized  # KL to uniform: one home, evaluate's
+from .models import load_pipeline, pipeline_defaults
+from .training import TrainConfig, train
 
 # Prompts a real model's word is held out on (never in the training templates); the trigger is {}.
 HELD_OUT_PROMPTS = ["a portrait of a {}", "an illustration of a {} at work", "a candid picture of a {} outdoors",
@@ -132,8 +133,6 @@ class ClipClassifier:
 
 def classifier_for(pipe, attribute: str, values: list[str], word: str, clip: str | None = None):
     """The judge where the model draws the mini world's pictures (and no --clip), else CLIP."""
-    from .evaluate import world_sized
-
     if clip is None and world_sized(pipe):
         return JudgeClassifier(attribute, values, word)
     return ClipClassifier(attribute, values, word, clip, device=str(pipe.unet.device))
@@ -233,9 +232,6 @@ class BiasRun:
 
 
 def prompt_groups(run: BiasRun, pipe, trained_templates: list[str] | None) -> dict[str, list[str]]:
-    from .evaluate import read_prompts
-    from .models import pipeline_defaults
-
     templates = trained_templates or data.load_templates(run.templates or "object")
     training = []
     article = "an" if run.word[:1].lower() in "aeiou" else "a"
@@ -311,12 +307,10 @@ def learn_per_value(run: BiasRun, pipe, out: Path, echo=None, before: dict | Non
     """One token per value, from ``CURATED/VALUE/``, trained before the word ("a photo of a
     <ball-green> ball"), starting from :func:`start_word`.  Captions (IMG.txt) should describe
     everything but the attribute, so that the token learns the attribute and nothing else."""
-    from .training import TrainConfig, train
-
     found, seconds = [], 0.0
     for value, folder in value_folders(run.images, run.values).items():
         token = value_token(run.word, value)
-        where = out / "run" / formats.file_stem(token)
+        where = runs.inner(out) / formats.file_stem(token)
         images, templates, captions = per_value_data(run, folder, where)
         init = start_word(run.init, value, before)
         if echo:
@@ -324,7 +318,7 @@ def learn_per_value(run: BiasRun, pipe, out: Path, echo=None, before: dict | Non
         cfg = TrainConfig(images=str(images), token=token, init=init, model=run.model, model_config=run.model_config,
                           templates=str(templates), captions=captions, steps=run.steps, lr=run.lr,
                           vectors=run.vectors, flip=False, seed=run.seed, out=str(where),
-                          resume=(where / "state.pt").exists(), progress=echo is not None,
+                          resume=runs.has_state(where), progress=echo is not None,
                           **{**run.recipe_settings(), **UNSTOPPED, **run.extra})
         result = train(cfg, pipe=pipe, echo=echo)
         tokens.remove(pipe, token)
@@ -384,13 +378,8 @@ def per_value_set(embs: list, run: BiasRun, where: str) -> list:
     return ordered
 
 
-def run_bias(run: BiasRun, pipe=None, echo=None) -> dict:
-    """Measure before, re-learn (or apply ``embedding``), measure after; write bias.json, the chart
-    and report.html in ``run.out``.  Returns what bias.json holds."""
-    from .models import load_pipeline, pipeline_defaults
-    from .training import TrainConfig, train
-
-    say = echo or (lambda *_: None)
+def check(run: BiasRun) -> None:
+    """Every setting that can be wrong, in one line, before minutes of measuring."""
     if run.images and run.embedding:
         raise TextinvError("--images (re-learn the word) and -e (an existing embedding) exclude each other")
     if run.recipe not in RECIPES:
@@ -402,7 +391,14 @@ def run_bias(run: BiasRun, pipe=None, echo=None) -> dict:
     if run.recipe == "replace" and run.init != "majority":
         raise TextinvError(f"--init {run.init}: only the per-value recipe has tokens to start; replace starts from the word itself")
     if run.images and run.recipe == "per-value":
-        value_folders(run.images, run.values)  # before minutes of measuring
+        value_folders(run.images, run.values)
+
+
+def run_bias(run: BiasRun, pipe=None, echo=None) -> dict:
+    """Measure before, re-learn (or apply ``embedding``), measure after; write bias.json, the chart
+    and report.html in ``run.out``.  Returns what bias.json holds."""
+    say = echo or (lambda *_: None)
+    check(run)
     t0 = time.perf_counter()
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -421,38 +417,8 @@ def run_bias(run: BiasRun, pipe=None, echo=None) -> dict:
         named = measure(pipe, groups, classify, rewrite=rewriter(run.word, ask), **kw)
     after, seconds, source, use, applied = None, 0.0, None, None, []
     if run.images or run.embedding:
-        if run.images and run.recipe == "per-value":
-            say(f"learning one token per {run.attribute} value from {run.images}/VALUE/ ({len(run.values)} × {run.steps} steps)")
-            applied, seconds = learn_per_value(run, pipe, out, echo=echo, before=before)
-            source = str(out / "embeddings")
-        elif run.images:
-            say(f"re-learning {run.word!r} from {run.images} (replace mode, {run.steps} steps)")
-            cfg = TrainConfig(images=run.images, token=run.word, mode="replace", model=run.model, model_config=run.model_config,
-                              templates=run.templates, steps=run.steps, lr=run.lr, vectors=run.vectors, flip=False, seed=run.seed,
-                              out=str(out / "run"), resume=(out / "run" / "state.pt").exists(), progress=echo is not None,
-                              **{**run.recipe_settings(), **UNSTOPPED, **run.extra})
-            result = train(cfg, pipe=pipe, echo=echo)
-            tokens.remove(pipe, run.word)
-            seconds, source = result.seconds, str(result.embedding_path)
-            applied = [result.embedding]
-        else:
-            from . import sources
-
-            embs = sources.load(run.embedding)
-            if len(embs) == 1:
-                embs[0].name = run.word
-            else:
-                embs = per_value_set(embs, run, run.embedding)
-            applied, source = embs, run.embedding
-        if len(applied) > 1:
-            use = variants(run.word, [e.name for e in applied])
-            say(f"the word is used as {use}")
-        tokens.apply(pipe, applied)
-        try:
-            say(f"after: {run.attribute} of {run.word!r} with the re-learned word")
-            after = measure(pipe, groups, classify, rewrite=rewriter(run.word, use) if use else None, **kw)
-        finally:
-            tokens.remove(pipe, [e.name for e in applied])
+        applied, seconds, source = new_word(run, pipe, out, echo=echo, before=before)
+        after, use = measure_after(run, pipe, applied, groups, classify, say, **kw)
     result = {"word": run.word, "attribute": run.attribute, "values": run.values, "classifier": classify.kind,
               "n": run.n, "seed": run.seed, "prompts": groups, "before": before, "named": named, "after": after, "embedding": source,
               "recipe": run.recipe if run.images else None, "use": use,
@@ -460,13 +426,66 @@ def run_bias(run: BiasRun, pipe=None, echo=None) -> dict:
               "train_seconds": round(seconds, 1), "seconds": round(time.perf_counter() - t0, 1)}
     if after is not None:
         result["summary"] = {g: _compare(before[g]["pooled"], after[g]["pooled"], classify.kind) for g in groups}
-        if run.images and unmoved(result["summary"]):
-            why = "; a majority start needs its steps" if run.recipe == "per-value" and run.init == "majority" else ""
-            result["warning"] = (f"the re-learned word is as biased as before: train longer (--steps, now {run.steps}{why}) "
-                                 f"or check the curated folder")
-            say("warning: " + result["warning"])
+        warning = unmoved_warning(run, result["summary"])
+        if warning:
+            result["warning"] = warning
+            say("warning: " + warning)
     write_outputs(result, out)
     return result
+
+
+def new_word(run: BiasRun, pipe, out: Path, echo=None, before: dict | None = None) -> tuple[list, float, str]:
+    """What stands for the word after: per-value tokens or the word re-learned from ``run.images``
+    (in ``out``), or ``run.embedding``.  (embeddings, seconds of training, where they are)"""
+    say = echo or (lambda *_: None)
+    if run.images and run.recipe == "per-value":
+        say(f"learning one token per {run.attribute} value from {run.images}/VALUE/ ({len(run.values)} × {run.steps} steps)")
+        applied, seconds = learn_per_value(run, pipe, out, echo=echo, before=before)
+        return applied, seconds, str(out / "embeddings")
+    if run.images:
+        say(f"re-learning {run.word!r} from {run.images} (replace mode, {run.steps} steps)")
+        result = train(replace_config(run, out, progress=echo is not None), pipe=pipe, echo=echo)
+        tokens.remove(pipe, run.word)
+        return [result.embedding], result.seconds, str(result.embedding_path)
+    embs = sources.load(run.embedding)
+    if len(embs) == 1:
+        embs[0].name = run.word
+    else:
+        embs = per_value_set(embs, run, run.embedding)
+    return embs, 0.0, run.embedding
+
+
+def replace_config(run: BiasRun, out: Path, progress: bool = False) -> TrainConfig:
+    """The replace recipe: the word itself re-learned from one flat folder, in ``out/run``."""
+    where = runs.inner(out)
+    return TrainConfig(images=run.images, token=run.word, mode="replace", model=run.model, model_config=run.model_config,
+                       templates=run.templates, steps=run.steps, lr=run.lr, vectors=run.vectors, flip=False, seed=run.seed,
+                       out=str(where), resume=runs.has_state(where), progress=progress,
+                       **{**run.recipe_settings(), **UNSTOPPED, **run.extra})
+
+
+def measure_after(run: BiasRun, pipe, applied: list, groups: dict, classify, say, **kw) -> tuple[dict, str | None]:
+    """The word's distribution with ``applied`` in the model; several embeddings (per-value
+    tokens) are used in turn as a variant group.  (what measure gives, that variant group or None)"""
+    use = None
+    if len(applied) > 1:
+        use = variants(run.word, [e.name for e in applied])
+        say(f"the word is used as {use}")
+    tokens.apply(pipe, applied)
+    try:
+        say(f"after: {run.attribute} of {run.word!r} with the re-learned word")
+        return measure(pipe, groups, classify, rewrite=rewriter(run.word, use) if use else None, **kw), use
+    finally:
+        tokens.remove(pipe, [e.name for e in applied])
+
+
+def unmoved_warning(run: BiasRun, summary: dict) -> str | None:
+    """What to say when the word re-learned from ``run.images`` is as biased as before; else None."""
+    if not (run.images and unmoved(summary)):
+        return None
+    why = "; a majority start needs its steps" if run.recipe == "per-value" and run.init == "majority" else ""
+    return (f"the re-learned word is as biased as before: train longer (--steps, now {run.steps}{why}) "
+            f"or check the curated folder")
 
 
 def unmoved(summary: dict) -> bool:

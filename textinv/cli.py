@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from . import settings
+from . import runs, settings
 from .errors import TextinvError
 from .models import MODEL_HELP
 from .settings import CLIP_SKIP_HELP, CONFIG_HELP, MAX_SEED, TrainConfig
@@ -318,7 +318,7 @@ def train(pick_best, patience, eval_n, concept, clip, dino, **given):
     click.echo(_trained(result))
     if pick_best:
         best = measured.best
-        note = "the last step's" if best == result.steps else f"step {best}'s (the last step's is in {result.out / 'embeddings'})"
+        note = "the last step's" if best == result.steps else f"step {best}'s (the last step's is in {runs.saves_folder(result.out)})"
         click.echo(f"--pick-best: {result.embedding_path} holds {note} embedding")
     click.echo(format_table(measured.evaluation.result))
     paths = measured.written
@@ -614,7 +614,7 @@ def eval_(target, images, model, prompts_file, count, concept, clip, dino, seed,
                                 clip_skip=clip_skip, model_config=model_config)
     if out is None:  # RUN/eval; NAME-eval beside a file; a download's in the current folder
         if src.run is not None and src.step is None:
-            out = src.run / "eval"
+            out = runs.eval_folder(src.run)
         elif src.remote:
             out = Path(f"{formats.file_stem(src.name or src.path.stem)}-eval")
         else:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from . import evaluate, tokens
+from . import evaluate, runs, tokens
 from .atomic import write_text
 from .images import grid
 from .models import load_pipeline
@@ -92,9 +92,10 @@ def run(out: Path, concept: str | None = None, seed: int = 0, settings: DemoSett
     # Sampling seeds 1000·seed … : the demo's seeds 0, 1, 2 judge disjoint sets of images.
     base = evaluate.judge_scores(pipe, INIT_WORD, "shape", concept, n=settings.n, seed=1000 * seed, keep_images=True)
     echo(f"3/4 training {token} (until learned: early stopping, at most {settings.steps} steps)")
+    run_folder = runs.inner(out)
     cfg = TrainConfig(images=str(out / "images"), token=token, model=model, init=INIT_WORD, vectors=settings.vectors,
                       templates=str(world_templates(out, settings.captions)), steps=settings.steps, lr=settings.lr, batch=settings.batch,
-                      flip=False, seed=seed, out=str(out / "run"), resume=(out / "run" / "state.pt").exists())
+                      flip=False, seed=seed, out=str(run_folder), resume=runs.has_state(run_folder))
     result = train(cfg, pipe=pipe)
     train_seconds = result.seconds
     echo("4/4 generating and judging")

@@ -11,10 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
-from . import generation
+from . import data, formats, generation, runs, sources, tokens, training
 from .errors import TextinvError
-from .models import name_of
+from .models import USE_A_REAL_MODEL, defaults, drawn_at, load_pipeline, name_of
+from .prompts import check_clip_skip
+from .report import write_outputs
 
 
 @dataclass
@@ -250,7 +253,6 @@ def world_sized(pipe) -> bool:
 def _check_judge_can_see(pipe, training_images) -> None:
     """The judge reads only the mini world's shapes: refuse, in one line, to score a concept it
     cannot see (a user's photos) rather than print zeros."""
-    from .models import USE_A_REAL_MODEL, drawn_at
     from .world import spec
 
     outside = [im for im in training_images if not drawn_at(im, spec.IMAGE_SIZE)]
@@ -391,9 +393,7 @@ def _fmt(x) -> str:
 
 def run_embeddings(run_dir) -> tuple[dict, list[tuple[int, "object"]]]:
     """A training run's config and its saved embeddings as (step, path), intermediate and final."""
-    from .sources import run_saves
-
-    return run_saves(run_dir)
+    return runs.saves(run_dir)
 
 
 # ------------------------------------------------------------------------------------------
@@ -408,9 +408,66 @@ class Evaluation:
 
 def default_guidance(model) -> float:
     """The guidance ``textinv generate`` uses for this model: its own default, else A1111's."""
-    from .models import defaults
-
     return defaults(model).guidance
+
+
+@dataclass
+class _Subject:
+    """What :func:`evaluate_path` measures: the saves as (step, path), by which trigger, the init
+    word (the baseline), the Clip skip it was made with, and its run's config (None: none)."""
+
+    saves: list
+    trigger: str
+    init: str | None
+    clip_skip: object
+    cfg: dict | None
+
+
+def _subject(src, target) -> _Subject:
+    """A run's every save, or one embedding (a save picked with RUN@STEP keeps its run's config)."""
+    if target.is_dir() and runs.config_file(target).is_file():
+        cfg, saves = run_embeddings(target)
+        return _Subject(saves, cfg["token"], cfg.get("init"), cfg.get("clip_skip"), cfg)
+    found = sources.load(src)
+    if len(found) != 1:
+        raise TextinvError(f"{target}: holds {len(found)} embeddings; pass one embedding file or a training run folder")
+    emb, cfg = found[0], runs.config(src.run) if src.run is not None else None
+    trigger, init = emb.name, emb.meta.get("init_text")
+    if cfg:  # RUN@STEP: the run's own images, model and trigger, as for the whole run
+        trigger, init = cfg.get("token", trigger), cfg.get("init", init)
+    step = emb.meta.get("step")
+    return _Subject([(int(step) if str(step).isdigit() else 0, target)], trigger, init, emb.meta.get("clip_skip"), cfg)
+
+
+def _run_settings(cfg: dict | None, images, model, model_config):
+    """The images and model asked for, else the run's own."""
+    if cfg:
+        images = images or cfg.get("images")
+        if model is None:
+            model, model_config = cfg.get("model"), model_config or cfg.get("model_config")
+    return images, model, model_config
+
+
+def _measure_saves(tracker: StepTracker, pipe, saves, trigger: str) -> None:
+    for step, path in saves:
+        emb = formats.load(path, name=trigger)
+        tokens.apply(pipe, emb)
+        try:
+            tracker.measure(step)
+        finally:
+            tokens.remove(pipe, trigger)
+
+
+def _baseline(metric, pipe, init: str, echo=None, **kw) -> tuple[dict, dict]:
+    """The init word measured as the embedding was (what training started from): (figures, thumbnails)."""
+    r = metric(pipe, init, **kw)
+    base = {"init": init, "fidelity": r["fidelity"], "editability": r["editability"],
+            "score": tradeoff_score(r["fidelity"], r["editability"]), "probes": r["probes"]}
+    if r.get("dino") is not None:
+        base["dino"] = r["dino"]
+    if echo:
+        echo(f"baseline (init {init!r}): fidelity {_fmt(base['fidelity'])}, editability {_fmt(base['editability'])}")
+    return base, r["thumbs"]
 
 
 def evaluate_path(target, *, images=None, model=None, concept: str | None = None, clip: str | None = None,
@@ -419,11 +476,6 @@ def evaluate_path(target, *, images=None, model=None, concept: str | None = None
                   tolerance: float = 0.05, pipe=None, echo=None, clip_skip: int | None = None,
                   model_config=None) -> Evaluation:
     """Measure a training run's saves (the trade-off curve and the recommended step) or one embedding."""
-    import torch
-
-    from . import data, formats, sources, tokens
-    from .models import load_pipeline
-
     # A file or folder, a hub id or URL, RUN@STEP (one save), a run or the demo's folder (every save).
     src = sources.resolve(target)
     target = src.run if src.run is not None and src.step is None else src.path
@@ -431,83 +483,45 @@ def evaluate_path(target, *, images=None, model=None, concept: str | None = None
         raise TextinvError(f"{target}: no such file or folder")
     if n < 1 or steps < 1:
         raise TextinvError(f"-n and --steps must be at least 1 (got {n}, {steps})")
-    if target.is_dir() and (target / "config.json").is_file():
-        cfg, saves = run_embeddings(target)
-        trigger, init = cfg["token"], cfg.get("init")
-        images = images or cfg.get("images")
-        if model is None:
-            model, model_config = cfg.get("model"), model_config or cfg.get("model_config")
-        if clip_skip is None:  # measure the embedding as it was trained
-            clip_skip = int(cfg.get("clip_skip") or 1)
-    else:
-        found = sources.load(src)
-        if len(found) != 1:
-            raise TextinvError(f"{target}: holds {len(found)} embeddings; pass one embedding file or a training run folder")
-        emb = found[0]
-        trigger, init = emb.name, emb.meta.get("init_text")
-        if clip_skip is None:
-            clip_skip = int(emb.meta.get("clip_skip") or 1)
-        step = emb.meta.get("step")
-        saves = [(int(step) if str(step).isdigit() else 0, target)]
-        cfg = sources.run_config(src.run) if src.run is not None else None
-        if cfg:  # RUN@STEP: the run's own images, model and trigger, as for the whole run
-            trigger, init = cfg.get("token", trigger), cfg.get("init", init)
-            images = images or cfg.get("images")
-            if model is None:
-                model, model_config = cfg.get("model"), model_config or cfg.get("model_config")
+    subject = _subject(src, target)
+    images, model, model_config = _run_settings(subject.cfg, images, model, model_config)
+    if clip_skip is None:  # measure the embedding as it was trained
+        clip_skip = int(subject.clip_skip or 1)
     if not images:
         raise TextinvError("--images: needed (the training images to compare with / to read the concept from)")
-    training = [item.image for item in data.load_images(images)]
+    training_images = [item.image for item in data.load_images(images)]
     if pipe is None:
         pipe = load_pipeline(model, device="cuda" if torch.cuda.is_available() else "cpu", config=model_config)
     if guidance is None:
         guidance = default_guidance(model)
-    from .prompts import check_clip_skip
-
     check_clip_skip(pipe, clip_skip)
     prompts = read_prompts(prompts_file) if prompts_file else None
-    metric = choose_metric(pipe, training, concept=concept, clip=clip, dino=dino, prompts=prompts,
+    metric = choose_metric(pipe, training_images, concept=concept, clip=clip, dino=dino, prompts=prompts,
                            device=str(pipe.unet.device))
-    tracker = StepTracker(metric, pipe, trigger, n=n, seed=seed, steps=steps, guidance=guidance, echo=echo,
+    tracker = StepTracker(metric, pipe, subject.trigger, n=n, seed=seed, steps=steps, guidance=guidance, echo=echo,
                           clip_skip=clip_skip)
-    for step, path in saves:
-        emb = formats.load(path, name=trigger)
-        tokens.apply(pipe, emb)
-        try:
-            tracker.measure(step)
-        finally:
-            tokens.remove(pipe, trigger)
-    thumbs = dict(tracker.thumbs)
-    base = None
+    _measure_saves(tracker, pipe, subject.saves, subject.trigger)
+    thumbs, base, init = dict(tracker.thumbs), None, subject.init
     if baseline and init and init.strip() not in ("", "*"):
-        r = metric(pipe, init, n=n, seed=seed, steps=steps, guidance=guidance, clip_skip=clip_skip)
-        base = {"init": init, "fidelity": r["fidelity"], "editability": r["editability"],
-                "score": tradeoff_score(r["fidelity"], r["editability"]), "probes": r["probes"]}
-        if r.get("dino") is not None:
-            base["dino"] = r["dino"]
-        thumbs["baseline"] = r["thumbs"]
-        if echo:
-            echo(f"baseline (init {init!r}): fidelity {_fmt(base['fidelity'])}, editability {_fmt(base['editability'])}")
-    return tracker.evaluation(target=target, model=model, images=images, training=training, baseline=base,
+        base, thumbs["baseline"] = _baseline(metric, pipe, init, echo, n=n, seed=seed, steps=steps, guidance=guidance,
+                                             clip_skip=clip_skip)
+    return tracker.evaluation(target=target, model=model, images=images, training=training_images, baseline=base,
                               tolerance=tolerance, extra_thumbs=thumbs)
 
 
 def pick_best(tracker: StepTracker, result, cfg, tolerance: float = 0.05) -> tuple[int, "object"]:
     """``textinv train --pick-best``: the recommended step's embedding becomes the run's final file
     (``result.embedding_path``); the last step's embedding stays as ``embeddings/NAME-LAST``."""
-    from . import formats
-
     if not tracker.has(result.steps):
         tracker.measure(result.steps)  # the trigger still holds the final vectors
     best = best_step(tracker.points, tolerance)
     if best is None or best == result.steps:
         return result.steps, result.embedding_path
-    stem, suffix = formats.file_stem(cfg.token), formats.suffix_for(cfg.file_format, result.embedding)
-    folder = result.out / "embeddings"
-    last = folder / f"{stem}-{result.steps}{suffix}"
+    suffix = formats.suffix_for(cfg.file_format, result.embedding)
+    last = runs.save_file(result.out, cfg.token, result.steps, suffix)
     if not last.exists():
         formats.save(result.embedding, last, cfg.file_format)
-    chosen = formats.load(folder / f"{stem}-{best}{suffix}", name=result.embedding.name)
+    chosen = formats.load(runs.save_file(result.out, cfg.token, best, suffix), name=result.embedding.name)
     formats.save(chosen, result.embedding_path, cfg.file_format)
     return best, result.embedding_path
 
@@ -527,12 +541,6 @@ def train_measured(cfg, *, concept=None, clip=None, dino=None, n: int = 8, patie
     """Train while measuring every save (the trade-off curve); stop early after ``patience`` saves
     without a better score; with ``keep_best`` make the recommended step the final embedding.
     The report goes to RUN/eval."""
-    import torch
-
-    from . import data, training
-    from .models import load_pipeline
-    from .report import write_outputs
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = load_pipeline(cfg.model, dtype=cfg.precision, device=device, config=cfg.model_config)
     training_images = [item.image for item in data.load_images(cfg.images)]
@@ -546,4 +554,4 @@ def train_measured(cfg, *, concept=None, clip=None, dino=None, n: int = 8, patie
     elif not tracker.has(result.steps):
         tracker.measure(result.steps)
     ev = tracker.evaluation(target=result.out, model=cfg.model, images=cfg.images, training=training_images)
-    return MeasuredRun(result, ev, best, write_outputs(ev, result.out / "eval"))
+    return MeasuredRun(result, ev, best, write_outputs(ev, runs.eval_folder(result.out)))

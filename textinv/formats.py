@@ -147,11 +147,12 @@ def native_format(emb: "Embedding") -> str:
     return "sdxl" if len(emb.vectors) > 1 else "diffusers"
 
 
-def suffix_for(fmt: str, emb: "Embedding") -> str:
-    """The file suffix ``fmt`` is written with ("" for diffusers' SDXL two-file folder)."""
-    if fmt == "diffusers" and emb.is_sdxl:
+def suffix_for(fmt: str, emb: "Embedding | None" = None) -> str:
+    """The file suffix ``fmt`` is written with: the first its writer accepts (.safetensors for an
+    unknown one; "" for diffusers' SDXL two-file folder, when ``emb`` is given and is SDXL)."""
+    if fmt == "diffusers" and emb is not None and emb.is_sdxl:
         return ""
-    return {"a1111": ".pt", "png": ".png"}.get(fmt, ".safetensors")
+    return _SAVE_SUFFIXES.get(fmt, (".safetensors",))[0]
 
 
 def to_single(emb: "Embedding") -> "Embedding":
@@ -264,21 +265,22 @@ def load(path, name: str | None = None, *, select: str | None = None) -> Embeddi
     return emb
 
 
-def load_all(path, *, on_error=None) -> list[Embedding]:
+def load_all(path, *, on_error=None, stands_for=None) -> list[Embedding]:
     """Every embedding in a file (a LoRA bundle gives several) or in a library folder.
 
     Names follow A1111: the file stem for .pt/.bin/.safetensors, the folder name for a diffusers
     SDXL folder, the stored name for image cards and bundled embeddings.  In a folder (searched
     recursively, in name order) non-embedding files and images without a card are skipped; a
-    training run folder gives its final embedding only (never its state, log or step saves); a
     broken embedding file raises, unless ``on_error(path, err)`` is given, which then sees it
-    and the file is skipped.
+    and the file is skipped.  ``stands_for(folder)``: the files a folder stands for instead of
+    its contents, or None to search it (:func:`textinv.sources.load_all` passes
+    :func:`textinv.runs.in_library`: a training run gives its final embedding only).
     """
     path = Path(path)
     if not path.is_dir() or _diffusers_sdxl_files(path) is not None:
         return _read(path)[1]
     out: list[Embedding] = []
-    for item in _library_items(path):
+    for item in _library_items(path, stands_for):
         try:
             out.extend(_read(item)[1])
         except _NoCard:
@@ -765,18 +767,14 @@ def _read_diffusers_sdxl(folder: Path) -> Embedding:
     return Embedding(name=folder.name, vectors=vectors, meta={"token": tokens[0]})
 
 
-def _library_items(folder: Path, seen: set | None = None):
+def _library_items(folder: Path, stands_for=None, seen: set | None = None):
     """Candidate files and diffusers SDXL folders under ``folder``, recursively, in name order;
-    a training run folder yields its final embedding, or nothing while the run has none."""
-    from .sources import run_config, run_final  # sources builds on this module
-
+    a folder that ``stands_for`` something else (a training run) yields that instead."""
     seen = set() if seen is None else seen
     seen.add(folder.resolve())  # symlinked folders are followed, but never in a loop
-    cfg = run_config(folder)
-    if cfg is not None:
-        final = run_final(folder, cfg)
-        if final is not None:
-            yield final
+    instead = stands_for(folder) if stands_for is not None else None
+    if instead is not None:
+        yield from instead
         return
     for item in sorted(folder.iterdir()):
         if item.name.startswith("."):
@@ -785,7 +783,7 @@ def _library_items(folder: Path, seen: set | None = None):
             if _diffusers_sdxl_files(item) is not None:
                 yield item
             elif item.resolve() not in seen:
-                yield from _library_items(item, seen)
+                yield from _library_items(item, stands_for, seen)
         elif is_embedding_candidate(item):
             yield item
 

@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import __version__, families, formats, pngmeta, prompts, samplers, tokens
+from . import families, formats, pngmeta, prompts, samplers, tokens
 from .errors import TextinvError
 from .images import grid as make_grid
 from .models import defaults, load_pipeline, pipeline_defaults, resolve_model, warn_outside_world
 from .prompts import pick_variant
 from .sources import load as load_source, warn_skipped
+from .version import __version__
 
 DEFAULT_STEPS = 30
 

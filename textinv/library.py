@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from . import formats
+from . import formats, sources, tokens
 from .errors import TextinvError
 from .formats import Embedding
 
@@ -22,8 +22,6 @@ def _size(path: Path | None) -> int | None:
 def describe(path, emb) -> dict:
     """What `textinv inspect` reports about one embedding (also its --json output); ``path`` is
     how to name it (as the user wrote it), size and hashes are of the file it was read from."""
-    from . import tokens
-
     info = {
         "file": str(path),
         "format": emb.source_format,
@@ -54,8 +52,6 @@ def describe(path, emb) -> dict:
 def rows(folder) -> list[dict]:
     """One row per embedding in a library folder, or of any source :func:`textinv.sources.resolve`
     takes (a file, a training run, a hub id): trigger, family, vectors, steps, size, hash."""
-    from . import sources
-
     src = sources.resolve(folder)
     out = []
     for emb in sources.load(src, on_error=sources.warn_skipped):

@@ -17,7 +17,6 @@ trusted more.  A local path that exists always wins over a hub id spelled the sa
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import warnings
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from . import formats
+from . import formats, runs
 from .atomic import atomic_path
 from .errors import EmbeddingFileError, TextinvError
 
@@ -39,7 +38,6 @@ MODEL_STEMS = {"pytorch_model", "model", "diffusion_pytorch_model", "adapter_mod
                "rng_state", "training_args", "state"}
 MODEL_FOLDERS = {"unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "controlnet",
                  "safety_checker", "image_encoder", "prior", "decoder"}
-MAX_CONFIG_BYTES = 1 << 20
 _PART = re.compile(r"[A-Za-z0-9][\w.-]*")
 _HUB_HOSTS = {"huggingface.co", "hf.co"}
 
@@ -89,12 +87,18 @@ def resolve(spec) -> Source:
     raise TextinvError(f"{text}: no such file or folder")
 
 
+def load_all(path, *, on_error=None) -> list:
+    """Every embedding in a file or library folder (:func:`textinv.formats.load_all`), where a
+    training run counts once, as its final embedding (never its state, log or step saves)."""
+    return formats.load_all(path, on_error=on_error, stands_for=runs.in_library)
+
+
 def load(spec, *, on_error=None) -> list:
     """Every embedding ``spec`` names (see :func:`resolve`; a library folder gives several).
     ``on_error(path, err)``: as in :func:`textinv.formats.load_all`, for broken files in a folder."""
     src = resolve(spec)
     with _relabelled(src):
-        found = formats.load_all(src.path, on_error=on_error)
+        found = load_all(src.path, on_error=on_error)
     if src.name and len(found) == 1 and found[0].name == _own_name(src.path):
         found[0].name = src.name
     return found
@@ -105,7 +109,7 @@ def load_one(spec, *, name: str | None = None, select: str | None = None):
     src = resolve(spec)
     path = src.path
     if src.run is not None and path.is_dir() and not formats.is_embedding_candidate(path):
-        path = run_final(src.run) or path  # the demo's output folder: its run's final embedding
+        path = runs.final(src.run) or path  # the demo's output folder: its run's final embedding
     with _relabelled(src):
         emb = formats.load(path, select=select)
     if name:
@@ -121,98 +125,23 @@ def warn_skipped(path, err) -> None:
     warnings.warn(f"skipped {msg}" if msg.startswith(where) else f"skipped {where}: {msg}", stacklevel=3)
 
 
-# ------------------------------------------------------------------------------ training runs
-def run_config(folder) -> dict | None:
-    """A textinv training run's config.json (it names the trained token), or None: not a run folder."""
-    file = Path(folder) / "config.json"
-    try:
-        if not file.is_file() or file.stat().st_size > MAX_CONFIG_BYTES:
-            return None
-        cfg = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("token"), str) or not cfg["token"] or "steps" not in cfg:
-        return None
-    return cfg
-
-
-def run_folder(path) -> Path | None:
-    """The training run ``path`` stands for: itself, or the ``run/`` of the demo's output folder
-    (a folder whose only run folder is ``run/``); None for anything else."""
-    path = Path(path)
-    if not path.is_dir():
-        return None
-    if run_config(path) is not None:
-        return path
-    inner = path / "run"
-    if run_config(inner) is None:
-        return None
-    others = [p for p in path.iterdir() if p.is_dir() and p.name != "run" and run_config(p) is not None]
-    return None if others else inner
-
-
-def run_final(run, cfg: dict | None = None) -> Path | None:
-    """A run's final embedding (``NAME.ext``, or the ``NAME/`` folder of diffusers SDXL), None before the run ends."""
-    from .training import STATE_FILE
-
-    run = Path(run)
-    cfg = cfg if cfg is not None else run_config(run)
-    if cfg is None:
-        return None
-    stem = formats.file_stem(cfg["token"])
-    found = [p for p in sorted(run.iterdir()) if (p.stem if p.is_file() else p.name) == stem
-             and p.name != STATE_FILE and not p.name.startswith(".") and formats.is_embedding_candidate(p)]
-    want = {"a1111": ".pt", "png": ".png"}.get(cfg.get("format"), ".safetensors")
-    # Two finals (the format changed between runs into the same folder): the configured format's, else the newest.
-    found.sort(key=lambda p: (not (p.is_dir() or p.suffix.lower() == want), -p.stat().st_mtime))
-    return found[0] if found else None
-
-
-def run_saves(run) -> tuple[dict, list[tuple[int, Path]]]:
-    """A run's config and its saves as sorted (step, path): ``embeddings/NAME-STEP.*`` and the final one."""
-    run = Path(run)
-    cfg = run_config(run)
-    if cfg is None:
-        try:
-            json.loads((run / "config.json").read_text(encoding="utf-8"))
-            why = "it names no trained token and steps"
-        except (OSError, ValueError) as e:
-            why = getattr(e, "strerror", None) or str(e)
-        raise TextinvError(f"{run}: not a textinv training run (config.json: {why})")
-    stem = formats.file_stem(cfg["token"])
-    found: dict[int, Path] = {}
-    for p in sorted((run / "embeddings").glob(f"{stem}-*")):
-        m = re.fullmatch(rf"{re.escape(stem)}-(\d+)", p.stem if p.is_file() else p.name)
-        if m and formats.is_embedding_candidate(p):
-            found[int(m.group(1))] = p
-    final = run_final(run, cfg)
-    if final is not None:
-        step = formats.load(final).meta.get("step")
-        found[int(step) if str(step).isdigit() else int(cfg.get("steps") or 0)] = final
-    if not found:
-        raise TextinvError(f"{run}: no embeddings saved in this run yet")
-    return cfg, sorted(found.items())
-
-
 def _steps_text(saves, final) -> str:
     return ", ".join(f"{s} (final)" if p == final else str(s) for s, p in saves)
 
 
 def _local(text: str, path: Path) -> Source:
-    from .training import STATE_FILE
-
-    if path.name == STATE_FILE and run_config(path.parent) is not None:
+    if runs.is_state_file(path):
         raise TextinvError(f"{text}: a training run's state (for --resume), not an embedding; "
                            f"give the run folder {path.parent} for its final embedding")
-    run = run_folder(path)
+    run = runs.folder_of(path)
     if run is None:
         return Source(text, path, label=text)
     if run != path:  # the demo's output folder: its library scan finds the run's final embedding
         return Source(text, path, run=run, label=text)
-    final = run_final(run)
+    final = runs.final(run)
     if final is None:
         try:
-            _, saves = run_saves(run)
+            _, saves = runs.saves(run)
         except TextinvError:
             saves = []
         hint = f"; pick a save with {text}@STEP (saved steps: {_steps_text(saves, None)})" if saves else ""
@@ -221,11 +150,11 @@ def _local(text: str, path: Path) -> Source:
 
 
 def _at_step(text: str, base: Path, step: str) -> Source:
-    run = run_folder(base)
+    run = runs.folder_of(base)
     if run is None:
         raise TextinvError(f"{text}: @STEP picks a save of a training run, and {base} is not a run folder")
-    cfg, saves = run_saves(run)
-    final = run_final(run, cfg)
+    cfg, saves = runs.saves(run)
+    final = runs.final(run, cfg)
     steps = _steps_text(saves, final)
     if step.lower() in ("final", "last"):
         if final is None:

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import os
 import math
 import time
 from dataclasses import dataclass
@@ -36,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data, families, formats, generation, perlayer, prompts, stopping, tokens
-from .atomic import atomic_path, write_text
+from . import data, families, formats, generation, perlayer, prompts, runs, stopping, tokens
+from .atomic import atomic_path
 from .errors import TextinvError
 from .formats import Embedding
 from .latents import encode_views, open_cache
@@ -47,7 +45,6 @@ from .settings import (LR_SCHEDULES, MAX_RESOLUTION, MAX_SEED, MODES, TrainConfi
                        older_identity, parse_lr, parse_timesteps, templates_of)  # (re-exported: TrainConfig's old home)
 
 LOSS_WINDOW = 20  # the loss shown (bar and summary) is the mean of the last this-many steps
-STATE_FILE = "state.pt"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what a scheduler config may say the UNet predicts
 MAX_SKIPPED_STEPS = 25  # fp16: this many overflowing steps in a row is not a transient, it is the model
 EVAL_STREAM = 2**40  # the random stream of the fixed evaluation batch (training draws use the process index)
@@ -103,18 +100,6 @@ def init_vectors(tokenizer, table: torch.Tensor, text: str, n: int) -> torch.Ten
     if not ids:
         return torch.zeros(n, table.shape[1])
     return torch.stack([table[ids[i * len(ids) // n]].detach().float().cpu() for i in range(n)])
-
-
-def _check_out_dir(out: Path, resume: bool) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / ".write-test") as probe:
-            probe.write_bytes(b"ok")
-        (out / ".write-test").unlink()
-    except OSError as e:
-        raise TextinvError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-    if (out / STATE_FILE).exists() and not resume:
-        raise TextinvError(f"--out {out}: already holds a training run; pass --resume to continue it, or choose another folder")
 
 
 class PromptTable:
@@ -272,7 +257,7 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
     from accelerate import PartialState
 
     main_process = PartialState(cpu=not torch.cuda.is_available()).is_main_process
-    with RunLock(cfg.resolved_out()) if main_process else contextlib.nullcontext():
+    with runs.RunLock(cfg.resolved_out()) if main_process else contextlib.nullcontext():
         return _train(cfg, pipe, on_save, on_step, echo if main_process else None)
 
 
@@ -286,7 +271,7 @@ def _train(cfg: TrainConfig, pipe, on_save, on_step, echo=None) -> TrainResult:
         raise TextinvError("early stopping, --pick-best or a stop callback needs a single process")
     out = cfg.resolved_out()
     if dist.is_main_process:
-        _check_out_dir(out, cfg.resume)
+        runs.prepare(out, cfg.resume)
     skipped: list[str] = []
     images = data.load_images(cfg.images, skipped=skipped)
     if echo and pipe is None:
@@ -300,23 +285,23 @@ def _train(cfg: TrainConfig, pipe, on_save, on_step, echo=None) -> TrainResult:
     word = _Word(model.pipe, cfg, dist.device)  # before the prompts are tokenized: they name it
     batches = _Batches(cfg, model, the_plan, dist.process_index)
     start, curve = 0, []
-    if cfg.resume and (out / STATE_FILE).exists():
-        start, curve = _load_state(out / STATE_FILE, cfg, word.params, word.optimizer, word.scaler)
+    if cfg.resume and runs.has_state(out):
+        start, curve = _load_state(out, cfg, word.params, word.optimizer, word.scaler)
     stopper = _Stopper(batches, cfg, curve) if cfg.early_stop else None
     if dist.is_main_process:
-        _trim_log(out, start)  # each step once, after any number of resumes
+        runs.trim_log(out, start)  # each step once, after any number of resumes
         config_json = dict(dataclasses.asdict(cfg), resolution=model.resolution, init=word.applied.embedding.meta["init_text"],
                            templates_used=batches.templates, images_used=[str(i.path) for i in images],
                            views=len(batches.views), buckets={str(p.path.name): list(wh) for p, wh in zip(images, the_plan.sizes)},
                            captions_used=the_plan.captioned)
-        write_text(out / "config.json", json.dumps(config_json, indent=2, default=str))
+        runs.write_config(out, config_json)
     last_step, loss, seconds, stopped = _loop(cfg, out, model, batches, word, start, dist, on_save, on_step, stopper)
 
     final = _current(word.applied, cfg, last_step, model.pipe)
-    path = out / f"{formats.file_stem(cfg.token)}{formats.suffix_for(cfg.file_format, final)}"
+    path = runs.final_file(out, cfg.token, formats.suffix_for(cfg.file_format, final))
     if dist.is_main_process:
         formats.save(final, path, cfg.file_format, preview=_card_picture(model.pipe, cfg, batches.templates))
-        _save_state(out / STATE_FILE, cfg, word.params, word.optimizer, last_step, word.scaler, stopper)
+        _save_state(out, cfg, word.params, word.optimizer, last_step, word.scaler, stopper)
     for p in word.params:
         p.requires_grad_(False)
     if dist.num_processes > 1:
@@ -609,7 +594,7 @@ def _loop(cfg: TrainConfig, out: Path, model: _Model, batches: _Batches, word: _
     (last step, loss, seconds, why it stopped early or None)"""
     main = dist.is_main_process
     t0, last_good, skipped_in_a_row = time.perf_counter(), None, 0
-    recent = _recent_losses(out, start)  # a resumed run's bar goes on from the same window
+    recent = runs.recent_losses(out, start, LOSS_WINDOW)  # a resumed run's bar goes on from the same window
     last_step, stopped = cfg.steps, None
     if stopper is not None:
         if start % cfg.eval_every == 0 and not (stopper.curve and stopper.curve[-1][0] == start):
@@ -637,19 +622,18 @@ def _loop(cfg: TrainConfig, out: Path, model: _Model, batches: _Batches, word: _
         record = {"step": done, "loss": round(total, 6), "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
         if stopper is not None and stopper.curve[-1][0] == done:
             record |= {"eval_loss": round(stopper.curve[-1][1], 6), "eval_ratio": round(stopper.ratio, 4)}
-        _log(out, record | ({"loss_scale": scale, "skipped": skipped} if word.fp16 else {}))
+        runs.append_log(out, record | ({"loss_scale": scale, "skipped": skipped} if word.fp16 else {}))
         progress.update(1)
         shown = {"eval": f"{stopper.curve[-1][1]:.4f}", "ratio": f"{stopper.ratio:.2f}"} if stopper is not None else {}
         progress.set_postfix(loss=f"{np.mean(recent):.4f}", **shown, lr=f"{lr:.2g}", refresh=False)  # the bar redraws on its own clock
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-            last_good = _save(out, model.pipe, word.applied, cfg, done, suffix=f"-{done}", subdir="embeddings",
-                              templates=batches.templates)
-            _save_state(out / STATE_FILE, cfg, word.params, word.optimizer, done, word.scaler, stopper)
+            last_good = _save(out, model.pipe, word.applied, cfg, done, templates=batches.templates)
+            _save_state(out, cfg, word.params, word.optimizer, done, word.scaler, stopper)
             if on_save is not None and on_save(done, last_good):
                 last_step, stopped = done, stopped or f"stopped at step {done} by the measured saves (--patience)"
                 break
         if cfg.preview_every and done % cfg.preview_every == 0:
-            preview(model.pipe, cfg, batches.templates, out / "previews" / f"{done:06d}.png")
+            preview(model.pipe, cfg, batches.templates, runs.preview_file(out, done))
         if on_step is not None and on_step(done, total) and done < cfg.steps and not stopped:
             last_step, stopped = done, f"stopped at step {done} on request"
         if stopped:
@@ -691,9 +675,10 @@ def _current(applied, cfg: TrainConfig, step: int, pipe) -> Embedding:
     return Embedding(cfg.token, vectors, meta=dict(applied.embedding.meta, step=step), layers=applied.embedding.layers)
 
 
-def _save(out: Path, pipe, applied, cfg, step: int, suffix: str, subdir: str, templates=()) -> Path:
+def _save(out: Path, pipe, applied, cfg, step: int, templates=()) -> Path:
+    """The save of ``step``, beside the run's others (see :func:`textinv.runs.save_file`)."""
     emb = _current(applied, cfg, step, pipe)
-    path = out / subdir / f"{formats.file_stem(cfg.token)}{suffix}{formats.suffix_for(cfg.file_format, emb)}"
+    path = runs.save_file(out, cfg.token, step, formats.suffix_for(cfg.file_format, emb))
     return formats.save(emb, path, cfg.file_format, preview=_card_picture(pipe, cfg, templates))
 
 
@@ -717,22 +702,15 @@ def _samples(pipe, cfg: TrainConfig, prompt: str, n: int, steps: int) -> list:
     return pipe(**call, num_inference_steps=steps, generator=torch.Generator().manual_seed(cfg.seed)).images
 
 
-def _save_state(path: Path, cfg: TrainConfig, params, optimizer, step: int, scaler, stopper=None) -> None:
+def _save_state(out: Path, cfg: TrainConfig, params, optimizer, step: int, scaler, stopper=None) -> None:
     curve = [c for c in stopper.curve if c[0] <= step] if stopper is not None else []
-    with atomic_path(path) as tmp:
-        torch.save({"step": step, "params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "identity": identity(cfg),
-                    "eval_curve": torch.tensor(curve, dtype=torch.float64).reshape(-1, 2)}, tmp)
+    runs.write_state(out, step=step, params=params, optimizer=optimizer, scaler=scaler, identity=identity(cfg),
+                     curve=curve)
 
 
-def _load_state(path: Path, cfg: TrainConfig, params, optimizer, scaler) -> tuple[int, list]:
+def _load_state(out: Path, cfg: TrainConfig, params, optimizer, scaler) -> tuple[int, list]:
     """Restore the vectors, AdamW and the loss scaler: (the step, the evaluation-loss curve so far)."""
-    try:
-        st = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise TextinvError(f"{path}: cannot resume from this state file ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
-    if not (isinstance(st, dict) and isinstance(st.get("identity"), dict)):
-        raise TextinvError(f"{path}: not a textinv training state (damaged or foreign); use another --out")
+    st, path = runs.read_state(out), runs.state_file(out)
     older, now = older_identity(), identity(cfg)  # a state from before a setting existed: settings.Setting.older
     changed = {k: (was, now[k]) for k in now if (was := st["identity"].get(k, older.get(k))) != now[k]}
     if changed:
@@ -760,77 +738,6 @@ def _load_state(path: Path, cfg: TrainConfig, params, optimizer, scaler) -> tupl
     if not (isinstance(curve, torch.Tensor) and curve.ndim == 2 and curve.shape[1] == 2 and torch.isfinite(curve).all()):
         raise TextinvError(f"{path}: a damaged training state (its evaluation-loss curve); use another --out")
     return int(st["step"]), [(int(s), float(v)) for s, v in curve.tolist() if s <= st["step"]]
-
-
-class RunLock:
-    """One process at a time owns a run folder: a second ``train`` on it, or a ``--resume`` while
-    the first still runs, is refused in one line.  The lock is the kernel's (``flock`` on
-    ``.lock``), so a killed run leaves nothing stuck: its lock goes with its process."""
-
-    def __init__(self, out: Path):
-        self.out, self.file = Path(out), None
-
-    def __enter__(self):
-        try:
-            import fcntl
-        except ImportError:  # not a POSIX system: no locking
-            return self
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.out / ".lock", "a+", encoding="ascii")
-        except OSError as e:
-            raise TextinvError(f"--out {self.out}: cannot write there ({e.strerror or e})") from None
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "?"
-            self.file.close()
-            raise TextinvError(f"--out {self.out}: another textinv train (pid {holder}) is using this folder; "
-                               "wait for it to finish, or choose another --out") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(str(os.getpid()))
-        self.file.flush()
-        return self
-
-    def __exit__(self, *exc):
-        if self.file is not None:
-            self.file.close()  # closing releases the lock
-
-
-def _trim_log(out: Path, start: int) -> None:
-    """Keep the log's records of steps 1..start: a resumed run replays nothing twice."""
-    log = out / "log.jsonl"
-    if not log.exists():
-        return
-    kept = []
-    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            if int(json.loads(line)["step"]) <= start:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by a kill
-    write_text(log, "".join(k + "\n" for k in kept))
-
-
-def _recent_losses(out: Path, start: int) -> list[float]:
-    """The last LOSS_WINDOW losses logged up to ``start`` (the log was trimmed to it)."""
-    log = out / "log.jsonl"
-    if not start or not log.exists():
-        return []
-    losses = []
-    for line in log.read_text(encoding="utf-8", errors="replace").splitlines()[-LOSS_WINDOW:]:
-        try:
-            losses.append(float(json.loads(line)["loss"]))
-        except (ValueError, KeyError, TypeError):
-            continue
-    return losses
-
-
-def _log(out: Path, record: dict) -> None:
-    with open(out / "log.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _progress(cfg: TrainConfig, start: int):
