@@ -109,6 +109,13 @@ def test_the_form_offers_every_setting_it_declares(tmp_path):
     shown = {f.name for f in FIELDS if settings.spec(f).form}
     assert {n.replace("_", "-") for n in shown} <= ids
     assert {"token", "init", "vectors", "steps", "mode", "lr", "batch", "seed", "clip-skip", "preview-every"} <= ids
+    # A number whose default is None (resolution: the model's own) is a text box: a browser posts an
+    # empty Number box as 0, which is out of range; an empty text box is the default.
+    optional = {f.name for f in FIELDS if settings.spec(f).form and settings.kind_of(f) in ((int, True), (float, True))}
+    assert optional == {"resolution"}
+    boxes = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    assert all(type(boxes[n.replace("_", "-")]).__name__ == "Textbox" for n in optional)
+    assert form_value(next(f for f in FIELDS if f.name == "resolution"), boxes["resolution"].value) is None
 
 
 @pytest.mark.parametrize("bad", [

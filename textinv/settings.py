@@ -106,7 +106,8 @@ class TrainConfig:
                                low=1, rule="at least 1, where 1 is the plain conditional loss", form=MORE)
     resolution: int | None = _setting(None, label="Resolution", help="Training size in pixels, a multiple of the VAE's "
                                       "factor (default: the model's native size).", identity=True, low=8, high=MAX_RESOLUTION,
-                                      rule=f"must be between 8 and {MAX_RESOLUTION} pixels", form=MORE)
+                                      rule=f"must be between 8 and {MAX_RESOLUTION} pixels", form=MORE,
+                                      example="the model's native size")
     crops: int = _setting(1, label="Crops", help="Views per image: a centre crop plus random crops.", identity=True, low=1,
                           form=MORE)
     flip: bool = _setting(True, label="Flip", help="Also train on mirrored views.", identity=True, form=MORE)

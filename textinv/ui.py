@@ -148,8 +148,10 @@ def _setting_widget(gr, f, value):
         return gr.Radio(list(TRISTATE), value=next(k for k, v in TRISTATE.items() if v is value), **common)
     if kind is bool:
         return gr.Checkbox(value=value, **common)
-    if kind in (int, float):
+    if kind in (int, float) and not optional:
         return gr.Number(value=value, precision=0 if kind is int else None, **common)
+    if kind in (int, float):  # a Number box posts 0 when left empty; a text box posts "", which means the default
+        return gr.Textbox(value="" if value is None else str(value), placeholder=s.example or None, **common)
     if kind is list:
         return gr.Textbox(value="\n".join(value), lines=2, **common)
     return gr.Textbox(value=value or "", placeholder=s.example or None, **common)
