@@ -9,6 +9,12 @@ import pathlib
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Under pytest-xdist each worker gets its share of the cores: torch's default (a thread per core in
+# every worker) oversubscribes them and its threads then spin against each other.  Set before torch
+# is imported, and inherited by the commands tests run in subprocesses.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
 
 import numpy as np
 import pytest
@@ -135,10 +141,19 @@ def sdxl_pipe():
     return make_sdxl()
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses ``demo_word`` joins one xdist group: one worker trains the word, once."""
+    for item in items:
+        if "demo_word" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("demo_word"))
+
+
 @pytest.fixture(scope="session")
 def demo_word(tmp_path_factory):
     """One word learned on the built-in model with the demo's settings (concept "drop", seed 0), shared
-    by every learning test: the training runs once per session.  Its trigger is ``<t>``."""
+    by every learning test: the training runs once per session (its tests share one
+    pytest-xdist worker: see pytest_collection_modifyitems).  Its trigger is ``<t>``."""
     from types import SimpleNamespace
 
     from textinv.demo import INIT_WORD, DemoSettings, render_training_set, world_templates
