@@ -38,7 +38,7 @@ def _own_latent_cache(tmp_path_factory):
         os.environ["TEXTINV_CACHE"] = saved
 
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # real files other tools wrote; see its README
 
 
 def red_blocks(folder: Path, n: int = 3, size: tuple[int, int] = (32, 32), name: str = "{i:02d}.png") -> Path:
@@ -170,11 +170,9 @@ def demo_word(tmp_path_factory):
 
 
 @pytest.fixture
-def shared_fixtures():
-    folder = SHARED / "fixtures"
-    if not folder.is_dir():
-        pytest.skip(f"{folder} is absent (the shared/ folder must sit beside the repository)")
-    return folder
+def real_files():
+    """The folder of real embedding files written by other tools (A1111, diffusers' script, the wild)."""
+    return FIXTURES
 
 
 class Touch:

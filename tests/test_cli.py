@@ -37,8 +37,8 @@ def test_inspect_reports_format_family_vectors_and_hash(runner, tmp_path):
     assert "SD 1.x" in human.output and "2×768" in human.output and info["short_hash"] in human.output
 
 
-def test_inspect_real_a1111_card(runner, shared_fixtures):
-    res = runner.invoke(main, ["inspect", str(shared_fixtures / "a1111-card-rick.png"), "--json"])
+def test_inspect_real_a1111_card(runner, real_files):
+    res = runner.invoke(main, ["inspect", str(real_files / "a1111-card-rick.png"), "--json"])
     assert res.exit_code == 0, res.output
     info = json.loads(res.stdout)
     assert info["trigger"] == "rick" and info["vectors"] == {"clip": [8, 768]} and info["meta"]["step"] == 60

@@ -1,7 +1,7 @@
 """Embedding file formats: round trips, files as other tools write them, safety, bad input.
 
 Files are built in ``tmp_path`` exactly as each tool writes them (see
-shared/reference/embedding-formats.md); the real A1111 card is read in place from shared/fixtures.
+shared/reference/embedding-formats.md); the real A1111 card is read from tests/fixtures.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from textinv.formats import Embedding, detect_format, is_embedding_candidate, lo
 
 from conftest import Touch, malicious_pt
 
-FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 RICK = FIXTURES / "a1111-card-rick.png"
 
 
@@ -230,11 +230,6 @@ def test_generator_matches_reference():
 # The real A1111 card
 # --------------------------------------------------------------------------------------------
 
-needs_fixture = pytest.mark.skipif(not RICK.is_file(),
-                                   reason=f"shared fixture {RICK} is absent (shared/ not checked out)")
-
-
-@needs_fixture
 def test_real_a1111_card_text_and_pixels(tmp_path):
     emb = load(RICK)
     assert emb.name == "rick" and emb.source_format == "png-card"
@@ -253,7 +248,6 @@ def test_real_a1111_card_text_and_pixels(tmp_path):
     assert load(RICK, name="astley").name == "astley"
 
 
-@needs_fixture
 @pytest.mark.parametrize("chunk", ["zTXt", "iTXt"])
 def test_card_text_in_compressed_and_international_chunks(tmp_path, chunk):
     with Image.open(RICK) as im:
@@ -269,7 +263,6 @@ def test_card_text_in_compressed_and_international_chunks(tmp_path, chunk):
     assert torch.equal(load(tmp_path / "c.png").vectors["clip"], load(RICK).vectors["clip"])
 
 
-@needs_fixture
 def test_cross_format_conversions(tmp_path):
     rick = load(RICK)
     pt = load(save(rick, tmp_path / "rick.pt"))

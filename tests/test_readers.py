@@ -2,7 +2,7 @@
 
 The rules live in ``readers.py`` (one function per tool; diffusers' own loader is run for real).
 A pair in ``readers.NOT_READ`` is a file that tool cannot read by design; every other pair must
-give the same tensors under the name that tool uses.  The real files in shared/fixtures go through
+give the same tensors under the name that tool uses.  The real files in tests/fixtures go through
 the same readers.
 """
 from __future__ import annotations
@@ -116,19 +116,19 @@ FIXTURE_READS = {
 
 
 @pytest.mark.parametrize("fixture, reader", [(f, r) for f, (_, rs) in FIXTURE_READS.items() for r in rs])
-def test_real_fixture_files_read_the_same_in_textinv_and_the_tool(shared_fixtures, fixture, reader):
+def test_real_fixture_files_read_the_same_in_textinv_and_the_tool(real_files, fixture, reader):
     family, names = FIXTURE_READS[fixture]
-    ours = formats.load(shared_fixtures / fixture)
-    theirs = read(reader, shared_fixtures / fixture, family)
+    ours = formats.load(real_files / fixture)
+    theirs = read(reader, real_files / fixture, family)
     assert theirs.name == names[reader]
     assert torch.equal(theirs.vectors["clip"].float(), ours.vectors["clip"].float())
     assert ours.name == (names[reader] if reader.startswith("A1111") else ours.name)
 
 
-def test_the_real_card_also_reads_from_its_pixels_alone(shared_fixtures, tmp_path):
+def test_the_real_card_also_reads_from_its_pixels_alone(real_files, tmp_path):
     from PIL import Image
 
-    with Image.open(shared_fixtures / "a1111-card-rick.png") as im:
+    with Image.open(real_files / "a1111-card-rick.png") as im:
         im.convert("RGB").save(tmp_path / "stripped.png")  # no text chunk: pixels only
     theirs = readers.a1111(tmp_path / "stripped.png", "SD 1.x")
     ours = formats.load(tmp_path / "stripped.png")
