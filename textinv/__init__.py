@@ -16,20 +16,17 @@ from . import models  # noqa: E402,F401 - names the built-in model's family for 
 from .sources import load_all  # noqa: E402 - a library's training runs count once, as their final embedding
 from .tokens import apply, expand, remove  # noqa: E402
 from . import perlayer  # noqa: E402,F401 - plugs per-layer (P+) embeddings into tokens and prompts
+from . import generation, training  # noqa: E402 - what textinv.generate and textinv.train call
 
 
 def train(*args, **kwargs):
     """Train an embedding; see :func:`textinv.training.train` and :class:`textinv.training.TrainConfig`."""
-    from .training import train as _train
-
-    return _train(*args, **kwargs)
+    return training.train(*args, **kwargs)
 
 
 def generate(*args, **kwargs):
     """Generate images of an A1111-style prompt; see :func:`textinv.generation.generate`."""
-    from .generation import generate as _generate
-
-    return _generate(*args, **kwargs)
+    return generation.generate(*args, **kwargs)
 
 
 __all__ = ["Embedding", "EmbeddingFileError", "ModelMismatchError", "TextinvError", "apply", "expand", "generate", "load",

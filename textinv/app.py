@@ -16,11 +16,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import runs, settings
+from . import bias, formats, generation, library, runs, settings, sources, tokens, training
 from .bias import RECIPES as BIAS_RECIPES  # a value per subfolder, or the word re-learned from one folder
+from .data import IMAGE_SUFFIXES, open_image
 from .errors import TextinvError
 from .formats import SAVE_FORMATS, file_stem, native_format, suffix_for
-from .models import name_of
+from .models import load_pipeline, name_of
+from .training import LOSS_WINDOW
+from .world import spec
 
 DEFAULT_LIBRARY = Path("~/.textinv/embeddings")
 DEFAULT_WORKDIR = Path("~/.textinv/ui")
@@ -124,15 +127,11 @@ class TrainJob:
         if self.running:
             if not self.losses:
                 return f"Starting: loading the model and encoding the images ({seconds:.0f} s)…"
-            from .training import LOSS_WINDOW
-
             loss = sum(x for _, x in self.losses[-LOSS_WINDOW:]) / len(self.losses[-LOSS_WINDOW:])
             stopping = " — stopping…" if self.stop_event.is_set() else ""
             return (f"Training {self.token}: step {step}/{self.total}, loss {loss:.4f} (mean of the last {LOSS_WINDOW} steps), "
                     f"{seconds:.0f} s{stopping}")
         if self.result is not None:
-            from .training import LOSS_WINDOW
-
             r = self.result
             how = "Stopped" if self.stop_event.is_set() and r.steps < self.total else (
                 "Learned (early stopping: the evaluation loss had flattened), done" if r.stopped else "Done")
@@ -180,9 +179,7 @@ class BiasJob:
 
     def table(self) -> str:
         """The before/after figures (bias.format_table), once done."""
-        from .bias import format_table
-
-        return format_table(self.result) if self.result is not None else ""
+        return bias.format_table(self.result) if self.result is not None else ""
 
     def paths(self) -> dict[str, Path]:
         """The files written when done: json (bias.json), chart (bias.png, with matplotlib), report (report.html)."""
@@ -262,8 +259,6 @@ class App:
     def pipe(self):
         with self._pipe_lock:
             if self._pipe is None:
-                from .models import load_pipeline
-
                 self._pipe = load_pipeline(self.model, config=self.model_config)
             return self._pipe
 
@@ -275,8 +270,6 @@ class App:
 
     def check_fits(self, emb) -> None:
         """ModelMismatchError (a TextinvError) unless ``emb`` is made for this app's model."""
-        from . import tokens
-
         self._check_model_free()
         with self._pipe_lock:
             tokens.state(self.pipe()).check(emb)
@@ -284,8 +277,6 @@ class App:
     # -- training ------------------------------------------------------------------------------
     def check_images(self, paths) -> tuple[list[Path], list[str]]:
         """(usable images, one message per unusable file)."""
-        from .data import IMAGE_SUFFIXES, open_image
-
         good, bad = [], []
         for p in map(Path, paths or []):
             try:
@@ -353,11 +344,9 @@ class App:
         return image_dir, notes
 
     def _train(self, job: TrainJob, cfg) -> None:
-        from .training import train
-
         with collecting(into=job.warnings):
             try:
-                job.result = train(cfg, on_step=job.on_step, echo=lambda line: setattr(job, "summary", line))
+                job.result = training.train(cfg, on_step=job.on_step, echo=lambda line: setattr(job, "summary", line))
                 job.library_path = self._add_trained(job.result)
             except Exception as e:  # noqa: BLE001 - shown in the page; the server goes on
                 job.error = describe_error(e)
@@ -366,8 +355,6 @@ class App:
 
     def _add_trained(self, result) -> Path:
         """A1111 keeps trained embeddings in its embeddings folder: so do we (an older file of that name goes to .trash)."""
-        from . import formats
-
         emb = result.embedding
         path = self.library / f"{file_stem(emb.name)}{suffix_for(native_format(emb), emb)}"
         if path.exists():
@@ -386,9 +373,6 @@ class App:
                    recipe: str = "per-value", n: int = 60, seed: int = 0, steps: int = 300, named: bool = False,
                    init: str = "majority") -> BiasJob:
         """``textinv bias`` in a background thread, on this app's pipeline; outputs in ``runs/DATE-bias-WORD``."""
-        from . import bias
-        from .world import spec
-
         with self._job_lock:
             self._check_no_job()
             word = (word or "").strip()
@@ -440,8 +424,6 @@ class App:
                 out = self.runs / f"{name}-{i}"
 
     def _bias(self, job: BiasJob, run) -> None:
-        from . import bias, tokens
-
         with collecting(into=job.warnings):
             try:
                 with self._pipe_lock:  # the run applies and trains tokens in the pipeline: no generation meanwhile
@@ -479,8 +461,6 @@ class App:
         return self._export(job.result.embedding, fmt)
 
     def _export(self, emb, fmt: str) -> Path:
-        from . import formats
-
         if fmt not in SAVE_FORMATS:
             raise TextinvError(f"format {fmt!r}: choose one of {', '.join(SAVE_FORMATS)}")
         stem = file_stem(emb.name)
@@ -494,8 +474,6 @@ class App:
     def generate(self, prompt: str, negative: str = "", picked=None, *, seed: int = 0, sampler: str | None = None,
                  steps: int = 30, n: int = 4, guidance: float | None = None, clip_skip: int = 1):
         """(Generation, warnings).  No embeddings picked: the whole library, as A1111 loads its folder."""
-        from .generation import generate
-
         if not (prompt or "").strip():
             raise TextinvError("Prompt: empty")
         self._check_model_free()
@@ -512,7 +490,7 @@ class App:
             embeddings = [e for e in entries.values() if self._fits(e)]
         sampler = None if sampler in (None, "", MODEL_DEFAULT_SAMPLER) else sampler
         with collecting() as lines, self._pipe_lock:
-            result = generate(prompt, (negative or "").strip() or None, embeddings=embeddings or None, model=self.model,
+            result = generation.generate(prompt, (negative or "").strip() or None, embeddings=embeddings or None, model=self.model,
                               pipe=self.pipe(), n=n, seed=seed, steps=steps, guidance=guidance or None, sampler=sampler,
                               out=self.outputs, batch=8, clip_skip=int(clip_skip or 1))
         return result, list(lines)
@@ -528,8 +506,6 @@ class App:
     def scan(self) -> tuple[dict, list[str]]:
         """(key → Embedding for every usable embedding in the library, one line per unusable file).
         A training run kept in the library counts once, as its final embedding."""
-        from . import sources
-
         problems: list[str] = []
         with collecting():
             found = sources.load(self.library, on_error=lambda p, e: problems.append(f"not usable: {e}"))
@@ -544,20 +520,16 @@ class App:
 
     def rows(self) -> tuple[list[list], list[str]]:
         """The library table (trigger, family, vectors, steps, hash, nearest words, file) and warnings."""
-        from .library import row
-
         entries, problems = self.scan()
         rows = []
         for emb in entries.values():
-            r = row(emb, self.library)
+            r = library.row(emb, self.library)
             rows.append([r["trigger"], r["family"], r["vectors"], "" if r["steps"] is None else str(r["steps"]),
                          r["hash"] or "", self.nearest(emb), r["file"]])
         return rows, problems
 
     def nearest(self, emb, k: int = 3) -> str:
         """'v0: word, word, word; v1: …' in this app's model, or why not."""
-        from . import tokens
-
         try:
             stamp = Path(emb.path).stat().st_mtime_ns if emb.path else None
         except OSError:
@@ -588,10 +560,8 @@ class App:
         return entries[key]
 
     def inspect(self, key: str) -> str:
-        from .library import describe
-
         emb = self.get(key)
-        info = describe(Path(emb.path), emb)
+        info = library.describe(Path(emb.path), emb)
         lines = [f"{k}: {v}" for k, v in info.items() if k not in ("norms", "meta", "dtype")]
         lines += [f"norms {slot}: " + " ".join(f"{x:.3g}" for x in norms) for slot, norms in info["norms"].items()]
         lines += [f"meta {k}: {v}" for k, v in info["meta"].items()]
@@ -611,13 +581,9 @@ class App:
         return path
 
     def _save_new(self, emb, path: Path) -> Path:
-        from . import formats
-
         return formats.save(emb, path, native_format(emb))
 
     def merge(self, keys, weights: str = "", concat: bool = False, name: str = "") -> Path:
-        from . import library
-
         keys = list(keys or [])
         if len(keys) < 2:
             raise TextinvError("merge: pick at least two embeddings")
@@ -635,8 +601,6 @@ class App:
         return self._save_new(emb, path)
 
     def scale(self, key: str, factor, name: str = "") -> Path:
-        from . import library
-
         try:
             value = float(factor)
         except (TypeError, ValueError):
@@ -661,8 +625,6 @@ class App:
 
     def add_files(self, paths) -> tuple[list[str], list[str]]:
         """Add uploaded embedding files (any format, PNG cards included): (added, refused), one line each."""
-        from . import formats
-
         added, refused = [], []
         for p in map(Path, paths or []):
             name = p.name

@@ -37,12 +37,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, formats, generation, runs, sources, tokens
+from . import data, formats, generation, metrics, runs, sources, tokens
 from .atomic import atomic_path, write_text
 from .errors import TextinvError
 from .evaluate import kl_to_uniform, read_prompts, world_sized  # KL to uniform: one home, evaluate's
 from .models import load_pipeline, pipeline_defaults
+from .prompts import variant_groups
 from .training import TrainConfig, train
+from .world import spec
+from .world.judge import judge
 
 # Prompts a real model's word is held out on (never in the training templates); the trigger is {}.
 HELD_OUT_PROMPTS = ["a portrait of a {}", "an illustration of a {} at work", "a candid picture of a {} outdoors",
@@ -93,8 +96,6 @@ class JudgeClassifier:
     """The mini world's judge: reads the attribute, and the shape for retention."""
 
     def __init__(self, attribute: str, values: list[str], word: str):
-        from .world import spec
-
         if attribute not in spec.ATTRIBUTE_NAMES:
             raise TextinvError(f"--attribute {attribute}: the judge reads {', '.join(spec.ATTRIBUTE_NAMES)}")
         unknown = [v for v in values if v not in spec.labels(attribute)]
@@ -106,8 +107,6 @@ class JudgeClassifier:
         self.kind = "judge"
 
     def __call__(self, images) -> tuple[list[str], list[float] | None]:
-        from .world.judge import judge
-
         verdicts = judge(images)
         kept = [float(v["shape"] == self.shape) for v in verdicts] if self.shape else None
         return [v[self.attribute] for v in verdicts], kept
@@ -118,10 +117,8 @@ class ClipClassifier:
     to; retention is its similarity to "a photo of a {word}"."""
 
     def __init__(self, attribute: str, values: list[str], word: str, clip: str | None = None, device: str = "cpu"):
-        from .metrics import DEFAULT_CLIP, ClipScorer
-
         self.attribute, self.values, self.kind = attribute, values, "clip"
-        self.scorer = ClipScorer(clip or DEFAULT_CLIP, device=device)
+        self.scorer = metrics.ClipScorer(clip or metrics.DEFAULT_CLIP, device=device)
         self.classes = self.scorer.texts([f"a photo of a {v} {word}" for v in values])
         self.word = self.scorer.texts([f"a photo of a {word}"])[0]
 
@@ -171,8 +168,6 @@ def by_option(text: str, labels: list, kept: list | None) -> list[tuple[str, lis
     """The images of each option of the prompt's one ``{a|b}`` group (image i took option i mod k,
     :func:`textinv.prompts.pick_variant`): which value's token, or which named value, lost the word.
     Empty unless the prompt has exactly one group."""
-    from .prompts import variant_groups
-
     groups = variant_groups(text)
     if len(groups) != 1:
         return []
@@ -555,11 +550,11 @@ def plot(result: dict, path: Path) -> Path | None:
     """Bars per value: before, asked by name (--named) and after, one panel per prompt group (None
     without matplotlib)."""
     try:
-        import matplotlib
+        import matplotlib  # deferred: the 'eval' extra, only for the bias chart
     except ImportError:
         return None
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: the 'eval' extra, only for the bias chart
 
     groups = list(result["before"])
     fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.2), sharey=True, squeeze=False)

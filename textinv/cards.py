@@ -10,6 +10,7 @@ This module only encodes and decodes; :mod:`textinv.formats` turns the dict into
 from __future__ import annotations
 
 import base64
+import colorsys
 import hashlib
 import json
 import zlib
@@ -191,8 +192,6 @@ def _hue(name: str) -> float:
 
 
 def _rgb(h: float, s: float, v: float) -> np.ndarray:
-    import colorsys
-
     return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v)) * 255
 
 

@@ -7,17 +7,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import warnings
 from pathlib import Path
 
 import click
+from PIL import Image
+from transformers.utils import logging as transformers_logging
 
-from . import runs, settings
+from . import evaluate, formats, generation, library, report, runs, samplers, settings, sources, tokens, training
+from . import bias as word_bias  # aliased: bias, demo and ui are the names of commands here
+from . import demo as mini_demo
+from . import ui as webui
 from .errors import TextinvError
-from .models import MODEL_HELP
+from .formats import file_stem, printable
+from .models import MODEL_HELP, load_pipeline
 from .settings import CLIP_SKIP_HELP, CONFIG_HELP, MAX_SEED, TrainConfig
+from .training import LOSS_WINDOW
+from .world import spec
+from .world.cli import world
 
 OUTPUT_FORMATS = ["diffusers", "a1111", "kohya", "sdxl", "png"]
 CONVERT_FORMATS = OUTPUT_FORMATS + ["xti", "per-layer"]  # per-layer (P+) embeddings too
@@ -33,8 +43,6 @@ class _Finite(click.ParamType):
         self.low = low
 
     def convert(self, value, param, ctx):
-        import math
-
         try:
             x = float(value)
         except (TypeError, ValueError):
@@ -55,8 +63,6 @@ clip_skip_option = click.option("--clip-skip", type=int, default=None, help=CLIP
 class _Group(click.Group):
     def main(self, *args, **kwargs):
         """Usage errors (a bad option value, an unknown option) as one line too, not click's four."""
-        from .formats import printable
-
         kwargs["standalone_mode"] = False
         try:
             code = super().main(*args, **kwargs)
@@ -69,8 +75,6 @@ class _Group(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx):
-        from .formats import printable
-
         try:
             return super().invoke(ctx)
         except TextinvError as e:
@@ -90,20 +94,19 @@ class _Group(click.Group):
 def main():
     """textinv — Textual Inversion: train, store, convert and use embedding files."""
     warnings.showwarning = _show_warning
-    # the libraries' import-time notices (e.g. "requires torchvision") are not the user's business
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # the libraries' notices (e.g. "requires torchvision") are not the user's business; transformers
+    # read the variable when textinv imported it, so it is told as well
+    if "TRANSFORMERS_VERBOSITY" not in os.environ:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+        transformers_logging.set_verbosity_error()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    from .formats import printable
-
     click.echo(f"warning: {printable(' '.join(str(message).split()))}", err=True)
 
 
 # ---------------------------------------------------------------------------------- inspect
 def _print_info(info: dict, nearest=None) -> None:
-    from .formats import printable
-
     click.secho(printable(info["file"]), bold=True)
     rows = [
         ("format", info["format"]),
@@ -142,9 +145,6 @@ def inspect(files, model, top, model_config, as_json):
     """Describe embeddings: format, trigger, vectors, family, norms, metadata, hashes.
 
     FILES: embedding files, library folders, training runs (RUN@STEP: one save), hub ids or URLs."""
-    from . import formats, sources, tokens
-    from .library import describe
-
     # Read everything first: a bad file fails the command before anything is printed.
     found = []
     for f in files:
@@ -155,12 +155,10 @@ def inspect(files, model, top, model_config, as_json):
         found += [(src.shown(emb), emb) for emb in embs]
     pipe = None
     if model:
-        from .models import load_pipeline
-
         pipe = load_pipeline(model, config=model_config)
     out = []
     for path, emb in found:
-        info = describe(path, emb)
+        info = library.describe(path, emb)
         near = tokens.nearest_words(emb, pipe, k=top) if pipe is not None else None
         if near:
             info["nearest"] = near
@@ -185,15 +183,11 @@ def convert(src, dst, fmt, name, select, preview, to_single):
     """Convert an embedding to another format (diffusers, a1111, kohya, sdxl, png; per-layer: xti, per-layer).
 
     SRC: an embedding file, a training run (RUN@STEP: one save), a hub id or a URL."""
-    from . import formats, sources
-
     emb = sources.load_one(src, name=name, select=select)
     if to_single:
         emb = formats.to_single(emb)
     image = None
     if preview is not None:
-        from PIL import Image
-
         try:
             with Image.open(preview) as im:
                 image = im.convert("RGB")
@@ -293,9 +287,6 @@ def _train_config(given: dict) -> TrainConfig:
 @click.option("--dino", default=None, help="DINO weights (folder or hub id) for measuring saves on real models.")
 def train(pick_best, patience, eval_n, concept, clip, dino, **given):
     """Train a textual inversion embedding from a folder of images."""
-    from . import formats
-    from .training import train as run
-
     cfg = _train_config(given)
     settings.check(cfg)  # the web UI's words for a bad value, before anything is loaded or written
     measure = pick_best or patience is not None
@@ -304,13 +295,10 @@ def train(pick_best, patience, eval_n, concept, clip, dino, **given):
         click.echo(f"--save-every {cfg.save_every}: saves to measure for --pick-best/--patience", err=True)
     echo = lambda line: click.echo(formats.printable(line), err=True)  # noqa: E731
     if not measure:
-        result = run(cfg, echo=echo)
+        result = training.train(cfg, echo=echo)
         if result.is_main_process:
             click.echo(_trained(result))
         return
-    from . import evaluate
-    from .report import format_table
-
     measured = evaluate.train_measured(cfg, concept=concept, clip=clip, dino=dino, n=eval_n,
                                        patience=patience, keep_best=pick_best,
                                        echo=lambda msg: click.echo(f"\n  measured {msg}", err=True), on_start=echo)
@@ -320,15 +308,12 @@ def train(pick_best, patience, eval_n, concept, clip, dino, **given):
         best = measured.best
         note = "the last step's" if best == result.steps else f"step {best}'s (the last step's is in {runs.saves_folder(result.out)})"
         click.echo(f"--pick-best: {result.embedding_path} holds {note} embedding")
-    click.echo(format_table(measured.evaluation.result))
+    click.echo(report.format_table(measured.evaluation.result))
     paths = measured.written
     click.echo(f"wrote {paths['report']}, {paths['curve']}, {paths['metrics']}")
 
 
 def _trained(result) -> str:
-    from .formats import printable
-    from .training import LOSS_WINDOW
-
     line = (f"wrote {printable(result.embedding_path)} ({result.steps} steps, {result.seconds:.0f} s, "
             f"loss {result.loss:.4f}: the mean of the last {LOSS_WINDOW} steps, as in the bar)")
     return f"{result.stopped}\n{line}" if result.stopped else line
@@ -344,18 +329,16 @@ def _trained(result) -> str:
 @click.option("--bias", is_flag=True, help="Instead: debias the word 'ball' from a curated set (textinv bias ball --attribute colour --images ...).")
 def demo(out, concept, seed, steps, count, bias):
     """The whole loop on the built-in model and its world: render, train, generate, measure."""
-    from . import demo as d
-
     if bias:
-        d.run_bias(out, seed=seed, n=count or 60, steps=steps or 300)
+        mini_demo.run_bias(out, seed=seed, n=count or 60, steps=steps or 300)
         return
-    settings = d.DemoSettings()
+    settings = mini_demo.DemoSettings()
     if steps:
         settings.steps = steps
     if count:
         settings.n = count
-    metrics = d.run(out, concept=concept, seed=seed, settings=settings)
-    d.print_summary(metrics)
+    metrics = mini_demo.run(out, concept=concept, seed=seed, settings=settings)
+    mini_demo.print_summary(metrics)
     click.echo(f"wrote {out}/: images/, run/ (embedding, log), grid.png, metrics.json")
 
 
@@ -387,36 +370,22 @@ def demo(out, concept, seed, steps, count, bias):
 def bias(word, attribute, images, recipe, embedding, prompts_file, templates, model, model_config, clip, count, seed, steps, timesteps,
          train_guidance, vectors, init, named, out):
     """Measure a word's bias over an attribute; with --images re-learn it from a curated set and measure again."""
-    from . import bias as b
-    from .formats import file_stem, printable
-    from .world import spec
-
-    name, values = b.parse_attribute(attribute, lambda a: spec.labels(a) if a in spec.ATTRIBUTES else None)
-    run = b.BiasRun(word=word, attribute=name, values=values, images=images, embedding=embedding, recipe=recipe, prompts=prompts_file,
+    name, values = word_bias.parse_attribute(attribute, lambda a: spec.labels(a) if a in spec.ATTRIBUTES else None)
+    run = word_bias.BiasRun(word=word, attribute=name, values=values, images=images, embedding=embedding, recipe=recipe, prompts=prompts_file,
                     templates=templates, model=model, model_config=model_config, clip=clip, n=count, seed=seed, steps=steps,
                     timesteps=timesteps, guidance=train_guidance, vectors=vectors, init=init, named=named,
                     out=str(out or f"bias-{file_stem(word)}"))
-    result = b.run_bias(run, echo=lambda line: click.echo(printable(line), err=True))
-    click.echo(b.format_table(result))
+    result = word_bias.run_bias(run, echo=lambda line: click.echo(printable(line), err=True))
+    click.echo(word_bias.format_table(result))
     click.echo(f"wrote {run.out}/bias.json, bias.png, report.html")
 
 
-def _register_world():
-    # The mini world is an optional part of a checkout; when present, its import errors must show.
-    if (Path(__file__).parent / "world" / "cli.py").is_file():
-        from .world.cli import world
-
-        main.add_command(world)
-
-
-_register_world()
+main.add_command(world)
 
 
 # --------------------------------------------------------------------------------- generate
 def _sampler_help() -> str:
-    from .samplers import names
-
-    return "A1111 sampler name: " + ", ".join(f"'{n}'" for n in names()) + " (default: the model's own scheduler)."
+    return "A1111 sampler name: " + ", ".join(f"'{n}'" for n in samplers.names()) + " (default: the model's own scheduler)."
 
 
 @main.command()
@@ -439,8 +408,6 @@ def _sampler_help() -> str:
 def generate(prompt, negative, embeddings, model, count, seed, steps, guidance, sampler, size, batch, out, from_png, clip_skip,
              model_config):
     """Generate images; PROMPT uses A1111 syntax: (word:1.2), (word), [word], embedding triggers."""
-    from . import generation
-
     if from_png is not None:
         if prompt is not None:
             raise TextinvError("--from-png takes its prompt from the image; give no PROMPT")
@@ -475,8 +442,6 @@ def generate(prompt, negative, embeddings, model, count, seed, steps, guidance, 
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in the default browser.")
 def ui(library, model, model_config, workdir, port, max_upload_mb, open_browser):
     """A local web app (Gradio) on 127.0.0.1: train, generate and manage the embeddings library."""
-    from . import ui as webui
-
     webui.launch(library, model, workdir=workdir, model_config=model_config, port=port, max_upload_mb=max_upload_mb,
                  open_browser=open_browser)
 
@@ -487,10 +452,7 @@ def ui(library, model, model_config, workdir, port, max_upload_mb, open_browser)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def list_(folder, as_json):
     """Table of a library folder (or any embedding source: a run, a hub id…): trigger, family, vectors, steps, size, short hash."""
-    from .formats import printable
-    from .library import rows
-
-    table = rows(folder)
+    table = library.rows(folder)
     if as_json:
         click.echo(json.dumps(table, indent=2))
         return
@@ -504,8 +466,6 @@ def list_(folder, as_json):
 
 
 def _save_as(emb, out: Path, fmt) -> None:
-    from . import formats
-
     written = formats.save(emb, out, fmt)
     click.echo(f"wrote {formats.printable(written)} ({formats.detect_format(written)}, trigger {emb.name!r}, "
                f"{_vector_count(emb)}, {emb.family})")
@@ -523,8 +483,6 @@ def _trigger_of(out: Path) -> str:
 @click.option("--format", "fmt", type=click.Choice(CONVERT_FORMATS), default=None)
 def merge(files, weights, concat, out, fmt):
     """Merge embeddings: a weighted average (same family and vector count) or --concat."""
-    from . import library, sources
-
     if weights is not None and concat:
         raise TextinvError("--weights and --concat exclude each other")
     ws = None
@@ -546,8 +504,6 @@ def merge(files, weights, concat, out, fmt):
 @click.option("--format", "fmt", type=click.Choice(CONVERT_FORMATS), default=None)
 def scale(file, factor, out, fmt):
     """Multiply every vector of an embedding by FACTOR."""
-    from . import library, sources
-
     try:
         value = float(factor)
     except ValueError:
@@ -563,9 +519,6 @@ def scale(file, factor, out, fmt):
 @config_option
 def nearest(file, model, top, model_config):
     """The vocabulary words closest (cosine) to each vector of an embedding."""
-    from . import sources, tokens
-    from .models import load_pipeline
-
     if top < 1:
         raise TextinvError(f"--top: must be at least 1, got {top}")
     emb = sources.load_one(file)
@@ -602,9 +555,6 @@ def eval_(target, images, model, prompts_file, count, concept, clip, dino, seed,
     """Measure an embedding or every save of a training run: fidelity, editability, the trade-off curve, the best step.
 
     TARGET: a run folder or the demo's output folder (every save), RUN@STEP, an embedding file, a hub id or a URL."""
-    from . import evaluate, formats, sources
-    from .report import format_table, write_outputs
-
     if not 0 <= tolerance < 1:
         raise TextinvError(f"--tolerance {tolerance}: must be in [0, 1)")
     src = sources.resolve(target)
@@ -619,12 +569,12 @@ def eval_(target, images, model, prompts_file, count, concept, clip, dino, seed,
             out = Path(f"{formats.file_stem(src.name or src.path.stem)}-eval")
         else:
             out = src.path.parent / f"{src.path.stem}-eval"
-    click.echo(format_table(ev.result))
+    click.echo(report.format_table(ev.result))
     r = ev.result
     if r["best_step"] is not None and len(r["points"]) > 1:
         click.echo(f"recommended step: {r['best_step']} ({r['rule']})")
     elif r["best_step"] is None and r["points"]:
         click.echo("no step recommended: every save scores 0 (fidelity × editability), so nothing this metric "
                    "can see was learned")
-    paths = write_outputs(ev, out)
+    paths = report.write_outputs(ev, out)
     click.echo(f"wrote {paths['report']}, {paths['curve']}, {paths['metrics']}")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.utils import logging as dlog
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import TextinvError
@@ -305,8 +306,6 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
 
 def _cast_quietly(module, dtype) -> None:
     """``module.to(dtype)`` without diffusers' advice on casting (meant for whole pipelines)."""
-    from diffusers.utils import logging as dlog
-
     level = dlog.get_verbosity()
     dlog.set_verbosity_error()
     try:

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import click
 
-from . import evaluate, runs, tokens
+from . import bias, evaluate, runs, tokens
 from .atomic import write_text
 from .images import grid
 from .models import load_pipeline
 from .training import TrainConfig, train
+from .world import render, spec
 
 INIT_WORD = "shape"
 DEFAULT_CONCEPT = "drop"  # the unnamed shape the mini model learns best (docs/mini-world.md has all four)
@@ -48,8 +49,6 @@ class DemoSettings:
 def world_templates(out: Path, captions: bool = False) -> Path:
     """The mini world's caption templates as a textinv template file: the trigger alone in the
     noun phrase ("a photo of a [name]"), or the whole captioned phrase ("a photo of [filewords]")."""
-    from .world import spec
-
     path = out / "templates.txt"
     lines = [t.replace("a {np}", "[filewords]") if captions else t.replace("{np}", "[name]") for t in spec.TEMPLATES]
     write_text(path, "\n".join(lines) + "\n")
@@ -60,8 +59,6 @@ def render_training_set(concept: str, folder: Path, n: int = 5, seed: int = 0, c
                         **fixed) -> list[Path]:
     """``n`` renders of ``concept``; with ``captions``, an IMG.txt beside each one describing
     everything but the shape, which is ``[name]`` (as a user captions their photos)."""
-    from .world import render
-
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
@@ -76,8 +73,6 @@ def render_training_set(concept: str, folder: Path, n: int = 5, seed: int = 0, c
 
 def run(out: Path, concept: str | None = None, seed: int = 0, settings: DemoSettings | None = None,
         model: str | None = None, echo=click.echo) -> dict:
-    from .world import spec
-
     settings = settings or DemoSettings()
     concept = concept or DEFAULT_CONCEPT
     if concept not in spec.unnamed_shapes():
@@ -142,8 +137,6 @@ def render_bias_set(folder: Path, seed: int = 0) -> Path:
     each captioned with everything but its colour ("a small ball on the left on a dark
     background").  Measured (docs/evaluation.md): without the sizes and positions covered and
     named, the learned tokens carried a size of their own and drew few small balls."""
-    from .world import render, spec
-
     combos = [(size, pos) for size in spec.labels("size") for pos in spec.labels("position")]
     for c, colour in enumerate(spec.labels("colour")):
         (folder / colour).mkdir(parents=True, exist_ok=True)
@@ -162,9 +155,6 @@ def run_bias(out: Path, seed: int = 0, n: int = 60, steps: int = 300, lr: str = 
              echo=click.echo, values: list[str] | None = None, named: bool = True) -> dict:
     """``textinv bias ball --attribute colour --images CURATED --named`` on the mini world's biased
     word: the same command, with the curated set rendered and the world's templates."""
-    from . import bias
-    from .world import spec
-
     out.mkdir(parents=True, exist_ok=True)
     curated = render_bias_set(out / "curated", seed)
     run = bias.BiasRun(word=spec.BIASED["shape"], attribute="colour", values=values or spec.labels("colour"), images=str(curated),

@@ -8,16 +8,23 @@ whose images show the concept *and* the asked-for attribute.
 """
 from __future__ import annotations
 
+import io
+import re
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import data, formats, generation, runs, sources, tokens, training
+from . import data, formats, generation, metrics, runs, sources, tokens, training
 from .errors import TextinvError
+from .metrics import mean_pairwise_cosine, without_trigger
 from .models import USE_A_REAL_MODEL, defaults, drawn_at, load_pipeline, name_of
 from .prompts import check_clip_skip
 from .report import write_outputs
+from .world import spec
+from .world.judge import judge
 
 
 @dataclass
@@ -43,8 +50,6 @@ def judge_scores(pipe, trigger: str, attribute: str, value: str, *, n: int = 16,
                  probes: list[Probe] | None = None, steps: int = generation.DEFAULT_STEPS,
                  guidance: float | None = None, keep_images: bool = False, clip_skip: int = 1) -> dict:
     """Judge-measured fidelity and editability of ``trigger`` for a concept ``attribute == value``."""
-    from .world.judge import judge
-
     probes = probes or [FIDELITY_PROBE, *EDIT_PROBES]
     rows, pictures = [], {}
     for probe in probes:
@@ -69,9 +74,6 @@ def judge_scores(pipe, trigger: str, attribute: str, value: str, *, n: int = 16,
 def attribute_shares(pipe, prompt: str, *, n: int = 64, seed: int = 0, steps: int = generation.DEFAULT_STEPS,
                      guidance: float | None = None) -> dict[str, dict[str, float]]:
     """Per attribute (shape, colour, …), the share of each value (by the judge) among ``n`` images of ``prompt``."""
-    from .world import spec
-    from .world.judge import judge
-
     verdicts = judge(generation.images(pipe, [prompt] * n, seed=seed, steps=steps, guidance=guidance))
     return {name: {v: sum(x[name] == v for x in verdicts) / n for v in spec.labels(name)} for name in spec.ATTRIBUTE_NAMES}
 
@@ -99,8 +101,6 @@ THUMB = 128  # report thumbnails: longest side in pixels
 
 def read_prompts(path) -> list[str]:
     """A prompts file: one prompt a line, ``#`` comments; the trigger written ``{}``, ``[name]`` or ``S*``."""
-    from pathlib import Path
-
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -124,10 +124,6 @@ def read_prompts(path) -> list[str]:
 def judge_probes(templates: list[str]) -> list[Probe]:
     """Probes for the judge from plain prompts: the world's attribute words a prompt names
     ("a blue {}" → colour blue) are what its images must show; a prompt naming none measures fidelity."""
-    import re
-
-    from .world import spec
-
     probes = []
     for t in templates:
         want, text = {}, t.lower()
@@ -145,8 +141,6 @@ def judge_probes(templates: list[str]) -> list[Probe]:
 
 def _thumbs(images, k: int = 8) -> list[bytes]:
     """The first ``k`` images as small PNG bytes (what the report shows; kept for every step)."""
-    import io
-
     out = []
     for im in images[:k]:
         im = im.convert("RGB")
@@ -216,8 +210,6 @@ class PaperMetric:
 
     def __call__(self, pipe, trigger: str, *, n: int, seed: int, steps: int, guidance: float, probes=None,
                  clip_skip: int = 1) -> dict:
-        from .metrics import mean_pairwise_cosine, without_trigger
-
         templates = probes if probes is not None else [self.reconstruction, *self.edit_prompts]
         rows, thumbs, edit = [], {}, []
         fidelity = dino = None
@@ -244,8 +236,6 @@ class PaperMetric:
 
 def world_sized(pipe) -> bool:
     """Whether the model draws pictures of the mini world's size (then the judge can read them)."""
-    from .world import spec
-
     factor = getattr(pipe, "vae_scale_factor", 8)
     return int(pipe.unet.config.sample_size) * factor == spec.IMAGE_SIZE
 
@@ -253,8 +243,6 @@ def world_sized(pipe) -> bool:
 def _check_judge_can_see(pipe, training_images) -> None:
     """The judge reads only the mini world's shapes: refuse, in one line, to score a concept it
     cannot see (a user's photos) rather than print zeros."""
-    from .world import spec
-
     outside = [im for im in training_images if not drawn_at(im, spec.IMAGE_SIZE)]
     if outside:
         raise TextinvError(
@@ -266,10 +254,6 @@ def _check_judge_can_see(pipe, training_images) -> None:
 
 def infer_concept(images) -> str:
     """The shape the judge sees in most training images (at least 60 % of them must agree)."""
-    from collections import Counter
-
-    from .world.judge import judge
-
     verdicts = Counter(v["shape"] for v in judge(images))
     shape, count = verdicts.most_common(1)[0]
     if count < 0.6 * len(images):
@@ -288,9 +272,6 @@ def choose_metric(pipe, training_images, *, concept: str | None = None, clip: st
        then the shape the judge sees in the training images — else the paper's metrics with the
        default CLIP ViT-B/32 and DINO ViT-S/16 weights.
     """
-    from . import metrics
-    from .world import spec
-
     if concept and (clip or dino):
         raise TextinvError("--concept (the judge) and --clip/--dino (CLIP metrics) exclude each other; choose one")
     if concept or (not clip and not dino and world_sized(pipe)):

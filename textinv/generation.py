@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from PIL import Image
+from tqdm.auto import tqdm
 
 from . import families, formats, pngmeta, prompts, samplers, tokens
 from .errors import TextinvError
@@ -58,8 +60,6 @@ def sample(pipe, n: int, call, *, seed: int, steps: int, guidance: float, batch:
     """The seeded batch loop: image ``i`` uses a generator seeded ``seed + i`` whatever the batch
     size, so a batch of 8 and 8 single calls give the same images.  ``call(i, b)`` gives the
     pipeline arguments (prompts or prompt embeddings) of images ``i … i+b-1``."""
-    from tqdm.auto import tqdm
-
     per_image = 1
     if unit == "step":  # the scheduler says how many steps a given step count really is
         pipe.scheduler.set_timesteps(steps)
@@ -120,8 +120,6 @@ def model_identity(model) -> tuple[str | None, str | None]:
     elif str(model).count("/") == 1:
         name = str(model)
         try:
-            from huggingface_hub import try_to_load_from_cache
-
             for f in UNET_FILES:
                 hit = try_to_load_from_cache(str(model), f"unet/{f}")
                 if isinstance(hit, str):

@@ -23,7 +23,11 @@ import os
 import warnings
 from pathlib import Path
 
+import diffusers
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from . import data
 from .atomic import _reason, atomic_path
@@ -72,8 +76,6 @@ def _arithmetic(device: torch.device) -> dict:
     """What makes the same VAE on the same pixels give other last bits: library versions, the
     device, and on a CPU its vector unit and thread count (1 and 2 threads differ); on a GPU its
     model, cuDNN and TF32."""
-    import diffusers
-
     env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "device": device.type}
     if device.type == "cuda":
         env.update(gpu=torch.cuda.get_device_name(device), cudnn=torch.backends.cudnn.version(),
@@ -116,8 +118,6 @@ class LatentCache:
 
     def read(self, key: str, pixels_shape) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The view's (mean, std), or None when absent or not to be trusted."""
-        from safetensors import safe_open
-
         path = self.path(key)
         if not path.is_file():
             return None
@@ -133,8 +133,6 @@ class LatentCache:
         return (mean, std) if ok else None
 
     def write(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> None:
-        from safetensors.torch import save_file
-
         if not self.writable:
             return
         mean, std = mean.contiguous(), std.contiguous()
@@ -159,8 +157,6 @@ def encode_views(vae, buckets: list[torch.Tensor], cache: LatentCache | None, pr
     """Each bucket's (mean, std), ``[N, C, h, w]`` each, from its views' pixels ``[N, 3, H, W]``:
     read from ``cache``, the others encoded one view per VAE call under a progress bar
     ("encoding N views") and written back as each is done (an interrupted run keeps them)."""
-    from tqdm.auto import tqdm
-
     keys = [[cache.key(p) if cache else None for p in pixels] for pixels in buckets]
     rows = [[cache.read(k, pixels.shape) if cache else None for k in ks] for pixels, ks in zip(buckets, keys)]
     missing = sum(r is None for row in rows for r in row)

@@ -15,10 +15,14 @@ L2-normalised embeddings); not the cosine between mean embeddings, which is larg
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
+import transformers  # its Auto* classes load on first use, not at every command's start-up
+import transformers.utils.logging as tlog
 
 from .errors import TextinvError
 
@@ -55,8 +59,6 @@ def without_trigger(prompt: str, trigger: str) -> str:
 @contextlib.contextmanager
 def _quiet():
     """No "Loading weights" bars or backend notices while loading (the user's settings are restored)."""
-    import transformers.utils.logging as tlog
-
     level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
     tlog.set_verbosity_error()
     tlog.disable_progress_bar()
@@ -70,20 +72,13 @@ def _quiet():
 
 def _load(kind: str, option: str, source: str, device: str):
     """(model, image processor, tokenizer or None) from a folder or hub id; one-line errors."""
-    import os
-    from pathlib import Path
-
-    from transformers import AutoImageProcessor, AutoModel
-
     try:
         with _quiet():
-            model = AutoModel.from_pretrained(str(source)).to(device).eval()
-            processor = AutoImageProcessor.from_pretrained(str(source))
+            model = transformers.AutoModel.from_pretrained(str(source)).to(device).eval()
+            processor = transformers.AutoImageProcessor.from_pretrained(str(source))
             tokenizer = None
             if kind == "CLIP":
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(str(source))
+                tokenizer = transformers.AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError, KeyError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         looks_local = str(source).startswith((".", "/", "~")) or Path(str(source)).is_absolute()

@@ -11,10 +11,21 @@ import json
 import logging
 import math
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
+import diffusers.utils.logging as dlog
+import numpy as np
 import torch
+import transformers.utils.logging as tlog
+from huggingface_hub import constants, try_to_load_from_cache
+from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
+                                    RevisionNotFoundError)
+from huggingface_hub.utils import validate_repo_id
+from safetensors import safe_open
 
 from . import families, formats
 from .errors import TextinvError
@@ -84,8 +95,6 @@ def drawn_at(image, size: int) -> bool:
     """Whether ``image`` is a picture drawn at ``size`` pixels: its short side ``size`` (a render,
     or renders side by side), or all that enlarged by a whole factor k without smoothing (how the
     mini world shows its renders), where every k×k block is one colour (up to a little noise)."""
-    import numpy as np
-
     w, h = image.size
     k = min(w, h) // size
     if k < 1 or min(w, h) != k * size or w % k or h % k:
@@ -99,8 +108,6 @@ def drawn_at(image, size: int) -> bool:
 
 def outside_words(scope: Scope, prompt: str, triggers=()) -> list[str]:
     """The words of ``prompt`` (triggers and A1111 syntax aside) the model has never read."""
-    import re
-
     text = prompt
     for t in sorted(triggers, key=len, reverse=True):  # whole words only: a trigger "t" is not the t of "photo"
         text = re.sub(rf"(?<![\w]){re.escape(t)}(?![\w])", " ", text)
@@ -130,8 +137,6 @@ def outside_world(pipe, *, images=(), prompts=(), triggers=()) -> str | None:
 
 def warn_outside_world(pipe, *, images=(), prompts=(), triggers=(), where: str = "") -> None:
     """:func:`outside_world` as one warning (the CLI shows it as one line)."""
-    import warnings
-
     note = outside_world(pipe, images=images, prompts=prompts, triggers=triggers)
     if note:
         warnings.warn(f"{where}: {note}" if where else note, stacklevel=2)
@@ -174,8 +179,6 @@ def resolve_model(model: str | os.PathLike | None) -> str:
 
 def _pipeline_class(name: str = "DiffusionPipeline"):
     """diffusers' class of that name (a family row names the one its single-file checkpoints load as)."""
-    import diffusers
-
     return getattr(diffusers, name)
 
 
@@ -184,8 +187,6 @@ def _single_file_family(path: Path) -> families.Family:
     encoder under ``conditioner.embedders.1``); else SD 1.x, and diffusers' own detection decides
     (a .ckpt is never opened here)."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
         for family in families.FAMILIES:
@@ -196,9 +197,6 @@ def _single_file_family(path: Path) -> families.Family:
 
 def _quiet_loading() -> None:
     """No per-component "Loading weights" bars: loading takes seconds and the bars bury our output."""
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
 
@@ -230,15 +228,11 @@ def _first_line(err: BaseException) -> str:
 
 def _is_offline() -> bool:
     """HF_HUB_OFFLINE as huggingface_hub reads it (also when it was set after the import)."""
-    from huggingface_hub import constants
-
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def _is_hub_id(value: str) -> bool:
     """Whether ``value`` could name a model on the Hub ("name" or "owner/name"); anything else is a path."""
-    from huggingface_hub.utils import validate_repo_id
-
     if value.count("/") > 1 or value.startswith((".", "/", "~")) or "\\" in value:
         return False
     if Path(value).suffix.lower() in SINGLE_FILE_SUFFIXES:
@@ -253,8 +247,6 @@ def _is_hub_id(value: str) -> bool:
 def _hub_cache_state(repo_id: str) -> str | None:
     """What the local Hugging Face cache holds of ``repo_id``: "pipeline" (its model_index.json),
     "other" (some files, but no model_index.json), or None (nothing)."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
     found = try_to_load_from_cache(repo_id, "model_index.json")
     if isinstance(found, str):
         return "pipeline"
@@ -285,9 +277,6 @@ _NETWORK_ERRORS = {"ConnectionError", "TransportError", "TimeoutException", "Tim
 
 def _hub_failure(shown: str, err: BaseException) -> str:
     """One line for a hub id that did not load online: only what the error chain says for sure."""
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-
     chain, seen = [], set()
     e: BaseException | None = err
     while e is not None and id(e) not in seen:

@@ -42,6 +42,7 @@ import inspect
 from collections import OrderedDict
 
 import torch
+from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from . import families, prompts, tokens
@@ -57,8 +58,6 @@ def unet_layers(unet) -> list[str]:
 
     ``named_modules`` lists the up blocks before the mid block (the order they are registered),
     so the stages are put in forward order; within a stage the module order is the visiting order."""
-    from diffusers.models.attention_processor import Attention
-
     found = [name for name, m in unet.named_modules() if isinstance(m, Attention) and m.is_cross_attention]
     return sorted(found, key=lambda name: _STAGES.get(name.split(".")[0], len(_STAGES)))
 

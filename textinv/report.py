@@ -15,12 +15,12 @@ def plot_tradeoff(result: dict, path) -> Path:
     """The paper's trade-off figure for one run: editability (x) against fidelity (y), one point per
     saved step, joined in step order; the recommended step starred, the init word marked ×."""
     try:
-        import matplotlib
+        import matplotlib  # deferred: the 'eval' extra, only for the trade-off plot
     except ImportError:
         raise TextinvError("the trade-off plot needs matplotlib: pip install 'textinv[eval]'") from None
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: the 'eval' extra, only for the trade-off plot
 
     pts = [p for p in result["points"] if p["fidelity"] is not None and p["editability"] is not None]
     labels = result.get("labels", {})
@@ -41,7 +41,7 @@ def plot_tradeoff(result: dict, path) -> Path:
     if base and base["fidelity"] is not None and base["editability"] is not None:
         ax.scatter([base["editability"]], [base["fidelity"]], marker="x", color="black", s=60, zorder=3,
                    label=f"init word {base['init']!r}")
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # deferred: the 'eval' extra, only for the trade-off plot
 
     ax.xaxis.set_major_locator(MaxNLocator(5))
     ax.set_xlabel(labels.get("editability", "editability"))

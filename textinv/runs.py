@@ -260,7 +260,7 @@ class RunLock:
 
     def __enter__(self):
         try:
-            import fcntl
+            import fcntl  # deferred: POSIX only, not on Windows (handled just below)
         except ImportError:  # not a POSIX system: no locking
             return self
         try:

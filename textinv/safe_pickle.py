@@ -32,6 +32,11 @@ import numpy
 import torch
 import torch._utils
 
+try:  # numpy moved ``core`` to ``_core`` in 2.0; files pickled by either name read the same
+    from numpy._core.multiarray import scalar as _SCALAR
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import scalar as _SCALAR
+
 MAX_TENSOR_ELEMENTS = 1 << 28  # 1 GB of float32: far beyond any embedding or token table view
 
 # What the storages of the file being read may take: {record key: bytes} for a torch zip, and the
@@ -81,18 +86,6 @@ def _dtype(obj, align=False, copy=False):
     if not _plain(d):
         _refuse(f"a numpy dtype of kind {d.kind!r} ({obj!r}): only plain numbers are")
     return d
-
-
-def _numpy_multiarray_scalar():
-    """numpy moved ``core`` to ``_core`` in 2.0; files pickled by either name read the same."""
-    try:
-        from numpy._core.multiarray import scalar
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import scalar
-    return scalar
-
-
-_SCALAR = _numpy_multiarray_scalar()
 
 
 def _scalar(dtype, data=None):

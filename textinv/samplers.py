@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+import diffusers
+
 from .errors import TextinvError
 
 # A1111 name → (diffusers scheduler class, options)
@@ -31,8 +33,6 @@ def names() -> list[str]:
 
 def make(pipe, name: str):
     """A new scheduler for ``pipe``: an A1111 sampler name (any case) or a diffusers class name."""
-    import diffusers
-
     key = next((k for k in SAMPLERS if k.lower() == name.strip().lower()), None)
     if key is not None:
         cls_name, options = SAMPLERS[key]
@@ -42,7 +42,7 @@ def make(pipe, name: str):
         raise TextinvError(f"--sampler: unknown sampler {name!r} (choose from: {', '.join(SAMPLERS)})")
     if cls_name == "DPMSolverSDEScheduler":
         try:
-            import torchsde  # noqa: F401
+            import torchsde  # noqa: F401  # deferred: the 'samplers' extra, only for DPM++ SDE
         except ImportError:
             raise TextinvError(f"--sampler: {key!r} needs the torchsde package (pip install torchsde)") from None
     config = dict(pipe.scheduler.config)

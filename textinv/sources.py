@@ -24,6 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import huggingface_hub
+from huggingface_hub import HfApi, constants, is_offline_mode, scan_cache_dir
+from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                    RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 from . import formats, runs
 from .atomic import atomic_path
 from .errors import EmbeddingFileError, TextinvError
@@ -198,8 +204,6 @@ def _hub_id(text: str) -> tuple[str, str | None] | None:
     parts = text.rstrip("/").split("/")
     if len(parts) < 2 or not all(_PART.fullmatch(p) for p in parts) or Path(parts[0]).is_dir():
         return None  # the first part is a local folder: a missing file in it, not a hub id
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     repo_id = "/".join(parts[:2])
     try:
         validate_repo_id(repo_id)
@@ -237,9 +241,6 @@ def _offline_hint() -> str:
 
 def _repo_files(text: str, repo_id: str, revision: str | None, url: bool) -> dict[str, int | None]:
     """The repo's files with their sizes (None: unknown): from the Hub, else from the local cache."""
-    from huggingface_hub import HfApi, is_offline_mode
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
-
     why = None
     if not is_offline_mode():
         try:
@@ -264,8 +265,6 @@ def _repo_files(text: str, repo_id: str, revision: str | None, url: bool) -> dic
 
 def _cached_files(repo_id: str, revision: str | None) -> list[str]:
     """The files of a model repo's cached snapshot (of ``revision``, default main), as repo paths."""
-    from huggingface_hub import constants, scan_cache_dir
-
     try:
         cache = scan_cache_dir(constants.HF_HUB_CACHE)
     except Exception:  # noqa: BLE001 - no cache folder yet
@@ -313,20 +312,16 @@ def _choose(text: str, repo_id: str, sizes: dict[str, int | None]) -> list[str]:
 def _hub_file(text: str, repo_id: str, filename: str, revision: str | None, repo_type: str, size: int | None,
               url: bool) -> Path:
     """One repo file through ``hf_hub_download`` (its cache, its offline mode), refused when too large."""
-    from huggingface_hub import constants, hf_hub_download, is_offline_mode
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-
     where = f"{repo_id}/{filename}"
     kw = dict(repo_id=repo_id, filename=filename, revision=revision, repo_type=repo_type, cache_dir=constants.HF_HUB_CACHE)
     try:
         if not is_offline_mode():
             if size is None:
-                size = _download_size(hf_hub_download, kw)
+                size = _download_size(huggingface_hub.hf_hub_download, kw)
             if size is not None and size > MAX_DOWNLOAD_BYTES:
                 raise TextinvError(f"{text}: {where} is {size / 2**20:.0f} MB, larger than an embedding can be "
                                    f"(limit {MAX_DOWNLOAD_BYTES >> 20} MB; a checkpoint or LoRA?): not downloaded")
-        return Path(hf_hub_download(**kw))
+        return Path(huggingface_hub.hf_hub_download(**kw))
     except TextinvError:
         raise
     except LocalEntryNotFoundError:
@@ -369,8 +364,6 @@ def _url(text: str) -> Source:
 
 def _hub_url(text: str) -> tuple[str, str | None, str | None, str] | None:
     """(repo id, file, revision, repo type) of a hub page or ``resolve/``/``blob/`` file URL, else None."""
-    from huggingface_hub import constants
-
     u = urlparse(text)
     if u.netloc.lower() not in _HUB_HOSTS | {urlparse(constants.ENDPOINT).netloc.lower()}:
         return None
@@ -387,8 +380,6 @@ def _hub_url(text: str) -> tuple[str, str | None, str | None, str] | None:
 
 def download_folder(url: str) -> Path:
     """Where a plain URL's download is kept: a folder of the hub cache named by the URL's hash."""
-    from huggingface_hub import constants
-
     return Path(constants.HF_HUB_CACHE) / URL_FOLDER / hashlib.sha256(url.encode("utf-8")).hexdigest()[:32]
 
 
@@ -396,9 +387,6 @@ def download(url: str) -> Path:
     """A URL's file, downloaded once into :func:`download_folder` (atomically, at most
     :data:`MAX_DOWNLOAD_BYTES`; offline only from there).  A URL is taken not to change: delete its
     folder to fetch it again."""
-    import huggingface_hub
-    from huggingface_hub import is_offline_mode
-
     folder = download_folder(url)
     kept = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")] if folder.is_dir() else []
     if len(kept) == 1:

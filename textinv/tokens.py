@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
+from tokenizers import AddedToken
 from torch import nn
 
 from . import families, sources
@@ -423,8 +424,6 @@ def _inside_word(text: str, start: int, end: int) -> bool:
 
 
 def _add_tokens(tokenizer, tokens: list[str]) -> None:
-    from tokenizers import AddedToken
-
     added = tokenizer.add_tokens([AddedToken(t, normalized=False, single_word=False, special=False) for t in tokens])
     if added != len(tokens):
         raise TextinvError("internal error: trigger tokens clash with the tokenizer's vocabulary")

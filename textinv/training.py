@@ -26,18 +26,25 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
+from accelerate.utils import reduce
+from diffusers import DDPMScheduler
+from tqdm.auto import tqdm
 
 from . import data, families, formats, generation, perlayer, prompts, runs, stopping, tokens
 from .atomic import atomic_path
 from .errors import TextinvError
 from .formats import Embedding
+from .images import grid
 from .latents import encode_views, open_cache
 from . import models
 from .models import load_pipeline, name_of
@@ -254,8 +261,6 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
     from these images comes as a warning.
     """
     cfg = dataclasses.replace(config, **overrides) if config else TrainConfig(**overrides)
-    from accelerate import PartialState
-
     main_process = PartialState(cpu=not torch.cuda.is_available()).is_main_process
     with runs.RunLock(cfg.resolved_out()) if main_process else contextlib.nullcontext():
         return _train(cfg, pipe, on_save, on_step, echo if main_process else None)
@@ -264,8 +269,6 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
 def _train(cfg: TrainConfig, pipe, on_save, on_step, echo=None) -> TrainResult:
     """The stages, top to bottom: check, freeze the model, cache the images, add the word, loop, save."""
     check(cfg)
-    from accelerate import PartialState
-
     dist = PartialState(cpu=not torch.cuda.is_available())  # several CPU processes talk over gloo
     if (on_save is not None or on_step is not None) and dist.num_processes > 1:
         raise TextinvError("early stopping, --pick-best or a stop callback needs a single process")
@@ -339,8 +342,6 @@ def _frozen_model(cfg: TrainConfig, pipe, device) -> _Model:
     prompts.check_clip_skip(pipe, cfg.clip_skip)
     if cfg.grad_checkpointing:  # works in eval mode for diffusers' UNet (transformers' encoders need train mode)
         pipe.unet.enable_gradient_checkpointing()
-    from diffusers import DDPMScheduler
-
     # The pipeline's prediction type, said explicitly: from_config drops values a config only
     # holds as defaults of another scheduler class.
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config,
@@ -397,8 +398,6 @@ class Plan:
     resolution: int
 
     def summary(self, cfg: "TrainConfig", model_name: str, out: Path) -> str:
-        from collections import Counter
-
         n, views = len(self.images), len(self.images) * cfg.crops * (2 if cfg.flip else 1)
         found = f"{n} image{'s' if n != 1 else ''} from {cfg.images}" + (f" ({len(self.skipped)} skipped)" if self.skipped else "")
         buckets = Counter(self.sizes)
@@ -492,8 +491,6 @@ class _Batches:
         t = torch.randint(*m.timesteps, (cfg.batch,), generator=g)
         rng = None
         if self.prompts.vary:  # its own stream: varying captions changes no other draw
-            import random
-
             rng = random.Random(int(torch.randint(2**62, (1,), generator=step_generator(cfg.seed, step, micro, self.rank + 10**6))))
         hidden, pooled = self.prompts.encode(which, idx, m.device, rng)
         added = None if pooled is None else {"text_embeds": pooled, "time_ids": self.time_ids[idx].to(m.device, m.dtype)}
@@ -548,8 +545,6 @@ def _optimizer_step(cfg: TrainConfig, batches: _Batches, word: _Word, step: int,
         word.scaler.scale(loss / cfg.grad_accum).backward()
         total += loss.item() / cfg.grad_accum
     if dist.num_processes > 1:  # data-parallel: average the (tiny) gradients and the loss over processes
-        from accelerate.utils import reduce
-
         for p in word.params:
             p.grad = reduce(p.grad, reduction="mean")
         total = reduce(torch.tensor([total], device=dist.device), reduction="mean").item()
@@ -741,8 +736,6 @@ def _load_state(out: Path, cfg: TrainConfig, params, optimizer, scaler) -> tuple
 
 
 def _progress(cfg: TrainConfig, start: int):
-    from tqdm.auto import tqdm
-
     return tqdm(total=cfg.steps, initial=start, desc=f"training {cfg.token}", unit="step", disable=not cfg.progress,
                 dynamic_ncols=True, mininterval=0.5)
 
@@ -750,8 +743,6 @@ def _progress(cfg: TrainConfig, start: int):
 @torch.no_grad()
 def preview(pipe, cfg: TrainConfig, templates: list[str], path: Path, n: int = 4, steps: int = 20) -> Path:
     """A fixed-seed grid of the current embedding (same seeds every time: comparable over steps)."""
-    from .images import grid
-
     prompts = _preview_prompts(cfg, templates)
     images = [im for prompt in prompts for im in _samples(pipe, cfg, prompt, n, steps)]
     with atomic_path(path) as tmp:

@@ -14,14 +14,15 @@ import html
 import os
 import sys
 import time
+from types import SimpleNamespace as NS
 
-from . import settings
+from diffusers.utils import hub_utils as diffusers_hub
+from huggingface_hub import constants as hub_constants
+
+from . import samplers, settings
 from .app import BIAS_RECIPES, MODEL_DEFAULT_SAMPLER, TRISTATE, App, BiasJob, TrainJob, describe_error, install_warning_router
 from .errors import TextinvError
 from .formats import SAVE_FORMATS
-
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 HOST = "127.0.0.1"
 DEFAULT_MAX_UPLOAD_MB = 200  # a LoRA bundle may carry embeddings; checkpoints are refused anyway
@@ -36,9 +37,20 @@ CSS = """
 """
 
 
+def _no_analytics() -> None:
+    """Gradio's analytics and the Hub's telemetry off, unless the environment says otherwise.  Gradio
+    reads its variable when imported (just after this); huggingface_hub and diffusers read theirs
+    when textinv was imported, so their copies are set too."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if "HF_HUB_DISABLE_TELEMETRY" not in os.environ:
+        os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+        hub_constants.HF_HUB_DISABLE_TELEMETRY = diffusers_hub.HF_HUB_DISABLE_TELEMETRY = True
+
+
 def _gr():
+    _no_analytics()
     try:
-        import gradio as gr
+        import gradio as gr  # deferred: the 'ui' extra, only for textinv ui
     except ImportError:
         raise TextinvError("the web UI needs Gradio: pip install 'textinv[ui]' (or pip install gradio)") from None
     return gr
@@ -48,7 +60,7 @@ class _Page:
     """What every tab's handlers share: messages in the page, the loss plot, previews, the library list."""
 
     def __init__(self, gr, app: App):
-        import pandas as pd
+        import pandas as pd  # deferred: the 'ui' extra, only for textinv ui
 
         self.gr, self.app, self.pd = gr, app, pd
 
@@ -104,8 +116,6 @@ def build(app: App):
 
 
 def _train_tab(gr, app: App, page: _Page):
-    from types import SimpleNamespace as NS
-
     with gr.Tab("Train", id="train"):
         with gr.Row():
             with gr.Column():
@@ -158,10 +168,6 @@ def _setting_widget(gr, f, value):
 
 
 def _generate_tab(gr):
-    from types import SimpleNamespace as NS
-
-    from . import samplers
-
     with gr.Tab("Generate", id="generate") as tab:
         with gr.Row():
             with gr.Column(scale=3):
@@ -190,8 +196,6 @@ def _generate_tab(gr):
 
 
 def _library_tab(gr):
-    from types import SimpleNamespace as NS
-
     with gr.Tab("Library", id="library") as tab:
         with gr.Row():
             refresh = gr.Button("Refresh", elem_id="lib-refresh", scale=0)
@@ -227,8 +231,6 @@ def _library_tab(gr):
 
 
 def _bias_tab(gr):
-    from types import SimpleNamespace as NS
-
     with gr.Tab("Bias", id="bias"):
         with gr.Row():
             with gr.Column():

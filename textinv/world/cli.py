@@ -9,9 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from PIL import Image, UnidentifiedImageError
 
+from .. import models
 from ..errors import TextinvError
+from ..generation import images as generate
+from ..images import grid
 from . import spec
+from .judge import judge, load_judge, train_judge
+from .quality import format_table, measure
+from .render import describe, sample
+from .train_base import train_base, tune_decoder
 
 
 def _choice(attr: str):
@@ -41,8 +49,6 @@ def render_cmd(concept, out, count, colour, size, position, style, background, s
 
     Attributes not fixed by flags vary from image to image.
     """
-    from .render import describe, sample
-
     fixed = dict(colour=colour, size=size, position=position, style=style, background=background)
     if concept in spec.SHAPES:
         fixed["shape"] = concept
@@ -60,8 +66,6 @@ def render_cmd(concept, out, count, colour, size, position, style, background, s
         s = sample(seed, i, **fixed)
         img = s.image
         if scale > 1:
-            from PIL import Image
-
             img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
         img.save(out / f"{concept}_{i:03d}.png")
         if captions:
@@ -82,14 +86,9 @@ def render_cmd(concept, out, count, colour, size, position, style, background, s
 @click.option("--scale", default=2, show_default=True, help="upscale factor (nearest) of the grid")
 def sample_cmd(prompt, count, out, model, seed, steps, guidance, scale):
     """Generate COUNT images of PROMPT with the base model and save them as one grid PNG."""
-    from ..generation import images as generate
-    from ..images import grid
-
     if count < 1:
         raise TextinvError("-n must be at least 1")
-    from ..models import load_pipeline
-
-    pipe = load_pipeline(model)
+    pipe = models.load_pipeline(model)
     images = generate(pipe, [prompt] * count, seed=seed, steps=steps, guidance=guidance, progress=True)
     grid(images, scale=scale).save(out)
     click.echo(f"wrote {count} samples of {prompt!r} to {out}")
@@ -99,10 +98,6 @@ def sample_cmd(prompt, count, out, model, seed, steps, guidance, scale):
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def judge_cmd(images):
     """Print the judge's attributes for each image."""
-    from PIL import Image, UnidentifiedImageError
-
-    from .judge import judge, load_judge
-
     pil = []
     for p in images:
         try:
@@ -133,11 +128,8 @@ def judge_cmd(images):
               help="continue training this saved model (VAE kept) instead of starting from scratch")
 def train_base_cmd(out, seed, n_images, vae_steps, minutes, unet_minutes, unet_steps, batch, lr, workdir, init_from):
     """Train the mini model (VAE, then UNet + text encoder with EMA) from scratch on the world."""
-    from ..models import MINI_PATH
-    from .train_base import train_base
-
-    out = out or MINI_PATH
-    if workdir is None and Path(out).resolve() == MINI_PATH.resolve():
+    out = out or models.MINI_PATH
+    if workdir is None and Path(out).resolve() == models.MINI_PATH.resolve():
         workdir = Path("/tmp/textinv-train-base")
     s = train_base(Path(out), seed=seed, n_images=n_images, vae_steps=vae_steps, minutes=minutes, unet_minutes=unet_minutes,
                    unet_steps=unet_steps, batch=batch, lr=lr, text_lr=lr, workdir=workdir,
@@ -154,8 +146,6 @@ def train_base_cmd(out, seed, n_images, vae_steps, minutes, unet_minutes, unet_s
 @click.option("--lr", default=5e-4, show_default=True)
 def tune_decoder_cmd(model, out, steps, n_images, seed, lr):
     """Fine-tune a saved mini model's VAE decoder on today's world; encoder, UNet and text encoder unchanged."""
-    from .train_base import tune_decoder
-
     s = tune_decoder(model, out, steps=steps, n_images=n_images, seed=seed, lr=lr)
     click.echo(f"tuned the decoder in {s['minutes']:.1f} min ({steps} steps); wrote {out}")
 
@@ -170,8 +160,6 @@ def tune_decoder_cmd(model, out, steps, n_images, seed, lr):
               help="also save a sample grid PNG")
 def quality_cmd(model, per_prompt, seed, steps, guidance, grid_path):
     """Measure the base model with the judge (fixed prompts and seeds) and print the table."""
-    from .quality import format_table, measure
-
     res = measure(model, per_prompt=per_prompt, seed=seed, steps=steps, guidance=guidance, grid_path=grid_path)
     click.echo(format_table(res))
 
@@ -184,7 +172,5 @@ def quality_cmd(model, per_prompt, seed, steps, guidance, grid_path):
 @click.option("--seed", default=0, show_default=True)
 def train_judge_cmd(out, n_images, steps, seed):
     """Train the judge CNN on fresh renders (ground-truth labels only)."""
-    from .judge import train_judge
-
     acc = train_judge(out, n_images=n_images, steps=steps, seed=seed)
     click.echo("held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))

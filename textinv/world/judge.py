@@ -15,9 +15,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from ..errors import TextinvError
 from . import spec
+from .render import render_set, sample_attributes, sample_rng
+from .train_base import render_dataset
 
 JUDGE_PATH = Path(__file__).resolve().parent.parent / "data" / "judge"
 
@@ -63,8 +68,6 @@ def to_tensor(images) -> torch.Tensor:
     elif isinstance(images, np.ndarray):
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     else:
-        from PIL import Image
-
         arrs = []
         for im in images:
             im = im.convert("RGB")
@@ -78,8 +81,6 @@ def to_tensor(images) -> torch.Tensor:
 
 
 def load_judge(path: str | Path | None = None) -> JudgeNet:
-    from safetensors.torch import load_file
-
     path = Path(path) if path else JUDGE_PATH
     cfg_file, w_file = path / "config.json", path / "judge.safetensors"
     if not cfg_file.is_file() or not w_file.is_file():
@@ -140,11 +141,6 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def train_judge(out: str | Path | None = None, n_images: int = 40000, steps: int = 4000, batch: int = 128,
                 lr: float = 2e-3, seed: int = 0, width: int = 32, progress: bool = True) -> dict:
     """Train the judge on fresh renders and save fp16 safetensors + config to ``out``."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
-    from .train_base import render_dataset
-
     torch.manual_seed(seed)
     out = Path(out) if out else JUDGE_PATH
     imgs, _ = render_dataset(n_images, seed + 5000, ncap=1, workers=2)
@@ -179,8 +175,6 @@ def train_judge(out: str | Path | None = None, n_images: int = 40000, steps: int
 
 
 def _labels_for(n: int, seed: int) -> dict[str, np.ndarray]:
-    from .render import sample_attributes, sample_rng
-
     idx = {k: {v: i for i, v in enumerate(spec.labels(k))} for k in spec.ATTRIBUTE_NAMES}
     labs = {k: np.zeros(n, np.int64) for k in spec.ATTRIBUTE_NAMES}
     for i in range(n):
@@ -192,8 +186,6 @@ def _labels_for(n: int, seed: int) -> dict[str, np.ndarray]:
 
 def evaluate(model: JudgeNet | None = None, n: int = 500, seed: int = 12345) -> dict[str, float]:
     """Per-attribute accuracy on ``n`` fresh renders."""
-    from .render import render_set
-
     imgs, labs, _ = render_set(n, seed)
     res = judge(imgs, model=model)
     acc = {}

@@ -16,7 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..generation import images as generate
+from ..images import grid
+from ..models import load_pipeline
 from . import spec
+from .judge import judge
 
 
 def prompt_set() -> list[dict]:
@@ -59,11 +63,6 @@ def prompt_set() -> list[dict]:
 
 def measure(model="mini", per_prompt: int = 8, seed: int = 0, steps: int = 30, guidance: float = 4.0,
             grid_path: str | Path | None = None, pipe=None, progress: bool = True) -> dict:
-    from ..models import load_pipeline
-    from ..generation import images as generate
-    from ..images import grid
-    from .judge import judge
-
     pipe = pipe or load_pipeline(model)
     P = prompt_set()
     prompts = [p["prompt"] for p in P for _ in range(per_prompt)]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
+from tqdm import tqdm
 
 from . import spec
 
@@ -251,8 +252,6 @@ def render_set(n: int, seed: int, progress: bool = False, **fixed) -> tuple[np.n
     caps = []
     it = range(n)
     if progress:
-        from tqdm import tqdm
-
         it = tqdm(it, desc="render", unit="img", mininterval=2)
     for i in it:
         s = sample(seed, i, **fixed)

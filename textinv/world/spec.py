@@ -20,6 +20,8 @@ geometry axis that textual inversion can later steer along; it is not the shape'
 """
 from __future__ import annotations
 
+import re
+
 IMAGE_SIZE = 32  # pixels; the VAE downsamples 4x to 8x8x4 latents
 
 # ---- shapes -------------------------------------------------------------------------------
@@ -153,8 +155,6 @@ def hidden_names() -> list[str]:
 
 def vocabulary() -> list[str]:
     """Every word the world's captions can hold (what the mini model has ever read), sorted."""
-    import re
-
     texts: list[str] = list(TEMPLATES) + GENERIC_SHAPE_WORDS + list(GENERIC_STYLE_PRE) + list(GENERIC_STYLE_POST)
     for table in (SHAPES, COLOURS, SIZES, POSITIONS, STYLES, BACKGROUNDS):
         for entry in table.values():
