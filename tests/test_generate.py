@@ -254,6 +254,22 @@ def test_the_progress_bar_never_stands_in_for_the_callbacks_value(sd_pipe, monke
     assert len(out.images) == 2
 
 
+def test_a_finished_progress_bar_reads_total_over_total(sd_pipe, capsys):
+    """Every image's every step counts: 8 images in batches of 3 at 4 steps end at 32/32 (the bar
+    once counted one batch's steps and stopped at 30/240)."""
+    generation.generate("a cat", pipe=sd_pipe, steps=4, n=8, batch=3, progress=True)
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert "sampling 8 images: 100%" in last and " 32/32 " in last, last
+    bar = generation.step_bar(sd_pipe, 2, 4, "judging")  # one bar over a phase of two calls
+    for prompt in ("a", "b"):
+        generation.images(sd_pipe, [prompt] * 2, steps=2, batch=1, bar=bar)
+    assert bar.n == bar.total == 8
+    bar.close()
+    capsys.readouterr()
+    generation.images(sd_pipe, ["a"], steps=2, progress=False)
+    assert capsys.readouterr().err == ""  # no progress asked: nothing drawn
+
+
 def test_the_top_level_api_round_trips_a_word(tmp_path, sd_pipe):
     """The package's own names, as the README uses them: save, load, apply, generate, remove."""
     assert set(textinv.__all__) <= set(dir(textinv)) and callable(textinv.train)

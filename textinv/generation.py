@@ -39,9 +39,11 @@ def clip_skip_kwargs(pipe, prompts_: list[str], negative: str | None, clip_skip:
 
 @torch.no_grad()
 def images(pipe, prompts: list[str], *, seed: int = 0, steps: int = DEFAULT_STEPS, guidance: float | None = None,
-           negative: str | None = None, batch: int = 32, progress: bool = False, clip_skip: int = 1) -> list[Image.Image]:
+           negative: str | None = None, batch: int = 32, progress: bool = False, clip_skip: int = 1,
+           bar=None) -> list[Image.Image]:
     """One image per prompt; image ``i`` always uses seed ``seed + i``, whatever the batching.
-    ``guidance`` None: the model's own default (:func:`textinv.models.pipeline_defaults`)."""
+    ``guidance`` None: the model's own default (:func:`textinv.models.pipeline_defaults`).
+    ``bar``: a caller's :func:`step_bar` to advance (a phase of several calls under one bar)."""
     if guidance is None:
         guidance = pipeline_defaults(pipe).guidance
     prompts = [pick_variant(p, i) for i, p in enumerate(prompts)]  # {a|b}: image i takes option i mod k
@@ -52,34 +54,49 @@ def images(pipe, prompts: list[str], *, seed: int = 0, steps: int = DEFAULT_STEP
             "prompt": chunk, "negative_prompt": [negative] * b if negative else None}
 
     return sample(pipe, len(prompts), call, seed=seed, steps=steps, guidance=guidance, batch=batch, progress=progress,
-                  unit="image")
+                  bar=bar)
+
+
+def steps_per_image(pipe, steps: int) -> int:
+    """The sampler steps one image really takes for ``steps`` (the scheduler says: some take more)."""
+    pipe.scheduler.set_timesteps(steps)
+    return len(pipe.scheduler.timesteps)
+
+
+def step_bar(pipe, steps: int, images: int, desc: str, progress: bool = True, leave: bool = True):
+    """A progress bar on stderr over the sampler steps of ``images`` images, which :func:`sample`
+    advances by a batch's size at each step, so that a finished bar reads total/total.  Give it to
+    several calls (``bar=``) to show a phase of several prompts as one bar.  Disabled (drawing
+    nothing, asking the scheduler nothing) without ``progress``."""
+    total = images * (steps_per_image(pipe, steps) if progress else steps)
+    return tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=leave, dynamic_ncols=True,
+                mininterval=0.5)
 
 
 def sample(pipe, n: int, call, *, seed: int, steps: int, guidance: float, batch: int, progress: bool = False,
-           unit: str = "step", **extra) -> list[Image.Image]:
+           bar=None, **extra) -> list[Image.Image]:
     """The seeded batch loop: image ``i`` uses a generator seeded ``seed + i`` whatever the batch
     size, so a batch of 8 and 8 single calls give the same images.  ``call(i, b)`` gives the
-    pipeline arguments (prompts or prompt embeddings) of images ``i … i+b-1``."""
-    per_image = 1
-    if unit == "step":  # the scheduler says how many steps a given step count really is
-        pipe.scheduler.set_timesteps(steps)
-        per_image = len(pipe.scheduler.timesteps)
-    bar = tqdm(total=per_image * n, desc="sampling" if unit == "step" else "generating", unit=unit,
-               disable=not progress, mininterval=0.5)
+    pipeline arguments (prompts or prompt embeddings) of images ``i … i+b-1``.  Progress: the
+    caller's ``bar`` (:func:`step_bar`), else with ``progress`` a bar of its own."""
+    own = bar is None
+    if own:
+        bar = step_bar(pipe, steps, n, f"sampling {n} image{'s' if n != 1 else ''}", progress)
+    b = 0  # the batch being sampled: each of its images took the step
+
     def on_step(_pipe, _i, _t, kw):
-        bar.update(1)  # (tqdm's update returns whether it redrew: never the callback's value)
+        bar.update(b)  # (tqdm's update returns whether it redrew: never the callback's value)
         return kw
 
-    if unit == "step":
+    if not bar.disable:
         extra["callback_on_step_end"] = on_step
     out: list[Image.Image] = []
     for i in range(0, n, batch):
         b = min(batch, n - i)
         gens = [torch.Generator().manual_seed(seed + i + j) for j in range(b)]
         out += pipe(**call(i, b), num_inference_steps=steps, guidance_scale=guidance, generator=gens, **extra).images
-        if unit != "step":
-            bar.update(b)
-    bar.close()
+    if own:
+        bar.close()
     return out
 
 
@@ -172,7 +189,7 @@ def _long(pipe, *parsed) -> bool:
 def generate(prompt: str, negative: str | None = None, *, embeddings=None, model=None, pipe=None, n: int = 1,
              seed: int = 0, steps: int = DEFAULT_STEPS, guidance: float | None = None, sampler: str | None = None,
              size=None, out: str | os.PathLike | None = None, batch: int = 8, progress: bool = False,
-             clip_skip: int = 1, model_config=None) -> Generation:
+             clip_skip: int = 1, model_config=None, bar=None) -> Generation:
     """Generate ``n`` images of an A1111-style prompt (weights, long prompts, embedding triggers).
 
     ``embeddings``: files, library folders or Embedding objects, applied for this call only (made
@@ -181,7 +198,8 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
     :mod:`textinv.samplers`; default: the model's own scheduler).  With ``out``, every image is
     written as ``NNNNN-SEED.png`` carrying A1111's ``parameters`` chunk, plus ``grid-NNNNN.png``.
     ``clip_skip``: A1111's "Clip skip" (SD 1.x/2.x).  ``model_config``: a single-file ``model``'s
-    diffusers config folder or hub id (see :func:`textinv.models.load_pipeline`).
+    diffusers config folder or hub id (see :func:`textinv.models.load_pipeline`).  ``progress``: a
+    bar on stderr; ``bar``: a caller's :func:`step_bar` to advance instead.
     """
     if n < 1 or batch < 1 or steps < 1:
         raise TextinvError(f"-n, --batch and --steps must be at least 1 (got {n}, {batch}, {steps})")
@@ -201,8 +219,8 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
     warn_outside_world(pipe, prompts=[prompt, negative or ""], triggers=triggers, where="PROMPT")
     try:
         images_, pairs, used, sampler_name = _render(pipe, prompt, negative, n, sampler, clip_skip, seed=seed, steps=steps,
-                                                     guidance=guidance, batch=batch, progress=progress, width=width,
-                                                     height=height)
+                                                     guidance=guidance, batch=batch, progress=progress, bar=bar,
+                                                     width=width, height=height)
     finally:
         if added:
             tokens.remove(pipe, [a.embedding.name for a in added])
