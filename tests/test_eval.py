@@ -316,6 +316,26 @@ def test_eval_errors_are_one_line_with_exit_2(tmp_path, tiny_model):
         assert message in res.output and res.output.count("\n") == 1, res.output
 
 
+def test_eval_shows_a_bar_for_each_measurement_before_its_line(tmp_path):
+    """`textinv eval` on the mini model is never silent while it samples: a bar names each
+    measurement (a save, then the init word) until its figures' line takes its place."""
+    from click.testing import CliRunner
+
+    from textinv.cli import main
+    from textinv.demo import render_training_set
+
+    render_training_set("drop", tmp_path / "imgs", n=2)
+    emb = formats.save(formats.Embedding("<d>", {"clip": torch.randn(1, 64) * 0.3}, {"step": 5, "init_text": "shape"}),
+                       tmp_path / "d.safetensors")
+    res = CliRunner().invoke(main, ["eval", str(emb), "--images", str(tmp_path / "imgs"), "-n", "1", "--steps", "2"])
+    assert res.exit_code == 0, res.output
+    err = res.stderr
+    order = [err.index(text) for text in ("measuring step 5:", "measured step 5:", "measuring the init word 'shape':",
+                                          "measured baseline (init 'shape')")]
+    assert order == sorted(order), err
+    assert "/8 [" in err  # the bar's total: 4 prompts × 1 image × 2 steps
+
+
 # ------------------------------------------------------------------ the mini world (judge)
 @pytest.mark.slow
 def test_judge_metrics_separate_a_trained_embedding_from_a_random_vector_and_the_init_word(demo_word):

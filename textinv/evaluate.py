@@ -48,13 +48,15 @@ EDIT_PROBES = [
 
 def judge_scores(pipe, trigger: str, attribute: str, value: str, *, n: int = 16, seed: int = 0,
                  probes: list[Probe] | None = None, steps: int = generation.DEFAULT_STEPS,
-                 guidance: float | None = None, keep_images: bool = False, clip_skip: int = 1) -> dict:
-    """Judge-measured fidelity and editability of ``trigger`` for a concept ``attribute == value``."""
+                 guidance: float | None = None, keep_images: bool = False, clip_skip: int = 1, bar=None) -> dict:
+    """Judge-measured fidelity and editability of ``trigger`` for a concept ``attribute == value``.
+    ``bar``: a :func:`textinv.generation.step_bar` over every probe's ``n`` images, to advance."""
     probes = probes or [FIDELITY_PROBE, *EDIT_PROBES]
     rows, pictures = [], {}
     for probe in probes:
         prompt = probe.prompt(trigger)
-        imgs = generation.images(pipe, [prompt] * n, seed=seed, steps=steps, guidance=guidance, clip_skip=clip_skip)
+        imgs = generation.images(pipe, [prompt] * n, seed=seed, steps=steps, guidance=guidance, clip_skip=clip_skip,
+                                 bar=bar)
         verdicts = judge(imgs)
         concept = [v[attribute] == value for v in verdicts]
         asked = [all(v[k] == w for k, w in probe.want.items()) for v in verdicts]
@@ -168,10 +170,14 @@ class JudgeMetric:
                 "fidelity": "share of images of the prompts naming only the concept that the judge calls the concept",
                 "editability": "share of images of the composed prompts showing the concept and every asked attribute"}
 
+    def templates(self, probes=None) -> list[Probe]:
+        """What one measurement generates ``n`` images of."""
+        return list(probes or self.probes)
+
     def __call__(self, pipe, trigger: str, *, n: int, seed: int, steps: int, guidance: float, probes=None,
-                 clip_skip: int = 1) -> dict:
-        out = judge_scores(pipe, trigger, self.attribute, self.concept, n=n, seed=seed, probes=probes or self.probes,
-                           steps=steps, guidance=guidance, keep_images=True, clip_skip=clip_skip)
+                 clip_skip: int = 1, bar=None) -> dict:
+        out = judge_scores(pipe, trigger, self.attribute, self.concept, n=n, seed=seed, probes=self.templates(probes),
+                           steps=steps, guidance=guidance, keep_images=True, clip_skip=clip_skip, bar=bar)
         out["thumbs"] = {p: _thumbs(imgs) for p, imgs in out.pop("images").items()}
         return out
 
@@ -208,14 +214,18 @@ class PaperMetric:
     def fidelity_only(self) -> list[str]:
         return [self.reconstruction]
 
+    def templates(self, probes=None) -> list[str]:
+        """What one measurement generates ``n`` images of."""
+        return list(probes) if probes is not None else [self.reconstruction, *self.edit_prompts]
+
     def __call__(self, pipe, trigger: str, *, n: int, seed: int, steps: int, guidance: float, probes=None,
-                 clip_skip: int = 1) -> dict:
-        templates = probes if probes is not None else [self.reconstruction, *self.edit_prompts]
+                 clip_skip: int = 1, bar=None) -> dict:
         rows, thumbs, edit = [], {}, []
         fidelity = dino = None
-        for t in templates:
+        for t in self.templates(probes):
             prompt = t.format(trigger)
-            imgs = generation.images(pipe, [prompt] * n, seed=seed, steps=steps, guidance=guidance, clip_skip=clip_skip)
+            imgs = generation.images(pipe, [prompt] * n, seed=seed, steps=steps, guidance=guidance, clip_skip=clip_skip,
+                                     bar=bar)
             feats = self.clip.images(imgs)
             thumbs[prompt] = _thumbs(imgs)
             if t == self.reconstruction:
@@ -318,16 +328,23 @@ class StepTracker:
 
     def __init__(self, metric, pipe, trigger: str, *, n: int = 8, seed: int = 0, steps: int = generation.DEFAULT_STEPS,
                  guidance: float | None = None, patience: int | None = None, echo=None,
-                 clip_skip: int = 1):
+                 clip_skip: int = 1, progress: bool = False):
         self.metric, self.pipe, self.trigger, self.clip_skip = metric, pipe, trigger, clip_skip
         self.n, self.seed, self.steps, self.guidance, self.patience = n, seed, steps, guidance, patience
-        self.echo = echo
+        self.echo, self.progress = echo, progress
         self.points: list[dict] = []
         self.thumbs: dict[int, dict[str, list[bytes]]] = {}
 
+    def bar(self, what: str):
+        """With ``progress``: the bar of one measurement (every prompt's images), gone once it is done
+        (the measurement's line takes its place)."""
+        images = self.n * len(self.metric.templates())
+        return generation.step_bar(self.pipe, self.steps, images, f"measuring {what}", self.progress, leave=False)
+
     def measure(self, step: int, trigger: str | None = None) -> dict:
-        r = self.metric(self.pipe, trigger or self.trigger, n=self.n, seed=self.seed, steps=self.steps, guidance=self.guidance,
-                        clip_skip=self.clip_skip)
+        with self.bar(f"step {step}") as bar:
+            r = self.metric(self.pipe, trigger or self.trigger, n=self.n, seed=self.seed, steps=self.steps,
+                            guidance=self.guidance, clip_skip=self.clip_skip, bar=bar)
         point = {"step": step, "fidelity": r["fidelity"], "editability": r["editability"],
                  "score": tradeoff_score(r["fidelity"], r["editability"]), "probes": r["probes"]}
         if r.get("dino") is not None:
@@ -439,9 +456,11 @@ def _measure_saves(tracker: StepTracker, pipe, saves, trigger: str) -> None:
             tokens.remove(pipe, trigger)
 
 
-def _baseline(metric, pipe, init: str, echo=None, **kw) -> tuple[dict, dict]:
+def _baseline(tracker: StepTracker, init: str, echo=None) -> tuple[dict, dict]:
     """The init word measured as the embedding was (what training started from): (figures, thumbnails)."""
-    r = metric(pipe, init, **kw)
+    t = tracker
+    with t.bar(f"the init word {init!r}") as bar:
+        r = t.metric(t.pipe, init, n=t.n, seed=t.seed, steps=t.steps, guidance=t.guidance, clip_skip=t.clip_skip, bar=bar)
     base = {"init": init, "fidelity": r["fidelity"], "editability": r["editability"],
             "score": tradeoff_score(r["fidelity"], r["editability"]), "probes": r["probes"]}
     if r.get("dino") is not None:
@@ -480,12 +499,11 @@ def evaluate_path(target, *, images=None, model=None, concept: str | None = None
     metric = choose_metric(pipe, training_images, concept=concept, clip=clip, dino=dino, prompts=prompts,
                            device=str(pipe.unet.device))
     tracker = StepTracker(metric, pipe, subject.trigger, n=n, seed=seed, steps=steps, guidance=guidance, echo=echo,
-                          clip_skip=clip_skip)
+                          clip_skip=clip_skip, progress=echo is not None)  # a bar a measurement, where lines are heard
     _measure_saves(tracker, pipe, subject.saves, subject.trigger)
     thumbs, base, init = dict(tracker.thumbs), None, subject.init
     if baseline and init and init.strip() not in ("", "*"):
-        base, thumbs["baseline"] = _baseline(metric, pipe, init, echo, n=n, seed=seed, steps=steps, guidance=guidance,
-                                             clip_skip=clip_skip)
+        base, thumbs["baseline"] = _baseline(tracker, init, echo)
     return tracker.evaluation(target=target, model=model, images=images, training=training_images, baseline=base,
                               tolerance=tolerance, extra_thumbs=thumbs)
 
