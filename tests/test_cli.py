@@ -102,3 +102,28 @@ def test_inspect_with_model_shows_nearest_words(runner, tmp_path):
     assert [v[0][0] for v in nearest] == ["star", "ring"] and nearest[0][0][1] > 0.999
     res = runner.invoke(main, ["inspect", str(path), "--model", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "nope" in res.output
+
+
+def test_demo_announces_every_phase_shows_its_bars_and_says_when_it_reuses_a_training(runner, tmp_path, monkeypatch):
+    """The first hour: no silent phase (a line each, a bar for the sampling and the training, each
+    ending at its total), and a second run in the same folder says it reused the first's training."""
+    from textinv import generation
+
+    monkeypatch.setattr(generation, "DEFAULT_STEPS", 2)  # the judge's sampling, cheap: 4 probes × 1 image × 2 steps
+    args = ["demo", "--out", str(tmp_path / "d"), "--steps", "1", "-n", "1"]
+    first = runner.invoke(main, args)
+    assert first.exit_code == 0, first.output
+    phases = [line[:3] for line in first.stdout.splitlines() if line[:3] in ("1/4", "2/4", "3/4", "4/4")]
+    assert phases == ["1/4", "2/4", "3/4", "4/4"] and "reusing" not in first.stdout
+    bars = [part.strip() for part in first.stderr.split("\r") if "|" in part]
+    for what in ("baseline 'shape'", "training <drop>", "judging <drop>"):
+        last = [b for b in bars if b.startswith(what)][-1]
+        total = "8/8" if what != "training <drop>" else "1/1"
+        assert last.startswith(f"{what}: 100%") and f" {total} " in last, last
+    second = runner.invoke(main, args)
+    assert second.exit_code == 0, second.output
+    run = tmp_path / "d" / "run"
+    assert f"3/4 training <drop>: reusing the earlier training in {run}" in second.stdout
+    assert "delete that folder or pass --out elsewhere to train afresh" in second.stdout
+    assert "training 1 steps (the earlier run's, reused)" in second.stdout
+    assert json.loads((tmp_path / "d" / "metrics.json").read_text())["reused_training"] is True

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from . import bias, evaluate, runs, tokens
+from . import bias, evaluate, generation, runs, tokens
 from .atomic import write_text
 from .images import grid
 from .models import load_pipeline
@@ -72,7 +72,10 @@ def render_training_set(concept: str, folder: Path, n: int = 5, seed: int = 0, c
 
 
 def run(out: Path, concept: str | None = None, seed: int = 0, settings: DemoSettings | None = None,
-        model: str | None = None, echo=click.echo) -> dict:
+        model: str | None = None, echo=click.echo, progress: bool = True) -> dict:
+    """The demo's four phases, each announced by ``echo``; with ``progress``, bars on stderr for
+    the sampling and the training.  An earlier training in ``out`` is reused (continued if it was
+    cut short), and said to be."""
     settings = settings or DemoSettings()
     concept = concept or DEFAULT_CONCEPT
     if concept not in spec.unnamed_shapes():
@@ -80,21 +83,24 @@ def run(out: Path, concept: str | None = None, seed: int = 0, settings: DemoSett
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     token = f"<{concept}>"
-    echo(f"1/4 rendering 5 training images of an unnamed shape → {out / 'images'}")
+    echo(f"1/4 rendering 5 training images of an unnamed shape → {out / 'images'}, and loading the model")
     render_training_set(concept, out / "images", seed=seed, captions=settings.captions)
     pipe = load_pipeline(model)
     echo(f"2/4 baseline: the init word {INIT_WORD!r} alone")
-    # Sampling seeds 1000·seed … : the demo's seeds 0, 1, 2 judge disjoint sets of images.
-    base = evaluate.judge_scores(pipe, INIT_WORD, "shape", concept, n=settings.n, seed=1000 * seed, keep_images=True)
-    echo(f"3/4 training {token} (until learned: early stopping, at most {settings.steps} steps)")
+    base = _judged(pipe, INIT_WORD, concept, settings, seed, f"baseline {INIT_WORD!r}", progress)
     run_folder = runs.inner(out)
+    reused = runs.has_state(run_folder)
+    if reused:
+        echo(f"3/4 training {token}: reusing the earlier training in {run_folder}, continued if it was cut short "
+             f"(delete that folder or pass --out elsewhere to train afresh)")
+    else:
+        echo(f"3/4 training {token} (until learned: early stopping, at most {settings.steps} steps)")
     cfg = TrainConfig(images=str(out / "images"), token=token, model=model, init=INIT_WORD, vectors=settings.vectors,
                       templates=str(world_templates(out, settings.captions)), steps=settings.steps, lr=settings.lr, batch=settings.batch,
-                      flip=False, seed=seed, out=str(run_folder), resume=runs.has_state(run_folder))
+                      flip=False, seed=seed, out=str(run_folder), resume=reused, progress=progress)
     result = train(cfg, pipe=pipe)
-    train_seconds = result.seconds
     echo("4/4 generating and judging")
-    learned = evaluate.judge_scores(pipe, token, "shape", concept, n=settings.n, seed=1000 * seed, keep_images=True)
+    learned = _judged(pipe, token, concept, settings, seed, f"judging {token}", progress)
     tokens.remove(pipe)
 
     rows = []
@@ -108,11 +114,20 @@ def run(out: Path, concept: str | None = None, seed: int = 0, settings: DemoSett
         "fidelity": learned["fidelity"], "editability": learned["editability"],
         "baseline_fidelity": base["fidelity"], "baseline_editability": base["editability"],
         "probes": learned["probes"], "baseline_probes": base["probes"],
-        "train_steps": result.steps, "train_seconds": round(train_seconds, 1), "total_seconds": round(time.perf_counter() - t0, 1),
-        "embedding": str(result.embedding_path),
+        "train_steps": result.steps, "train_seconds": round(result.seconds, 1), "reused_training": reused,
+        "total_seconds": round(time.perf_counter() - t0, 1), "embedding": str(result.embedding_path),
     }
     write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
+
+
+def _judged(pipe, trigger: str, concept: str, settings: DemoSettings, seed: int, what: str, progress: bool) -> dict:
+    """The judge's scores of ``trigger`` (every probe's images kept), under one bar for the phase."""
+    probes, steps = [evaluate.FIDELITY_PROBE, *evaluate.EDIT_PROBES], generation.DEFAULT_STEPS
+    with generation.step_bar(pipe, steps, settings.n * len(probes), what, progress) as bar:
+        # Sampling seeds 1000·seed … : the demo's seeds 0, 1, 2 judge disjoint sets of images.
+        return evaluate.judge_scores(pipe, trigger, "shape", concept, n=settings.n, seed=1000 * seed, probes=probes,
+                                     steps=steps, keep_images=True, bar=bar)
 
 
 def print_summary(m: dict, echo=click.echo) -> None:
@@ -124,7 +139,9 @@ def print_summary(m: dict, echo=click.echo) -> None:
         echo(f"{r['prompt']:<34}{r['concept']:>9.2f}{extra}   {b['concept']:.2f}{bextra}")
     echo(f"fidelity    {m['fidelity']:.2f}   (baseline {m['baseline_fidelity']:.2f})")
     echo(f"editability {m['editability']:.2f}   (baseline {m['baseline_editability']:.2f})")
-    echo(f"training {m.get('train_steps', '?')} steps, {m['train_seconds']:.0f} s, total {m['total_seconds']:.0f} s; embedding {m['embedding']}")
+    reused = " (the earlier run's, reused)" if m.get("reused_training") else ""
+    echo(f"training {m.get('train_steps', '?')} steps{reused}, {m['train_seconds']:.0f} s, total {m['total_seconds']:.0f} s; "
+         f"embedding {m['embedding']}")
 
 
 CURATED_PER_VALUE = 6  # curated balls per colour: both sizes × three positions, backgrounds alternating
