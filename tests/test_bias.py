@@ -98,6 +98,30 @@ def test_a_real_model_run_with_an_embedding_writes_json_chart_and_report(tmp_pat
     assert "doctor" not in [e for e in __import__("textinv").tokens.state(pipe).applied]  # removed afterwards
 
 
+def test_every_measuring_phase_is_announced_and_each_prompt_shows_a_bar(tmp_path, tiny_clip, capsys):  # noqa: F811
+    from textinv import formats
+
+    emb = formats.save(formats.Embedding("x", {"clip": torch.randn(1, 32)}), tmp_path / "x.safetensors")
+    run = bias.BiasRun(word="doctor", attribute="gender", values=["man", "woman"], embedding=str(emb), clip=str(tiny_clip),
+                       n=2, sample_steps=2, out=str(tmp_path / "out"))
+    lines, pipe = [], make_sd()
+    bias.run_bias(run, pipe=pipe, echo=lines.append)
+    assert lines[0].startswith("before: gender of 'doctor'") and any(line.startswith("after: ") for line in lines)
+    assert sum(line.startswith("  'a portrait of a doctor': KL") for line in lines) == 2  # before and after
+    err = capsys.readouterr().err
+    for prompt in ("a photo of a doctor", "a portrait of a doctor"):  # a training and a held-out prompt
+        assert f"  '{prompt}':   0%|" in err and " 0/4 [" in err, err  # 2 images × 2 steps
+
+    class Everyone:  # a classifier that needs no model
+        values = ["man", "woman"]
+
+        def __call__(self, images):
+            return ["man"] * len(images), None
+
+    bias.measure(pipe, {"g": ["a doctor"]}, Everyone(), n=1, steps=2)  # a library call: no bar unless asked
+    assert capsys.readouterr().err == ""
+
+
 def test_cli_errors_are_one_line(tmp_path):
     from textinv.cli import main
 

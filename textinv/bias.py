@@ -137,15 +137,18 @@ def classifier_for(pipe, attribute: str, values: list[str], word: str, clip: str
 
 # ---------------------------------------------------------------------------------- measuring
 def measure(pipe, prompts: dict[str, list[str]], classify, *, n: int = 120, seed: int = 0, steps: int = 30,
-            guidance: float | None = None, rewrite=None, echo=None) -> dict:
+            guidance: float | None = None, rewrite=None, echo=None, progress: bool = False) -> dict:
     """Per prompt and pooled per group: distribution, KL to uniform, pairwise bias, retention.
-    ``rewrite``: what a prompt becomes before generation (the word as its per-value variants)."""
+    ``rewrite``: what a prompt becomes before generation (the word as its per-value variants).
+    ``progress``: a bar on stderr while a prompt's images are made (``echo``'s line replaces it)."""
     out = {}
     for group, group_prompts in prompts.items():
         rows, pooled_labels, pooled_kept, pooled_options = [], [], [], {}
         for prompt in group_prompts:
             text = rewrite(prompt) if rewrite else prompt  # A1111 weights and {a|b} variants read as generate reads them
-            images = generation.generate(text, pipe=pipe, n=n, seed=seed, steps=steps, guidance=guidance, batch=32).images
+            with generation.step_bar(pipe, steps, n, f"  {prompt!r}", progress, leave=False) as bar:
+                images = generation.generate(text, pipe=pipe, n=n, seed=seed, steps=steps, guidance=guidance, batch=32,
+                                             bar=bar).images
             labels, kept = classify(images)
             rows.append(_summary(prompt, labels, kept, classify.values))
             for j, (option, option_labels, option_kept) in enumerate(by_option(text, labels, kept)):
@@ -402,7 +405,7 @@ def run_bias(run: BiasRun, pipe=None, echo=None) -> dict:
     guidance = pipeline_defaults(pipe).guidance
     trained_templates = data.load_templates(run.templates) if run.templates else None
     groups = prompt_groups(run, pipe, trained_templates)
-    kw = dict(n=run.n, seed=run.seed, steps=run.sample_steps, guidance=guidance, echo=say)
+    kw = dict(n=run.n, seed=run.seed, steps=run.sample_steps, guidance=guidance, echo=say, progress=echo is not None)
     say(f"before: {run.attribute} of {run.word!r} ({classify.kind}, {run.n} images a prompt)")
     before = measure(pipe, groups, classify, **kw)
     named = None
