@@ -173,6 +173,8 @@ def run_bias(out: Path, seed: int = 0, n: int = 60, steps: int = 300, lr: str = 
     """``textinv bias ball --attribute colour --images CURATED --named`` on the mini world's biased
     word: the same command, with the curated set rendered and the world's templates."""
     out.mkdir(parents=True, exist_ok=True)
+    echo(f"rendering the curated set, {CURATED_PER_VALUE} pictures of {spec.BIASED['shape']!r} per colour → {out / 'curated'}, "
+         f"and loading the model")
     curated = render_bias_set(out / "curated", seed)
     run = bias.BiasRun(word=spec.BIASED["shape"], attribute="colour", values=values or spec.labels("colour"), images=str(curated),
                        templates=str(world_templates(out, captions=True)), model=model, n=n, seed=seed, steps=steps,
