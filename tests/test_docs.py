@@ -109,3 +109,17 @@ def test_docs_state_what_is_true_now(doc):
 def test_the_history_check_catches_the_phrases_it_names():
     told = "until 2026-12-02 the model was v2; all four did not fit a 25-minute budget"
     assert [p for p in HISTORY if re.search(p, told)] == [HISTORY[2], HISTORY[6]]
+
+
+# The hub moved SD 1.5 to the repository its warnings and examples name; the old id is what a new
+# user copies from an old page and then cannot download.
+OLD_MODEL_IDS = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+
+
+def test_model_ids_are_spelled_one_way_the_hubs_current_one():
+    places = [d for d in DOCS if d.name != "CHANGELOG.md"] + sorted(PACKAGE.rglob("*.py"))
+    found = [f"{p.relative_to(ROOT)}:{no}: {old} (write {new})"
+             for p in places for no, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+             for old, new in OLD_MODEL_IDS.items() if old in line]
+    assert not found, "old model ids:\n" + "\n".join(found)
+    assert all(new in (ROOT / "README.md").read_text(encoding="utf-8") for new in OLD_MODEL_IDS.values())
