@@ -235,6 +235,23 @@ def test_the_summary_counts_skipped_files_and_names_model_and_output(tmp_path):
     assert "model mini" in line and str(tmp_path / "run") in line
 
 
+def test_the_summary_says_once_what_the_token_is_called_in_its_files(tmp_path):
+    from textinv import formats
+    from textinv.training import trigger_note
+
+    picture(tmp_path / "imgs" / "a.png", 32, 32)
+    lines = []
+    r = train(images=str(tmp_path / "imgs"), token="<my-mug>", steps=1, batch=1, out=str(tmp_path / "run"), pipe=make_sd(),
+              progress=False, echo=lines.append)
+    assert lines[-1].endswith(f"output {tmp_path / 'run'}/; trigger 'my-mug' (the files are named after the token without "
+                              f"its brackets, and A1111 calls an embedding by its file's name)")
+    assert r.embedding_path.name == "my-mug.safetensors" and formats.load(r.embedding_path).name == "my-mug"  # as said
+    assert "'my-cat' (the files are named after the token made safe as a file name" in trigger_note(
+        TrainConfig(images="", token="<my cat>"))
+    assert trigger_note(TrainConfig(images="", token="mug")) == ""  # nothing to explain
+    assert trigger_note(TrainConfig(images="", token="<my-mug>", format="png")) == ""  # a card keeps the token inside
+
+
 # ------------------------------------------------------------- honest about the mini model
 def _world_images(folder: Path, n: int = 3) -> Path:
     from textinv.demo import render_training_set

@@ -414,7 +414,19 @@ class Plan:
         if rgba:
             parts.append(f"alpha mask on {rgba}" if cfg.alpha_mask else
                          f"{rgba} with transparency, trained on white (--alpha-mask: the subject only)")
-        return f"training {cfg.token!r}: " + ", ".join(parts) + f"; model {model_name}; output {out}/"
+        return f"training {cfg.token!r}: " + ", ".join(parts) + f"; model {model_name}; output {out}/{trigger_note(cfg)}"
+
+
+def trigger_note(cfg: "TrainConfig") -> str:
+    """Why the trained word is called otherwise once written: its files are named after the token
+    made safe as a file name (:func:`textinv.formats.file_stem`), and A1111, like textinv's reader,
+    calls an embedding by its file's name.  Empty where the two agree, or for a PNG card (it keeps
+    the token inside)."""
+    stem = formats.file_stem(cfg.token)
+    if stem == cfg.token or cfg.file_format == "png":
+        return ""
+    how = "without its brackets" if stem == cfg.token.strip("<>") else "made safe as a file name"
+    return f"; trigger {stem!r} (the files are named after the token {how}, and A1111 calls an embedding by its file's name)"
 
 
 def plan(cfg: "TrainConfig", images: list, skipped: list[str], resolution: int, step: int) -> Plan:
