@@ -21,7 +21,7 @@ from .bias import RECIPES as BIAS_RECIPES  # a value per subfolder, or the word 
 from .data import IMAGE_SUFFIXES, open_image
 from .errors import TextinvError
 from .formats import SAVE_FORMATS, file_stem, native_format, suffix_for
-from .models import load_pipeline, name_of
+from .models import defaults as model_defaults, load_pipeline, name_of
 from .training import LOSS_WINDOW
 from .world import spec
 
@@ -295,6 +295,13 @@ class App:
     def form_defaults(self) -> dict:
         """The training form's starting values: the settings' defaults, previews as this app is set up."""
         return dict(settings.defaults(), preview_every=self.preview_every)
+
+    def form_examples(self) -> dict:
+        """The training form's placeholders, by setting: the model's own where it says what it can
+        learn (the built-in model draws shapes, not cats), else the settings' (<my-cat>, cat)."""
+        scope = model_defaults(self.model).scope
+        own = dict(scope.examples) if scope else {}
+        return {f.name: own.get(f.name, settings.spec(f).example) for f in settings.form_fields()}
 
     def start_training(self, images=None, folder: str | None = None, **given) -> TrainJob:
         """Train in the background on dropped ``images`` or a ``folder``.  ``given``: the training

@@ -7,6 +7,7 @@ is only a name for that folder, so nothing downstream knows or cares which model
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -46,6 +47,7 @@ class Scope:
     about: str  # one sentence, shown in the warning
     image_size: int  # it draws (and learns from) pictures of this many pixels a side
     words: frozenset  # every word it has ever read
+    examples: tuple = ()  # (training setting, example) pairs: what the web form suggests learning on it
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,13 @@ def defaults(model: str | os.PathLike | None = None) -> ModelDefaults:
 
 def _scope(raw) -> Scope | None:
     try:
-        return Scope(str(raw["about"]), int(raw["image_size"]), frozenset(str(w) for w in raw["words"]))
+        scope = Scope(str(raw["about"]), int(raw["image_size"]), frozenset(str(w) for w in raw["words"]))
     except (TypeError, KeyError, ValueError):
         return None  # no scope, or a damaged one: treated as a general model
+    examples = raw.get("examples")
+    if isinstance(examples, dict):  # anything else (damaged): the settings' own examples
+        scope = dataclasses.replace(scope, examples=tuple((str(k), v) for k, v in examples.items() if isinstance(v, str)))
+    return scope
 
 
 USE_A_REAL_MODEL = ("for your own pictures and words use a real checkpoint: --model with a hub id "

@@ -145,11 +145,13 @@ def _train_tab(gr, app: App, page: _Page):
 def _setting_widgets(gr, app: App, where: str) -> dict:
     """The training form's widgets for the settings shown ``where`` (textinv.settings), by field name;
     their element ids are the names with dashes (#clip-skip)."""
-    defaults = app.form_defaults()
-    return {f.name: _setting_widget(gr, f, defaults.get(f.name)) for f in settings.form_fields() if settings.spec(f).form == where}
+    defaults, examples = app.form_defaults(), app.form_examples()
+    return {f.name: _setting_widget(gr, f, defaults.get(f.name), examples.get(f.name))
+            for f in settings.form_fields() if settings.spec(f).form == where}
 
 
-def _setting_widget(gr, f, value):
+def _setting_widget(gr, f, value, example: str | None = None):
+    """One setting's widget; ``example``: a text box's placeholder (the model's, or the setting's)."""
     s, (kind, optional) = settings.spec(f), settings.kind_of(f)
     common = dict(label=s.label, info=s.hint or s.help or None, elem_id=f.name.replace("_", "-"))
     if s.choices:
@@ -161,10 +163,10 @@ def _setting_widget(gr, f, value):
     if kind in (int, float) and not optional:
         return gr.Number(value=value, precision=0 if kind is int else None, **common)
     if kind in (int, float):  # a Number box posts 0 when left empty; a text box posts "", which means the default
-        return gr.Textbox(value="" if value is None else str(value), placeholder=s.example or None, **common)
+        return gr.Textbox(value="" if value is None else str(value), placeholder=example or None, **common)
     if kind is list:
         return gr.Textbox(value="\n".join(value), lines=2, **common)
-    return gr.Textbox(value=value or "", placeholder=s.example or None, **common)
+    return gr.Textbox(value=value or "", placeholder=example or None, **common)
 
 
 def _generate_tab(gr):

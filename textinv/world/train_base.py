@@ -209,7 +209,8 @@ def _save_weights(model, folder: Path, dtype) -> None:
 def model_settings() -> dict:
     """The mini model's own defaults (read by ``textinv.models.defaults``), written beside every
     model this trains so that a retrained one keeps them: guidance 4, the world it can draw (its
-    whole vocabulary), and the held-out prompts ``textinv bias`` measures the biased word in."""
+    whole vocabulary, and what the web form suggests learning: a shape of its own, from the word
+    "shape", not a cat), and the held-out prompts ``textinv bias`` measures the biased word in."""
     words = spec.vocabulary()
     return {
         "family": "the textinv mini model",
@@ -221,6 +222,7 @@ def model_settings() -> dict:
                      "(docs/mini-world.md)",
             "image_size": spec.IMAGE_SIZE,
             "words": words,
+            "examples": {"token": "<my-shape>", "init": "shape"},
         },
         "held_out_prompts": list(spec.BIAS_HELD_OUT),
     }
