@@ -224,6 +224,35 @@ def test_the_page_hears_the_runs_summary_and_the_mini_models_limits_while_it_run
         job.thread.join(120)
 
 
+def test_the_train_form_suggests_what_the_model_can_learn_and_stop_works_only_while_a_run_goes(tmp_path, app):
+    import threading
+
+    import gradio as gr
+
+    demo = ui.build(app)
+    boxes = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    # the built-in model draws shapes, not cats: its settings file says what to learn on it
+    assert (boxes["token"].placeholder, boxes["init"].placeholder) == ("<my-shape>", "shape")
+    real = ui.App(tmp_path / "lib2", str(tmp_path / "a-real-model"), workdir=tmp_path / "work2").form_examples()
+    assert (real["token"], real["init"]) == ("<my-cat>", "cat (default '*')")  # a general model: the generic ones
+    stop = boxes["stop"]
+    assert stop.interactive is False  # nothing runs
+    on_load = [f for f in demo.fns.values() if f.outputs == [stop]]
+    assert len(on_load) == 1 and on_load[0].fn() == gr.update(interactive=False)  # a reloaded page, nothing running
+    release = threading.Event()  # a training run in progress, without its minutes of work
+    job = ui.TrainJob("<t>", tmp_path / "run", 10, thread=threading.Thread(target=release.wait, daemon=True))
+    job.thread.start()
+    app.job = job
+    try:
+        assert on_load[0].fn() == gr.update(interactive=True)  # a reloaded page can stop the run
+        follow = ui._follow(gr, ui._Page(gr, app), job)
+        assert next(follow)[-1] == gr.update(interactive=True)  # while it runs
+    finally:
+        release.set()
+        job.thread.join(10)
+    assert list(follow)[-1][-1] == gr.update(interactive=False)  # once it has ended
+
+
 # ------------------------------------------------------------------------------------ bias
 def test_bias_input_errors_are_one_line_messages(tmp_path, app):
     emb = formats.save(mini_emb("ball"), tmp_path / "ball.pt")

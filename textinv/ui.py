@@ -110,6 +110,7 @@ def build(app: App):
         _library_handlers(gr, app, page, lib, gen, demo)
         _bias_handlers(gr, app, page, bias)
         demo.load(lambda: app.job.status() if app.job else "", None, train.status)  # a reloaded page sees the run
+        demo.load(lambda: gr.update(interactive=bool(app.job and app.job.running)), None, train.stop)  # and can stop it
         demo.load(lambda: app.bias.status() if app.bias else "", None, bias.status)
     demo.queue(default_concurrency_limit=2)
     return demo
@@ -129,7 +130,7 @@ def _train_tab(gr, app: App, page: _Page):
                     form |= _setting_widgets(gr, app, settings.MORE)
                 with gr.Row():
                     start = gr.Button("Start training", variant="primary", elem_id="start")
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop", interactive=False)  # while a run goes
         status = gr.Textbox(label="Status", interactive=False, lines=3, elem_id="train-status", elem_classes="status")
         with gr.Row():
             plot = gr.LinePlot(page.loss_frame(None), x="step", y="loss", title="Training loss", height=260, elem_id="loss-plot")
@@ -281,19 +282,20 @@ def _train_handlers(gr, app: App, page: _Page, t, gen) -> None:
         except Exception as e:  # noqa: BLE001 - every error is a message in the page
             msg = describe_error(e)
             page.warn([msg])
-            yield f"Error: {msg}", gr.skip(), gr.skip(), gr.skip()
+            yield f"Error: {msg}", gr.skip(), gr.skip(), gr.skip(), gr.skip()  # Stop as it was: a run may be going
             return
         yield from _follow(gr, page, job)
 
     t.images.change(on_images, t.images, t.check)
-    t.start.click(on_start, t.settings, [t.status, t.plot, t.previews, gen.embs], concurrency_limit=1,
+    t.start.click(on_start, t.settings, [t.status, t.plot, t.previews, gen.embs, t.stop], concurrency_limit=1,
                   show_progress="hidden")  # the status line is the progress; no animation to repaint for minutes
     t.stop.click(app.stop_training, None, t.status, concurrency_limit=None)
     t.export.click(page.guarded(lambda fmt: str(app.export(fmt)), lambda msg: None), t.fmt, t.file)
 
 
 def _follow(gr, page: _Page, job: TrainJob):
-    """A running training job, once a second: status, loss plot, previews (each sent only when changed)."""
+    """A running training job, once a second: status, loss plot, previews (each sent only when
+    changed), and the Stop button, usable while the job runs."""
     shown = len(job.warnings)  # the skipped images were already reported on upload
     plotted = previews = -1
     while True:
@@ -306,15 +308,16 @@ def _follow(gr, page: _Page, job: TrainJob):
         grids = page.gallery(job)
         shown_grids = grids if len(grids) != previews else gr.skip()
         plotted, previews = len(job.losses), len(grids)
-        yield job.status() + notes, plot, shown_grids, gr.skip()
+        yield job.status() + notes, plot, shown_grids, gr.skip(), gr.update(interactive=alive)
         if not alive:
             break
         time.sleep(1.0)
+    stop = gr.update(interactive=False)
     if job.error:
         page.warn([job.error])
-        yield job.status(), gr.skip(), gr.skip(), gr.skip()
+        yield job.status(), gr.skip(), gr.skip(), gr.skip(), stop
     else:
-        yield job.status(), page.loss_frame(job), page.gallery(job), gr.update(choices=page.library_choices())
+        yield job.status(), page.loss_frame(job), page.gallery(job), gr.update(choices=page.library_choices()), stop
 
 
 def _bias_handlers(gr, app: App, page: _Page, b) -> None:
