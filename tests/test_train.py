@@ -8,9 +8,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -20,9 +22,10 @@ import pytest
 import torch
 from PIL import Image
 
-from textinv import formats, tokens
+from textinv import formats, runs, tokens, training
 from textinv.data import filewords, fill_template, load_images, load_templates
 from textinv.errors import TextinvError
+from textinv.interrupts import Interrupted
 from textinv.training import TrainingDiverged, init_vectors, lr_at, parse_lr, parse_timesteps, train
 
 from conftest import make_sd, make_sdxl
@@ -224,11 +227,26 @@ def test_sdxl_trains_clip_l_and_clip_g_together(tmp_path):
     assert "<|ti:xl:1|>" in tokens.expand(pipe, "a photo of <xl>")
 
 
-def _cli_train(model: Path, imgs: Path, out: Path, *extra) -> subprocess.Popen:
+RESUME_SETTINGS = ("--steps", "30", "--batch", "2", "--save-every", "3", "--lr", "0.02:8, 5e-3")
+QUICK_SETTINGS = ("--steps", "30", "--batch", "1")  # on the built-in model: a second of training
+
+
+def _cli_train(model, imgs: Path, out: Path, *extra, settings=RESUME_SETTINGS) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "textinv", "train", "--model", str(model), "--images", str(imgs), "--token", "<r>",
-           "--steps", "30", "--batch", "2", "--save-every", "3", "--lr", "0.02:8, 5e-3", "--out", str(out), *extra]
+           *settings, "--out", str(out), *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _signal_after_step(proc: subprocess.Popen, out: Path, step: int, sig: int) -> None:
+    """Send ``sig`` to a training ``proc`` once its log holds ``step`` steps (none if it ends first)."""
+    log = runs.log_file(out)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= step:
+            proc.send_signal(sig)
+            return
+        time.sleep(0.005)
 
 
 def test_resume_after_sigkill_gives_the_same_embedding_bit_for_bit(tmp_path):
@@ -239,13 +257,7 @@ def test_resume_after_sigkill_gives_the_same_embedding_bit_for_bit(tmp_path):
     assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()[-2000:]
     kill_after = 8  # between the saves at steps 6 and 9: the resumed run replays steps 7 and 8
     victim = _cli_train(model, imgs, tmp_path / "run")
-    log = tmp_path / "run" / "log.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and victim.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= kill_after:
-            victim.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
+    _signal_after_step(victim, tmp_path / "run", kill_after, signal.SIGKILL)
     victim.wait(timeout=60)
     assert victim.returncode == -signal.SIGKILL, f"run finished before the kill at step {kill_after}"
     assert not (tmp_path / "run" / "r.safetensors").exists()
@@ -256,6 +268,87 @@ def test_resume_after_sigkill_gives_the_same_embedding_bit_for_bit(tmp_path):
     assert a == b, f"killed after step {kill_after}: resumed embedding differs"
     again = _cli_train(model, imgs, tmp_path / "run")  # without --resume: refuses to overwrite the run
     assert again.wait(timeout=120) == 2 and b"--resume" in again.stderr.read()
+
+
+def test_ctrl_c_and_sigterm_save_the_last_step_and_resume_ends_bit_for_bit(tmp_path):
+    """Ctrl-C, or a SIGTERM (here: of the resumed run), loses no work: the run saves its last
+    completed step as a save point does, says which in one line and exits 128 + N; --resume then
+    ends exactly where a run that nothing stopped ends (trained beside it, on the built-in model)."""
+    if signal.SIG_IGN in (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)):
+        pytest.skip("signals are ignored here, and so in the runs this test would start")
+    imgs = shapes(tmp_path / "imgs")
+    ref = _cli_train("mini", imgs, tmp_path / "ref", settings=QUICK_SETTINGS)
+    out, step = tmp_path / "run", 0
+    for sig, resume in ((signal.SIGINT, ()), (signal.SIGTERM, ("--resume",))):
+        victim = _cli_train("mini", imgs, out, *resume, settings=QUICK_SETTINGS)
+        _signal_after_step(victim, out, step + 3, sig)
+        err = victim.communicate(timeout=120)[1].decode()
+        assert victim.returncode == 128 + sig, f"{sig.name}: ended before it came, after step {step + 3}? {err[-2000:]}"
+        said = re.fullmatch(r"error: interrupted at step (\d+) of 30: saved; --resume continues", err.splitlines()[-1])
+        assert said and step + 3 <= int(said[1]) < 30, err[-2000:]
+        step = int(said[1])
+        assert runs.read_state(out)["step"] == step
+        assert [json.loads(line)["step"] for line in runs.log_file(out).read_text().splitlines()] == list(range(1, step + 1))
+        assert formats.load(runs.save_file(out, "<r>", step, ".safetensors")).meta["step"] == step
+        assert runs.final(out) is None  # not finished: a save, not a final embedding
+    resumed = _cli_train("mini", imgs, out, "--resume", settings=QUICK_SETTINGS)
+    for run in (ref, resumed):
+        assert run.wait(timeout=300) == 0, run.stderr.read().decode()[-2000:]
+    assert runs.final(out).read_bytes() == runs.final(tmp_path / "ref").read_bytes(), f"interrupted at step {step}: differs"
+
+
+def _interrupt(monkeypatch, target, name: str, when):
+    """Wrap ``target.name`` so that before its call number ``when`` (from 1) it is interrupted: ``when``
+    maps the call number to an action (None: none)."""
+    real, calls = getattr(target, name), [0]
+
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        act = when(calls[0])
+        if act is not None:
+            act()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, wrapped)
+
+
+def _ctrl_c():
+    signal.raise_signal(signal.SIGINT)
+
+
+def _keyboard_interrupt():
+    raise KeyboardInterrupt
+
+
+def test_an_interrupted_step_is_not_saved_half_done_and_a_second_ctrl_c_waits_for_the_save(tmp_path, monkeypatch):
+    """Interrupted in a step's gradients, the run keeps the step before; a Ctrl-C during the update
+    waits for it (the step counts); one during the interruption's save waits for the save; resuming
+    after both ends exactly where the unbroken run ends."""
+    before = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or before is signal.SIG_IGN:
+        pytest.skip("Ctrl-C does not reach this test's thread")
+    imgs = shapes(tmp_path / "imgs")
+    kw = dict(images=str(imgs), token="<x>", steps=6, batch=2, lr="0.02", progress=False)
+    ref = train(out=str(tmp_path / "ref"), save_every=1, pipe=make_sd(), **kw)
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:  # in step 3's gradients: steps 1-2 are done
+        _interrupt(m, training._Batches, "loss", lambda n: _keyboard_interrupt if n == 3 else None)
+        with pytest.raises(Interrupted, match=r"^interrupted at step 2 of 6: saved; --resume continues$"):
+            train(out=str(out), pipe=make_sd(), **kw)
+    assert runs.read_state(out)["step"] == 2
+    with monkeypatch.context() as m:  # in step 5's update, then again while that is saved
+        _interrupt(m, torch.optim.AdamW, "step", lambda n: _ctrl_c if n == 3 else None)
+        _interrupt(m, runs, "write_state", lambda n: _ctrl_c)
+        with pytest.raises(Interrupted, match=r"^interrupted at step 5 of 6: saved; --resume continues$") as e:
+            train(out=str(out), resume=True, pipe=make_sd(), **kw)
+    assert e.value.exit_code == 130 and runs.read_state(out)["step"] == 5
+    for step in (2, 5):
+        saved = formats.load(runs.save_file(out, "<x>", step, ".safetensors")).vectors["clip"]
+        assert torch.equal(saved, formats.load(runs.save_file(tmp_path / "ref", "<x>", step, ".safetensors")).vectors["clip"])
+    assert [json.loads(line)["step"] for line in runs.log_file(out).read_text().splitlines()] == [1, 2, 3, 4, 5]
+    res = train(out=str(out), resume=True, pipe=make_sd(), **kw)
+    assert torch.equal(res.embedding.vectors["clip"], ref.embedding.vectors["clip"])
+    assert signal.getsignal(signal.SIGINT) is before  # the process's own handler is back
 
 
 def test_two_processes_train_data_parallel_and_write_once(tmp_path):

@@ -23,6 +23,7 @@ from . import demo as mini_demo
 from . import ui as webui
 from .errors import TextinvError
 from .formats import file_stem, printable
+from .interrupts import Interrupted
 from .models import MODEL_HELP, load_pipeline
 from .settings import CLIP_SKIP_HELP, CONFIG_HELP, MAX_SEED, TrainConfig
 from .training import LOSS_WINDOW
@@ -69,9 +70,10 @@ class _Group(click.Group):
         except click.ClickException as e:
             click.echo(f"error: {printable(e.format_message())}", err=True)
             sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo("error: interrupted", err=True)
-            sys.exit(130)
+        except click.Abort as e:  # Ctrl-C (click's blank line has closed the terminal's ^C)
+            why = e.__cause__ if isinstance(e.__cause__, Interrupted) else Interrupted()  # a run's says what it saved
+            click.echo(f"error: {printable(why)}", err=True)
+            sys.exit(why.exit_code)  # 130, or 143 for SIGTERM during training
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx):

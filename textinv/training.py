@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from accelerate.utils import reduce
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from . import data, families, formats, generation, perlayer, prompts, runs, stopping, tokens
+from . import data, families, formats, generation, interrupts, perlayer, prompts, runs, stopping, tokens
 from .atomic import atomic_path
 from .errors import TextinvError
 from .formats import Embedding
@@ -259,20 +260,47 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
     ``echo(line)`` hears what the run is about to do (the model it loads, the one-line summary of
     images, buckets, captions and output) before the first step.  What the model cannot learn
     from these images comes as a warning.
+
+    Ctrl-C or SIGTERM (caught in the main thread, the only one signals reach) saves the last
+    completed step as a save point does and raises :class:`textinv.interrupts.Interrupted` saying
+    so; ``resume=True`` goes on from there.
     """
     cfg = dataclasses.replace(config, **overrides) if config else TrainConfig(**overrides)
     main_process = PartialState(cpu=not torch.cuda.is_available()).is_main_process
-    with runs.RunLock(cfg.resolved_out()) if main_process else contextlib.nullcontext():
+    with interrupts.caught(), runs.RunLock(cfg.resolved_out()) if main_process else contextlib.nullcontext():
         return _train(cfg, pipe, on_save, on_step, echo if main_process else None)
 
 
 def _train(cfg: TrainConfig, pipe, on_save, on_step, echo=None) -> TrainResult:
-    """The stages, top to bottom: check, freeze the model, cache the images, add the word, loop, save."""
+    """The stages, top to bottom: check, set up (freeze the model, cache the images, add the word), loop, save."""
     check(cfg)
     dist = PartialState(cpu=not torch.cuda.is_available())  # several CPU processes talk over gloo
     if (on_save is not None or on_step is not None) and dist.num_processes > 1:
         raise TextinvError("early stopping, --pick-best or a stop callback needs a single process")
     out = cfg.resolved_out()
+    model, batches, word, stopper = _set_up(cfg, pipe, echo, dist, out)
+    last_step, loss, seconds, stopped = _steps(cfg, out, model, batches, word, dist, on_save, on_step, stopper)
+
+    final = _current(word.applied, cfg, last_step, model.pipe)
+    path = runs.final_file(out, cfg.token, formats.suffix_for(cfg.file_format, final))
+    if dist.is_main_process:
+        with interrupts.held():  # the final embedding and its state together: a Ctrl-C waits for both
+            formats.save(final, path, cfg.file_format, preview=_card_picture(model.pipe, cfg, batches.templates))
+            _save_state(out, cfg, word.params, word.optimizer, last_step, word.scaler, stopper)
+    for p in word.params:
+        p.requires_grad_(False)
+    if dist.num_processes > 1:
+        # Every process leaves together and closes its process group: a gloo group torn down by the
+        # interpreter's exit can abort (SIGABRT) the process that leaves last.
+        dist.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+    return TrainResult(out, path, final, last_step, seconds, loss, dist.is_main_process, stopped,
+                       stopper.curve[-1][1] if stopper and stopper.curve else None)
+
+
+def _set_up(cfg: TrainConfig, pipe, echo, dist, out: Path) -> tuple[_Model, _Batches, _Word, _Stopper | None]:
+    """Everything before the first step: the folder checked, the images, the model, the word and
+    its batches, the state resumed (``word.start``), config.json."""
     if dist.is_main_process:
         runs.prepare(out, cfg.resume)
     skipped: list[str] = []
@@ -287,33 +315,36 @@ def _train(cfg: TrainConfig, pipe, on_save, on_step, echo=None) -> TrainResult:
             echo(the_plan.summary(cfg, name_of(cfg.model), out))
     word = _Word(model.pipe, cfg, dist.device)  # before the prompts are tokenized: they name it
     batches = _Batches(cfg, model, the_plan, dist.process_index)
-    start, curve = 0, []
+    curve = []
     if cfg.resume and runs.has_state(out):
-        start, curve = _load_state(out, cfg, word.params, word.optimizer, word.scaler)
+        word.done, curve = _load_state(out, cfg, word.params, word.optimizer, word.scaler)
+    word.start = word.done
     stopper = _Stopper(batches, cfg, curve) if cfg.early_stop else None
     if dist.is_main_process:
-        runs.trim_log(out, start)  # each step once, after any number of resumes
+        runs.trim_log(out, word.start)  # each step once, after any number of resumes
         config_json = dict(dataclasses.asdict(cfg), resolution=model.resolution, init=word.applied.embedding.meta["init_text"],
                            templates_used=batches.templates, images_used=[str(i.path) for i in images],
                            views=len(batches.views), buckets={str(p.path.name): list(wh) for p, wh in zip(images, the_plan.sizes)},
                            captions_used=the_plan.captioned)
         runs.write_config(out, config_json)
-    last_step, loss, seconds, stopped = _loop(cfg, out, model, batches, word, start, dist, on_save, on_step, stopper)
+    return model, batches, word, stopper
 
-    final = _current(word.applied, cfg, last_step, model.pipe)
-    path = runs.final_file(out, cfg.token, formats.suffix_for(cfg.file_format, final))
-    if dist.is_main_process:
-        formats.save(final, path, cfg.file_format, preview=_card_picture(model.pipe, cfg, batches.templates))
-        _save_state(out, cfg, word.params, word.optimizer, last_step, word.scaler, stopper)
-    for p in word.params:
-        p.requires_grad_(False)
-    if dist.num_processes > 1:
-        # Every process leaves together and closes its process group: a gloo group torn down by the
-        # interpreter's exit can abort (SIGABRT) the process that leaves last.
-        dist.wait_for_everyone()
-        torch.distributed.destroy_process_group()
-    return TrainResult(out, path, final, last_step, seconds, loss, dist.is_main_process, stopped,
-                       stopper.curve[-1][1] if stopper and stopper.curve else None)
+
+def _steps(cfg: TrainConfig, out: Path, model: _Model, batches: _Batches, word: _Word, dist, on_save, on_step,
+           stopper: _Stopper | None) -> tuple[int, float, float, str | None]:
+    """The loop (see :func:`_loop`).  Interrupted (Ctrl-C, SIGTERM): the last completed step is saved
+    as a save point saves it (a second signal waits for that), and :class:`Interrupted` says so."""
+    try:
+        return _loop(cfg, out, model, batches, word, word.start, dist, on_save, on_step, stopper)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+    if not word.done:
+        raise interrupts.Interrupted(signum, "interrupted before the first step: nothing to save")
+    if dist.is_main_process and word.done > word.start:
+        with interrupts.held(deliver=False):
+            _save(out, model.pipe, word.applied, cfg, word.done, templates=batches.templates)
+            _save_state(out, cfg, word.params, word.optimizer, word.done, word.scaler, stopper)
+    raise interrupts.Interrupted(signum, f"interrupted at step {word.done} of {cfg.steps}: saved; --resume continues")
 
 
 @dataclass
@@ -362,9 +393,10 @@ def _frozen_model(cfg: TrainConfig, pipe, device) -> _Model:
 
 class _Word:
     """The new word: applied to the pipeline, its vectors the only parameters (float32), their
-    AdamW, and the fp16 loss scaler."""
+    AdamW, and the fp16 loss scaler; the steps they have taken (``done``), from ``start`` (a resumed state's)."""
 
     def __init__(self, pipe, cfg: TrainConfig, device):
+        self.start = self.done = 0
         emb = _new_embedding(pipe, cfg)
         self.applied = tokens.apply(pipe, emb)[0]
         state = tokens.state(pipe)
@@ -547,8 +579,9 @@ class _Batches:
         return total / count
 
 
-def _optimizer_step(cfg: TrainConfig, batches: _Batches, word: _Word, step: int, dist, last_good) -> tuple[float, float, bool]:
-    """One optimizer step over ``grad_accum`` micro-batches: (mean loss, loss scale, skipped)."""
+def _gradients(cfg: TrainConfig, batches: _Batches, word: _Word, step: int, dist, last_good) -> float:
+    """The gradients of one optimizer step, over ``grad_accum`` micro-batches: their mean loss.
+    They move no vector, so a step interrupted here has not happened."""
     total = 0.0
     for micro in range(cfg.grad_accum):
         loss = batches.loss(step, micro)
@@ -560,11 +593,16 @@ def _optimizer_step(cfg: TrainConfig, batches: _Batches, word: _Word, step: int,
         for p in word.params:
             p.grad = reduce(p.grad, reduction="mean")
         total = reduce(torch.tensor([total], device=dist.device), reduction="mean").item()
+    return total
+
+
+def _update(word: _Word) -> tuple[float, bool]:
+    """Apply the gradients: (the loss scale, whether fp16's scaler skipped the step)."""
     scale = word.scaler.get_scale() if word.fp16 else 1.0
     word.scaler.step(word.optimizer)  # without fp16: optimizer.step(); with it: unscale, skip if inf/NaN
     word.scaler.update()
     word.optimizer.zero_grad(set_to_none=True)
-    return total, scale, word.fp16 and word.scaler.get_scale() < scale
+    return scale, word.fp16 and word.scaler.get_scale() < scale
 
 
 class _Stopper:
@@ -598,6 +636,8 @@ class _Stopper:
 def _loop(cfg: TrainConfig, out: Path, model: _Model, batches: _Batches, word: _Word, start: int, dist, on_save,
           on_step, stopper: _Stopper | None = None) -> tuple[int, float, float, str | None]:
     """Steps ``start`` … ``cfg.steps``; logs, early stopping, saves, previews and callbacks.
+    A step is done (``word.done``) once its update, evaluation and log record are: a signal waits
+    for those (:func:`textinv.interrupts.held`), so an interrupted run keeps whole steps only.
     (last step, loss, seconds, why it stopped early or None)"""
     main = dist.is_main_process
     t0, last_good, skipped_in_a_row = time.perf_counter(), None, 0
@@ -613,23 +653,25 @@ def _loop(cfg: TrainConfig, out: Path, model: _Model, batches: _Batches, word: _
         lr = lr_at(word.schedule, step) * lr_factor(cfg.lr_schedule, cfg.lr_warmup, step, cfg.steps)
         for group in word.optimizer.param_groups:
             group["lr"] = lr
-        total, scale, skipped = _optimizer_step(cfg, batches, word, step, dist, last_good)
-        skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
-        if skipped_in_a_row >= MAX_SKIPPED_STEPS or not all(torch.isfinite(p).all() for p in word.params):
-            raise _diverged(step + 1, word.params, last_good, word.fp16, word.table_norm)
-        done = step + 1
-        recent = (recent + [total])[-LOSS_WINDOW:]
-        learned = stopper is not None and done % cfg.eval_every == 0 and stopper.evaluate(done)
-        if learned and done < cfg.steps:
-            last_step, stopped = done, stopper.reason(done, cfg.steps)
+        total = _gradients(cfg, batches, word, step, dist, last_good)
+        with interrupts.held():
+            scale, skipped = _update(word)
+            skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+            if skipped_in_a_row >= MAX_SKIPPED_STEPS or not all(torch.isfinite(p).all() for p in word.params):
+                raise _diverged(step + 1, word.params, last_good, word.fp16, word.table_norm)
+            done = step + 1
+            recent = (recent + [total])[-LOSS_WINDOW:]
+            learned = stopper is not None and done % cfg.eval_every == 0 and stopper.evaluate(done)
+            if learned and done < cfg.steps:
+                last_step, stopped = done, stopper.reason(done, cfg.steps)
+            if main:
+                _log_step(out, done, total, lr, time.perf_counter() - t0, stopper,
+                          {"loss_scale": scale, "skipped": skipped} if word.fp16 else {})
+            word.done = done
         if not main:
             if stopped:
                 break
             continue
-        record = {"step": done, "loss": round(total, 6), "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
-        if stopper is not None and stopper.curve[-1][0] == done:
-            record |= {"eval_loss": round(stopper.curve[-1][1], 6), "eval_ratio": round(stopper.ratio, 4)}
-        runs.append_log(out, record | ({"loss_scale": scale, "skipped": skipped} if word.fp16 else {}))
         progress.update(1)
         shown = {"eval": f"{stopper.curve[-1][1]:.4f}", "ratio": f"{stopper.ratio:.2f}"} if stopper is not None else {}
         progress.set_postfix(loss=f"{np.mean(recent):.4f}", **shown, lr=f"{lr:.2g}", refresh=False)  # the bar redraws on its own clock
@@ -648,6 +690,14 @@ def _loop(cfg: TrainConfig, out: Path, model: _Model, batches: _Batches, word: _
     if progress is not None:
         progress.close()
     return last_step, float(np.mean(recent)) if recent else float("nan"), time.perf_counter() - t0, stopped
+
+
+def _log_step(out: Path, step: int, loss: float, lr: float, seconds: float, stopper: _Stopper | None, extra: dict) -> None:
+    """The step's record in log.jsonl (and the evaluation's, when it was scored at this step)."""
+    record = {"step": step, "loss": round(loss, 6), "lr": lr, "seconds": round(seconds, 3)}
+    if stopper is not None and stopper.curve[-1][0] == step:
+        record |= {"eval_loss": round(stopper.curve[-1][1], 6), "eval_ratio": round(stopper.ratio, 4)}
+    runs.append_log(out, record | extra)
 
 
 # ------------------------------------------------------------------------------- pieces
