@@ -17,10 +17,11 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from textinv import atomic, data, formats
+from textinv import atomic, data, formats, training
 from textinv.cli import main
 from textinv.errors import TextinvError
 from textinv.formats import Embedding
+from textinv.interrupts import Interrupted
 from textinv.runs import RunLock
 from textinv.training import train
 
@@ -277,6 +278,45 @@ def test_damaged_or_foreign_state_is_one_line(tmp_path):
         with pytest.raises(TextinvError) as err:
             train(steps=4, resume=True, pipe=make_sd(), **kw)
         assert "\n" not in str(err.value) and "state" in str(err.value), (what, str(err.value))
+
+
+@pytest.mark.parametrize("args", [["--steps", "-5"], ["--images", "EMPTY"], ["--model", "nosuch/model"]],
+                         ids=["bad-steps", "no-images", "no-model"])
+def test_a_run_that_fails_before_its_first_step_leaves_no_folder_behind(tmp_path, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "EMPTY").mkdir()
+    given = {"--images": _imgs(tmp_path), "--token": "<gone>", "--steps": "2"} | dict(zip(args[::2], args[1::2]))
+    res = CliRunner().invoke(main, ["train", *[x for pair in given.items() for x in pair]])
+    lines = [line for line in res.output.splitlines() if not line.startswith("loading ")]  # the trainer's announcement
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.output
+    assert not (tmp_path / "runs").exists()  # neither runs/gone/ nor the runs/ it would have made
+
+
+def test_a_failed_start_in_an_existing_folder_removes_only_what_it_created(tmp_path):
+    imgs = _imgs(tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(TextinvError, match="no .jpg"):
+        train(images=str(mine), token="<m>", steps=2, out=str(mine), pipe=make_sd(), progress=False)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    run = tmp_path / "run"
+    train(images=imgs, token="<m>", steps=2, batch=1, out=str(run), pipe=make_sd(), progress=False)
+    (run / ".lock").unlink()  # e.g. a run copied from elsewhere
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(TextinvError, match="--resume: this run was started with lr="):
+        train(images=imgs, token="<m>", steps=4, batch=1, lr="0.5", resume=True, out=str(run), pipe=make_sd(), progress=False)
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_ctrl_c_before_the_first_step_leaves_no_folder_behind(tmp_path, monkeypatch):
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training._Batches, "loss", ctrl_c)
+    with pytest.raises(Interrupted, match="^interrupted before the first step: nothing to save$"):
+        train(images=_imgs(tmp_path), token="<c>", steps=3, out=str(tmp_path / "new" / "run"), pipe=make_sd(), progress=False)
+    assert not (tmp_path / "new").exists()
 
 
 def test_previews_are_written_atomically(tmp_path, monkeypatch):

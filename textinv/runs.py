@@ -11,15 +11,20 @@ A run folder (``runs/NAME`` unless ``--out`` says otherwise) holds::
     eval/                   what `textinv eval` and `train --pick-best` measured
     .lock                   held by the process training in it
 
+A run that fails or is interrupted before its first step leaves none of this behind
+(:meth:`RunLock.discard`); one interrupted later has its state and a save of its last step.
+
 A folder is a run when its config.json names a token and the steps.  The demo's and ``textinv
 bias``'s output folders keep their run(s) in ``run/``.  Every other module asks here for these
 names; this one knows files, not training (it imports no trainer).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -253,12 +258,19 @@ def recent_losses(out, start: int, window: int) -> list[float]:
 class RunLock:
     """One process at a time owns a run folder: a second ``train`` on it, or a ``--resume`` while
     the first still runs, is refused in one line.  The lock is the kernel's (``flock`` on
-    ``.lock``), so a killed run leaves nothing stuck: its lock goes with its process."""
+    ``.lock``), so a killed run leaves nothing stuck: its lock goes with its process.
+
+    It also notes what the folder held before (nothing, when the lock made it), so that a run that
+    fails before its first step can :meth:`discard` what it created and leave the folder as found."""
 
     def __init__(self, out: Path):
         self.out, self.file = Path(out), None
+        self.made: list[Path] = []  # the folders the lock created, innermost first
+        self.found: set[str] = set()  # what the folder held before
 
     def __enter__(self):
+        self.made = _missing(self.out)
+        self.found = {p.name for p in self.out.iterdir()} if self.out.is_dir() else set()
         try:
             import fcntl  # deferred: POSIX only, not on Windows (handled just below)
         except ImportError:  # not a POSIX system: no locking
@@ -285,3 +297,27 @@ class RunLock:
     def __exit__(self, *exc):
         if self.file is not None:
             self.file.close()  # closing releases the lock
+
+    def discard(self) -> None:
+        """Remove what this attempt created (the lock held): every entry the folder did not hold
+        before, then the folders the lock made, if empty.  What cannot be removed stays."""
+        entries = sorted(self.out.iterdir()) if self.out.is_dir() else []
+        for entry in (e for e in entries if e.name not in self.found):
+            with contextlib.suppress(OSError):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        for folder in self.made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _missing(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists() or path.is_symlink():
+            break
+        missing.append(path)
+    return missing

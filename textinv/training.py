@@ -263,23 +263,31 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
 
     Ctrl-C or SIGTERM (caught in the main thread, the only one signals reach) saves the last
     completed step as a save point does and raises :class:`textinv.interrupts.Interrupted` saying
-    so; ``resume=True`` goes on from there.
+    so; ``resume=True`` goes on from there.  A run that fails or is interrupted before its first
+    step leaves its folder as it found it (none at all, if there was none).
     """
     cfg = dataclasses.replace(config, **overrides) if config else TrainConfig(**overrides)
+    check(cfg)  # before anything is written
     main_process = PartialState(cpu=not torch.cuda.is_available()).is_main_process
-    with interrupts.caught(), runs.RunLock(cfg.resolved_out()) if main_process else contextlib.nullcontext():
-        return _train(cfg, pipe, on_save, on_step, echo if main_process else None)
+    lock = runs.RunLock(cfg.resolved_out()) if main_process else None
+    with interrupts.caught(), lock or contextlib.nullcontext():
+        return _train(cfg, pipe, on_save, on_step, echo if main_process else None, lock)
 
 
-def _train(cfg: TrainConfig, pipe, on_save, on_step, echo=None) -> TrainResult:
-    """The stages, top to bottom: check, set up (freeze the model, cache the images, add the word), loop, save."""
-    check(cfg)
-    dist = PartialState(cpu=not torch.cuda.is_available())  # several CPU processes talk over gloo
-    if (on_save is not None or on_step is not None) and dist.num_processes > 1:
-        raise TextinvError("early stopping, --pick-best or a stop callback needs a single process")
-    out = cfg.resolved_out()
-    model, batches, word, stopper = _set_up(cfg, pipe, echo, dist, out)
-    last_step, loss, seconds, stopped = _steps(cfg, out, model, batches, word, dist, on_save, on_step, stopper)
+def _train(cfg: TrainConfig, pipe, on_save, on_step, echo=None, lock: runs.RunLock | None = None) -> TrainResult:
+    """The stages, top to bottom: set up (freeze the model, cache the images, add the word), loop, save.
+    Nothing done (no step completed) when it fails or is interrupted: ``lock`` discards what the attempt created."""
+    out, word = cfg.resolved_out(), None
+    try:
+        dist = PartialState(cpu=not torch.cuda.is_available())  # several CPU processes talk over gloo
+        if (on_save is not None or on_step is not None) and dist.num_processes > 1:
+            raise TextinvError("early stopping, --pick-best or a stop callback needs a single process")
+        model, batches, word, stopper = _set_up(cfg, pipe, echo, dist, out)
+        last_step, loss, seconds, stopped = _steps(cfg, out, model, batches, word, dist, on_save, on_step, stopper)
+    except BaseException:
+        if lock is not None and (word is None or word.done == word.start):
+            lock.discard()
+        raise
 
     final = _current(word.applied, cfg, last_step, model.pipe)
     path = runs.final_file(out, cfg.token, formats.suffix_for(cfg.file_format, final))
