@@ -292,14 +292,23 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_folder_behind(tmp_path
     assert not (tmp_path / "runs").exists()  # neither runs/gone/ nor the runs/ it would have made
 
 
-def test_a_failed_start_in_an_existing_folder_removes_only_what_it_created(tmp_path):
+def test_a_failed_start_in_an_existing_folder_removes_only_what_it_created(tmp_path, monkeypatch):
     imgs = _imgs(tmp_path)
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
+    real = data.load_images
+
+    def meanwhile(*args, **kwargs):  # another program writes there while the run starts
+        (mine / "editor.swp").write_text("not the run's")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data, "load_images", meanwhile)
+    (tmp_path / "none").mkdir()
     with pytest.raises(TextinvError, match="no .jpg"):
-        train(images=str(mine), token="<m>", steps=2, out=str(mine), pipe=make_sd(), progress=False)
-    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+        train(images=str(tmp_path / "none"), token="<m>", steps=2, out=str(mine), pipe=make_sd(), progress=False)
+    assert sorted(p.name for p in mine.iterdir()) == ["editor.swp", "notes.txt"]  # the .lock went
+    monkeypatch.undo()
     run = tmp_path / "run"
     train(images=imgs, token="<m>", steps=2, batch=1, out=str(run), pipe=make_sd(), progress=False)
     (run / ".lock").unlink()  # e.g. a run copied from elsewhere

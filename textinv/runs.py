@@ -42,6 +42,7 @@ EVAL_FOLDER = "eval"
 LOCK_FILE = ".lock"
 PROBE_FILE = ".write-test"  # written and removed once, to fail before the model loads when --out is not writable
 INNER_FOLDER = "run"  # the demo's and bias's output folders: their training run(s)
+OWN_NAMES = (CONFIG_FILE, STATE_FILE, LOG_FILE, SAVES_FOLDER, PREVIEWS_FOLDER, EVAL_FOLDER, LOCK_FILE, PROBE_FILE)
 MAX_CONFIG_BYTES = 1 << 20
 
 
@@ -270,7 +271,10 @@ class RunLock:
 
     def __enter__(self):
         self.made = _missing(self.out)
-        self.found = {p.name for p in self.out.iterdir()} if self.out.is_dir() else set()
+        try:
+            self.found = {p.name for p in self.out.iterdir()} if self.out.is_dir() else set()
+        except OSError as e:
+            raise TextinvError(f"--out {self.out}: cannot read there ({e.strerror or e})") from None
         try:
             import fcntl  # deferred: POSIX only, not on Windows (handled just below)
         except ImportError:  # not a POSIX system: no locking
@@ -299,10 +303,17 @@ class RunLock:
             self.file.close()  # closing releases the lock
 
     def discard(self) -> None:
-        """Remove what this attempt created (the lock held): every entry the folder did not hold
-        before, then the folders the lock made, if empty.  What cannot be removed stays."""
-        entries = sorted(self.out.iterdir()) if self.out.is_dir() else []
-        for entry in (e for e in entries if e.name not in self.found):
+        """Remove what this attempt created (the lock held): a folder it made goes whole, with the
+        parents it made; in a folder that was there, only the run's own files it did not hold go
+        (another program's, written there meanwhile, stay).  What cannot be removed stays."""
+        made_here = self.out in self.made
+        try:
+            entries = sorted(self.out.iterdir())
+        except OSError:
+            entries = []
+        for entry in entries:
+            if entry.name in self.found or not (made_here or entry.name in OWN_NAMES):
+                continue
             with contextlib.suppress(OSError):
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
