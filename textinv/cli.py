@@ -17,7 +17,7 @@ import click
 from PIL import Image
 from transformers.utils import logging as transformers_logging
 
-from . import evaluate, formats, generation, library, report, runs, samplers, settings, sources, tokens, training
+from . import cpu, evaluate, formats, generation, library, report, runs, samplers, settings, sources, tokens, training
 from . import bias as word_bias  # aliased: bias, demo and ui are the names of commands here
 from . import demo as mini_demo
 from . import ui as webui
@@ -96,6 +96,7 @@ class _Group(click.Group):
 def main():
     """textinv — Textual Inversion: train, store, convert and use embedding files."""
     warnings.showwarning = _show_warning
+    cpu.share_cores()  # beside another busy program, fewer torch threads are faster (textinv.cpu)
     # the libraries' notices (e.g. "requires torchvision") are not the user's business; transformers
     # read the variable when textinv imported it, so it is told as well
     if "TRANSFORMERS_VERBOSITY" not in os.environ:
