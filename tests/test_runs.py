@@ -51,7 +51,7 @@ def test_saves_are_named_and_listed_by_step_and_a_library_counts_the_run_once(tm
     assert runs.save_file(run, "<my.cat>", 10, ".pt") == run / "embeddings" / "my.cat-10.pt"
     assert runs.final(run) == run / "my.cat.pt" and runs.folder_of(run) == run
     cfg, saves = runs.saves(run)
-    assert cfg["token"] == "<my.cat>" and [(s, p.name) for s, p in saves] == [(10, "my.cat-10.pt"), (20, "my.cat-20.pt"),
+    assert cfg.token == "<my.cat>" and [(s, p.name) for s, p in saves] == [(10, "my.cat-10.pt"), (20, "my.cat-20.pt"),
                                                                                (30, "my.cat.pt")]
     assert runs.in_library(run) == [run / "my.cat.pt"] and runs.in_library(run.parent) is None
     assert [e.path for e in textinv.load_all(run.parent)] == [run / "my.cat.pt"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -145,15 +146,13 @@ OTHER_VOCABULARIES = {
     "cli.py": ({"format", "vectors", "steps", "model_config"},
                "inspect's and list's rows (an embedding's description); the other commands' --config parameter"),
     "demo.py": ({"images", "token", "init", "seed"}, "the images/ folder and the judge's results; demo.json's keys"),
-    "evaluate.py": ({"images", "model", "seed", "guidance", "clip_skip", "init", "token", "model_config"},
-                    "the evaluation's own keys (eval.json); a run's config.json as written, which runs.py owns"),
+    "evaluate.py": ({"images", "model", "seed", "guidance", "clip_skip", "init"}, "the evaluation's own keys (eval.json)"),
     "formats.py": ({"token", "format", "clip_skip"}, "embedding files' own metadata keys"),
     "latents.py": ({"format"}, "the latent cache's file metadata"),
     "library.py": ({"format", "vectors", "token", "steps"}, "an embedding's description"),
     "models.py": ({"guidance"}, "a model's sampling defaults file"),
     "report.py": ({"images", "model", "guidance", "seed", "init"}, "eval.json's keys"),
-    "runs.py": ({"token", "steps", "format"}, "a run's config.json as training wrote it (the run folder's own record)"),
-    "sources.py": ({"model", "token", "steps", "format"}, "the hub's repo type; a run's config.json, which runs.py owns"),
+    "sources.py": ({"model"}, "the hub's repo type"),
     "tokens.py": ({"token"}, "diffusers' embedding metadata key"),
     "training.py": ({"lr", "mode", "clip_skip"}, "the optimizer's param-group key and log.jsonl's; the embedding's metadata"),
     "ui.py": ({"steps", "vectors"}, "the library table's columns"),
@@ -182,3 +181,14 @@ def test_the_scan_sees_what_it_should(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text('keep = ("images", "lr_schedule")\nok = cfg.lr_schedule\nalso_ok = dict(lr_schedule=1)\n')
     assert [name for name, _ in _strings(bad)] == ["images", "lr_schedule"]
+
+
+def test_a_runs_record_reads_back_as_its_settings():
+    cfg = TrainConfig(images="imgs", token="<t>", steps=20, lr="1e-3", per_layer=True)
+    record = json.loads(json.dumps(dataclasses.asdict(cfg)))  # config.json as training writes it
+    assert settings.recorded(record) == cfg
+    assert settings.recorded({**record, "from_a_newer_version": 1}) == cfg  # unknown keys are left out
+    partial = {key: record[key] for key in ("token", "steps")}
+    assert settings.recorded(partial) == TrainConfig(images="", token="<t>", steps=20)
+    for not_a_run in ([], {"steps": 20}, {**record, "token": ""}, {**record, "token": 5}, {"token": "<t>"}):
+        assert settings.recorded(not_a_run) is None

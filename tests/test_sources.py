@@ -84,7 +84,7 @@ def test_the_trainers_run_folder_has_the_layout_these_tests_assume(run):
 
 
 def test_runs_names_each_part_the_trainer_wrote(run):
-    assert runs.config(run)["token"] == "<blk>" and runs.folder_of(run) == run and runs.folder_of(run.parent) is None
+    assert runs.config(run).token == "<blk>" and runs.folder_of(run) == run and runs.folder_of(run.parent) is None
     assert runs.has_state(run) and runs.is_state_file(runs.state_file(run)) and not runs.is_state_file(run / "blk.safetensors")
     assert runs.save_file(run, "<blk>", 2, ".safetensors").is_file()
     assert runs.final(run) == runs.final_file(run, "<blk>", ".safetensors")

@@ -23,6 +23,7 @@ from .metrics import mean_pairwise_cosine, without_trigger
 from .models import USE_A_REAL_MODEL, defaults, drawn_at, load_pipeline, name_of
 from .prompts import check_clip_skip
 from .report import write_outputs
+from .settings import TrainConfig
 from .world import spec
 from .world.judge import judge
 
@@ -389,8 +390,8 @@ def _fmt(x) -> str:
     return "—" if x is None else f"{x:.3f}"
 
 
-def run_embeddings(run_dir) -> tuple[dict, list[tuple[int, "object"]]]:
-    """A training run's config and its saved embeddings as (step, path), intermediate and final."""
+def run_embeddings(run_dir) -> tuple[TrainConfig, list[tuple[int, "object"]]]:
+    """A training run's recorded settings and its saved embeddings as (step, path), intermediate and final."""
     return runs.saves(run_dir)
 
 
@@ -412,37 +413,37 @@ def default_guidance(model) -> float:
 @dataclass
 class _Subject:
     """What :func:`evaluate_path` measures: the saves as (step, path), by which trigger, the init
-    word (the baseline), the Clip skip it was made with, and its run's config (None: none)."""
+    word (the baseline), the Clip skip it was made with, and its run's settings (None: none)."""
 
     saves: list
     trigger: str
     init: str | None
     clip_skip: object
-    cfg: dict | None
+    cfg: TrainConfig | None
 
 
 def _subject(src, target) -> _Subject:
     """A run's every save, or one embedding (a save picked with RUN@STEP keeps its run's config)."""
     if target.is_dir() and runs.config_file(target).is_file():
         cfg, saves = run_embeddings(target)
-        return _Subject(saves, cfg["token"], cfg.get("init"), cfg.get("clip_skip"), cfg)
+        return _Subject(saves, cfg.token, cfg.init, cfg.clip_skip, cfg)
     found = sources.load(src)
     if len(found) != 1:
         raise TextinvError(f"{target}: holds {len(found)} embeddings; pass one embedding file or a training run folder")
     emb, cfg = found[0], runs.config(src.run) if src.run is not None else None
     trigger, init = emb.name, emb.meta.get("init_text")
-    if cfg:  # RUN@STEP: the run's own images, model and trigger, as for the whole run
-        trigger, init = cfg.get("token", trigger), cfg.get("init", init)
+    if cfg is not None:  # RUN@STEP: the run's own images, model and trigger, as for the whole run
+        trigger, init = cfg.token, cfg.init
     step = emb.meta.get("step")
     return _Subject([(int(step) if str(step).isdigit() else 0, target)], trigger, init, emb.meta.get("clip_skip"), cfg)
 
 
-def _run_settings(cfg: dict | None, images, model, model_config):
+def _run_settings(cfg: TrainConfig | None, images, model, model_config):
     """The images and model asked for, else the run's own."""
-    if cfg:
-        images = images or cfg.get("images")
+    if cfg is not None:
+        images = images or cfg.images or None
         if model is None:
-            model, model_config = cfg.get("model"), model_config or cfg.get("model_config")
+            model, model_config = cfg.model, model_config or cfg.model_config
     return images, model, model_config
 
 

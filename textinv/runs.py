@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-from . import formats
+from . import formats, settings
 from .atomic import atomic_path, write_text
 from .errors import TextinvError
+from .settings import TrainConfig
 
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.pt"
@@ -92,18 +93,16 @@ def inner(folder) -> Path:
 
 
 # ----------------------------------------------------------------------------- reading a run
-def config(folder) -> dict | None:
-    """A run's config.json (it names the trained token), or None: ``folder`` is not a run."""
+def config(folder) -> TrainConfig | None:
+    """The settings a run's config.json records (it names the trained token), or None: ``folder``
+    is not a run."""
     file = config_file(folder)
     try:
         if not file.is_file() or file.stat().st_size > MAX_CONFIG_BYTES:
             return None
-        cfg = json.loads(file.read_text(encoding="utf-8"))
+        return settings.recorded(json.loads(file.read_text(encoding="utf-8")))
     except (OSError, ValueError):
         return None
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("token"), str) or not cfg["token"] or "steps" not in cfg:
-        return None
-    return cfg
 
 
 def has_state(run) -> bool:
@@ -131,22 +130,22 @@ def folder_of(path) -> Path | None:
     return None if others else inner(path)
 
 
-def final(run, cfg: dict | None = None) -> Path | None:
+def final(run, cfg: TrainConfig | None = None) -> Path | None:
     """A run's final embedding (``NAME.ext``, or the ``NAME/`` folder of diffusers SDXL), None before the run ends."""
     run = Path(run)
     cfg = cfg if cfg is not None else config(run)
     if cfg is None:
         return None
-    stem = formats.file_stem(cfg["token"])
+    stem = formats.file_stem(cfg.token)
     found = [p for p in sorted(run.iterdir()) if (p.stem if p.is_file() else p.name) == stem
              and p.name != STATE_FILE and not p.name.startswith(".") and formats.is_embedding_candidate(p)]
-    want = formats.suffix_for(cfg.get("format"))
+    want = formats.suffix_for(cfg.format)
     # Two finals (the format changed between runs into the same folder): the configured format's, else the newest.
     found.sort(key=lambda p: (not (p.is_dir() or p.suffix.lower() == want), -p.stat().st_mtime))
     return found[0] if found else None
 
 
-def saves(run) -> tuple[dict, list[tuple[int, Path]]]:
+def saves(run) -> tuple[TrainConfig, list[tuple[int, Path]]]:
     """A run's config and its saves as sorted (step, path): ``embeddings/NAME-STEP.*`` and the final one."""
     run = Path(run)
     cfg = config(run)
@@ -157,7 +156,7 @@ def saves(run) -> tuple[dict, list[tuple[int, Path]]]:
         except (OSError, ValueError) as e:
             why = getattr(e, "strerror", None) or str(e)
         raise TextinvError(f"{run}: not a textinv training run ({CONFIG_FILE}: {why})")
-    stem = formats.file_stem(cfg["token"])
+    stem = formats.file_stem(cfg.token)
     found: dict[int, Path] = {}
     for p in sorted(saves_folder(run).glob(f"{stem}-*")):
         m = re.fullmatch(rf"{re.escape(stem)}-(\d+)", p.stem if p.is_file() else p.name)
@@ -166,7 +165,7 @@ def saves(run) -> tuple[dict, list[tuple[int, Path]]]:
     last = final(run, cfg)
     if last is not None:
         step = formats.load(last).meta.get("step")
-        found[int(step) if str(step).isdigit() else int(cfg.get("steps") or 0)] = last
+        found[int(step) if str(step).isdigit() else int(cfg.steps or 0)] = last
     if not found:
         raise TextinvError(f"{run}: no embeddings saved in this run yet")
     return cfg, sorted(found.items())

@@ -238,6 +238,17 @@ def older_identity() -> dict:
     return {f.name: str(spec(f).older) for f in fields() if spec(f).identity and spec(f).older is not ALWAYS}
 
 
+def recorded(record) -> TrainConfig | None:
+    """The settings a run recorded in its config.json, as a TrainConfig, or None where the record
+    is not a run's (it must name the trained token and the steps).  Keys this version does not know
+    (a newer textinv's) are left out; values are as recorded, unchecked: a reader of a stranger's
+    folder checks what it uses."""
+    if not (isinstance(record, dict) and isinstance(record.get("token"), str) and record["token"] and "steps" in record):
+        return None
+    known = {f.name: record[f.name] for f in fields() if f.name in record}
+    return TrainConfig(**{"images": "", **known})
+
+
 # ------------------------------------------------------------------------------ checking
 def check(cfg: TrainConfig) -> None:
     """Every setting that can be checked without the model, in one place: the CLI, the web UI and

@@ -171,7 +171,7 @@ def _at_step(text: str, base: Path, step: str) -> Source:
     path = dict(saves).get(int(step))
     if path is None:
         raise TextinvError(f"{text}: no save at step {int(step)} in this run (saved steps: {steps})")
-    name = None if path == final else formats.file_stem(cfg["token"])  # NAME-200 is triggered by NAME, as the final
+    name = None if path == final else formats.file_stem(cfg.token)  # NAME-200 is triggered by NAME, as the final
     return Source(text, path, name=name, run=run, step=int(step), label=text)
 
 
