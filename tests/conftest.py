@@ -143,10 +143,15 @@ def sdxl_pipe():
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Every test that uses ``demo_word`` joins one xdist group: one worker trains the word, once."""
+    """Every test that uses ``demo_word`` joins one xdist group: one worker trains the word, once;
+    and the longest tests go first."""
     for item in items:
         if "demo_word" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("demo_word"))
+    # The longest tests first (slow: learning, a minute or two; long: ten seconds or more): pytest-xdist
+    # hands out one test at a time, so the quick ones then even out the workers' loads, and no worker
+    # starts a long test while the other has nothing left.  Stable: otherwise collection order.
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, item.get_closest_marker("long") is None))
 
 
 @pytest.fixture(scope="session")

@@ -102,6 +102,7 @@ def test_training_stops_by_itself_where_the_rule_says_on_its_own_curve(mini_run)
     assert json.loads((r.out / "config.json").read_text())["early_stop"] is True
 
 
+@pytest.mark.long
 def test_the_evaluation_batch_draws_nothing_from_training_and_no_early_stop_trains_every_step(mini_run, tmp_path):
     """Training with the evaluation on or off: the same vectors step for step; off trains exactly --steps."""
     pipe, stop = mini_run["pipe"], mini_run["result"].steps

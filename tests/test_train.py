@@ -249,6 +249,7 @@ def _signal_after_step(proc: subprocess.Popen, out: Path, step: int, sig: int) -
         time.sleep(0.005)
 
 
+@pytest.mark.long
 def test_resume_after_sigkill_gives_the_same_embedding_bit_for_bit(tmp_path):
     model = tmp_path / "model"
     make_sd().save_pretrained(model)
@@ -270,6 +271,7 @@ def test_resume_after_sigkill_gives_the_same_embedding_bit_for_bit(tmp_path):
     assert again.wait(timeout=120) == 2 and b"--resume" in again.stderr.read()
 
 
+@pytest.mark.long
 def test_ctrl_c_and_sigterm_save_the_last_step_and_resume_ends_bit_for_bit(tmp_path):
     """Ctrl-C, or a SIGTERM (here: of the resumed run), loses no work: the run saves its last
     completed step as a save point does, says which in one line and exits 128 + N; --resume then
@@ -351,6 +353,7 @@ def test_an_interrupted_step_is_not_saved_half_done_and_a_second_ctrl_c_waits_fo
     assert signal.getsignal(signal.SIGINT) is before  # the process's own handler is back
 
 
+@pytest.mark.long
 def test_two_processes_train_data_parallel_and_write_once(tmp_path):
     """What `accelerate launch` / torchrun does on several GPUs, here with two CPU processes (gloo)."""
     model = tmp_path / "model"

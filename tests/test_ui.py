@@ -62,6 +62,7 @@ def _shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
 
 
+@pytest.mark.long
 def test_browser_train_preview_download_generate_and_bad_uploads(server, tmp_path):
     from click.testing import CliRunner
     from playwright.sync_api import expect, sync_playwright
@@ -169,6 +170,7 @@ def test_browser_train_preview_download_generate_and_bad_uploads(server, tmp_pat
     print(f"browser test body: {elapsed:.1f} s")
 
 
+@pytest.mark.long
 def test_browser_bias_tab_renders_and_a_bad_attribute_is_a_message(server):
     from playwright.sync_api import expect, sync_playwright
 
