@@ -49,8 +49,7 @@ from .images import grid
 from .latents import encode_views, open_cache
 from . import models
 from .models import load_pipeline, name_of
-from .settings import (LR_SCHEDULES, MAX_RESOLUTION, MAX_SEED, MODES, TrainConfig, check, identity,  # noqa: F401
-                       older_identity, parse_lr, parse_timesteps, templates_of)  # (re-exported: TrainConfig's old home)
+from .settings import TrainConfig, check, identity, older_identity, parse_lr, parse_timesteps, templates_of
 
 LOSS_WINDOW = 20  # the loss shown (bar and summary) is the mean of the last this-many steps
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what a scheduler config may say the UNet predicts
