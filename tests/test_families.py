@@ -64,11 +64,12 @@ def test_production_rows_recognise_the_tiny_pipelines_and_the_real_widths():
         assert families.of_vectors(widths) is family, widths
     assert families.of_vectors({"clip": torch.zeros(2, 1024)}) is families.SD2  # tensors: their last dimension
     assert [families.name_of({"clip": w}) for w in (768, 1024, 1280, 32)] == [
-        "SD 1.x", "SD 2.x", "SDXL (clip_g)", "an unknown model family"]
-    assert families.of_width(768) == "SD 1.x" and families.model_name(families.SD1, [1280]) == "SDXL (clip_g)"
+        "SD 1.x", "SD 2.x", "SDXL or SD3 (clip_g)", "an unknown model family"]
+    assert families.of_width(768) == "SD 1.x" and families.model_name(families.SD1, [1280]) == "SDXL or SD3 (clip_g)"
     assert families.describe({"clip_g": 1280, "clip_l": 768}) == "clip_l 768 + clip_g 1280-wide: made for SDXL"
     assert families.stored({"clip_l", "clip_g", "name"}) is families.SDXL and families.stored({"clip"}) is None
-    assert families.slot_sets("listed") == "['clip'] (SD 1.x/2.x) or ['clip_l', 'clip_g'] (SDXL)"
+    assert families.slot_sets("listed") == ("['clip'] (SD 1.x/2.x) or ['clip_l', 'clip_g'] (SDXL) or "
+        "['clip_l', 'clip_g', 't5'] (SD3) or ['clip_l', 't5'] (Flux.1)")
 
 
 def test_a_registered_row_is_what_recognises_the_third_encoder(trio, trio_pipe):

@@ -4,11 +4,14 @@ Each family is one row of :data:`FAMILIES`: its text encoders in order (a :class
 key its vectors have in ``Embedding.vectors`` and in files, the pipeline attributes holding its
 tokenizer and text encoder, its width), which encoder gives the pooled prompt embedding, and which
 hidden layer the UNet takes.  The rest of textinv asks this table instead of branching on slot
-names or pipeline attributes, so a new family (SD3: CLIP-L + CLIP-G + T5; Flux.1: CLIP-L + T5) is
-a new row, and a model's settings file may add one (:func:`register`, see textinv.models).
+names or pipeline attributes, so each family (SD 1.x, SD 2.x, SDXL; SD3: CLIP-L + CLIP-G + T5;
+Flux.1: CLIP-L + T5) is a row, and a model's settings file may add one (:func:`register`, see
+textinv.models).
 
-A pipeline is recognised by the encoder attributes it sets (then by their widths), a file's vector
-set by its slot keys (then by their widths).
+A pipeline is recognised by the encoder attributes it sets and the kind of encoder each holds
+(CLIP or T5; then by their widths), a file's vector set by its slot keys (then by their widths).
+A vector set may hold only some of a family's encoders (a *partial* embedding: the CLIP parts of
+an SD3 file as A1111 writes them, or a T5 part alone); the encoders it lacks leave its trigger out.
 """
 from __future__ import annotations
 
@@ -30,7 +33,9 @@ class Slot:
     tokenizer: str = "tokenizer"  # the pipeline attribute holding its tokenizer
     text_encoder: str = "text_encoder"  # the pipeline attribute holding its text encoder
     width: int | None = None  # its token vectors' width in this family; None: any
-    kind: str = "clip"  # its tokenizer's kind: CLIP (75-token chunks between a start and an end token)
+    # Its encoder's kind: "clip" (BPE, 75-token chunks between a start and an end token) or "t5"
+    # (SentencePiece: no start token, "</s>" at the end, pad id 0; no chunks).
+    kind: str = "clip"
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,11 @@ class Family:
     modelspec: str | None = None  # its architecture id in files' modelspec metadata
     pipeline_class: str = "StableDiffusionPipeline"  # the diffusers class its single-file checkpoints load as
     checkpoint_key: str | None = None  # a key prefix that only its single-file checkpoints hold
+    # How its denoiser takes the encoders' outputs: "unet" (SD: cross-attention on the CLIP hidden
+    # states, concatenated along the width), "sd3" (CLIP-L/G hidden states joined along the width,
+    # padded to T5's and put before T5's along the sequence; pooled: both CLIPs' joined) or "flux"
+    # (T5's hidden states; pooled: CLIP-L's).
+    joins: str = "unet"
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -78,7 +88,17 @@ SDXL = Family("SDXL", (Slot("clip_l", width=768), Slot("clip_g", "tokenizer_2", 
               pooled="clip_g", hidden_layer=-2, modelspec="stable-diffusion-xl-v1-base",
               pipeline_class="StableDiffusionXLPipeline", checkpoint_key="conditioner.embedders.1")
 
-FAMILIES: list[Family] = [SD1, SD2, SDXL]
+# The flow-matching families (diffusers StableDiffusion3Pipeline, FluxPipeline): their CLIP encoders
+# give the penultimate hidden state (SD3) or only the pooled output (Flux); T5-XXL v1.1 is 4096 wide.
+SD3 = Family("SD3", (Slot("clip_l", width=768), Slot("clip_g", "tokenizer_2", "text_encoder_2", width=1280),
+                     Slot("t5", "tokenizer_3", "text_encoder_3", width=4096, kind="t5")), "SD3",
+             hidden_layer=-2, modelspec="stable-diffusion-v3-medium", pipeline_class="StableDiffusion3Pipeline",
+             checkpoint_key="model.diffusion_model.joint_blocks", joins="sd3")
+FLUX = Family("Flux.1", (Slot("clip_l", width=768), Slot("t5", "tokenizer_2", "text_encoder_2", width=4096, kind="t5")),
+              "Flux.1", modelspec="flux-1-dev", pipeline_class="FluxPipeline",
+              checkpoint_key="model.diffusion_model.double_blocks", joins="flux")
+
+FAMILIES: list[Family] = [SD1, SD2, SDXL, SD3, FLUX]
 
 
 def register(family: Family) -> None:
@@ -100,11 +120,18 @@ def like(base: Family, name: str, *widths: int) -> Family:
 
 
 # ------------------------------------------------------------------------------------- pipelines
+def encoder_kind(text_encoder) -> str:
+    """"t5" for a T5 (or UMT5) encoder, else "clip": what a slot's ``kind`` says."""
+    model_type = str(getattr(getattr(text_encoder, "config", None), "model_type", ""))
+    return "t5" if model_type in ("t5", "umt5") else "clip"
+
+
 def of_pipeline(pipe) -> Family:
     """The family of a pipeline (or any object with tokenizer/text-encoder attributes): of the
-    families whose encoder attributes it sets, those with the most encoders; among them the first
-    whose widths fit, else the first."""
-    found = [f for f in FAMILIES if all(getattr(pipe, s.text_encoder, None) is not None for s in f.slots)]
+    families whose encoder attributes it sets with encoders of the slots' kinds, those with the
+    most encoders; among them the first whose widths fit, else the first."""
+    found = [f for f in FAMILIES if all(getattr(pipe, s.text_encoder, None) is not None
+                                        and encoder_kind(getattr(pipe, s.text_encoder)) == s.kind for s in f.slots)]
     if not found:
         raise TextinvError(f"{type(pipe).__name__} has no CLIP text encoder to apply embeddings to")
     most = max(len(f.slots) for f in found)
@@ -140,6 +167,21 @@ def by_keys(keys) -> list[Family]:
     return [f for f in FAMILIES if set(f.keys) == keys]
 
 
+def holding(keys) -> list[Family]:
+    """The several-encoder families of which ``keys`` are some slots but not all (a partial
+    embedding's: T5 alone is SD3's or Flux.1's)."""
+    keys = set(keys)
+    return [f for f in FAMILIES if len(f.slots) > 1 and keys < set(f.keys)]
+
+
+def valid_keys(keys) -> bool:
+    """Whether a vector set with these slot keys is an embedding: a family's slots, or some of a
+    several-encoder family's that hold a T5 one (CLIP parts alone are SDXL's or a one-encoder
+    model's layout: a partial CLIP set is never made up)."""
+    keys = set(keys)
+    return bool(by_keys(keys)) or (bool(keys) and any(f.slot(k).kind == "t5" for f in holding(keys) for k in keys))
+
+
 def of_vectors(vectors: Mapping) -> Family | None:
     """The family a vector set ({slot: tensor or width}) was made for: the slot keys say, and where
     several families share them, the widths; None when neither does."""
@@ -163,22 +205,35 @@ def stored(keys) -> Family | None:
 
 
 def name_of(vectors: Mapping) -> str:
-    """The family a vector set is shown as made for: "SD 1.x"; one tensor of no family's: what its
-    width is (:func:`of_width`)."""
+    """The family a vector set is shown as made for: "SD 1.x"; a partial one: "SD3 or Flux.1 (t5
+    only)"; one tensor of no family's: what its width is (:func:`of_width`)."""
     family = of_vectors(vectors)
     if family is not None:
         return family.name
     widths = _widths(vectors)
+    partial = [f for f in holding(widths) if all(f.slot(k).width in (None, w) for k, w in widths.items())]
+    if partial and valid_keys(widths):
+        return " or ".join(f.name for f in partial) + f" ({' + '.join(widths)} only)"
     return of_width(*widths.values()) if len(widths) == 1 else UNKNOWN
 
 
+def families_of_slot(key: str) -> list[Family]:
+    """The several-encoder families with a slot of that key."""
+    return [f for f in FAMILIES if len(f.slots) > 1 and key in f.keys]
+
+
 def of_width(width: int) -> str:
-    """What one encoder this wide is: the first family with an encoder of that width ("SD 1.x"), with
-    the slot where the family has several ("SDXL (clip_g)"); else "an unknown model family"."""
+    """What one encoder this wide is: the first family with an encoder of that width ("SD 1.x"), or
+    where that is one of several encoders, every family with it and the slot ("SD3 or Flux.1 (t5)");
+    else "an unknown model family"."""
     for f in FAMILIES:
         match = next((s for s in f.slots if s.width == int(width)), None)
-        if match is not None:
-            return f.name if len(f.slots) == 1 else f"{f.name} ({match.key})"
+        if match is None:
+            continue
+        if len(f.slots) == 1:
+            return f.name
+        names = [g.name for g in families_of_slot(match.key) if g.slot(match.key).width == match.width]
+        return f"{' or '.join(names)} ({match.key})"
     return UNKNOWN
 
 
@@ -187,7 +242,7 @@ def describe(vectors: Mapping) -> str:
     widths = _widths(vectors)
     family = of_vectors(widths)
     keys = family.keys if family is not None else tuple(widths)
-    if len(keys) == 1:
+    if len(keys) == 1 and families_of_slot(keys[0]) == []:
         return f"{widths[keys[0]]}-wide: made for {name_of(widths)}"
     return " + ".join(f"{k} {widths[k]}" for k in keys) + f"-wide: made for {name_of(widths)}"
 

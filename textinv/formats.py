@@ -59,12 +59,15 @@ class Embedding:
     source_format: str | None = None  # set by load(): "diffusers", "a1111", "kohya", "sdxl", ...
     path: Path | None = None
     layers: list[str] | None = None  # per-layer (P+) embeddings only
+    # Tensors a file keeps beside the slots' vectors, carried to the formats that hold them:
+    # OneTrainer's output-embedding twins ("clip_l_out", "t5_out", ...).
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         # Every reader produces the slot set of a family in the table (textinv.families); an
         # Embedding built in Python with another would fail far from here (a KeyError when it is
         # described, applied or saved).
-        if not families.by_keys(self.vectors):
+        if not families.valid_keys(self.vectors):
             raise TextinvError(f"embedding {self.name!r}: vector slots {sorted(self.vectors)}; expected "
                                f"{families.slot_sets('listed')}")
 
@@ -75,8 +78,8 @@ class Embedding:
     @property
     def slots(self) -> tuple[str, ...]:
         """The vector slots in encoder order (its family's)."""
-        family = families.of_embedding(self)
-        return family.keys if family is not None else tuple(self.vectors)
+        family = families.of_embedding(self) or next(iter(families.holding(self.vectors)), None)
+        return tuple(k for k in family.keys if k in self.vectors) if family is not None else tuple(self.vectors)
 
     @property
     def is_per_layer(self) -> bool:
@@ -144,6 +147,8 @@ def native_format(emb: "Embedding") -> str:
     (kohya reads it too), else ours."""
     if emb.layers is not None:
         return "xti" if list(emb.layers) == list(SD_LAYERS) else "per-layer"
+    if "t5" in emb.vectors:  # a flow family's (or part of one): the layout every tool reads whole
+        return "sd3" if "clip_g" in emb.vectors else "flux"
     return "sdxl" if len(emb.vectors) > 1 else "diffusers"
 
 
@@ -188,14 +193,24 @@ CARD_KEY = cards.KEY
 A1111_STAR_TOKEN = 265  # CLIP id of "*", written by A1111, never read back
 
 FORMATS = ("diffusers", "diffusers-sdxl", "a1111", "original", "kohya", "sdxl", "lora-bundle",
-           "png-card", "xti", "per-layer")
-SAVE_FORMATS = ("diffusers", "a1111", "kohya", "sdxl", "png")  # plain embeddings
+           "png-card", "xti", "per-layer", "sd3", "flux", "onetrainer", "comfyui")
+# Plain embeddings.  The flow families' (SD3, Flux.1): "sd3"/"flux" hold the T5 part under both
+# keys in use, so that ComfyUI and OneTrainer read every part; "onetrainer" and "comfyui" are
+# exactly those tools' own layouts (FLOW_LAYOUTS).
+SAVE_FORMATS = ("diffusers", "a1111", "kohya", "sdxl", "png", "sd3", "flux", "onetrainer", "comfyui")
 PER_LAYER_FORMATS = ("xti", "per-layer")  # per-layer (P+) embeddings: kohya's XTI, textinv's own
 CANDIDATE_SUFFIXES = {".pt", ".bin", ".safetensors", ".ckpt", ".png", ".webp"}
 DIFFUSERS_SDXL_STEMS = ("learned_embeds", "learned_embeds_2")  # 768-wide, then 1280-wide
 # Meta keys carried through every format that can hold them (safetensors metadata as textinv.*).
 CARRIED_META = ("step", "sd_checkpoint", "sd_checkpoint_name", "init_text", "clip_skip")
 _XTI_KEY = re.compile(r"^(IN\d\d|MID|OUT\d\d)$")
+
+# The keys a T5 part is stored under: OneTrainer and diffusers' Flux script write "t5", ComfyUI
+# reads "t5xxl" (its T5 tokenizers' embedding key) and nothing else.  A file holding both keys with
+# the same tensor loads whole in both.
+T5_KEYS = {"onetrainer": ("t5",), "comfyui": ("t5xxl",), "both": ("t5", "t5xxl")}
+FLOW_LAYOUTS = {"sd3": "both", "flux": "both", "onetrainer": "onetrainer", "comfyui": "comfyui"}
+OUT_SUFFIX = "_out"  # OneTrainer's output-embedding twins: clip_l_out, t5_out, ...
 
 # kohya's XTI keys (sd-scripts, train_textual_inversion_XTI.py) and the SD 1.x/2.x UNet layers they
 # stand for: its cross-attention layers in the order the forward pass visits them (down blocks 0-2,
@@ -309,14 +324,17 @@ def is_embedding_candidate(path) -> bool:
     return path.suffix.lower() in CANDIDATE_SUFFIXES and not name.endswith(".preview.png")
 
 
-def save(emb: Embedding, path, format: str | None = None, *, preview=None) -> Path:
+def save(emb: Embedding, path, format: str | None = None, *, preview=None, clip_only: bool = False) -> Path:
     """Write ``emb`` atomically in one of :data:`SAVE_FORMATS` and return the path written.
 
     ``format=None`` follows the suffix: .pt -> a1111 (sdxl for SDXL), .png -> png,
     .safetensors -> diffusers (sdxl for SDXL), .bin -> diffusers, no suffix + SDXL -> the
     diffusers two-file folder; a per-layer embedding: .pt -> xti, .safetensors -> xti for
-    kohya's 16 layers, else per-layer (:data:`PER_LAYER_FORMATS`).  ``preview`` (a PIL image) is
-    the visible part of a png card.
+    kohya's 16 layers, else per-layer (:data:`PER_LAYER_FORMATS`); an SD3/Flux.1 one: its own
+    layout ("sd3"/"flux", read whole by ComfyUI and OneTrainer).  ``preview`` (a PIL image) is
+    the visible part of a png card.  A format that cannot hold every part writes the others and
+    warns in one line what it left out (SD3 as SDXL: the T5 part); one that would need a part the
+    embedding lacks refuses, except that ``clip_only`` writes just the CLIP parts (A1111's SD3 layout).
     """
     path = Path(path)
     fmt = {"png-card": "png", "diffusers-sdxl": "diffusers"}.get(format, format)
@@ -325,7 +343,7 @@ def save(emb: Embedding, path, format: str | None = None, *, preview=None) -> Pa
     if fmt not in SAVE_FORMATS + PER_LAYER_FORMATS:
         raise _fail(path, f"cannot write format {format!r}; choose one of "
                           f"{', '.join(SAVE_FORMATS + PER_LAYER_FORMATS)}")
-    emb = _checked(path, emb)
+    emb = _parts_for(path, _checked(path, emb), fmt, clip_only)
     if emb.layers is not None and fmt not in PER_LAYER_FORMATS:
         raise _fail(path, f"{emb.name!r} is a per-layer (P+) embedding ({len(emb.layers)} layers); format "
                           f"{fmt!r} holds one set of vectors: add --to-single to average the layers "
@@ -334,7 +352,7 @@ def save(emb: Embedding, path, format: str | None = None, *, preview=None) -> Pa
     if emb.layers is None and fmt in PER_LAYER_FORMATS:
         raise _fail(path, f"format {fmt!r} holds per-layer (P+) embeddings; {emb.name!r} is a plain one")
     suffix = path.suffix.lower()
-    if emb.is_sdxl and fmt == "diffusers":
+    if emb.is_sdxl and fmt == "diffusers" and "t5" not in emb.vectors:
         if suffix in CANDIDATE_SUFFIXES:
             raise _fail(path, "SDXL in diffusers format is a two-file folder: give a folder "
                               "path, or use --format sdxl (format='sdxl' in Python) for one file")
@@ -518,7 +536,7 @@ def _classify(path: Path, data, default_name: str, where: str = "",
         raise _fail(path, f"{where}not an embedding: holds a {type(data).__name__}")
     keys = [str(k) for k in data]
     tensors = {str(k): v for k, v in data.items() if isinstance(v, torch.Tensor)}
-    meta = _plain_meta(data)
+    meta, flow = _plain_meta(data), None
     if len(tensors) > 1 and all(_XTI_KEY.match(k) for k in tensors):
         layers, stacked = list(SD_LAYERS), _read_xti(path, data, keys, where)
         return "xti", [Embedding(name=default_name, vectors={SINGLE_KEY: stacked}, meta=meta, layers=layers)]
@@ -541,6 +559,10 @@ def _classify(path: Path, data, default_name: str, where: str = "",
             meta["stored_name"] = data["name"]
         meta["term"] = str(term)
         vectors = {SINGLE_KEY: tensor}
+    elif (flow := _flow_parts(path, data, where)) is not None:
+        fmt, vectors, _ = flow
+        if isinstance(data.get("name"), str):
+            meta["stored_name"] = data["name"]
     elif (family := families.stored(data)) is not None:
         fmt, vectors = "sdxl", {k: data[k] for k in family.keys}
         if isinstance(data.get("name"), str):
@@ -562,7 +584,53 @@ def _classify(path: Path, data, default_name: str, where: str = "",
         raise _fail(path, f"{where}not an embedding: unknown structure (keys: {shown or 'none'}; "
                           "no tensors)")
     vectors = _check_vectors(path, vectors, where)
-    return fmt, [Embedding(name=default_name, vectors=vectors, meta=meta)]
+    extra = _check_extra(path, vectors, flow[2], where) if flow else {}
+    return fmt, [Embedding(name=default_name, vectors=vectors, meta=meta, extra=extra)]
+
+
+def _flow_parts(path: Path, data: dict, where: str) -> tuple[str, dict, dict] | None:
+    """A flow family's file (SD3, Flux.1) or a part of one: the T5 part under "t5" (OneTrainer,
+    diffusers) and/or "t5xxl" (ComfyUI), the CLIP parts under clip_l/clip_g, and OneTrainer's
+    ``*_out`` twins; None when it holds no T5 part (then it is an SD/SDXL file)."""
+    keys = [str(k) for k, v in data.items() if isinstance(v, torch.Tensor)]
+    t5 = [k for k in T5_KEYS["both"] if k in keys]
+    if not t5:
+        return None
+    parts = {k: data[k] for k in ("clip_l", "clip_g") if k in keys}
+    parts["t5"] = data[t5[0]]
+    if len(t5) == 2 and not _same(data["t5"], data["t5xxl"]):
+        warnings.warn(f"{printable(path)}: {where}its T5 part differs between 't5' (read by OneTrainer) and "
+                      "'t5xxl' (read by ComfyUI); took 't5'", stacklevel=2)
+    known = set(parts) | set(t5)
+    extra = {k: data[k] for k in keys if k.endswith(OUT_SUFFIX) and k[: -len(OUT_SUFFIX)] in known}
+    unknown = [k for k in keys if k not in known and k not in extra]
+    if unknown:
+        shown = ", ".join(unknown[:4]) + (", ..." if len(unknown) > 4 else "")
+        raise _fail(path, f"{where}holds a T5 part and {len(unknown)} other tensor{'s' if len(unknown) > 1 else ''} "
+                          f"({shown}); an SD3/Flux.1 embedding holds clip_l, clip_g and t5 (or t5xxl) only")
+    fmt = ("sd3" if "clip_g" in parts else "flux") if len(t5) == 2 else ("onetrainer" if t5 == ["t5"] else "comfyui")
+    return fmt, parts, extra
+
+
+def _same(a, b) -> bool:
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and bool(torch.equal(a.float(), b.float())))
+
+
+def _check_extra(path, vectors: dict, extra: dict, where: str) -> dict[str, torch.Tensor]:
+    """Output-embedding twins: checked like vectors, and shaped as their slot's."""
+    if not extra:
+        return {}
+    if "t5xxl_out" in extra and "t5_out" not in extra:
+        extra = {("t5_out" if k == "t5xxl_out" else k): v for k, v in extra.items()}
+    extra = {k: v for k, v in extra.items() if k != "t5xxl_out"}
+    checked = _check_vectors(path, {f"{k}": v for k, v in extra.items()}, where)
+    for key, t in checked.items():
+        twin = vectors.get(key[: -len(OUT_SUFFIX)])
+        if twin is None or t.shape != twin.shape:
+            raise _fail(path, f"{where}{key} is {tuple(t.shape)} but its part {key[: -len(OUT_SUFFIX)]} is "
+                              f"{tuple(twin.shape) if twin is not None else 'missing'}")
+    return checked
 
 
 def _read_xti(path: Path, data: dict, keys: list[str], where: str) -> torch.Tensor:
@@ -696,7 +764,7 @@ def _checked(path: Path, emb: Embedding) -> Embedding:
     """A validated copy to write: detached tensors; the caller's trainable ones stay untouched."""
     if emb.layers is not None:
         return _checked_per_layer(path, emb)
-    if not families.by_keys(emb.vectors):
+    if not families.valid_keys(emb.vectors):
         raise _fail(path, f"embedding {emb.name!r} has vector slots {sorted(emb.vectors)}; "
                           f"expected {families.slot_sets()}")
     if not emb.name:
@@ -827,6 +895,7 @@ _SAVE_SUFFIXES = {
     "png": (".png",),
     "xti": (".safetensors", ".pt"),  # kohya's training script reads only .safetensors; its generator both
     "per-layer": (".safetensors",),
+    **{fmt: (".safetensors", ".pt") for fmt in FLOW_LAYOUTS},
 }
 
 
@@ -834,6 +903,8 @@ def _format_for_suffix(emb: Embedding, path: Path) -> str:
     suffix = path.suffix.lower()
     if emb.layers is not None and suffix in (".pt", ".safetensors"):
         return "xti" if suffix == ".pt" else native_format(emb)
+    if suffix in (".pt", ".safetensors") and "t5" in emb.vectors:
+        return native_format(emb)
     if suffix == ".pt":
         return "sdxl" if len(emb.vectors) > 1 else "a1111"
     if suffix == ".safetensors":
@@ -896,15 +967,19 @@ def torch_zip_bytes(obj) -> bytes:
 
 
 def _single(path: Path, emb: Embedding, fmt: str) -> torch.Tensor:
-    if len(emb.vectors) > 1:
+    if len(emb.vectors) > 1 or SINGLE_KEY not in emb.vectors:
         folder = ", or diffusers with a folder path" if emb.is_sdxl else ""
+        native = native_format(emb)
         raise _fail(path, f"{emb.name!r} is an {emb.family} embedding ({' + '.join(emb.slots)}); format {fmt!r} "
-                          f"holds one text encoder's vectors: use --format sdxl (format='sdxl' in "
+                          f"holds one text encoder's vectors: use --format {native} (format={native!r} in "
                           f"Python){folder}")
     return emb.vectors[SINGLE_KEY]
 
 
 def _save_diffusers(emb: Embedding, path: Path, preview) -> None:
+    if "t5" in emb.vectors:  # diffusers' Flux script: one file, clip_l and t5 (its model card loads each by hand)
+        _save_flow(emb, path, preview, "onetrainer")
+        return
     if emb.is_sdxl:  # diffusers' SDXL training output: two files in one folder
         path.mkdir(parents=True, exist_ok=True)
         for stem, slot in zip(DIFFUSERS_SDXL_STEMS, families.SDXL.keys):
@@ -970,6 +1045,68 @@ def _save_sdxl(emb: Embedding, path: Path, preview) -> None:
         raise _fail(path, f"format 'sdxl' needs an SDXL embedding ({' + '.join(families.SDXL.keys)}); "
                           f"{emb.name!r} is {emb.family} ({emb.widths[SINGLE_KEY]} wide)")
     tensors = {k: emb.vectors[k] for k in emb.slots}
+    if path.suffix.lower() == ".pt":
+        _write_torch(path, tensors)
+        return
+    metadata = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": _architecture(emb),
+                "modelspec.title": emb.name, **_carried_metadata(emb)}
+    _write_safetensors(path, tensors, metadata)
+
+
+# ------------------------------------------------------------------------ the flow families' parts
+_KEEPS = {"sd3": families.SD3, "flux": families.FLUX}  # the family whose parts a format holds
+
+
+def _parts_for(path: Path, emb: Embedding, fmt: str, clip_only: bool) -> Embedding:
+    """``emb`` with the parts format ``fmt`` holds.  Parts it cannot hold are left out with one
+    warning line saying which and why (SD3 as "sdxl": the T5 part); a flow family's layout for an
+    embedding without a T5 part is refused (it would be made up), unless ``clip_only`` asks for the
+    CLIP parts alone."""
+    if emb.layers is not None:
+        return emb
+    have = list(emb.slots)
+    if clip_only:
+        keep = [k for k in have if k != "t5"]
+        if not keep:
+            raise _fail(path, f"{emb.name!r} has no CLIP part ({emb.family}): nothing to write with --clip-only")
+        return _only(emb, keep)
+    family = _KEEPS.get(fmt)
+    if family is not None and "t5" not in have:
+        raise _fail(path, f"{emb.name!r} is {emb.family} ({' + '.join(have)}), with no T5 part: a {family.name} file "
+                          "needs one; add --clip-only (clip_only=True in Python) to write the CLIP parts alone, "
+                          "as A1111 does for SD3")
+    if family is not None:
+        keep, why = [k for k in have if k in family.keys], f"{family.name} files hold {' + '.join(family.keys)} only"
+    elif fmt in ("onetrainer", "comfyui") or (fmt == "diffusers" and "t5" in have):
+        keep, why = have, ""
+    else:
+        keep, why = [k for k in have if k != "t5"], f"no tool reads a T5 part from format {fmt!r}"
+    twins = fmt in FLOW_LAYOUTS or (fmt == "diffusers" and "t5" in keep)
+    dropped = [k for k in have if k not in keep] + ([] if twins else list(emb.extra))
+    if not dropped or not keep:
+        return emb  # nothing left out, or nothing left: the writer says what it needs
+    if set(dropped) <= set(emb.extra):
+        why = f"OneTrainer's output embeddings; format {fmt!r} holds none"
+    warnings.warn(f"{printable(emb.name)}: left out {', '.join(dropped)} writing {fmt!r} ({why})", stacklevel=3)
+    return _only(emb, keep, twins=twins)
+
+
+def _only(emb: Embedding, keep: list[str], twins: bool = True) -> Embedding:
+    vectors = {k: emb.vectors[k] for k in keep}
+    extra = {k: t for k, t in emb.extra.items() if twins and k[: -len(OUT_SUFFIX)] in keep}
+    if len(vectors) == 1 and keep != ["t5"]:
+        vectors = {SINGLE_KEY: vectors[keep[0]]} if keep[0] == SINGLE_KEY else vectors
+    return dataclasses.replace(emb, vectors=vectors, extra=extra, source_format=None)
+
+
+def _save_flow(emb: Embedding, path: Path, preview, layout: str) -> None:
+    """One tensor per part under its key, the T5 part under the layout's key(s) ("both": "t5" and
+    "t5xxl", so ComfyUI and OneTrainer each find it), OneTrainer's ``*_out`` twins kept."""
+    tensors = {}
+    for key in emb.slots:
+        for name in (T5_KEYS[layout] if key == "t5" else (key,)):
+            tensors[name] = emb.vectors[key].clone()  # own storage each: safetensors refuses shared tensors
+    tensors.update({k: t.clone() for k, t in emb.extra.items()})
     if path.suffix.lower() == ".pt":
         _write_torch(path, tensors)
         return
@@ -1048,4 +1185,5 @@ def _save_per_layer(emb: Embedding, path: Path, preview) -> None:
 
 
 _WRITERS = {"diffusers": _save_diffusers, "a1111": _save_a1111, "kohya": _save_kohya,
-            "sdxl": _save_sdxl, "png": _save_png, "xti": _save_xti, "per-layer": _save_per_layer}
+            "sdxl": _save_sdxl, "png": _save_png, "xti": _save_xti, "per-layer": _save_per_layer,
+            **{fmt: functools.partial(_save_flow, layout=layout) for fmt, layout in FLOW_LAYOUTS.items()}}
