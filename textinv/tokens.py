@@ -16,8 +16,13 @@ How it works, and why it differs from diffusers' ``load_textual_inversion``:
 * A1111's rule that an embedding never straddles a 75-token chunk is kept: when it would, the
   chunk is padded with end tokens and the embedding starts the next chunk.
 * On a diffusers pipeline, :func:`apply` routes the pipeline's own prompt handling
-  (``maybe_convert_prompt``, used for prompts and negative prompts, by SD and SDXL alike)
-  through :func:`expand`, so ``pipe("a photo of my-cat")`` just works.
+  (``maybe_convert_prompt``, used for prompts and negative prompts by SD, SDXL and Flux.1; SD3's
+  per-encoder prompt methods, which have no such step) through :func:`expand`, so
+  ``pipe("a photo of my-cat")`` just works.
+* Each encoder's prompt is expanded for that encoder: a T5 encoder's tokens are added as words
+  (SentencePiece's word-start ``▁`` is not split off before them) and know no 75-token chunks;
+  an embedding without a part for an encoder (an SD3 file's CLIP parts alone, a T5 part alone)
+  leaves its trigger out of that encoder's prompt, as ComfyUI does.
 * A per-layer (P+) embedding's trigger expands the same way, to tokens holding its layers'
   average; each layer's vectors get tokens of their own, and :mod:`textinv.perlayer` makes every
   UNet cross-attention layer see the prompt encoded with its layer's vectors.
@@ -25,6 +30,7 @@ How it works, and why it differs from diffusers' ``load_textual_inversion``:
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import pickle
 import re
@@ -103,6 +109,7 @@ class Applied:
 @dataclass
 class _Encoder:
     slot: str  # its family's slot key ("clip", "clip_l", ...): which of an Embedding's tensors this encoder takes
+    kind: str  # "clip" or "t5" (textinv.families.Slot.kind)
     tokenizer: object
     text_encoder: nn.Module
     base: nn.Module  # the original embedding module, put back by remove()
@@ -149,7 +156,10 @@ class TriggerState:
         for hook in HOOKS.values():
             hook.check(self, emb)
         slots = [e.slot for e in self.encoders]
-        fits = set(emb.vectors) == set(slots) and all(emb.widths[e.slot] == e.width for e in self.encoders)
+        # A part of a flow family's embedding (SD3's CLIP parts, a T5 part alone) fits its model.
+        partial = set(emb.vectors) < set(slots) and any(e.kind == "t5" for e in self.encoders)
+        fits = (set(emb.vectors) == set(slots) or partial) and all(
+            emb.widths[e.slot] == e.width for e in self.encoders if e.slot in emb.vectors)
         if not fits:
             raise ModelMismatchError(
                 f"embedding {emb.name!r} is {describe_widths(emb)}; "
@@ -164,6 +174,10 @@ class TriggerState:
         for emb in embeddings:
             self.check(emb)
             _check_finite(emb)
+            lacking = [e.slot for e in self.encoders if e.slot not in emb.vectors]
+            if lacking:
+                warnings.warn(f"embedding {emb.name!r} has no {' or '.join(lacking)} part: its trigger is left out of "
+                              f"that encoder's prompt (as ComfyUI does)", stacklevel=3)
         names = [emb.name.lower() for emb in embeddings]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
@@ -181,7 +195,7 @@ class TriggerState:
                                   [t for a in new for t in a.all_tokens])
             new.append(Applied(emb, triggers, tokens[:n], [tokens[n * (k + 1) : n * (k + 2)] for k in range(len(layers))]))
         for enc in self.encoders:
-            enc.variants.switch(enc.tokenizer, [t for a in [*self.applied.values(), *new] for t in a.all_tokens])
+            enc.variants.switch(enc.tokenizer, [t for a in [*self.applied.values(), *new] for t in a.all_tokens], enc.kind)
             # Rows already applied are taken from the live module: training may have moved them.
             module = enc.text_encoder.get_input_embeddings()
             old = module.extra.data if isinstance(module, TriggerEmbedding) else torch.zeros(0, enc.width)
@@ -205,7 +219,7 @@ class TriggerState:
     def _remove(self, keys: list[str]) -> None:
         keep = [a for k, a in self.applied.items() if k not in keys]
         for enc in self.encoders:
-            enc.variants.switch(enc.tokenizer, [t for a in keep for t in a.all_tokens])
+            enc.variants.switch(enc.tokenizer, [t for a in keep for t in a.all_tokens], enc.kind)
             if not keep:
                 self._uninstall(enc)
                 continue
@@ -250,6 +264,11 @@ class TriggerState:
         return [a.embedding.name for a in self.applied.values()]
 
     # -- prompts -------------------------------------------------------------------------
+    def encoder_of(self, tokenizer) -> int:
+        """The index of the encoder whose tokenizer this is (0 when none is: a tokenizer of the
+        pipeline's own making)."""
+        return next((i for i, e in enumerate(self.encoders) if e.tokenizer is tokenizer), 0)
+
     def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         enc = self.encoders[0].tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
         return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
@@ -286,24 +305,28 @@ class TriggerState:
                 i += 1
         return hits
 
-    def expand(self, text: str) -> str:
-        """Replace every trigger with its internal tokens, keeping A1111's chunk rule."""
+    def expand(self, text: str, encoder: int = 0) -> str:
+        """Replace every trigger with its internal tokens for encoder ``encoder`` (by index):
+        for a CLIP encoder keeping A1111's chunk rule; an embedding without a part for this
+        encoder leaves its trigger out."""
         if not self.applied:
             return text
         hits = self.find(text)
         if not hits:
             return text
+        enc = self.encoders[encoder]
+        chunked = enc.kind == "clip"
         out, pos_char, pos_tok, length = [], 0, 0, 0
         pad = self.encoders[0].tokenizer.eos_token or "<|endoftext|>"
         for first, n, start, end, a in hits:
             out.append(text[pos_char:start])
             length += first - pos_tok
-            k = len(a.tokens)
-            if k <= CHUNK and length // CHUNK != (length + k - 1) // CHUNK:
+            k = len(a.tokens) if enc.slot in a.embedding.vectors else 0
+            if chunked and 0 < k <= CHUNK and length // CHUNK != (length + k - 1) // CHUNK:
                 fill = CHUNK - length % CHUNK
                 out.append(" " + " ".join([pad] * fill))
                 length += fill
-            out.append(" " + " ".join(a.tokens) + " ")
+            out.append(" " + " ".join(a.tokens[:k]) + " ")
             length += k
             pos_char, pos_tok = end, first + n
         out.append(text[pos_char:])
@@ -343,8 +366,9 @@ class _TokenizerStates:
         self.snapshot = pickle.dumps(tokenizer)
         self.ready: OrderedDict[tuple[str, ...], dict] = OrderedDict()
 
-    def switch(self, tokenizer, added: list[str]) -> None:
-        """Make ``tokenizer`` the pristine one plus exactly the tokens ``added``, in that order."""
+    def switch(self, tokenizer, added: list[str], kind: str = "clip") -> None:
+        """Make ``tokenizer`` the pristine one plus exactly the tokens ``added``, in that order
+        (added as a ``kind`` tokenizer's words: see :func:`_add_tokens`)."""
         key = tuple(added)
         if len(tokenizer) != self.length + len(self.current):  # someone added tokens: keep their state as the base
             if self.current:
@@ -359,7 +383,7 @@ class _TokenizerStates:
             state = self.ready.pop(key, None)
             if state is None:
                 copy = pickle.loads(self.snapshot)
-                _add_tokens(copy, added)
+                _add_tokens(copy, added, kind)
                 state = dict(vars(copy))
             self.ready[key] = state
             while len(self.ready) > self.KEEP:
@@ -404,10 +428,12 @@ def pool_at_end_token(text_encoder: nn.Module, vocab_size: int):
 
 
 def _rows(enc: _Encoder, applied: list[Applied]) -> torch.Tensor:
-    """The vectors ``applied`` embeddings give this encoder, stacked as float32 CPU rows."""
+    """The vectors ``applied`` embeddings give this encoder, stacked as float32 CPU rows (zeros
+    for an embedding without a part for it: its prompts never hold those tokens)."""
     if not applied:
         return torch.zeros(0, enc.width)
-    return torch.cat([table_rows(a.embedding, enc.slot) for a in applied])
+    return torch.cat([table_rows(a.embedding, enc.slot) if enc.slot in a.embedding.vectors
+                      else torch.zeros(len(a.all_tokens), enc.width) for a in applied])
 
 
 def table_rows(emb: Embedding, slot: str) -> torch.Tensor:
@@ -423,8 +449,13 @@ def _inside_word(text: str, start: int, end: int) -> bool:
     return (start > 0 and text[start - 1].isalnum()) or (end < len(text) and text[end].isalnum())
 
 
-def _add_tokens(tokenizer, tokens: list[str]) -> None:
-    added = tokenizer.add_tokens([AddedToken(t, normalized=False, single_word=False, special=False) for t in tokens])
+def _add_tokens(tokenizer, tokens: list[str], kind: str = "clip") -> None:
+    """Add trigger tokens.  A T5 tokenizer's take the space before them (``lstrip``): else
+    SentencePiece would turn that space into a token of its own (a lone ``▁``), and the prompt's
+    ids would differ from a word-wise tokenisation with the vectors spliced in (ComfyUI's)."""
+    t5 = kind == "t5"
+    added = tokenizer.add_tokens([AddedToken(t, normalized=False, single_word=False, special=False, lstrip=t5)
+                                  for t in tokens])
     if added != len(tokens):
         raise TextinvError("internal error: trigger tokens clash with the tokenizer's vocabulary")
 
@@ -459,18 +490,60 @@ def state(pipe, create: bool = True) -> TriggerState | None:
     st = getattr(pipe, "_textinv", None)
     if st is None and create:
         spec = families.of_pipeline(pipe)
-        encoders = [_Encoder(s.key, tok, te, te.get_input_embeddings(), _TokenizerStates.of(tok))
+        encoders = [_Encoder(s.key, s.kind, tok, te, te.get_input_embeddings(), _TokenizerStates.of(tok))
                     for s, (tok, te) in slot_pairs(pipe, spec)]
         st = TriggerState(encoders, spec, unet=getattr(pipe, "unet", None))
         object.__setattr__(pipe, "_textinv", st)
     return st
 
 
-def _convert_prompt(pipe, prompt, tokenizer):
+def _expanded(pipe, prompt, tokenizer):
+    """A prompt (or list of them) expanded for the encoder of ``tokenizer``."""
     st = state(pipe, create=False)
-    if st is not None:
-        prompt = [st.expand(p) for p in prompt] if isinstance(prompt, list) else st.expand(prompt)
-    return type(pipe).maybe_convert_prompt(pipe, prompt, tokenizer)
+    if st is None or prompt is None:
+        return prompt
+    i = st.encoder_of(tokenizer)
+    return [st.expand(p, i) for p in prompt] if isinstance(prompt, list) else st.expand(prompt, i)
+
+
+def _convert_prompt(pipe, prompt, tokenizer):
+    return type(pipe).maybe_convert_prompt(pipe, _expanded(pipe, prompt, tokenizer), tokenizer)
+
+
+# SD3's pipeline has no maybe_convert_prompt: its per-encoder prompt methods are wrapped instead.
+_PROMPT_METHODS = ("_get_clip_prompt_embeds", "_get_t5_prompt_embeds")
+
+
+def _expanding(pipe, name: str):
+    """``pipe.<name>`` that expands its prompt for its encoder first: the T5 method's is the T5
+    slot's tokenizer, the CLIP method's the ``clip_model_index``-th CLIP slot's."""
+    method = getattr(type(pipe), name)
+    signature = inspect.signature(method)
+
+    def call(*args, **kwargs):
+        bound = signature.bind(pipe, *args, **kwargs)
+        bound.apply_defaults()
+        st = state(pipe, create=False)
+        if st is not None and "prompt" in bound.arguments:
+            kind = "t5" if "t5" in name else "clip"
+            encoders = [e for e in st.encoders if e.kind == kind]
+            index = int(bound.arguments.get("clip_model_index", 0) or 0) if kind == "clip" else 0
+            if index < len(encoders):
+                bound.arguments["prompt"] = _expanded(pipe, bound.arguments["prompt"], encoders[index].tokenizer)
+        return method(*bound.args, **bound.kwargs)
+
+    return call
+
+
+def _route_prompts(pipe) -> None:
+    """Route the pipeline's prompt handling through :func:`expand` (undone by :func:`remove`)."""
+    if hasattr(type(pipe), "maybe_convert_prompt"):
+        if "maybe_convert_prompt" not in vars(pipe):
+            object.__setattr__(pipe, "maybe_convert_prompt", functools.partial(_convert_prompt, pipe))
+        return
+    for name in _PROMPT_METHODS:
+        if hasattr(type(pipe), name) and name not in vars(pipe):
+            object.__setattr__(pipe, name, _expanding(pipe, name))
 
 
 def apply(pipe, embeddings, *, on_mismatch: str = "error", names: Sequence[str] | None = None) -> list[Applied]:
@@ -498,8 +571,7 @@ def apply(pipe, embeddings, *, on_mismatch: str = "error", names: Sequence[str] 
         embs = keep
     aliases = [[emb.meta.get("token", "")] if emb.source_format == "diffusers" else [] for emb in embs]
     applied = st.add(embs, aliases)
-    if "maybe_convert_prompt" not in vars(pipe) and hasattr(type(pipe), "maybe_convert_prompt"):
-        object.__setattr__(pipe, "maybe_convert_prompt", functools.partial(_convert_prompt, pipe))
+    _route_prompts(pipe)
     return applied
 
 
@@ -512,22 +584,23 @@ def remove(pipe, names: str | Iterable[str] | None = None) -> list[str]:
         raise TextinvError("no embeddings are applied to this pipeline")
     removed = st.remove([names] if isinstance(names, str) else names)
     if not st.applied:
-        vars(pipe).pop("maybe_convert_prompt", None)
-        vars(pipe).pop("_textinv", None)
+        for name in ("maybe_convert_prompt", *_PROMPT_METHODS, "_textinv"):
+            vars(pipe).pop(name, None)
     return removed
 
 
-def expand(pipe, prompt: str) -> str:
-    """The prompt with triggers replaced by internal tokens (for prompt-embedding builders)."""
+def expand(pipe, prompt: str, encoder: int = 0) -> str:
+    """The prompt with triggers replaced by internal tokens for encoder ``encoder`` (an index in
+    the family's order), for prompt-embedding builders."""
     st = state(pipe, create=False)
-    return st.expand(prompt) if st is not None else prompt
+    return st.expand(prompt, encoder) if st is not None else prompt
 
 
 def chunk_ids(pipe, prompt: str, encoder: int = 0) -> list[list[int]]:
     """A1111-style 77-token chunks (start, 75 tokens, end/padding) of an expanded prompt."""
     st = state(pipe, create=False)
     tok = encoder_pairs(pipe)[encoder][0]
-    text = st.expand(prompt) if st is not None else prompt
+    text = st.expand(prompt, encoder) if st is not None else prompt
     ids = tok(text, add_special_tokens=False, truncation=False)["input_ids"]
     bos, eos = tok.bos_token_id, tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
