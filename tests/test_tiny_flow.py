@@ -13,6 +13,8 @@ import torch
 import transformers
 from tokenizers import AddedToken
 
+from textinv import families
+
 from tiny_flow import (CLIP_G, CLIP_L, REAL_FLUX, REAL_FLUX_SCHNELL, REAL_FLUX_SIZES, REAL_SD3, REAL_SD3_SIZES,
                        REAL_T5_JSON, REAL_T5_TOKENIZER, T5_SURPLUS_ROWS, T5_WIDTH, t5_json_backend, t5_tokenizer,
                        tiny_flux_pipeline, tiny_sd3_pipeline, tiny_t5_encoder)
@@ -185,6 +187,13 @@ def test_widths_are_tiny_distinct_and_related_as_in_the_real_models(sd3, flux):
     assert flux.vae_scale_factor == 8
     real_widths = {768, 1024, 1280, 2048, 4096}
     assert not {CLIP_L, CLIP_G, T5_WIDTH} & real_widths and len({CLIP_L, CLIP_G, T5_WIDTH}) == 3
+
+
+
+def test_textinv_recognises_the_tiny_pipelines_by_their_encoders(sd3, flux):
+    assert families.of_pipeline(sd3) is families.SD3 and families.of_pipeline(flux) is families.FLUX
+    assert families.pipeline_widths(sd3, families.SD3) == [CLIP_L, CLIP_G, T5_WIDTH]
+    assert families.model_name(families.FLUX, families.pipeline_widths(flux, families.FLUX)) == f"{CLIP_L}+{T5_WIDTH}-wide model"
 
 
 # --------------------------------------------------------------------------------- encoding, sampling
