@@ -67,13 +67,15 @@ LEGACY_IDS = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1)
 FIXED_IDS = dict(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
 
 
-def text_encoder(width: int, projection: bool = False, seed: int = 0, legacy: bool = True, layers: int = 2):
+def text_encoder(width: int, projection: bool = False, seed: int = 0, legacy: bool = True, layers: int = 2,
+                 hidden_act: str = "quick_gelu"):
+    """A tiny CLIP text encoder; ``hidden_act`` is CLIP-L's quick_gelu unless given (CLIP-G's is gelu)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(
         vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=width,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=width, hidden_act=hidden_act,
         **(LEGACY_IDS if legacy else FIXED_IDS),
     )
     model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
