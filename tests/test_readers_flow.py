@@ -4,7 +4,8 @@ The files are written here with safetensors directly — textinv does not write 
 with a few random vectors of the real widths (CLIP-L 768, CLIP-G 1280, T5-XXL 4096).  ``EXPECT``
 is the reader × layout table: what each tool loads (slot -> the file key whose tensor it gets,
 compared exactly) or why it refuses.  ``PARTIAL`` is what the tools that keep the parts they can
-read (ComfyUI, A1111, Forge) keep of a file they refuse whole.
+read (ComfyUI, A1111, Forge) keep of a file they refuse whole.  Last, textinv's own SD3 / Flux.1
+formats (textinv.formats.save) go through the same readers.
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
+from textinv import formats
+from textinv.formats import Embedding
 
 import readers
 from readers import FLOW_READERS, PARTIAL, WIDTHS, Refused
@@ -299,3 +303,29 @@ def test_layouts_round_trip_through_safetensors(tmp_path):
     for label in LAYOUTS:
         path = write_layout(label, tmp_path)
         assert set(load_file(str(path))) == set(LAYOUTS[label][1])
+
+
+# textinv's own SD3 / Flux.1 formats (textinv.formats.save): the tools that read each whole.
+TEXTINV_FORMATS = {
+    ("SD3", "sd3"): {"ComfyUI", "OneTrainer"},
+    ("SD3", "onetrainer"): {"OneTrainer"},
+    ("SD3", "comfyui"): {"ComfyUI"},
+    ("Flux.1", "flux"): {"ComfyUI", "OneTrainer", "diffusers (Flux card)"},
+    ("Flux.1", "onetrainer"): {"OneTrainer", "diffusers (Flux card)"},
+    ("Flux.1", "comfyui"): {"ComfyUI"},
+}
+
+
+@pytest.mark.parametrize("family, fmt", list(TEXTINV_FORMATS), ids=lambda x: x)
+def test_textinv_flow_formats_load_whole_in_the_tools_they_are_for(tmp_path, family, fmt):
+    g = torch.Generator().manual_seed(len(fmt))
+    vectors = {slot: torch.randn(N, width, generator=g) for slot, width in WIDTHS[family].items()}
+    path = formats.save(Embedding(BUNDLE, vectors, meta={}), tmp_path / f"{BUNDLE}.safetensors", fmt)
+    for reader, read in FLOW_READERS.items():
+        if reader in TEXTINV_FORMATS[family, fmt]:
+            got = read(path, family)
+            assert set(got.vectors) == set(vectors), f"{reader} reads {sorted(got.vectors)}"
+            assert all(torch.equal(got.vectors[s], v) for s, v in vectors.items()), f"{reader}: vectors differ"
+        else:
+            with pytest.raises(Refused):
+                read(path, family)
