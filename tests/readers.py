@@ -2,13 +2,17 @@
 
 The rules come from each tool's own reading code, as summarised in
 shared/reference/embedding-formats.md ("What the readers really accept") and checked against the
-tools' sources (AUTOMATIC1111 1.0–1.10, ComfyUI 2025, diffusers 0.4x, kohya sd-scripts 2026,
+tools' sources (AUTOMATIC1111 1.0–1.10, ComfyUI 2025–26, diffusers 0.4x, kohya sd-scripts 2026,
 InvokeAI 6).  Nothing here imports those tools; diffusers, which is a dependency, is run for real.
 
 Each reader returns ``Read(name, vectors)`` — ``vectors`` maps the encoder key (``clip`` for a
-one-encoder model, ``clip_l``/``clip_g`` for SDXL) to a float tensor ``[n, D]`` — or raises
-``Refused`` with the reason the tool would give.  ``python tests/readers.py`` prints the
-reader × format table for every format textinv writes.
+one-encoder model, ``clip_l``/``clip_g`` for SDXL, ``clip_l``/``clip_g``/``t5`` for SD3,
+``clip_l``/``t5`` for Flux.1) to a float tensor ``[n, D]`` — or raises ``Refused`` with the reason
+the tool would give.  The SD3 / Flux.1 readers (OneTrainer, diffusers' Flux model card, A1111's
+SD3, Forge, and ComfyUI's for every family) refuse a file of which the tool would drop a part;
+those that keep the other parts take ``partial=True`` to return what they keep.
+``python tests/readers.py`` prints the reader × format table for every format textinv writes,
+then the reader × layout table of SD3 / Flux.1 files in each tool's layout.
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 # Text-encoder widths of the model families (what each tool checks a file against).
-WIDTHS = {"SD 1.x": {"clip": 768}, "SD 2.x": {"clip": 1024}, "SDXL": {"clip_l": 768, "clip_g": 1280}}
+WIDTHS = {"SD 1.x": {"clip": 768}, "SD 2.x": {"clip": 1024}, "SDXL": {"clip_l": 768, "clip_g": 1280},
+          "SD3": {"clip_l": 768, "clip_g": 1280, "t5": 4096}, "Flux.1": {"clip_l": 768, "t5": 4096}}
 
 
 class Refused(Exception):
@@ -145,6 +150,33 @@ def _a1111_card_pixels(im) -> bytes:
     return zlib.decompress(((upper << 4) | lower).astype(np.uint8).tobytes())
 
 
+def _webui_vectors(data, tool: str) -> tuple[dict[str, torch.Tensor], int]:
+    """create_embedding_from_data (A1111 and Forge alike): the vectors ({"clip": tensor} or an SDXL-style
+    dict of every key) and the width the tool checks against the model's."""
+    if "string_to_param" in data:
+        params = getattr(data["string_to_param"], "_parameters", data["string_to_param"])
+        if len(params) != 1:
+            raise Refused(f"{tool}: embedding file has multiple terms in it")
+        vec = next(iter(params.values())).detach().float()
+        vectors = {"clip": vec}
+        width = vec.shape[-1]
+    elif type(data) is dict and "clip_g" in data and "clip_l" in data:
+        try:
+            vectors = {k: v.detach().float() for k, v in data.items()}  # every value: extra keys break it
+        except AttributeError as e:
+            raise Refused(f"{tool} SDXL branch: {e}") from None
+        width = vectors["clip_g"].shape[-1] + vectors["clip_l"].shape[-1]
+    elif type(data) is dict and data and type(next(iter(data.values()))) is torch.Tensor:
+        if len(data) != 1:
+            raise Refused(f"{tool}: embedding file has multiple terms in it")
+        vec = next(iter(data.values())).detach().float()
+        vectors = {"clip": vec.unsqueeze(0) if vec.ndim == 1 else vec}
+        width = vec.shape[-1]
+    else:
+        raise Refused(f"{tool}: Couldn't identify as neither textual inversion embedding nor diffuser concept")
+    return vectors, width
+
+
 def a1111(path: Path, family: str, release: str = "1.0-1.9") -> Read:
     """textual_inversion.py load_from_file + create_embedding_from_data, then the width filter."""
     suffix = path.suffix.upper()
@@ -159,27 +191,7 @@ def a1111(path: Path, family: str, release: str = "1.0-1.9") -> Read:
         data = load_file(str(path), device="cpu")
     else:
         raise Refused(f"A1111 does not read {suffix} files")
-    if "string_to_param" in data:
-        params = getattr(data["string_to_param"], "_parameters", data["string_to_param"])
-        if len(params) != 1:
-            raise Refused("A1111: embedding file has multiple terms in it")
-        vec = next(iter(params.values())).detach().float()
-        vectors = {"clip": vec}
-        width = vec.shape[-1]
-    elif type(data) is dict and "clip_g" in data and "clip_l" in data:
-        try:
-            vectors = {k: v.detach().float() for k, v in data.items()}  # every value: extra keys break it
-        except AttributeError as e:
-            raise Refused(f"A1111 SDXL branch: {e}") from None
-        width = vectors["clip_g"].shape[-1] + vectors["clip_l"].shape[-1]
-    elif type(data) is dict and data and type(next(iter(data.values()))) is torch.Tensor:
-        if len(data) != 1:
-            raise Refused("A1111: embedding file has multiple terms in it")
-        vec = next(iter(data.values())).detach().float()
-        vectors = {"clip": vec.unsqueeze(0) if vec.ndim == 1 else vec}
-        width = vec.shape[-1]
-    else:
-        raise Refused("A1111: Couldn't identify as neither textual inversion embedding nor diffuser concept")
+    vectors, width = _webui_vectors(data, "A1111")
     expected = sum(WIDTHS[family].values())
     if width != expected:
         raise Refused(f"A1111: skipped (width {width}, the model expects {expected})")
@@ -187,11 +199,33 @@ def a1111(path: Path, family: str, release: str = "1.0-1.9") -> Read:
 
 
 # ----------------------------------------------------------------------------------- ComfyUI
-COMFY_KEYS = {768: "clip_l", 1024: "clip_h", 1280: "clip_g"}  # each encoder's embedding_key by width
+# Each tokenizer's embedding_key, by its encoder's width: SDTokenizer's default 'clip_l' (768),
+# SD2's 'clip_h', SDXLClipGTokenizer's 'clip_g', and the T5XXLTokenizer of comfy/text_encoders/sd3_clip.py
+# and comfy/text_encoders/flux.py: 't5xxl' (embedding_size 4096).
+COMFY_KEYS = {768: "clip_l", 1024: "clip_h", 1280: "clip_g", 4096: "t5xxl"}
 
 
-def comfyui(path: Path, family: str) -> Read:
-    """comfy/sd1_clip.py load_embed, once per text encoder; a width mismatch is dropped with a warning."""
+def _comfy_pick(embed: dict, key: str) -> tuple[torch.Tensor, str]:
+    """comfy/sd1_clip.py load_embed's choice for one tokenizer, and where it came from: the one
+    string_to_param tensor; else the tokenizer's key; else bundle_emb.* keys ending in
+    '.string_to_param.*', then in '.KEY', all concatenated whatever their bundle name
+    (bundled_embed); else the file's first tensor, whatever its width."""
+    if "string_to_param" in embed:
+        return next(iter(embed["string_to_param"].values())), "string_to_param"
+    if key in embed:
+        return embed[key], key
+    for suffix in (".string_to_param.*", f".{key}"):
+        bundled = [k for k in embed if k.startswith("bundle_emb.") and k.endswith(suffix)]
+        if bundled:
+            return torch.cat([embed[k] for k in bundled], dim=0), f"bundle_emb.*{suffix}"
+    first = next(iter(embed))
+    return embed[first], f"the first tensor '{first}'"
+
+
+def comfyui(path: Path, family: str, partial: bool = False) -> Read:
+    """comfy/sd1_clip.py load_embed, once per text encoder with its key; SDClipModel's
+    set_up_textual_embeddings then drops (with a warning) vectors whose width is not the encoder's,
+    and the other encoders keep theirs.  ``partial``: return the parts it keeps instead of refusing."""
     if path.suffix.lower() not in (".safetensors", ".pt", ".bin"):
         raise Refused("ComfyUI loads embeddings from .safetensors, .pt and .bin files only")
     if path.suffix.lower() == ".safetensors":
@@ -201,21 +235,28 @@ def comfyui(path: Path, family: str) -> Read:
             embed = torch.load(path, weights_only=True, map_location="cpu")
         except Exception as e:  # its raw-zip fallback guesses 768/1024 widths: not a faithful load
             raise Refused(f"ComfyUI: torch.load(weights_only=True) failed: {e}") from None
-    vectors = {}
+    vectors, dropped = {}, {}
     for slot, width in WIDTHS[family].items():
         key = COMFY_KEYS[width]
-        if "string_to_param" in embed:
-            out = next(iter(embed["string_to_param"].values()))
-        elif key in embed:
-            out = embed[key]
-        else:
-            out = next(iter(embed.values()))
+        out, source = _comfy_pick(embed, key)
         out = out.float()
         out = out.unsqueeze(0) if out.ndim == 1 else out
-        if out.shape[-1] != width:
-            raise Refused(f"ComfyUI: shape mismatch when trying to apply embedding, ignored {out.shape[-1]} != {width}")
-        vectors[slot] = out
-    return Read(_stem(path), vectors)
+        if out.shape[-1] == width:
+            vectors[slot] = out
+        elif source == key or source == "string_to_param":
+            dropped[slot] = f"ComfyUI: shape mismatch when trying to apply embedding, ignored {out.shape[-1]} != {width}"
+        else:
+            dropped[slot] = (f"ComfyUI: {key} part missing — falls to {source} ({out.shape[-1]}-wide) and is "
+                             f"ignored ({out.shape[-1]} != {width})")
+    return _whole_or_part(_stem(path), vectors, dropped, partial)
+
+
+def _whole_or_part(name: str, vectors: dict, dropped: dict, partial: bool) -> Read:
+    """Every part, or Refused with the first dropped part's reason; ``partial`` keeps what loads
+    (Refused only when nothing does)."""
+    if dropped and not (partial and vectors):
+        raise Refused(next(iter(dropped.values())))
+    return Read(name, vectors)
 
 
 # ---------------------------------------------------------------------------------- diffusers
@@ -314,6 +355,170 @@ READERS = {"A1111 1.0-1.9": a1111, "A1111 1.10": lambda p, f: a1111(p, f, "1.10"
            "diffusers": diffusers, "kohya": kohya, "InvokeAI": invokeai}
 
 
+# --------------------------------------------------------------------------- SD3 and Flux.1
+# What each tool reads of an SD3 (CLIP-L + CLIP-G + T5-XXL) or Flux.1 (CLIP-L + T5-XXL) embedding:
+# slot -> the file key it takes.  A slot a tool leaves out is never read by it, whatever the file holds.
+# Sources read: ComfyUI master (comfy/sd1_clip.py, comfy/sdxl_clip.py, comfy/text_encoders/sd3_clip.py
+# and flux.py), OneTrainer 23df383, diffusers 58eb52c, Forge dfdcbab, A1111 1.10 (modules/models/sd3).
+FLOW_PARTS = {
+    "ComfyUI": {"clip_l": "clip_l", "clip_g": "clip_g", "t5": "t5xxl"},  # then bundle_emb.*.KEY, then the first tensor
+    "OneTrainer": {"clip_l": "clip_l_out, else clip_l", "clip_g": "clip_g_out, else clip_g", "t5": "t5_out, else t5"},
+    "diffusers (Flux card)": {"clip_l": "clip_l", "t5": "t5"},  # Flux.1 only: SD3's pipeline has no loader
+    "A1111 1.10": {"clip_l": "clip_l", "clip_g": "clip_g"},  # SD3 only, both keys needed; no T5, no Flux
+    "Forge": {"clip_l": "a one-tensor file 768 wide", "clip_g": "a one-tensor file 1280 wide (SD3.5)"},  # no T5
+}
+
+
+# ---------------------------------------------------------------------------------- OneTrainer
+def _onetrainer_load(path: Path) -> dict:
+    """EmbeddingLoaderMixin.__load_embedding: torch.load(weights_only=True), else safetensors."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception:
+        pass
+    try:
+        return load_file(str(path))
+    except Exception:
+        raise Refused(f"OneTrainer: could not load embedding: {path.name}") from None
+
+
+def onetrainer(path: Path, family: str) -> Read:
+    """OneTrainer's reading (BaseStableDiffusion3Setup / BaseFluxSetup._setup_embeddings): per encoder
+    the '<key>_out' tensor when the file has one, else '<key>' (clip_l, clip_g, t5); other keys are
+    ignored.  A missing part leaves that encoder's vector None, which its AdditionalEmbeddingWrapper
+    cannot concatenate; a tensor of the wrong width does not concatenate either."""
+    if family not in ("SD3", "Flux.1"):
+        raise Refused(f"OneTrainer's {family} embeddings are not modelled here")
+    data = _onetrainer_load(path)
+    if not isinstance(data, dict):
+        raise Refused("OneTrainer: the embedding file is not a dict of tensors")
+    vectors = {}
+    for slot, width in WIDTHS[family].items():
+        vec = data.get(f"{slot}_out", data.get(slot))
+        if vec is None:
+            raise Refused(f"OneTrainer: no '{slot}' or '{slot}_out' key — the {slot} part is None and "
+                          f"its embedding wrapper fails on it")
+        if vec.ndim != 2 or vec.shape[-1] != width:
+            raise Refused(f"OneTrainer: '{slot}' is {tuple(vec.shape)}, its encoder takes [n, {width}]")
+        vectors[slot] = vec.float()
+    return Read(_stem(path), vectors)
+
+
+def onetrainer_bundle(path: Path, family: str, name: str) -> Read:
+    """A LoRA with bundled embeddings, as OneTrainer writes it (StableDiffusion3LoRASaver /
+    FluxLoRASaver._get_state_dict: 'bundle_emb.<placeholder>.<clip_l|clip_g|t5>' and their '_out'
+    twins).  OneTrainer itself never reads them back: its LoRA loader passes bundle_emb.* through
+    (load_lora_util) and LoRAModuleWrapper.load_state_dict keeps only its own prefix."""
+    data = load_file(str(path))
+    if not any(k.startswith(f"bundle_emb.{name}.") for k in data):
+        raise Refused(f"OneTrainer: no bundle_emb.{name}.* keys in {path.name}")
+    raise Refused(f"OneTrainer: its LoRA loader drops bundle_emb.{name}.* — bundled embeddings are write-only")
+
+
+# ----------------------------------------------------------------------- diffusers (Flux card)
+def diffusers_flux_manual(path: Path, family: str) -> Read:
+    """The loading snippet of the model card that diffusers' train_dreambooth_lora_flux_advanced.py
+    writes (save_model_card): safetensors' load_file, then load_textual_inversion(state_dict["clip_l"],
+    token=["<s0>", "<s1>", ...]) into text_encoder/tokenizer and state_dict["t5"] with the same tokens
+    into text_encoder_2/tokenizer_2.  A list of several tokens needs one row per token (its step 4.1),
+    and each row must be as wide as the encoder's input embeddings (step 6)."""
+    if family == "SD3":
+        raise Refused("diffusers: StableDiffusion3Pipeline has no load_textual_inversion (no TextualInversionLoaderMixin)")
+    if family != "Flux.1":
+        raise Refused(f"diffusers (Flux card): not a {family} reader")
+    if path.suffix.lower() != ".safetensors":
+        raise Refused("diffusers (Flux card): the card reads the file with safetensors' load_file")
+    state = load_file(str(path))
+    tokens, vectors = None, {}
+    for slot, width in WIDTHS[family].items():
+        if slot not in state:
+            raise Refused(f"diffusers (Flux card): no '{slot}' key (KeyError) — the {slot} encoder gets no embedding")
+        vec = state[slot].float()
+        vec = vec.unsqueeze(0) if vec.ndim == 1 else vec
+        tokens = tokens or [f"<s{i}>" for i in range(vec.shape[0])]
+        if len(tokens) > 1 and vec.shape[0] != len(tokens):
+            raise Refused(f"diffusers (Flux card): '{slot}' has {vec.shape[0]} rows for {len(tokens)} tokens (ValueError)")
+        if vec.shape[-1] != width:
+            raise Refused(f"diffusers (Flux card): '{slot}' is {vec.shape[-1]} wide, its encoder {width} (ValueError)")
+        vectors[slot] = vec
+    return Read(tokens[0], vectors)
+
+
+# ---------------------------------------------------------------------------------- A1111, Forge
+def a1111_sd3(path: Path, family: str, release: str = "1.10", partial: bool = False) -> Read:
+    """A1111 1.10's SD3 (modules/models/sd3/sd3_cond.py): the embedding database expects the width
+    Sd3ClipLG.encode_embedding_init_text gives, 768 + 1280 — SDXL's — so only a {clip_l, clip_g, ...}
+    dict loads, CLIP-L taking 'clip_l' and CLIP-G 'clip_g' (other_impls CLIPEmbeddings'
+    textual_inversion_key).  Sd3T5 tokenizes plain text: the T5 part is never read.  No Flux.1."""
+    if family != "SD3":
+        raise Refused(f"A1111 has no {family} support")
+    got = a1111(path, "SDXL", release)
+    if set(got.vectors) != {"clip_l", "clip_g"}:
+        raise Refused("A1111 SD3: a single 2048-wide tensor is no clip_l/clip_g pair")
+    return _whole_or_part(got.name, got.vectors, {"t5": "A1111: its SD3 T5 encoder takes no embeddings (Sd3T5)"},
+                          partial)
+
+
+# backend/diffusion_engine/sd35.py and flux.py: one ClassicTextProcessingEngine per CLIP encoder,
+# each with its own embedding database of this expected width; the T5TextProcessingEngine has none.
+FORGE_ENGINES = {"SD3": {"clip_l": 768, "clip_g": 1280}, "Flux.1": {"clip_l": 768}}
+
+
+def forge(path: Path, family: str, partial: bool = False) -> Read:
+    """Forge's backend/text_processing/textual_inversion.py: load_from_file, create_embedding_from_data
+    (A1111's, without the safe unpickler), then each CLIP engine keeps the file only when its width is
+    the engine's expected shape.  A {clip_l, clip_g} dict is 2048 wide (SDXL's), so SD3.5's 768 and
+    1280 engines both skip it; a {clip_l, t5} file has 'multiple terms'.  No T5 (forge issue #2101)."""
+    if family not in FORGE_ENGINES:
+        raise Refused(f"Forge's {family} embeddings are not modelled here")
+    suffix, name = path.suffix.upper(), _stem(path)
+    if suffix in (".PNG", ".WEBP"):
+        data = _a1111_card(path)
+        name = data.get("name", name)
+    elif suffix in (".PT", ".BIN"):
+        data = torch.load(path, map_location="cpu")
+    elif suffix == ".SAFETENSORS":
+        data = load_file(str(path), device="cpu")
+    else:
+        raise Refused(f"Forge does not read {suffix} files")
+    found, width = _webui_vectors(data, "Forge")
+    vectors, dropped = {}, {}
+    for slot, expected in FORGE_ENGINES[family].items():
+        if width == expected:  # a dict gives the engine its key's tensor, a single tensor goes whole
+            vectors[slot] = found.get(slot, found.get("clip"))
+        else:
+            dropped[slot] = f"Forge: skipped by its {slot} engine (width {width}, it expects {expected})"
+    dropped["t5"] = "Forge: its T5 engine takes no embeddings (forge issue #2101)"
+    return _whole_or_part(name, vectors, dropped, partial)
+
+
+FLOW_READERS = {"ComfyUI": comfyui, "OneTrainer": onetrainer, "diffusers (Flux card)": diffusers_flux_manual,
+                "A1111 1.10": a1111_sd3, "Forge": forge}
+PARTIAL = ("ComfyUI", "A1111 1.10", "Forge")  # the tools that keep the parts they can read
+
+
+def flow_table() -> str:
+    """The reader × layout table for SD3 / Flux.1 files in each tool's layout (test_readers_flow's)."""
+    import tempfile
+
+    from test_readers_flow import LAYOUTS, write_layout  # noqa: E402 - the test module holds the layouts
+
+    rows = ["| layout | " + " | ".join(FLOW_READERS) + " |", "|---|" + "---|" * len(FLOW_READERS)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, (family, _) in LAYOUTS.items():
+            path, cells = write_layout(label, Path(tmp)), []
+            for reader, read in FLOW_READERS.items():
+                try:
+                    got = read(path, family, partial=True) if reader in PARTIAL else read(path, family)
+                    kept = [s for s in WIDTHS[family] if s in got.vectors]
+                    missing = [s for s in WIDTHS[family] if s not in got.vectors]
+                    cells.append("all" if not missing else "+".join(kept) + f" (no {'+'.join(missing)})")
+                except Refused as e:
+                    cells.append(f"refused: {e}"[:70])
+            rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 # ------------------------------------------------------------------- what textinv writes, and where
 @dataclass(frozen=True)
 class Written:
@@ -402,3 +607,5 @@ if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(Path(__file__).parent))
     print(table())
+    print()
+    print(flow_table())
