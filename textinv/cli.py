@@ -30,7 +30,7 @@ from .training import LOSS_WINDOW
 from .world import spec
 from .world.cli import world
 
-OUTPUT_FORMATS = ["diffusers", "a1111", "kohya", "sdxl", "png"]
+OUTPUT_FORMATS = ["diffusers", "a1111", "kohya", "sdxl", "png", "sd3", "flux", "onetrainer", "comfyui"]
 CONVERT_FORMATS = OUTPUT_FORMATS + ["xti", "per-layer"]  # per-layer (P+) embeddings too
 SEED = click.IntRange(0, MAX_SEED)
 
@@ -123,6 +123,9 @@ def _print_info(info: dict, nearest=None) -> None:
                                          for s, v in info["vectors"].items()))
         rows.append(("layers", f"{len(layers)} cross-attention layers, {layers[0]} … {layers[-1]}"
                      if len(layers) > 1 else f"1 cross-attention layer, {layers[0]}"))
+    if "output_embeddings" in info:
+        rows.append(("output", ", ".join(f"{k} {v[0]}×{v[1]}" for k, v in info["output_embeddings"].items())
+                     + "  (OneTrainer's output embeddings: only OneTrainer uses them)"))
     for slot, norms in info["norms"].items():
         rows.append((f"norms {slot}", " ".join(f"{x:.3g}" for x in norms) + ("  (layer average)" if "layers" in info else "")))
     for key in ("step", "sd_checkpoint_name", "sd_checkpoint", "init_text"):
@@ -182,9 +185,13 @@ def inspect(files, model, top, model_config, as_json):
 @click.option("--preview", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Image shown on a PNG card.")
 @click.option("--to-single", is_flag=True,
               help="A per-layer (P+/XTI) embedding: average its layers into a plain one, for tools that read only those (loses the per-layer detail).")
-def convert(src, dst, fmt, name, select, preview, to_single):
-    """Convert an embedding to another format (diffusers, a1111, kohya, sdxl, png; per-layer: xti, per-layer).
+@click.option("--clip-only", is_flag=True,
+              help="Write only the CLIP parts (an SD3/Flux.1 embedding without its T5 part, as A1111 reads SD3 ones; or an SDXL one as --format sd3).")
+def convert(src, dst, fmt, name, select, preview, to_single, clip_only):
+    """Convert an embedding to another format (diffusers, a1111, kohya, sdxl, png; SD3/Flux.1: sd3, flux,
+    onetrainer, comfyui; per-layer: xti, per-layer).
 
+    A format that cannot hold every part writes the others and says in one line what it left out.
     SRC: an embedding file, a training run (RUN@STEP: one save), a hub id or a URL."""
     emb = sources.load_one(src, name=name, select=select)
     if to_single:
@@ -196,9 +203,10 @@ def convert(src, dst, fmt, name, select, preview, to_single):
                 image = im.convert("RGB")
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise TextinvError(f"{preview}: cannot read preview image ({e})") from None
-    written = formats.save(emb, dst, fmt, preview=image)
-    click.echo(f"wrote {formats.printable(written)} ({formats.detect_format(written)}, trigger {emb.name!r}, "
-               f"{_vector_count(emb)}, {emb.family})")
+    written = formats.save(emb, dst, fmt, preview=image, clip_only=clip_only)
+    back = formats.load(written, select=emb.name if formats.detect_format(written) == "lora-bundle" else None)
+    click.echo(f"wrote {formats.printable(written)} ({back.source_format}, trigger {emb.name!r}, "
+               f"{_vector_count(back)}, {back.family})")
 
 
 def _vector_count(emb) -> str:

@@ -1072,8 +1072,8 @@ def _parts_for(path: Path, emb: Embedding, fmt: str, clip_only: bool) -> Embeddi
         return _only(emb, keep)
     family = _KEEPS.get(fmt)
     if family is not None and "t5" not in have:
-        raise _fail(path, f"{emb.name!r} is {emb.family} ({' + '.join(have)}), with no T5 part: a {family.name} file "
-                          "needs one; add --clip-only (clip_only=True in Python) to write the CLIP parts alone, "
+        raise _fail(path, f"{emb.name!r} is {emb.family} ({' + '.join(have)}), with no T5 part: {family.name} files "
+                          "need one; add --clip-only (clip_only=True in Python) to write the CLIP parts alone, "
                           "as A1111 does for SD3")
     if family is not None:
         keep, why = [k for k in have if k in family.keys], f"{family.name} files hold {' + '.join(family.keys)} only"
@@ -1081,6 +1081,9 @@ def _parts_for(path: Path, emb: Embedding, fmt: str, clip_only: bool) -> Embeddi
         keep, why = have, ""
     else:
         keep, why = [k for k in have if k != "t5"], f"no tool reads a T5 part from format {fmt!r}"
+        if fmt == "sdxl" and "t5" in have and not {"clip_l", "clip_g"} <= set(keep):
+            raise _fail(path, f"{emb.name!r} is {emb.family} ({' + '.join(have)}): format 'sdxl' holds clip_l + clip_g; "
+                              "write --format flux, onetrainer or comfyui")
     twins = fmt in FLOW_LAYOUTS or (fmt == "diffusers" and "t5" in keep)
     dropped = [k for k in have if k not in keep] + ([] if twins else list(emb.extra))
     if not dropped or not keep:

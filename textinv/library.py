@@ -38,6 +38,8 @@ def describe(path, emb) -> dict:
         info["layers"] = list(emb.layers)
         info["layer_norms"] = {slot: [[round(float(x), 4) for x in layer] for layer in t.float().norm(dim=-1)]
                                for slot, t in emb.vectors.items()}
+    if emb.extra:  # OneTrainer's output embeddings: vectors that replace the encoder's output, not its input
+        info["output_embeddings"] = {k: list(t.shape) for k, t in emb.extra.items()}
     if emb.source_format == "diffusers" and emb.meta.get("token") not in (None, emb.name):
         info["also_triggered_by"] = emb.meta["token"]
     real = Path(emb.path) if emb.path is not None else Path(path)
