@@ -17,7 +17,7 @@ import torch
 
 import textinv
 import textinv.tokens as tk
-from textinv import families
+from textinv import families, prompts
 from textinv.formats import Embedding
 
 from tiny_flow import tiny_flux_pipeline, tiny_sd3_pipeline
@@ -233,3 +233,60 @@ def test_a_width_mismatch_names_both_families(pipe):
     with pytest.raises(textinv.ModelMismatchError, match="made for SDXL"):
         textinv.apply(pipe, xl)
     assert tk.state(pipe).applied == {}
+
+
+# --------------------------------------------------------------------------------- prompt weights
+@pytest.mark.parametrize("t5_length", [77, 256])
+def test_unweighted_prompts_encode_as_the_pipeline_does(pipe, t5_length):
+    textinv.apply(pipe, [emb("mycat", pipe, 2, seed=8), emb("mydog", pipe, 1, seed=9)])
+    prompt = "a photo of mycat and mydog on the beach, watercolor style"
+    got = prompts.encode_flow(pipe, prompts.split(pipe, prompt), t5_length)
+    want = encode(pipe, prompt, t5_length=t5_length)
+    assert torch.equal(got.embeds, want[0]) and torch.equal(got.pooled, want[1])
+
+
+def test_weights_move_tokens_away_from_the_empty_prompt_as_comfyui_does(pipe):
+    """(mycat:1.5) and [beach] (0.9): each weighted token's state is (z - z_empty) * w + z_empty,
+    z_empty the empty prompt's state at that position; every other token and the pooled are as unweighted."""
+    cat = emb("mycat", pipe, 2, seed=10)
+    textinv.apply(pipe, cat)
+    plain = prompts.encode_flow(pipe, prompts.split(pipe, "a photo of mycat on the beach"), 77)
+    weighted = prompts.encode_flow(pipe, prompts.split(pipe, "a photo of (mycat:1.5) on the [beach]"), 77)
+    assert torch.equal(weighted.pooled, plain.pooled)
+    empty = prompts.encode_flow(pipe, prompts.split(pipe, ""), 77)  # the empty prompt, same layout
+    family = families.of_pipeline(pipe)
+    for i, e in enumerate(tk.state(pipe).encoders):
+        offset = {"clip_l": 0, "clip_g": 0, "t5": 77 if family is families.SD3 else 0}[e.slot]
+        ids = e.tokenizer(tk.expand(pipe, "a photo of mycat on the beach", i), add_special_tokens=False)["input_ids"]
+        start = 1 if e.kind == "clip" else 0
+        cat_at = [start + k for k, t in enumerate(ids) if t >= len(e.tokenizer) - 2]
+        beach_at = start + len(ids) - 1
+        if e.slot == "clip_g" or (family is families.FLUX and e.kind == "clip"):
+            continue  # SD3: clip_l and clip_g share positions (checked through clip_l's columns); Flux: pooled only
+        cols = slice(0, tk.state(pipe).encoders[0].width) if e.kind == "clip" else slice(None)
+        for pos, w in [(cat_at[0], 1.5), (cat_at[1], 1.5), (beach_at, 1 / 1.1)]:
+            z, z0 = plain.embeds[0, offset + pos, cols], empty.embeds[0, offset + pos, cols]
+            assert torch.allclose(weighted.embeds[0, offset + pos, cols], (z - z0) * w + z0, atol=1e-6), (e.slot, pos)
+        same = [p for p in range(5) if p not in cat_at + [beach_at]]
+        assert torch.equal(weighted.embeds[0, [offset + p for p in same], cols], plain.embeds[0, [offset + p for p in same], cols])
+
+
+# --------------------------------------------------------------------------------- textinv generate
+@pytest.mark.parametrize("which", ["sd3", "flux"])
+def test_generate_uses_triggers_and_weights_on_flow_pipelines(which, request, tmp_path):
+    pipe = request.getfixturevalue(which)
+    cat = emb("mycat", pipe, 2, seed=11)
+    kw = dict(pipe=pipe, embeddings=[cat], n=2, steps=2, size="32x32", seed=3)
+    plain = textinv.generate("a photo of a cat in the garden", **kw).images
+    with_cat = textinv.generate("a photo of mycat in the garden", **kw)
+    weighted = textinv.generate("a photo of (mycat:1.3) in the garden", **kw).images
+    again = textinv.generate("a photo of (mycat:1.0) in the garden", **kw).images  # weights of 1: as written plainly
+    assert with_cat.used == ["mycat"] and tk.state(pipe, create=False) is None  # applied for the call only
+    differ = lambda a, b: any(x.tobytes() != y.tobytes() for x, y in zip(a, b))  # noqa: E731
+    assert differ(plain, with_cat.images) and differ(with_cat.images, weighted)
+    assert not differ(with_cat.images, again)
+    if which == "flux":
+        with pytest.warns(UserWarning, match="Flux.1 takes no negative prompt"):
+            textinv.generate("a photo of mycat", "blurry", **kw)
+    with pytest.raises(textinv.TextinvError, match="--sampler Euler a: A1111's samplers are for SD"):
+        textinv.generate("a photo of mycat", sampler="Euler a", **kw)

@@ -180,6 +180,21 @@ def _next_index(out: Path) -> int:
     return max(taken, default=-1) + 1
 
 
+def denoiser(pipe):
+    """The pipeline's denoising network: the UNet (SD, SDXL) or the transformer (SD3, Flux.1)."""
+    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+
+
+def default_size(pipe) -> tuple[int, int]:
+    """(width, height) the model was made for: its denoiser's sample size in pixels."""
+    size = getattr(pipe, "default_sample_size", None) or denoiser(pipe).config.sample_size
+    return (int(size) * getattr(pipe, "vae_scale_factor", 8),) * 2
+
+
+def _flow(pipe) -> bool:
+    return families.of_pipeline(pipe).joins != "unet"
+
+
 def _long(pipe, *parsed) -> bool:
     tok = tokens.encoder_pairs(pipe)[0][0]
     return any(len(prompts.chunks(p, tok)) > 1 for p in parsed)
@@ -211,7 +226,7 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
     name, model_hash = model_identity(where) if where else (None, None)
     if guidance is None:  # the model's own, else A1111's
         guidance = (defaults(model) if model is not None else pipeline_defaults(pipe)).guidance
-    width, height = wh or (int(pipe.unet.config.sample_size) * getattr(pipe, "vae_scale_factor", 8),) * 2
+    width, height = wh or default_size(pipe)
     added = tokens.apply(pipe, embs, on_mismatch="skip") if embs else []
     if embs and not added:
         raise TextinvError(f"none of the {len(embs)} embeddings given fits this model ({tokens.state(pipe).family}): nothing to use")
@@ -241,6 +256,13 @@ def _render(pipe, prompt: str, negative: str | None, n: int, sampler: str | None
     original_scheduler = pipe.scheduler
     try:
         prompts.check_clip_skip(pipe, clip_skip)
+        if sampler and _flow(pipe):
+            raise TextinvError(f"--sampler {sampler}: A1111's samplers are for SD 1.x/2.x/SDXL; "
+                               f"{families.of_pipeline(pipe).name} samples with its own flow-matching scheduler")
+        if negative and families.of_pipeline(pipe).joins == "flux":
+            warnings.warn("Flux.1 takes no negative prompt (its guidance is distilled into the model): "
+                          "the negative prompt is not used", stacklevel=3)
+            negative = None
         if sampler:
             pipe.scheduler = samplers.make(pipe, sampler)
         sampler_name = samplers.name_of(pipe.scheduler)
@@ -262,7 +284,7 @@ def _render(pipe, prompt: str, negative: str | None, n: int, sampler: str | None
 def _prompt_arguments(pipe, pairs: list[tuple[str, str | None]], clip_skip: int) -> tuple[dict, list]:
     """Each distinct (prompt, negative) pair's pipeline arguments, and the embeddings they use.
 
-    SD 1.x/2.x always, families with a pooled embedding (SDXL) for weighted or long prompts: prompt
+    SD3/Flux.1 always (:func:`_flow_arguments`); SD 1.x/2.x always, families with a pooled embedding (SDXL) for weighted or long prompts: prompt
     embeddings encoded once per pair (no per-image tokenization or encoder pass), all padded to one
     length so that images of different {a|b} variants batch together; plain SDXL prompts: {} (the
     pipeline's own)."""
@@ -273,6 +295,8 @@ def _prompt_arguments(pipe, pairs: list[tuple[str, str | None]], clip_skip: int)
                 warnings.warn(f"{where}: {word!r} matches no loaded embedding", stacklevel=3)
         parsed[pair] = (prompts.split(pipe, pair[0], "prompt"), prompts.split(pipe, pair[1] or "", "negative prompt"))
     used = list({id(a): a for pos, neg in parsed.values() for a in pos.used + neg.used}.values())
+    if _flow(pipe):
+        return _flow_arguments(pipe, parsed), used
     pooled = families.of_pipeline(pipe).pooled is not None  # the pipeline takes pooled embeddings too (SDXL)
     if pooled and not any(pos.weighted or neg.weighted or _long(pipe, pos, neg) for pos, neg in parsed.values()):
         return {pair: {} for pair in parsed}, used
@@ -280,7 +304,7 @@ def _prompt_arguments(pipe, pairs: list[tuple[str, str | None]], clip_skip: int)
                for pair, (pos, neg) in parsed.items()}
     length = max(e.embeds.shape[1] for both in encoded.values() for e in both)
     empty = prompts.encode(pipe, prompts.split(pipe, "", "negative prompt"), clip_skip)
-    dtype, out = pipe.unet.dtype, {}
+    dtype, out = denoiser(pipe).dtype, {}
     for pair, (pe, ne) in encoded.items():
         pe, ne = prompts.pad_to(pe, length, empty), prompts.pad_to(ne, length, empty)
         if pooled and not pair[1] and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
@@ -289,6 +313,20 @@ def _prompt_arguments(pipe, pairs: list[tuple[str, str | None]], clip_skip: int)
         if pooled:
             out[pair] |= {"pooled_prompt_embeds": pe.pooled.to(dtype), "negative_pooled_prompt_embeds": ne.pooled.to(dtype)}
     return out, used
+
+
+def _flow_arguments(pipe, parsed: dict) -> dict:
+    """SD3/Flux.1: each pair's prompt embeddings (:func:`textinv.prompts.encode_flow`, weighted as
+    ComfyUI weighs; unweighted, exactly the pipeline's own encoding of the prompt as written
+    without the weight syntax)."""
+    sd3, dtype, out = families.of_pipeline(pipe).joins == "sd3", denoiser(pipe).dtype, {}
+    for pair, (pos, neg) in parsed.items():
+        pe = prompts.encode_flow(pipe, pos)
+        out[pair] = {"prompt_embeds": pe.embeds.to(dtype), "pooled_prompt_embeds": pe.pooled.to(dtype)}
+        if sd3:
+            ne = prompts.encode_flow(pipe, neg)
+            out[pair] |= {"negative_prompt_embeds": ne.embeds.to(dtype), "negative_pooled_prompt_embeds": ne.pooled.to(dtype)}
+    return out
 
 
 def _parameters(prompt, negative, steps, sampler, guidance, seed, width, height, model_hash, model, clip_skip, ti) -> str:

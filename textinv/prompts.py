@@ -15,6 +15,7 @@ Not copied from A1111: its "comma backtrack" (ending a full chunk at a recent co
 """
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -151,8 +152,9 @@ def split(pipe, text: str, where: str = "prompt") -> Parsed:
     return Parsed(pieces, used)
 
 
-def chunks(parsed: Parsed, tokenizer) -> list[tuple[list[int], list[float]]]:
-    """A1111's 77-token chunks (ids, per-token weights) of a parsed prompt for one tokenizer."""
+def chunks(parsed: Parsed, tokenizer, slot: str | None = None) -> list[tuple[list[int], list[float]]]:
+    """A1111's 77-token chunks (ids, per-token weights) of a parsed prompt for one tokenizer (an
+    embedding without a part for ``slot``, when given, leaves its trigger out)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     out: list[tuple[list[int], list[float]]] = []
@@ -169,6 +171,8 @@ def chunks(parsed: Parsed, tokenizer) -> list[tuple[list[int], list[float]]]:
         if p.kind == "break":
             close()
         elif p.kind == "emb":
+            if slot is not None and slot not in p.applied.embedding.vectors:
+                continue
             new = tokenizer.convert_tokens_to_ids(p.applied.tokens)
             if len(ids) + len(new) > CHUNK:
                 close()
@@ -282,6 +286,90 @@ def encode(pipe, parsed: Parsed, clip_skip: int = 1) -> Encoded:
     n = min(s.shape[1] for s in per_encoder)  # equal unless a tokenizer split text differently
     embeds = torch.cat([s[:, :n] for s in per_encoder], dim=-1)
     return Encoded(embeds, pooled)
+
+
+# ------------------------------------------------------------------------------ SD3 and Flux.1
+def t5_ids(parsed: Parsed, tokenizer, slot: str, length: int) -> tuple[list[int], list[float]]:
+    """A T5 encoder's ids and per-token weights of a parsed prompt, as its pipelines lay them out:
+    no start token, each piece tokenised on its own (ComfyUI's way), ``</s>``, padding (id 0) to
+    ``length`` (``max_sequence_length``; longer prompts are cut, as diffusers cuts them)."""
+    ids: list[int] = []
+    weights: list[float] = []
+    for p in parsed.pieces:
+        if p.kind == "emb" and slot in p.applied.embedding.vectors:
+            new = tokenizer.convert_tokens_to_ids(p.applied.tokens)
+        elif p.kind == "text":
+            new = tokenizer(p.text, add_special_tokens=False, truncation=False)["input_ids"]
+        else:  # BREAK, or an embedding without a T5 part
+            continue
+        ids += new
+        weights += [p.weight] * len(new)
+    ids, weights = ids[: length - 1] + [tokenizer.eos_token_id], weights[: length - 1] + [1.0]
+    fill = length - len(ids)
+    return ids + [tokenizer.pad_token_id] * fill, weights + [1.0] * fill
+
+
+def empty_ids(tokenizer, kind: str, length: int) -> list[int]:
+    """An empty prompt's ids padded to ``length``: what weights are measured from (ComfyUI)."""
+    ids = ([tokenizer.bos_token_id] if kind == "clip" else []) + [tokenizer.eos_token_id]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return ids + [pad] * (length - len(ids))
+
+
+def weigh_from_empty(z: torch.Tensor, z_empty: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """ComfyUI's emphasis (comfy/sd1_clip.py, encode_token_weights): each weighted token's state
+    moved away from the empty prompt's state at the same position, ``(z - z_empty) * w + z_empty``."""
+    w = torch.tensor(weights, device=z.device, dtype=torch.float32).view(1, -1, 1)
+    moved = ((z.float() - z_empty.float()) * w + z_empty.float()).to(z.dtype)
+    return torch.where(w != 1.0, moved, z)  # unweighted tokens exactly as they were
+
+
+def _flow_encoder(te, kind: str, ids: list[int], empty: list[int], weights: list[float], layer: int):
+    """One encoder's (hidden states, pooled) for a flow family, weighted from the empty prompt."""
+    def run(x: list[int]):
+        out = te(torch.tensor([x], device=te.device), output_hidden_states=kind == "clip")
+        if kind == "t5":
+            return out[0], None
+        return out.hidden_states[layer], out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+
+    z, pooled = run(ids)
+    if any(w != 1.0 for w in weights):
+        z = weigh_from_empty(z, run(empty)[0], weights)
+    return z, pooled
+
+
+def t5_length(pipe) -> int:
+    """The T5 prompt length a pipeline pads to by default (``max_sequence_length``: SD3 256, Flux.1
+    512); prompt embeddings made for it must have it too, as the padding is encoded (no mask)."""
+    param = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
+    return int(param.default) if param is not None and isinstance(param.default, int) else 256
+
+
+@torch.no_grad()
+def encode_flow(pipe, parsed: Parsed, max_sequence_length: int | None = None) -> Encoded:
+    """SD3/Flux.1 ``prompt_embeds`` and ``pooled_prompt_embeds`` of a weighted prompt, laid out as
+    diffusers' pipelines lay them out (CLIP: 77 tokens; T5: ``max_sequence_length``), each token's
+    weight applied as ComfyUI applies it (:func:`weigh_from_empty`); the pooled embeddings are
+    unweighted, as there.  SD3: CLIP-L and CLIP-G's penultimate states side by side, zero-padded to
+    T5's width, before T5's along the sequence, pooled both CLIPs'; Flux.1: T5's states, pooled CLIP-L's."""
+    family = families.of_pipeline(pipe)
+    max_sequence_length = max_sequence_length or t5_length(pipe)
+    states, pooled = {}, []
+    for slot, (tok, te) in tokens.slot_pairs(pipe, family):
+        if slot.kind == "t5":
+            ids, weights = t5_ids(parsed, tok, slot.key, max_sequence_length)
+        else:
+            ids, weights = chunks(parsed, tok, slot.key)[0]
+        z, pool = _flow_encoder(te, slot.kind, ids, empty_ids(tok, slot.kind, len(ids)), weights, family.hidden_layer)
+        states[slot.key] = z
+        if pool is not None:
+            pooled.append(pool)
+    t5 = states.pop("t5")
+    if family.joins == "flux":
+        return Encoded(t5, pooled[0])
+    clip = torch.cat(list(states.values()), dim=-1)
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return Encoded(torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1))
 
 
 def pad_to(a: Encoded, length: int, filler: Encoded) -> Encoded:
