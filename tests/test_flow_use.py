@@ -290,3 +290,27 @@ def test_generate_uses_triggers_and_weights_on_flow_pipelines(which, request, tm
             textinv.generate("a photo of mycat", "blurry", **kw)
     with pytest.raises(textinv.TextinvError, match="--sampler Euler a: A1111's samplers are for SD"):
         textinv.generate("a photo of mycat", sampler="Euler a", **kw)
+
+
+def test_onetrainer_output_embeddings_replace_the_t5_output_at_the_trigger(flux, tmp_path):
+    """OneTrainer saves an output embedding's input vectors as zeros and the learned ones as
+    ``t5_out``, and puts those in place of T5's output at the trigger's tokens."""
+    t5 = tk.state(flux).encoders[1]
+    g = torch.Generator().manual_seed(12)
+    out = torch.randn(2, t5.width, generator=g)
+    from safetensors.torch import save_file
+    save_file({"clip_l": torch.randn(2, 32, generator=g), "t5": torch.zeros(2, t5.width), "t5_out": out},
+              str(tmp_path / "ot.safetensors"))
+    loaded = textinv.load(tmp_path / "ot.safetensors")
+    assert torch.equal(loaded.extra["t5_out"], out)
+    prompt = "a photo of ot on the beach"
+    want = reference(flux, prompt, [loaded], 77)
+    textinv.apply(flux, loaded)
+    got = encode(flux, prompt, t5_length=77)
+    ids = t5.tokenizer(tk.expand(flux, prompt, 1))["input_ids"]
+    at = [k for k, i in enumerate(ids) if i >= len(t5.tokenizer) - 2]
+    assert len(at) == 2 and torch.equal(got[0][0, at], out)  # the learned output vectors, exactly
+    others = [k for k in range(77) if k not in at]
+    assert torch.equal(got[0][0, others], want[0][0, others]) and torch.equal(got[1], want[1])
+    tk.remove(flux)
+    assert tk.state(flux, create=False) is None and not t5.text_encoder._forward_hooks

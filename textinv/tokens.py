@@ -46,7 +46,7 @@ from torch import nn
 
 from . import families, sources
 from .errors import ModelMismatchError, TextinvError
-from .formats import Embedding
+from .formats import OUT_SUFFIX, Embedding
 
 CHUNK = 75  # tokens per CLIP chunk between the start and end tokens (A1111)
 # A1111 (bare name), InvokeAI (<name>), ComfyUI (embedding:name, the file extension optional).
@@ -115,6 +115,7 @@ class _Encoder:
     base: nn.Module  # the original embedding module, put back by remove()
     variants: "_TokenizerStates"  # the pristine tokenizer state and ready-made ones with triggers added
     pooling_fix: object = None  # the forward hook of pool_at_end_token while triggers are applied
+    outputs: object = None  # the forward hook of output_embeddings while an applied embedding has some
 
     @property
     def width(self) -> int:
@@ -240,13 +241,17 @@ class TriggerState:
         enc.text_encoder.set_input_embeddings(TriggerEmbedding(enc.base, extra.to(device), ids))
         if enc.pooling_fix is None:
             enc.pooling_fix = pool_at_end_token(enc.text_encoder, int(enc.base.num_embeddings))
+        if enc.outputs is not None:
+            enc.outputs.remove()
+        enc.outputs = output_embeddings(enc, applied)
 
     @staticmethod
     def _uninstall(enc: _Encoder) -> None:
         enc.text_encoder.set_input_embeddings(enc.base)
-        if enc.pooling_fix is not None:
-            enc.pooling_fix.remove()
-            enc.pooling_fix = None
+        for hook in ("pooling_fix", "outputs"):
+            if getattr(enc, hook) is not None:
+                getattr(enc, hook).remove()
+                setattr(enc, hook, None)
 
     def _unique(self, tokens: list[str], also_taken: Iterable[str] = ()) -> list[str]:
         taken = {t for a in self.applied.values() for t in a.all_tokens} | set(also_taken)
@@ -425,6 +430,40 @@ def pool_at_end_token(text_encoder: nn.Module, vocab_size: int):
         return output
 
     return model.register_forward_hook(hook, with_kwargs=True)
+
+
+def output_embeddings(enc: _Encoder, applied: list[Applied]):
+    """OneTrainer's output embeddings (a file's ``<slot>_out`` vectors) as OneTrainer uses them:
+    they replace the encoder's output at the trigger's positions, in whichever hidden state the
+    model takes (every one is replaced; the pooled output, taken at the end token, is not
+    touched).  Their input vectors are zeros as OneTrainer saves them.  Returns the forward hook's
+    handle, or None when no applied embedding has output embeddings for this encoder."""
+    key = f"{enc.slot}{OUT_SUFFIX}"
+    pairs = [(t, v) for a in applied if key in a.embedding.extra
+             for t, v in zip(a.tokens, a.embedding.extra[key].detach().float())]
+    if not pairs:
+        return None
+    ids = torch.tensor(enc.tokenizer.convert_tokens_to_ids([t for t, _ in pairs]))
+    rows = torch.stack([v for _, v in pairs])
+
+    def hook(module, args, kwargs, output):
+        given = kwargs.get("input_ids", args[0] if args else None)
+        if given is None:
+            return output
+        match = given.reshape(given.shape[0], -1, 1) == ids.to(given.device)  # [B, S, rows]
+        where, row = match.any(-1), match.float().argmax(-1)
+
+        def replaced(h):
+            return torch.where(where.unsqueeze(-1), rows.to(h.device, h.dtype)[row], h)
+
+        if isinstance(output, tuple):  # return_dict=False: the last hidden state first
+            return (replaced(output[0]), *output[1:])
+        output["last_hidden_state"] = replaced(output["last_hidden_state"])
+        if output.get("hidden_states") is not None:
+            output["hidden_states"] = tuple(replaced(h) for h in output["hidden_states"])
+        return output
+
+    return enc.text_encoder.register_forward_hook(hook, with_kwargs=True)
 
 
 def _rows(enc: _Encoder, applied: list[Applied]) -> torch.Tensor:
