@@ -586,7 +586,7 @@ def _route_prompts(pipe) -> None:
 
 
 def apply(pipe, embeddings, *, on_mismatch: str = "error", names: Sequence[str] | None = None) -> list[Applied]:
-    """Apply embeddings (objects, files or library folders) to a diffusers SD/SDXL pipeline.
+    """Apply embeddings (objects, files or library folders) to a diffusers SD, SDXL, SD3 or Flux.1 pipeline.
 
     ``on_mismatch="skip"`` skips (with a warning) embeddings made for another model family, as
     A1111 does; otherwise they raise :class:`ModelMismatchError` and nothing is applied.
