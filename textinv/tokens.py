@@ -682,7 +682,7 @@ def nearest_words(emb: Embedding, pipe, k: int = 5) -> dict[str, list[list[tuple
         sims = nn.functional.normalize(vecs, dim=-1) @ nn.functional.normalize(table.detach().float(), dim=-1).T
         top = sims.topk(k, dim=-1)
         out[slot] = [
-            [(tok.convert_ids_to_tokens(int(i)).replace("</w>", ""), float(s)) for s, i in zip(vs, ix)]
+            [(tok.convert_ids_to_tokens(int(i)).replace("</w>", "").replace("▁", ""), float(s)) for s, i in zip(vs, ix)]
             for vs, ix in zip(top.values, top.indices)
         ]
     return out
