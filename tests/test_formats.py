@@ -172,6 +172,13 @@ def test_format_from_suffix_sdxl(tmp_path):
     assert detect_format(save(sdxl_emb(), tmp_path / "folder")) == "diffusers-sdxl"
 
 
+def test_a_diffusers_sdxl_folder_loads_with_its_format_and_path(tmp_path):
+    # as every file does: inspect shows its format, A1111's TI hash is its first file's
+    emb = load(save(sdxl_emb(), tmp_path / "folder"))
+    assert emb.source_format == "diffusers-sdxl" and emb.path == tmp_path / "folder"
+    assert formats.embedding_hash(emb) == formats.short_hash(tmp_path / "folder" / "learned_embeds.safetensors")
+
+
 def test_files_as_formats_write_them(tmp_path):
     from safetensors import safe_open
     emb = sd_emb(n=2, step=7)

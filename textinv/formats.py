@@ -832,7 +832,8 @@ def _read_diffusers_sdxl(folder: Path) -> Embedding:
     if tokens[0] != tokens[1]:
         raise _fail(folder, f"the two files name different tokens ({tokens[0]!r}, {tokens[1]!r})")
     vectors = _check_vectors(folder, vectors)
-    return Embedding(name=folder.name, vectors=vectors, meta={"token": tokens[0]})
+    return Embedding(name=folder.name, vectors=vectors, meta={"token": tokens[0]}, source_format="diffusers-sdxl",
+                     path=folder)
 
 
 def _library_items(folder: Path, stands_for=None, seen: set | None = None):
