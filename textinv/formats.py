@@ -596,40 +596,49 @@ def _flow_parts(path: Path, data: dict, where: str) -> tuple[str, dict, dict] | 
     t5 = [k for k in T5_KEYS["both"] if k in keys]
     if not t5:
         return None
-    parts = {k: data[k] for k in ("clip_l", "clip_g") if k in keys}
-    parts["t5"] = data[t5[0]]
-    if len(t5) == 2 and not _same(data["t5"], data["t5xxl"]):
-        warnings.warn(f"{printable(path)}: {where}its T5 part differs between 't5' (read by OneTrainer) and "
-                      "'t5xxl' (read by ComfyUI); took 't5'", stacklevel=2)
-    known = set(parts) | set(t5)
+    known = {k for k in ("clip_l", "clip_g") if k in keys} | set(t5) | {"t5"}  # t5_out twins a t5xxl part too
     extra = {k: data[k] for k in keys if k.endswith(OUT_SUFFIX) and k[: -len(OUT_SUFFIX)] in known}
     unknown = [k for k in keys if k not in known and k not in extra]
     if unknown:
         shown = ", ".join(unknown[:4]) + (", ..." if len(unknown) > 4 else "")
         raise _fail(path, f"{where}holds a T5 part and {len(unknown)} other tensor{'s' if len(unknown) > 1 else ''} "
                           f"({shown}); an SD3/Flux.1 embedding holds clip_l, clip_g and t5 (or t5xxl) only")
+    parts = {k: data[k] for k in ("clip_l", "clip_g") if k in keys}
+    parts["t5"] = _t5_of(path, data, t5, where, "T5 part")
+    if "t5xxl_out" in extra:  # the twin of a 't5xxl' part (no tool writes it): kept as the T5 part's
+        outs = [k for k in ("t5_out", "t5xxl_out") if k in extra]
+        extra["t5_out"] = _t5_of(path, extra, outs, where, "T5 output embedding")
+        del extra["t5xxl_out"]
     fmt = ("sd3" if "clip_g" in parts else "flux") if len(t5) == 2 else ("onetrainer" if t5 == ["t5"] else "comfyui")
     return fmt, parts, extra
 
 
-def _same(a, b) -> bool:
-    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-            and bool(torch.equal(a.float(), b.float())))
+def _t5_of(path, data: dict, keys: list[str], where: str, what: str):
+    """The tensor under the first of ``keys`` ("t5", then "t5xxl"); where a file holds both, both
+    are checked first (a damaged one is refused, never warned about) and a difference between them
+    is one warning line: the first is taken, the one OneTrainer trains and reads."""
+    if len(keys) == 2:
+        a, b = _check_vectors(path, {k: data[k] for k in keys}, where).values()
+        if a.shape != b.shape or not torch.equal(a.float(), b.float()):
+            readers = " (read by OneTrainer)", " (read by ComfyUI)"
+            shown = [f"{k!r}{r if not k.endswith(OUT_SUFFIX) else ''}" for k, r in zip(keys, readers)]
+            warnings.warn(f"{printable(path)}: {where}its {what} differs between {shown[0]} and {shown[1]}; "
+                          f"took {keys[0]!r}", stacklevel=3)
+    return data[keys[0]]
 
 
 def _check_extra(path, vectors: dict, extra: dict, where: str) -> dict[str, torch.Tensor]:
-    """Output-embedding twins: checked like vectors, and shaped as their slot's."""
-    if not extra:
-        return {}
-    if "t5xxl_out" in extra and "t5_out" not in extra:
-        extra = {("t5_out" if k == "t5xxl_out" else k): v for k, v in extra.items()}
-    extra = {k: v for k, v in extra.items() if k != "t5xxl_out"}
-    checked = _check_vectors(path, {f"{k}": v for k, v in extra.items()}, where)
-    for key, t in checked.items():
-        twin = vectors.get(key[: -len(OUT_SUFFIX)])
-        if twin is None or t.shape != twin.shape:
-            raise _fail(path, f"{where}{key} is {tuple(t.shape)} but its part {key[: -len(OUT_SUFFIX)]} is "
-                              f"{tuple(twin.shape) if twin is not None else 'missing'}")
+    """OneTrainer's output-embedding twins (``KEY_out``): each checked like vectors, and shaped as its part's."""
+    checked = {}
+    for key, t in extra.items():
+        part = key[: -len(OUT_SUFFIX)] if key.endswith(OUT_SUFFIX) else None
+        checked[key] = t = _check_vectors(path, {key: t}, f"{where}{key}: ")[key]
+        twin = vectors.get(part)
+        if twin is None:
+            raise _fail(path, f"{where}{key}: not the output embedding (KEY{OUT_SUFFIX}) of a part the embedding has "
+                              f"({', '.join(vectors)})")
+        if t.shape != twin.shape:
+            raise _fail(path, f"{where}{key} is {tuple(t.shape)} but its part {part} is {tuple(twin.shape)}")
     return checked
 
 
@@ -740,6 +749,8 @@ def _check_vectors(path, vectors: dict, where: str = "") -> dict[str, torch.Tens
     family = families.of_vectors(out) if len(out) > 1 else None
     if family is not None and len(family.slots) > 1:
         _check_slots(path, family, out, where)
+    elif len(out) > 1 and families.valid_keys(out):  # some of a flow family's parts (clip_g + t5)
+        _check_counts(path, families.name_of(out), list(out), out, where)
     return out
 
 
@@ -753,10 +764,15 @@ def _check_slots(path, family: families.Family, out: dict, where: str) -> None:
         if a.width is not None and b.width is not None and a.width < b.width and wa >= wb:
             raise _fail(path, f"{where}{family.name} {a.key} ({wa} wide) must be narrower than {b.key} "
                               f"({wb} wide); swapped?")
-    first = family.keys[0]
-    for key in family.keys[1:]:
+    _check_counts(path, family.name, family.keys, out, where)
+
+
+def _check_counts(path, name: str, keys, out: dict, where: str) -> None:
+    """Every part of an embedding holds as many vectors (one per prompt token)."""
+    first = keys[0]
+    for key in keys[1:]:
         if out[key].shape[0] != out[first].shape[0]:
-            raise _fail(path, f"{where}{family.name} {first} has {out[first].shape[0]} vectors but "
+            raise _fail(path, f"{where}{name} {first} has {out[first].shape[0]} vectors but "
                               f"{key} has {out[key].shape[0]}; they must match")
 
 
@@ -769,7 +785,8 @@ def _checked(path: Path, emb: Embedding) -> Embedding:
                           f"expected {families.slot_sets()}")
     if not emb.name:
         raise _fail(path, "the embedding has no name")
-    return dataclasses.replace(emb, vectors=_check_vectors(path, emb.vectors))
+    vectors = _check_vectors(path, emb.vectors)
+    return dataclasses.replace(emb, vectors=vectors, extra=_check_extra(path, vectors, emb.extra, ""))
 
 
 def _checked_per_layer(path: Path, emb: Embedding) -> Embedding:
