@@ -1,6 +1,6 @@
 """SD3 and Flux.1 embedding files in each tool's own layout, read by each tool's rules (readers.py).
 
-The files are written here with safetensors directly — textinv does not write these families yet —
+The files are written here with safetensors directly, as each tool writes them,
 with a few random vectors of the real widths (CLIP-L 768, CLIP-G 1280, T5-XXL 4096).  ``EXPECT``
 is the reader × layout table: what each tool loads (slot -> the file key whose tensor it gets,
 compared exactly) or why it refuses.  ``PARTIAL`` is what the tools that keep the parts they can
@@ -316,16 +316,25 @@ TEXTINV_FORMATS = {
 }
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("twins", [False, True], ids=["", "with *_out"])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 @pytest.mark.parametrize("family, fmt", list(TEXTINV_FORMATS), ids=lambda x: x)
-def test_textinv_flow_formats_load_whole_in_the_tools_they_are_for(tmp_path, family, fmt):
+def test_textinv_flow_formats_load_whole_in_the_tools_they_are_for(tmp_path, family, fmt, suffix, twins, dtype):
+    # OneTrainer takes the output-embedding twins where a file has them (so it loads the comfyui layout
+    # too, by its t5_out), the others the input vectors; the diffusers card reads .safetensors only.
     g = torch.Generator().manual_seed(len(fmt))
-    vectors = {slot: torch.randn(N, width, generator=g) for slot, width in WIDTHS[family].items()}
-    path = formats.save(Embedding(BUNDLE, vectors, meta={}), tmp_path / f"{BUNDLE}.safetensors", fmt)
+    vectors = {slot: torch.randn(N, width, generator=g).to(dtype) for slot, width in WIDTHS[family].items()}
+    extra = {f"{slot}_out": torch.randn(N, width, generator=g).to(dtype) for slot, width in WIDTHS[family].items()} if twins else {}
+    path = formats.save(Embedding(BUNDLE, vectors, meta={}, extra=extra), tmp_path / f"{BUNDLE}{suffix}", fmt)
+    loads = TEXTINV_FORMATS[family, fmt] - ({"diffusers (Flux card)"} if suffix == ".pt" else set())
+    loads |= {"OneTrainer"} if twins else set()
     for reader, read in FLOW_READERS.items():
-        if reader in TEXTINV_FORMATS[family, fmt]:
+        if reader in loads:
             got = read(path, family)
-            assert set(got.vectors) == set(vectors), f"{reader} reads {sorted(got.vectors)}"
-            assert all(torch.equal(got.vectors[s], v) for s, v in vectors.items()), f"{reader}: vectors differ"
+            want = {s: extra[f"{s}_out"] if twins and reader == "OneTrainer" else v for s, v in vectors.items()}
+            assert set(got.vectors) == set(want), f"{reader} reads {sorted(got.vectors)}"
+            assert all(torch.equal(got.vectors[s], v.float()) for s, v in want.items()), f"{reader}: vectors differ"
         else:
             with pytest.raises(Refused):
                 read(path, family)

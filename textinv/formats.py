@@ -343,7 +343,7 @@ def save(emb: Embedding, path, format: str | None = None, *, preview=None, clip_
     if fmt not in SAVE_FORMATS + PER_LAYER_FORMATS:
         raise _fail(path, f"cannot write format {format!r}; choose one of "
                           f"{', '.join(SAVE_FORMATS + PER_LAYER_FORMATS)}")
-    emb = _parts_for(path, _checked(path, emb), fmt, clip_only)
+    emb, left_out = _parts_for(path, _checked(path, emb), fmt, clip_only)
     if emb.layers is not None and fmt not in PER_LAYER_FORMATS:
         raise _fail(path, f"{emb.name!r} is a per-layer (P+) embedding ({len(emb.layers)} layers); format "
                           f"{fmt!r} holds one set of vectors: add --to-single to average the layers "
@@ -360,6 +360,8 @@ def save(emb: Embedding, path, format: str | None = None, *, preview=None, clip_
         raise _fail(path, f"format {fmt!r} is written to a {' or '.join(_SAVE_SUFFIXES[fmt])} "
                           f"file, not {suffix or 'a path without suffix'}")
     _WRITERS[fmt](emb, path, preview)
+    if left_out is not None:
+        warnings.warn(left_out, stacklevel=2)
     return path
 
 
@@ -1075,48 +1077,62 @@ def _save_sdxl(emb: Embedding, path: Path, preview) -> None:
 _KEEPS = {"sd3": families.SD3, "flux": families.FLUX}  # the family whose parts a format holds
 
 
-def _parts_for(path: Path, emb: Embedding, fmt: str, clip_only: bool) -> Embedding:
-    """``emb`` with the parts format ``fmt`` holds.  Parts it cannot hold are left out with one
-    warning line saying which and why (SD3 as "sdxl": the T5 part); a flow family's layout for an
-    embedding without a T5 part is refused (it would be made up), unless ``clip_only`` asks for the
-    CLIP parts alone."""
+def _parts_for(path: Path, emb: Embedding, fmt: str, clip_only: bool) -> tuple[Embedding, str | None]:
+    """``emb`` with the parts format ``fmt`` holds, and the one warning line naming the parts (and
+    OneTrainer's ``*_out`` twins) it leaves out and why, or None; the caller warns once the file is
+    written, so that a refusal is the only line.  The T5 part that ``clip_only`` asks to leave out
+    goes unannounced; a single CLIP part left becomes the one-encoder slot (Flux.1's CLIP-L is SD 1.x's)."""
     if emb.layers is not None:
-        return emb
+        return emb, None
     have = list(emb.slots)
+    keep, why = _kept_parts(path, emb, fmt, clip_only)
+    twins = "t5" in keep and (fmt in FLOW_LAYOUTS or fmt == "diffusers")
+    lost = [k + OUT_SUFFIX for k in have if k + OUT_SUFFIX in emb.extra and not (twins and k in keep)]
+    dropped = [k for k in have if k not in keep and not (clip_only and k == "t5")] + lost
+    if keep == have and not lost:
+        return emb, None
+    if lost:
+        why = ((why + "; " if why else "") + f"OneTrainer's output embeddings: format {fmt!r} holds none"
+               + ("" if twins or fmt not in FLOW_LAYOUTS else " without the T5 part"))
+    warning = f"{printable(emb.name)}: left out {', '.join(dropped)} writing {fmt!r} ({why})" if dropped else None
+    return _only(emb, keep, twins), warning
+
+
+def _kept_parts(path: Path, emb: Embedding, fmt: str, clip_only: bool) -> tuple[list[str], str]:
+    """The parts of ``emb`` that format ``fmt`` keeps, and why the others go; refuses (one line,
+    naming the embedding's own family) where what would be left is nothing, or does not fit the
+    format, or where a flow family's layout would need a T5 part the embedding lacks."""
+    have, family = list(emb.slots), _KEEPS.get(fmt)
+    what = f"{emb.name!r} is {emb.family} ({' + '.join(have)})"
     if clip_only:
-        keep = [k for k in have if k != "t5"]
+        keep, why = [k for k in have if k != "t5"], ""
         if not keep:
             raise _fail(path, f"{emb.name!r} has no CLIP part ({emb.family}): nothing to write with --clip-only")
-        return _only(emb, keep)
-    family = _KEEPS.get(fmt)
-    if family is not None and "t5" not in have:
-        raise _fail(path, f"{emb.name!r} is {emb.family} ({' + '.join(have)}), with no T5 part: {family.name} files "
-                          "need one; add --clip-only (clip_only=True in Python) to write the CLIP parts alone, "
-                          "as A1111 does for SD3")
-    if family is not None:
+    elif family is not None and "t5" not in have:
+        raise _fail(path, f"{what}, with no T5 part: {family.name} files need one; add --clip-only (clip_only=True "
+                          "in Python) to write the CLIP parts alone, as A1111 does for SD3")
+    elif family is not None:
         keep, why = [k for k in have if k in family.keys], f"{family.name} files hold {' + '.join(family.keys)} only"
     elif fmt in ("onetrainer", "comfyui") or (fmt == "diffusers" and "t5" in have):
         keep, why = have, ""
     else:
         keep, why = [k for k in have if k != "t5"], f"no tool reads a T5 part from format {fmt!r}"
-        if fmt == "sdxl" and "t5" in have and not {"clip_l", "clip_g"} <= set(keep):
-            raise _fail(path, f"{emb.name!r} is {emb.family} ({' + '.join(have)}): format 'sdxl' holds clip_l + clip_g; "
-                              "write --format flux, onetrainer or comfyui")
-    twins = fmt in FLOW_LAYOUTS or (fmt == "diffusers" and "t5" in keep)
-    dropped = [k for k in have if k not in keep] + ([] if twins else list(emb.extra))
-    if not dropped or not keep:
-        return emb  # nothing left out, or nothing left: the writer says what it needs
-    if set(dropped) <= set(emb.extra):
-        why = f"OneTrainer's output embeddings; format {fmt!r} holds none"
-    warnings.warn(f"{printable(emb.name)}: left out {', '.join(dropped)} writing {fmt!r} ({why})", stacklevel=3)
-    return _only(emb, keep, twins=twins)
+        if not keep:
+            raise _fail(path, f"{what}: format {fmt!r} holds no T5 part; write --format flux, onetrainer or comfyui")
+    if "t5" in have and fmt == "sdxl" and not {"clip_l", "clip_g"} <= set(keep):
+        raise _fail(path, f"{what}: format 'sdxl' holds clip_l + clip_g; write --format flux, onetrainer or comfyui")
+    if "t5" in have and fmt in ("a1111", "kohya") and len(keep) > 1:
+        _single(path, emb, fmt)  # refuses, naming the whole embedding's family and format
+    return keep, why
 
 
-def _only(emb: Embedding, keep: list[str], twins: bool = True) -> Embedding:
+def _only(emb: Embedding, keep: list[str], twins: bool) -> Embedding:
+    """``emb`` with the parts ``keep`` (and their ``*_out`` twins where ``twins``); one CLIP part
+    alone is stored as a one-encoder embedding, in the slot every single-tensor format holds."""
     vectors = {k: emb.vectors[k] for k in keep}
     extra = {k: t for k, t in emb.extra.items() if twins and k[: -len(OUT_SUFFIX)] in keep}
     if len(vectors) == 1 and keep != ["t5"]:
-        vectors = {SINGLE_KEY: vectors[keep[0]]} if keep[0] == SINGLE_KEY else vectors
+        vectors, extra = {SINGLE_KEY: vectors[keep[0]]}, {}
     return dataclasses.replace(emb, vectors=vectors, extra=extra, source_format=None)
 
 
@@ -1128,7 +1144,7 @@ def _save_flow(emb: Embedding, path: Path, preview, layout: str) -> None:
         for name in (T5_KEYS[layout] if key == "t5" else (key,)):
             tensors[name] = emb.vectors[key].clone()  # own storage each: safetensors refuses shared tensors
     tensors.update({k: t.clone() for k, t in emb.extra.items()})
-    if path.suffix.lower() == ".pt":
+    if path.suffix.lower() in (".pt", ".bin"):  # diffusers' .bin is a torch file too
         _write_torch(path, tensors)
         return
     metadata = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": _architecture(emb),
