@@ -443,3 +443,28 @@ def test_list_shows_every_layouts_family_and_no_sd3_file_as_sdxl(runner, files):
     assert table.exit_code == 0 and table.stdout.splitlines()[-1] == f"{len(LAYOUTS)} embeddings"
     sdxl_rows = [line for line in table.stdout.splitlines() if " SDXL " in line]
     assert [line.split()[-1] for line in sdxl_rows] == [paths["CLIP-only SD3"].name]
+
+
+# ------------------------------------------------------------------------- library: merge, scale
+def test_scale_merge_and_concat_carry_onetrainers_output_embeddings(runner, tmp_path):
+    a = formats.save(source("Flux.1 + *_out"), tmp_path / "a.safetensors")
+    b = Embedding("b", {k: v * 3 for k, v in source("Flux.1 + *_out").vectors.items()},
+                  extra={k: v - 1 for k, v in source("Flux.1 + *_out").extra.items()})
+    b = formats.save(b, tmp_path / "b.safetensors")
+    ea, eb = formats.load(a), formats.load(b)
+    res = runner.invoke(main, ["scale", str(a), "0.5", "-o", str(tmp_path / "half.safetensors")])
+    assert res.exit_code == 0 and res.stderr == "", res.output
+    half = formats.load(tmp_path / "half.safetensors")
+    assert set(half.extra) == {"clip_l_out", "t5_out"}
+    assert all(torch.equal(half.extra[k], ea.extra[k] * 0.5) for k in ea.extra)
+    res = runner.invoke(main, ["merge", str(a), str(b), "--weights", "0.25,0.75", "-o", str(tmp_path / "ab.safetensors")])
+    assert res.exit_code == 0 and res.stderr == "", res.output
+    ab = formats.load(tmp_path / "ab.safetensors")
+    for k in ea.extra:
+        assert torch.allclose(ab.extra[k], 0.25 * ea.extra[k] + 0.75 * eb.extra[k])
+    cat = library.concat([ea, eb])
+    assert cat.num_vectors == 4 and torch.equal(cat.extra["t5_out"], torch.cat([ea.extra["t5_out"], eb.extra["t5_out"]]))
+    plain = formats.save(source("Flux.1"), tmp_path / "plain.safetensors")
+    res = runner.invoke(main, ["merge", str(a), str(plain), "-o", str(tmp_path / "no.safetensors")])
+    line = one_line(res, 2, "error: ")
+    assert "merge: OneTrainer's output embeddings differ ('plain' none, 'a' clip_l_out + t5_out): cannot combine" in line

@@ -85,6 +85,17 @@ def _check_same_family(embs: list[Embedding], what: str) -> None:
             odd = e if e.layers is not None else first
             raise TextinvError(f"{what}: {odd.name!r} is a per-layer (P+) embedding and the others are not, or have "
                                "other layers: cannot combine (textinv convert --to-single makes a plain one)")
+        if set(e.extra) != set(first.extra):  # OneTrainer's output embeddings: combined like the vectors, or not at all
+            has = ", ".join(f"{x.name!r} {' + '.join(x.extra) or 'none'}" for x in (e, first))
+            raise TextinvError(f"{what}: OneTrainer's output embeddings differ ({has}): cannot combine")
+
+
+PARTS = ("vectors", "extra")  # an embedding's tensors: its vectors, and OneTrainer's output embeddings
+
+
+def _combined(embs: list[Embedding], part: str, combine) -> dict:
+    """``combine`` (of float tensors) applied to each key of the embeddings' ``part``."""
+    return {key: combine([getattr(e, part)[key].float() for e in embs]) for key in getattr(embs[0], part)}
 
 
 def merge(embs: list[Embedding], weights: list[float] | None = None, *, name: str = "merged") -> Embedding:
@@ -101,9 +112,9 @@ def merge(embs: list[Embedding], weights: list[float] | None = None, *, name: st
     if len(counts) != 1:
         detail = ", ".join(f"{e.name!r} {e.num_vectors}" for e in embs)
         raise TextinvError(f"merge: a weighted average needs equal vector counts ({detail}); use --concat to stack them")
-    vectors = {slot: sum(w * e.vectors[slot].float() for w, e in zip(weights, embs)) for slot in embs[0].vectors}
+    vectors, extra = (_combined(embs, part, lambda ts: sum(w * t for w, t in zip(weights, ts))) for part in PARTS)
     meta = {"merged_from": [e.name for e in embs], "merge_weights": weights}
-    return Embedding(name, vectors, meta, layers=embs[0].layers)
+    return Embedding(name, vectors, meta, layers=embs[0].layers, extra=extra)
 
 
 def concat(embs: list[Embedding], *, name: str = "merged") -> Embedding:
@@ -114,8 +125,8 @@ def concat(embs: list[Embedding], *, name: str = "merged") -> Embedding:
     total = sum(e.num_vectors for e in embs)
     if total > formats.MAX_VECTORS:
         raise TextinvError(f"merge --concat: {total} vectors, more than the {formats.MAX_VECTORS} a prompt chunk can hold")
-    vectors = {slot: torch.cat([e.vectors[slot].float() for e in embs], dim=-2) for slot in embs[0].vectors}
-    return Embedding(name, vectors, {"merged_from": [e.name for e in embs]}, layers=embs[0].layers)
+    vectors, extra = (_combined(embs, part, lambda ts: torch.cat(ts, dim=-2)) for part in PARTS)
+    return Embedding(name, vectors, {"merged_from": [e.name for e in embs]}, layers=embs[0].layers, extra=extra)
 
 
 def scale(emb: Embedding, factor: float, *, name: str | None = None) -> Embedding:
@@ -123,4 +134,5 @@ def scale(emb: Embedding, factor: float, *, name: str | None = None) -> Embeddin
     if not math.isfinite(factor):
         raise TextinvError(f"FACTOR: must be a finite number, got {factor}")
     meta = {k: v for k, v in emb.meta.items() if k in formats.CARRIED_META}
-    return Embedding(name or emb.name, {s: t.float() * factor for s, t in emb.vectors.items()}, meta, layers=emb.layers)
+    return Embedding(name or emb.name, {s: t.float() * factor for s, t in emb.vectors.items()}, meta, layers=emb.layers,
+                     extra={k: t.float() * factor for k, t in emb.extra.items()})  # OneTrainer's output embeddings too
