@@ -16,6 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from safetensors.torch import save_file
 
 from textinv import atomic, data, formats, training
 from textinv.cli import main
@@ -26,7 +27,7 @@ from textinv.runs import RunLock
 from textinv.training import train
 
 import hostile
-from conftest import make_sd, malicious_pt
+from conftest import Touch, make_sd, malicious_pt
 
 TESTS = Path(__file__).parent
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(TESTS.parent), OMP_NUM_THREADS="1")
@@ -44,6 +45,9 @@ def corpus(tmp_path_factory):
     marker = folder.parent / "pwned"
     malicious_pt(folder / "runs-code.pt", marker)  # a payload that would create `marker`
     expect["runs-code.pt"] = ["never allowed"]
+    hostile.flow_pt(folder / "flow-runs-code.pt", Touch("system", marker))  # the same beside SD3/Flux.1 parts
+    hostile.flow_pt(folder / "flow-runs-code-legacy.pt", Touch("exec", marker), key="t5_out", zipped=False)
+    expect["flow-runs-code.pt"] = expect["flow-runs-code-legacy.pt"] = ["never allowed"]
     return folder, expect, marker
 
 
@@ -83,7 +87,8 @@ def test_list_of_a_folder_of_all_of_them_completes_and_reports_each_bad_file(cor
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Traceback" not in res.stderr and "\x1b" not in res.stdout + res.stderr
-    assert "good" in res.stdout and "\\x1b[2J" in res.stdout and res.stdout.strip().endswith("2 embeddings")
+    loads = sum(words is None for words in expect.values())  # one embedding each
+    assert "good" in res.stdout and "\\x1b[2J" in res.stdout and res.stdout.strip().endswith(f"{loads} embeddings")
     skipped = [line for line in res.stderr.splitlines() if line.startswith("warning: skipped ")]
     bad = [n for n, words in expect.items() if words is not None and n != "folder.pt"]  # a folder is searched, not read
     for name in bad:
@@ -342,3 +347,22 @@ def test_previews_are_written_atomically(tmp_path, monkeypatch):
     train(images=_imgs(tmp_path), token="<p>", steps=2, batch=1, preview_every=2, out=str(tmp_path / "run"),
           pipe=make_sd(), progress=False)
     assert "000002.png" in seen and (tmp_path / "run" / "previews" / "000002.png").is_file()
+
+
+# ------------------------------------------------------------------------------- metadata types
+def test_meta_of_another_type_in_a_strangers_file_is_left_out_not_a_crash_later(tmp_path):
+    """A step or Clip skip that is not a number once failed writing (int() of a list, of 'abc', of inf)."""
+    bad_meta = {"textinv.step": "[1, 2]", "textinv.clip_skip": '"x"', "textinv.name": '{"a": 1}', "textinv.init_text": "7"}
+    save_file({"clip_l": torch.ones(1, 768), "t5": torch.ones(1, 4096)}, str(tmp_path / "flux.safetensors"), bad_meta)
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.ones(1, 768)}, "name": "x", "step": "abc",
+                "clip_skip": float("nan")}, tmp_path / "a1111.pt")
+    torch.save({"clip_l": torch.ones(1, 768), "t5": torch.ones(1, 4096), "step": float("inf")}, tmp_path / "flow.pt")
+    torch.save({"emb_params": torch.ones(1, 768), "step": 120.0}, tmp_path / "float-step.pt")  # a whole number: kept
+    for src in ("flux.safetensors", "a1111.pt", "flow.pt"):
+        emb = formats.load(tmp_path / src)
+        assert not {"step", "clip_skip"} & set(emb.meta), (src, emb.meta)
+        assert src != "flux.safetensors" or not {"stored_name", "init_text"} & set(emb.meta), emb.meta
+        for dst in ("out.pt", "out.png", "out.safetensors"):
+            res = CliRunner().invoke(main, ["convert", str(tmp_path / src), str(tmp_path / dst)])
+            assert res.exit_code == 0 and res.stdout.startswith("wrote "), (src, dst, res.output)
+    assert formats.load(tmp_path / "float-step.pt").meta["step"] == 120

@@ -400,6 +400,7 @@ def _read(path: Path) -> tuple[str, list[Embedding]]:
     for emb in found:
         emb.source_format = fmt
         emb.path = path
+        emb.meta = _typed_meta(emb.meta)
     return fmt, found
 
 
@@ -618,8 +619,11 @@ def _flow_parts(path: Path, data: dict, where: str) -> tuple[str, dict, dict] | 
 def _t5_of(path, data: dict, keys: list[str], where: str, what: str):
     """The tensor under the first of ``keys`` ("t5", then "t5xxl"); where a file holds both, both
     are checked first (a damaged one is refused, never warned about) and a difference between them
-    is one warning line: the first is taken, the one OneTrainer trains and reads."""
-    if len(keys) == 2:
+    is one warning line: the first is taken, the one OneTrainer trains and reads.  A refusal names
+    the key as the file does."""
+    if len(keys) == 1:
+        _check_vectors(path, {keys[0]: data[keys[0]]}, f"{where}{keys[0]}: ")
+    else:
         a, b = _check_vectors(path, {k: data[k] for k in keys}, where).values()
         if a.shape != b.shape or not torch.equal(a.float(), b.float()):
             readers = " (read by OneTrainer)", " (read by ComfyUI)"
@@ -822,6 +826,25 @@ def _apply_safetensors_meta(emb: Embedding, st_meta: dict) -> None:
         except ValueError:
             continue
         emb.meta["stored_name" if key == "name" else key] = value
+
+
+# The type of each carried meta key's value (textinv writes these, A1111 the first three); _read drops a
+# value of another type from a stranger's file, which would fail whoever reads it (a step of "abc", inf, [1, 2]).
+_META_TYPES = {"step": int, "sd_checkpoint": str, "sd_checkpoint_name": str, "init_text": str, "clip_skip": int,
+               "stored_name": str}
+
+
+def _typed_meta(meta: dict) -> dict:
+    """``meta`` with the carried keys' values of their type: whole numbers as int (a float step such as
+    120.0 too), text as str; None stays; any other value is left out."""
+    out = {}
+    for key, value in meta.items():
+        kind = _META_TYPES.get(key)
+        if kind is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if kind is None or value is None or (isinstance(value, kind) and not isinstance(value, bool)):
+            out[key] = value
+    return out
 
 
 def _diffusers_sdxl_files(folder: Path) -> tuple[Path, Path] | None:
