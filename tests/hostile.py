@@ -115,6 +115,96 @@ def card(name: str, vectors: torch.Tensor, path: Path) -> Path:
     return formats.save(Embedding(name, {"clip": vectors}), path, "png", preview=Image.new("RGB", (64, 64), (90, 60, 30)))
 
 
+def _safetensors(header: dict, data: bytes) -> bytes:
+    """A safetensors file from its header as given (offsets, shapes and dtypes unchecked) and data."""
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def flow_pt(path: Path, payload, key: str = "t5xxl", zipped: bool = True) -> Path:
+    """A Flux.1 .pt (clip_l, t5) with ``payload`` pickled under ``key`` — a forbidden global's
+    object for the restricted unpickler to refuse (tests/test_hostile.py passes one that would
+    create a file)."""
+    torch.save({"clip_l": torch.ones(1, 768), "t5": torch.ones(1, 4096), key: payload}, path,
+               _use_new_zipfile_serialization=zipped)
+    return path
+
+
+def _flow_cases(folder: Path, write, expect: dict) -> None:
+    """SD3 / Flux.1 files (T5 under 't5'/'t5xxl', OneTrainer's *_out twins, LoRA bundles) broken in
+    every way a part can be; the real widths where they matter (T5-XXL: 4096)."""
+    def put(name: str, tensors: dict, *words: str) -> None:
+        save_file(tensors, str(folder / name))
+        expect[name] = list(words) or None
+
+    one = dict(clip_l=torch.ones(2, 768), t5=torch.ones(2, 4096))
+    put("flow-4096-wide.safetensors", one)  # T5-XXL's width: loads
+    put("flow-wider-than-4096.safetensors", {"clip_l": torch.ones(1, 768), "t5": torch.ones(1, 4097)}, "t5:", "width 4097")
+    put("flow-5000-vectors.safetensors", {"t5": torch.ones(5000, 16)}, "5000 vectors")
+    put("flow-counts-differ.safetensors", {"clip_l": torch.ones(2, 768), "t5": torch.ones(3, 4096)},
+        "clip_l has 2 vectors but t5 has 3")
+    put("flow-partial-counts-differ.safetensors", {"clip_g": torch.ones(2, 1280), "t5xxl": torch.ones(3, 4096)},
+        "clip_g has 2 vectors but t5 has 3")
+    put("flow-sd3-counts-differ.safetensors", {**one, "clip_g": torch.ones(1, 1280)}, "vectors but clip_g has 1")
+    nan = torch.full((2, 4096), float("nan"))
+    put("flow-nan-t5.safetensors", {**one, "t5": nan}, "t5:", "NaN")
+    put("flow-nan-t5-and-t5xxl.safetensors", {**one, "t5": nan, "t5xxl": nan.clone()}, "NaN")  # no 'differs' line first
+    put("flow-inf-t5_out.safetensors", {**one, "t5_out": torch.full((2, 4096), float("inf"))}, "t5_out:", "infinite")
+    put("flow-int-t5.safetensors", {**one, "t5": torch.ones(2, 4096, dtype=torch.int32)}, "int32", "not floating point")
+    put("flow-int-t5xxl.safetensors", {"clip_l": one["clip_l"], "t5xxl": torch.ones(2, 4096, dtype=torch.int64)},
+        "t5xxl:", "int64")
+    put("flow-float8-t5xxl.safetensors", {**one, "t5xxl": torch.zeros(2, 4096, dtype=torch.float8_e4m3fn)},
+        "float8_e4m3fn")
+    put("flow-float8-t5_out.safetensors", {**one, "t5_out": torch.zeros(2, 4096, dtype=torch.float8_e5m2)},
+        "t5_out:", "float8_e5m2")
+    put("flow-int-clip_l_out.safetensors", {**one, "clip_l_out": torch.ones(2, 768, dtype=torch.int16)},
+        "clip_l_out:", "int16")
+    put("flow-twin-other-shape.safetensors", {**one, "t5_out": torch.ones(3, 4096)},
+        "t5_out is (3, 4096) but its part t5 is (2, 4096)")
+    put("flow-twin-other-width.safetensors", {**one, "clip_l_out": torch.ones(2, 1280)}, "clip_l_out is (2, 1280)")
+    put("flow-twin-of-no-part.safetensors", {**one, "clip_g_out": torch.ones(2, 1280)}, "1 other tensor (clip_g_out)")
+    put("flow-unknown-tensor.safetensors", {**one, "lora_te_text_model.lora_up.weight": torch.ones(4, 4)},
+        "holds a T5 part and 1 other tensor")
+    put("flow-5000-other-tensors.safetensors", {**one, **{f"x.{i:04d}": torch.ones(1) for i in range(5000)}},
+        "holds a T5 part and 5000 other tensors (x.0000, x.0001, x.0002, x.0003, ...)")
+    many = {f"bundle_emb.e{i:04d}.{k}": torch.ones(1, w) * i for i in range(3000) for k, w in (("clip_l", 8), ("t5", 16))}
+    many["bundle_emb.e2999.t5"] = torch.full((1, 16), float("nan"))
+    put("flow-bundle-3000-embeddings.safetensors", many, "bundled 'e2999'", "NaN")  # every one read, the last refused
+
+    # headers and bytes of a flow file
+    good = (folder / "flow-4096-wide.safetensors").read_bytes()
+    n = struct.unpack("<Q", good[:8])[0]
+    write("flow-header-truncated.safetensors", good[:40], "truncated safetensors")
+    write("flow-data-truncated.safetensors", good[: 8 + n + 100], "corrupt or truncated safetensors")
+    write("flow-header-corrupt.safetensors", good[:8] + good[8 : 8 + n].replace(b'"t5"', b'"t5\x00', 1) + good[8 + n :],
+          "corrupt or truncated safetensors")
+    f32 = {"dtype": "F32", "shape": [1, 768], "data_offsets": [0, 3072]}
+    write("flow-header-overlapping.safetensors", _safetensors(
+        {"clip_l": f32, "t5": {"dtype": "F32", "shape": [1, 4096], "data_offsets": [0, 16384]}}, b"\0" * 16384),
+        "safetensors")
+    write("flow-header-shape-past-data.safetensors", _safetensors(
+        {"clip_l": f32, "t5": {"dtype": "F32", "shape": [75, 4096], "data_offsets": [3072, 19456]}}, b"\0" * 19456),
+        "safetensors")
+    write("flow-header-unknown-dtype.safetensors", _safetensors(
+        {"clip_l": f32, "t5": {"dtype": "Q9", "shape": [1, 4], "data_offsets": [3072, 3088]}}, b"\0" * 3088), "safetensors")
+    write("flow-header-metadata-not-text.safetensors", _safetensors(
+        {"__metadata__": {"textinv.step": 5}, "clip_l": f32,
+         "t5": {"dtype": "F32", "shape": [1, 4], "data_offsets": [3072, 3088]}}, b"\0" * 3088), "safetensors")
+
+    # pickled flow files: forbidden globals, tensors reaching outside their storage
+    flow_pt(folder / "flow-forbidden-global.pt", _Reduce(eval, ("0",)))
+    expect["flow-forbidden-global.pt"] = ["never allowed"]
+    flow_pt(folder / "flow-forbidden-global-legacy.pt", _Reduce(getattr, ("abc", "upper")), key="t5_out", zipped=False)
+    expect["flow-forbidden-global-legacy.pt"] = ["never allowed"]
+    write("flow-t5-past-its-storage.pt", _zip_torch_file(
+        _dict_of("t5", _tensor(_persid_storage("0", 4), 0, (75, 4096), (4096, 1))), {"0": struct.pack("<4f", 1, 2, 3, 4)}),
+        "reaching element", "never allowed")
+    write("flow-legacy-t5-storage-bomb.pt", _legacy_torch_file(
+        _dict_of("t5xxl", _tensor(_persid_storage("0", 10**11, legacy=True), 0, (1, 4096), (4096, 1)))),
+        "bytes, but the file holds")
+
+
 def build(folder: Path) -> dict[str, list[str] | None]:
     folder.mkdir(parents=True, exist_ok=True)
     expect: dict[str, list[str] | None] = {}
@@ -234,6 +324,8 @@ def build(folder: Path) -> dict[str, list[str] | None]:
     expect["folder.pt"] = ["no embedding files"]
     (folder / "dangling.safetensors").symlink_to(folder / "nowhere")
     expect["dangling.safetensors"] = ["no such file"]
+
+    _flow_cases(folder, write, expect)
 
     # -- one good file, so a library of all of them still lists something ----------------------------
     formats.save(Embedding("good", {"clip": torch.ones(2, 8)}), folder / "good.pt")

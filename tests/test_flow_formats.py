@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import warnings
 
 import pytest
@@ -164,15 +165,31 @@ def test_a_bundle_of_several_flow_embeddings_is_listed_and_each_selected_exactly
     data = bundle_of_three(path)
     found = quiet_load_all(path)
     assert [(e.name, e.family, e.source_format) for e in found] == [
-        ("flux-cat", "Flux.1", "lora-bundle"), ("sd3-dog", "SD3", "lora-bundle"), ("t5-fox", "SD3 or Flux.1 (t5 only)", "lora-bundle")]
+        ("flux-cat", "Flux.1", "lora-bundle"), ("sd3-dog", "SD3", "lora-bundle"),
+        ("t5-fox", "SD3 or Flux.1 (t5 only)", "lora-bundle")]
     dog = formats.load(path, select="sd3-dog")
     p = "bundle_emb.sd3-dog."
     assert_holds(dog, data, {k: p + k for k in SD3_KEYS}, {f"{k}_out": f"{p}{k}_out" for k in SD3_KEYS})
     assert_holds(formats.load(path, select="t5-fox"), data, {"t5": "bundle_emb.t5-fox.t5xxl"}, {})
-    with pytest.raises(EmbeddingFileError, match=r"is a LoRA bundle of 3 embeddings \(flux-cat, sd3-dog, t5-fox\); pick one"):
+    with pytest.raises(EmbeddingFileError, match=r"a LoRA bundle of 3 embeddings \(flux-cat, sd3-dog, t5-fox\); pick"):
         formats.load(path)
     with pytest.raises(EmbeddingFileError, match=r"holds no embedding named 'owl' \(it holds: flux-cat, sd3-dog, t5-fox\)"):
         formats.load(path, select="owl")
+
+
+def test_a_bundle_of_thousands_of_embeddings_loads_each_and_selects_one(tmp_path):
+    # 2000 bundled Flux.1 embeddings (small widths): thousands of bundle_emb.* keys, read in a moment.
+    data = {f"bundle_emb.e{i:04d}.{k}": torch.full((1, w), float(i))
+            for i in range(2000) for k, w in (("clip_l", 8), ("t5", 16))}
+    data["bundle_emb.big.t5"], data["bundle_emb.big.clip_l"] = torch.randn(75, 4096), torch.randn(75, 768)  # the most vectors
+    save_file(data, str(tmp_path / "many.safetensors"))
+    start = time.perf_counter()
+    found = quiet_load_all(tmp_path / "many.safetensors")
+    assert time.perf_counter() - start < 10
+    assert len(found) == 2001 and found[0].name == "big" and found[0].num_vectors == 75
+    assert {e.family for e in found} == {"Flux.1"}
+    e1234 = formats.load(tmp_path / "many.safetensors", select="e1234")
+    assert torch.equal(e1234.vectors["t5"], data["bundle_emb.e1234.t5"])
 
 
 # ----------------------------------------------------------------------------- writing, converting

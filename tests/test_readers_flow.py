@@ -325,7 +325,8 @@ def test_textinv_flow_formats_load_whole_in_the_tools_they_are_for(tmp_path, fam
     # too, by its t5_out), the others the input vectors; the diffusers card reads .safetensors only.
     g = torch.Generator().manual_seed(len(fmt))
     vectors = {slot: torch.randn(N, width, generator=g).to(dtype) for slot, width in WIDTHS[family].items()}
-    extra = {f"{slot}_out": torch.randn(N, width, generator=g).to(dtype) for slot, width in WIDTHS[family].items()} if twins else {}
+    extra = {f"{slot}_out": torch.randn(N, width, generator=g).to(dtype)
+             for slot, width in WIDTHS[family].items()} if twins else {}
     path = formats.save(Embedding(BUNDLE, vectors, meta={}, extra=extra), tmp_path / f"{BUNDLE}{suffix}", fmt)
     loads = TEXTINV_FORMATS[family, fmt] - ({"diffusers (Flux card)"} if suffix == ".pt" else set())
     loads |= {"OneTrainer"} if twins else set()
