@@ -485,3 +485,17 @@ def test_scale_merge_and_concat_carry_onetrainers_output_embeddings(runner, tmp_
     res = runner.invoke(main, ["merge", str(a), str(plain), "-o", str(tmp_path / "no.safetensors")])
     line = one_line(res, 2, "error: ")
     assert "merge: OneTrainer's output embeddings differ ('plain' none, 'a' clip_l_out + t5_out): cannot combine" in line
+
+
+def test_a_lone_4096_wide_tensor_is_a_t5_part_as_comfyui_takes_it(tmp_path):
+    """No one-encoder model is 4096 wide, but T5-XXL is: a single tensor that wide (any key) is a T5
+    part alone, which the flow formats write with both T5 keys; a 768-wide one stays an SD 1.x file."""
+    t = torch.randn(2, 4096)
+    save_file({"emb_params": t}, str(tmp_path / "lone.safetensors"))
+    emb = formats.load(tmp_path / "lone.safetensors")
+    assert list(emb.vectors) == ["t5"] and torch.equal(emb.vectors["t5"], t)
+    assert emb.family == "SD3 or Flux.1 (t5 only)"
+    back = formats.load(formats.save(emb, tmp_path / "out.safetensors", "flux"))
+    assert torch.equal(back.vectors["t5"], t)
+    save_file({"emb_params": torch.randn(2, 768)}, str(tmp_path / "sd1.safetensors"))
+    assert list(formats.load(tmp_path / "sd1.safetensors").vectors) == ["clip"]

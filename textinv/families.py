@@ -222,6 +222,14 @@ def families_of_slot(key: str) -> list[Family]:
     return [f for f in FAMILIES if len(f.slots) > 1 and key in f.keys]
 
 
+def lone_slot(width: int) -> str:
+    """The slot a file's lone tensor fills: the one-encoder families' (:data:`SINGLE_KEY`), unless
+    no one-encoder model is that wide but a T5 encoder is (a T5 part alone, as ComfyUI takes it)."""
+    single = any(len(f.slots) == 1 and f.slots[0].width == width for f in FAMILIES)
+    t5 = any(s.kind == "t5" and s.width == width for f in FAMILIES for s in f.slots)
+    return "t5" if t5 and not single else SINGLE_KEY
+
+
 def of_width(width: int) -> str:
     """What one encoder this wide is: the first family with an encoder of that width ("SD 1.x"), or
     where that is one of several encoders, every family with it and the slot ("SD3 or Flux.1 (t5)");

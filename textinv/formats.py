@@ -575,7 +575,7 @@ def _classify(path: Path, data, default_name: str, where: str = "",
         fmt = "kohya" if key == "emb_params" else "diffusers"
         if fmt == "diffusers":
             meta["token"] = key
-        vectors = {SINGLE_KEY: tensor}
+        vectors = {families.lone_slot(int(tensor.shape[-1])) if tensor.ndim else SINGLE_KEY: tensor}
     elif len(tensors) > 1:
         shown = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
         several = " or ".join("/".join(f.keys) for f in families.FAMILIES if len(f.slots) > 1)
