@@ -147,6 +147,7 @@ OTHER_VOCABULARIES = {
                "inspect's and list's rows (an embedding's description); the other commands' --config parameter"),
     "demo.py": ({"images", "token", "init", "seed"}, "the images/ folder and the judge's results; demo.json's keys"),
     "evaluate.py": ({"images", "model", "seed", "guidance", "clip_skip", "init"}, "the evaluation's own keys (eval.json)"),
+    "flowmatch.py": ({"mode"}, "the SD3 paper's timestep density named as diffusers' scripts name it"),
     "formats.py": ({"token", "format", "clip_skip"}, "embedding files' own metadata keys"),
     "latents.py": ({"format"}, "the latent cache's file metadata"),
     "library.py": ({"format", "vectors", "token", "steps"}, "an embedding's description"),
