@@ -371,3 +371,12 @@ def test_generate_draws_image_i_from_its_own_variant_and_records_it(sd_pipe, tmp
         assert np.abs(np.asarray(imgs[1], dtype=int) - np.asarray(plain.images[1], dtype=int)).max() <= 1
     finally:
         tk.remove(sd_pipe)
+
+
+def test_sdxl_prompt_syntax_with_unit_weights_is_read_not_passed_as_text(sdxl_pipe):
+    """'(cat:1.0)' weighs nothing, but the SDXL pipeline's own encoder would read the brackets and
+    the number as words: textinv encodes it, as it encodes 'cat'."""
+    kw = dict(pipe=sdxl_pipe, steps=1, size="16x16")
+    plain = generation.generate("a photo of a cat", **kw).images[0]
+    unit = generation.generate("a photo of a (cat:1.0)", **kw).images[0]
+    assert np.asarray(plain).tolist() == np.asarray(unit).tolist()

@@ -120,14 +120,20 @@ class Piece:
     weight: float = 1.0
 
 
+_SYNTAX = re.compile(r"[()\[\]\\]|\bBREAK\b")  # what A1111's parser reads as more than text
+
+
 @dataclass
 class Parsed:
     pieces: list[Piece]
     used: list[tokens.Applied]  # embeddings the prompt calls, in order of first use
+    syntax: bool = False  # the text holds A1111 syntax (brackets, escapes, BREAK), even if every weight is 1
 
     @property
     def weighted(self) -> bool:
-        return any(p.kind == "break" or p.weight != 1.0 for p in self.pieces)
+        """Whether a pipeline's own encoder would read it differently: weights, BREAK, or syntax
+        such as ``(word:1.0)`` or ``\(`` that A1111 reads and a pipeline takes as text."""
+        return self.syntax or any(p.kind == "break" or p.weight != 1.0 for p in self.pieces)
 
 
 def split(pipe, text: str, where: str = "prompt") -> Parsed:
@@ -149,7 +155,7 @@ def split(pipe, text: str, where: str = "prompt") -> Parsed:
             pos = end
         if seg[pos:].strip():
             pieces.append(Piece("text", seg[pos:], weight=weight))
-    return Parsed(pieces, used)
+    return Parsed(pieces, used, bool(_SYNTAX.search(text)))
 
 
 def chunks(parsed: Parsed, tokenizer, slot: str | None = None) -> list[tuple[list[int], list[float]]]:
