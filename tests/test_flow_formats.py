@@ -433,6 +433,15 @@ def test_convert_clip_only_and_select_from_a_bundle(runner, tmp_path):
     assert res.stdout.endswith("(sdxl, trigger 'dog', 3 vectors, SDXL)\n")
 
 
+def test_scale_names_the_written_files_family(runner, files, tmp_path):
+    """scale (and merge) say what the written file holds: an SD3 embedding scaled into a card is SDXL's pair."""
+    _, paths = files
+    warnings.simplefilter("always")
+    res = runner.invoke(main, ["scale", str(paths["combined SD3"]), "0.5", "-o", str(tmp_path / "half.png")])
+    assert "left out t5" in one_line(res, 0, "warning: ")
+    assert res.stdout.endswith(", SDXL)\n"), res.stdout
+
+
 def test_inspect_names_the_family_and_the_output_embeddings(runner, files):
     _, paths = files
     res = runner.invoke(main, ["inspect", str(paths["OneTrainer SD3 + *_out"]), "--json"])

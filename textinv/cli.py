@@ -203,10 +203,7 @@ def convert(src, dst, fmt, name, select, preview, to_single, clip_only):
                 image = im.convert("RGB")
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise TextinvError(f"{preview}: cannot read preview image ({e})") from None
-    written = formats.save(emb, dst, fmt, preview=image, clip_only=clip_only)
-    back = formats.load(written, select=emb.name if formats.detect_format(written) == "lora-bundle" else None)
-    click.echo(f"wrote {formats.printable(written)} ({back.source_format}, trigger {emb.name!r}, "
-               f"{_vector_count(back)}, {back.family})")
+    _save_as(emb, dst, fmt, preview=image, clip_only=clip_only)
 
 
 def _vector_count(emb) -> str:
@@ -476,10 +473,12 @@ def list_(folder, as_json):
     click.echo(f"{len(table)} embedding{'s' if len(table) != 1 else ''}")
 
 
-def _save_as(emb, out: Path, fmt) -> None:
-    written = formats.save(emb, out, fmt)
-    click.echo(f"wrote {formats.printable(written)} ({formats.detect_format(written)}, trigger {emb.name!r}, "
-               f"{_vector_count(emb)}, {emb.family})")
+def _save_as(emb, out: Path, fmt, **options) -> None:
+    """Write ``emb`` and say what the written file holds (read back: a format may leave a part out)."""
+    written = formats.save(emb, out, fmt, **options)
+    back = formats.load(written, select=emb.name if formats.detect_format(written) == "lora-bundle" else None)
+    click.echo(f"wrote {formats.printable(written)} ({back.source_format}, trigger {emb.name!r}, "
+               f"{_vector_count(back)}, {back.family})")
 
 
 def _trigger_of(out: Path) -> str:
