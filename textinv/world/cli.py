@@ -16,6 +16,7 @@ from ..errors import TextinvError
 from ..generation import images as generate
 from ..images import grid
 from . import spec
+from .flow_base import train_flow_base
 from .judge import judge, load_judge, train_judge
 from .quality import format_table, measure
 from .render import describe, sample
@@ -126,8 +127,18 @@ def judge_cmd(images):
               help="log and checkpoints (default: OUT.work next to OUT)")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="continue training this saved model (VAE kept) instead of starting from scratch")
-def train_base_cmd(out, seed, n_images, vae_steps, minutes, unet_minutes, unet_steps, batch, lr, workdir, init_from):
+@click.option("--arch", type=click.Choice(["sd", "flow"]), default="sd", show_default=True,
+              help="flow: a Flux.1-shaped model (CLIP + T5, flow matching) with the mini model's VAE; "
+                   "--unet-steps are its transformer steps (default 4000), --out is required")
+def train_base_cmd(out, seed, n_images, vae_steps, minutes, unet_minutes, unet_steps, batch, lr, workdir, init_from, arch):
     """Train the mini model (VAE, then UNet + text encoder with EMA) from scratch on the world."""
+    if arch == "flow":
+        if out is None:
+            raise TextinvError("train-base --arch flow: give --out (the flow model is not installed in the package yet)")
+        s = train_flow_base(Path(out), init_from or models.MINI_PATH, seed=seed, n_images=n_images,
+                            steps=unet_steps or 4000, batch=batch, lr=lr)
+        click.echo(f"trained {s['steps']} transformer steps (loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}); wrote {out}")
+        return
     out = out or models.MINI_PATH
     if workdir is None and Path(out).resolve() == models.MINI_PATH.resolve():
         workdir = Path("/tmp/textinv-train-base")

@@ -1,0 +1,40 @@
+"""mini-flow groundwork (textinv.world.flow_base): the Flux.1-shaped model of the mini world trains
+with the flow-matching objective, saves as a FluxPipeline folder in T5's and CLIP's conventions, and
+textinv recognises, applies embeddings to and samples from it.  (Its quality and learning figures
+belong to the committed model; this only runs a few steps on a few images.)"""
+from __future__ import annotations
+
+import torch
+from click.testing import CliRunner
+from diffusers import FluxPipeline
+
+import textinv
+import textinv.tokens as tk
+from textinv import families
+from textinv.cli import main
+from textinv.formats import Embedding
+from textinv.models import MINI_PATH
+from textinv.world import flow_base
+
+
+def test_a_few_steps_make_a_flux_pipeline_textinv_uses(tmp_path):
+    summary = flow_base.train_flow_base(tmp_path / "mini-flow", MINI_PATH, n_images=32, steps=4, batch=4, warmup=1,
+                                        threads=1)
+    assert summary["steps"] == 4 and summary["final_loss"] > 0
+    pipe = FluxPipeline.from_pretrained(str(tmp_path / "mini-flow"), dtype=torch.float32)
+    assert families.of_pipeline(pipe) is families.FLUX and not pipe.transformer.config.guidance_embeds
+    tok = pipe.tokenizer_2
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+    assert tok.tokenize("a red circle") == ["▁a", "▁red", "▁circle"] and tok("a red circle")["input_ids"][-1] == 1
+    assert tok.convert_ids_to_tokens(len(tok) - 1) == "<extra_id_0>"  # the sentinels at the end, as T5's
+    assert pipe.text_encoder_2.get_input_embeddings().num_embeddings == len(tok) + flow_base.T5_SURPLUS_ROWS
+    size = sum(f.stat().st_size for f in (tmp_path / "mini-flow").rglob("*") if f.is_file())
+    assert size < 30 << 20  # the issue's limit for the whole folder
+    emb = Embedding("my-shape", {"clip_l": torch.randn(2, 64) * 0.3, "t5": torch.randn(2, 64) * 0.3})
+    out = textinv.generate("a my-shape on the left", pipe=pipe, embeddings=[emb], n=1, steps=2, size="32x32")
+    assert out.used == ["my-shape"] and out.images[0].size == (32, 32) and tk.state(pipe, create=False) is None
+
+
+def test_train_base_flow_needs_an_output_folder():
+    res = CliRunner().invoke(main, ["world", "train-base", "--arch", "flow"])
+    assert res.exit_code == 2 and res.stderr.strip().startswith("error: train-base --arch flow: give --out")
