@@ -38,3 +38,14 @@ def test_a_few_steps_make_a_flux_pipeline_textinv_uses(tmp_path):
 def test_train_base_flow_needs_an_output_folder():
     res = CliRunner().invoke(main, ["world", "train-base", "--arch", "flow"])
     assert res.exit_code == 2 and res.stderr.strip().startswith("error: train-base --arch flow: give --out")
+
+
+def test_a_model_that_asks_for_true_cfg_is_sampled_against_its_negative_prompt(tmp_path):
+    """mini-flow's settings say true_cfg: its negative prompt changes the image, and the guidance
+    scale does; FLUX.1-dev-like models without the setting ignore both (one warning)."""
+    flow_base.train_flow_base(tmp_path / "m", MINI_PATH, n_images=16, steps=2, batch=4, warmup=1, threads=1)
+    pipe = FluxPipeline.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+    kw = dict(pipe=pipe, n=1, steps=2, size="32x32", seed=1)
+    plain = textinv.generate("a red circle", **kw).images[0].tobytes()
+    assert textinv.generate("a red circle", "blue", **kw).images[0].tobytes() != plain
+    assert textinv.generate("a red circle", guidance=1.5, **kw).images[0].tobytes() != plain

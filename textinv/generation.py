@@ -195,6 +195,13 @@ def _flow(pipe) -> bool:
     return families.of_pipeline(pipe).joins != "unet"
 
 
+def _true_cfg(pipe) -> bool:
+    """A Flux.1-shaped model whose settings ask for classifier-free guidance against a negative
+    prompt ("true CFG"): one that is not guidance-distilled, as the mini-flow model."""
+    return (families.of_pipeline(pipe).joins == "flux" and not denoiser(pipe).config.guidance_embeds
+            and pipeline_defaults(pipe).true_cfg)
+
+
 def _long(pipe, *parsed) -> bool:
     tok = tokens.encoder_pairs(pipe)[0][0]
     return any(len(prompts.chunks(p, tok)) > 1 for p in parsed)
@@ -259,7 +266,9 @@ def _render(pipe, prompt: str, negative: str | None, n: int, sampler: str | None
         if sampler and _flow(pipe):
             raise TextinvError(f"--sampler {sampler}: A1111's samplers are for SD 1.x/2.x/SDXL; "
                                f"{families.of_pipeline(pipe).name} samples with its own flow-matching scheduler")
-        if negative and families.of_pipeline(pipe).joins == "flux":
+        if _true_cfg(pipe):
+            sampling["true_cfg_scale"] = sampling["guidance"]
+        elif negative and families.of_pipeline(pipe).joins == "flux":
             warnings.warn("Flux.1 takes no negative prompt (its guidance is distilled into the model): "
                           "the negative prompt is not used", stacklevel=3)
             negative = None
@@ -319,11 +328,11 @@ def _flow_arguments(pipe, parsed: dict) -> dict:
     """SD3/Flux.1: each pair's prompt embeddings (:func:`textinv.prompts.encode_flow`, weighted as
     ComfyUI weighs; unweighted, exactly the pipeline's own encoding of the prompt as written
     without the weight syntax)."""
-    sd3, dtype, out = families.of_pipeline(pipe).joins == "sd3", denoiser(pipe).dtype, {}
+    negatives, dtype, out = families.of_pipeline(pipe).joins == "sd3" or _true_cfg(pipe), denoiser(pipe).dtype, {}
     for pair, (pos, neg) in parsed.items():
         pe = prompts.encode_flow(pipe, pos)
         out[pair] = {"prompt_embeds": pe.embeds.to(dtype), "pooled_prompt_embeds": pe.pooled.to(dtype)}
-        if sd3:
+        if negatives:
             ne = prompts.encode_flow(pipe, neg)
             out[pair] |= {"negative_prompt_embeds": ne.embeds.to(dtype), "negative_pooled_prompt_embeds": ne.pooled.to(dtype)}
     return out

@@ -58,6 +58,9 @@ class ModelDefaults:
     family: str | None = None  # a name for its text encoder's width, shown by inspect and the library
     scope: Scope | None = None  # None: a general model (anything may be drawn or learned)
     held_out_prompts: tuple = ()  # `textinv bias`: prompts in this model's words, the word written {}
+    # A Flux.1-shaped model that is not guidance-distilled (the mini-flow model) is sampled with
+    # classifier-free guidance against a negative prompt ("true CFG"); FLUX.1-dev/-schnell are not.
+    true_cfg: bool = False
 
 
 def defaults(model: str | os.PathLike | None = None) -> ModelDefaults:
@@ -79,7 +82,8 @@ def defaults(model: str | os.PathLike | None = None) -> ModelDefaults:
         guidance = ModelDefaults.guidance
     held = raw.get("held_out_prompts")
     held = tuple(str(x) for x in held if "{}" in str(x)) if isinstance(held, list) else ()
-    return ModelDefaults(guidance, family if isinstance(family, str) else None, _scope(raw.get("scope")), held)
+    return ModelDefaults(guidance, family if isinstance(family, str) else None, _scope(raw.get("scope")), held,
+                         raw.get("true_cfg") is True)
 
 
 def _scope(raw) -> Scope | None:

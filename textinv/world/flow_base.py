@@ -114,7 +114,7 @@ def save_pipeline(out: Path, vae, clip, t5, transformer, clip_tok, t5_tok, dtype
              "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
              "image_encoder": [None, None], "feature_extractor": [None, None]}
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    settings = train_base.model_settings() | {"family": "the textinv mini-flow model"}
+    settings = train_base.model_settings() | {"family": "the textinv mini-flow model", "true_cfg": True}
     (out / "textinv.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
 
 
