@@ -517,12 +517,13 @@ def pick_best(tracker: StepTracker, result, cfg, tolerance: float = 0.05) -> tup
     best = best_step(tracker.points, tolerance)
     if best is None or best == result.steps:
         return result.steps, result.embedding_path
-    suffix = formats.suffix_for(cfg.file_format, result.embedding)
+    fmt = cfg.format_for(result.embedding)
+    suffix = formats.suffix_for(fmt, result.embedding)
     last = runs.save_file(result.out, cfg.token, result.steps, suffix)
     if not last.exists():
-        formats.save(result.embedding, last, cfg.file_format)
+        formats.save(result.embedding, last, fmt)
     chosen = formats.load(runs.save_file(result.out, cfg.token, best, suffix), name=result.embedding.name)
-    formats.save(chosen, result.embedding_path, cfg.file_format)
+    formats.save(chosen, result.embedding_path, fmt)
     return best, result.embedding_path
 
 
