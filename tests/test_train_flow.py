@@ -41,9 +41,9 @@ def run(kind: str, imgs: Path, out: Path, pipe=None, **settings):
     return train(images=str(imgs), out=str(out), pipe=pipe or MAKERS[kind](), **(QUICK | settings))
 
 
-def start_vectors(kind: str, init: str = "red block", n: int = 1) -> dict[str, torch.Tensor]:
+def start_vectors(kind: str, init: str = "red block", n: int = 1, dtype=torch.float32) -> dict[str, torch.Tensor]:
     """Each encoder's init vectors, by A1111's rule on a fresh pipeline (what training starts from)."""
-    pipe = MAKERS[kind]()
+    pipe = MAKERS[kind](dtype=dtype)
     return {s.key: init_vectors(tok, te.get_input_embeddings().weight, init, n)
             for s, (tok, te) in tokens.slot_pairs(pipe)}
 
@@ -149,7 +149,29 @@ def test_a_run_stopped_at_step_2_and_resumed_ends_bit_for_bit_as_one_never_stopp
     assert resumed.eval_loss == whole.eval_loss and np.isfinite(whole.eval_loss)
 
 
-# ---------------------------------------------------------------------------- alpha masks, captions
+# ---------------------------------------------------------------- noise levels, bf16, masks, captions
+def test_timesteps_keep_the_draws_within_those_noise_levels(imgs, tmp_path, monkeypatch):
+    drawn, real_loss = [], flowmatch.flow_loss
+
+    def loss(pipe, latents, noise, t, *args, **kw):
+        drawn.append(t)
+        return real_loss(pipe, latents, noise, t, *args, **kw)
+
+    monkeypatch.setattr(flowmatch, "flow_loss", loss)
+    run("sd3", imgs, tmp_path / "run", steps=6, batch=4, timesteps="600:1000")
+    schedule = flowmatch.train_schedule(tiny_sd3_pipeline().scheduler.config)  # SD3's: shifted, 1000 → ~1
+    first_out = int((schedule.timesteps >= 600).sum())  # the indices from here on are below 600
+    t = torch.cat(drawn)
+    assert t.dtype == torch.int64 and 0 <= int(t.min()) and int(t.max()) < first_out
+    assert (schedule.timesteps[t] >= 600).all() and len(set(t.tolist())) > 1
+
+
+def test_a_bf16_model_trains_float32_vectors(imgs, tmp_path):
+    res = run("flux", imgs, tmp_path / "run", steps=2, pipe=tiny_flux_pipeline(dtype=torch.bfloat16))
+    start = start_vectors("flux", dtype=torch.bfloat16)
+    for slot, v in res.embedding.vectors.items():
+        assert v.dtype == torch.float32 and torch.isfinite(v).all() and not torch.equal(v, start[slot]), slot
+
 def test_alpha_masks_and_captions_reach_the_flux_loss(tmp_path, monkeypatch):
     folder = tmp_path / "cutouts"
     folder.mkdir()

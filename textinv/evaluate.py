@@ -247,8 +247,7 @@ class PaperMetric:
 
 def world_sized(pipe) -> bool:
     """Whether the model draws pictures of the mini world's size (then the judge can read them)."""
-    factor = getattr(pipe, "vae_scale_factor", 8)
-    return int(pipe.unet.config.sample_size) * factor == spec.IMAGE_SIZE
+    return generation.default_size(pipe)[0] == spec.IMAGE_SIZE
 
 
 def _check_judge_can_see(pipe, training_images) -> None:
@@ -498,7 +497,7 @@ def evaluate_path(target, *, images=None, model=None, concept: str | None = None
     check_clip_skip(pipe, clip_skip)
     prompts = read_prompts(prompts_file) if prompts_file else None
     metric = choose_metric(pipe, training_images, concept=concept, clip=clip, dino=dino, prompts=prompts,
-                           device=str(pipe.unet.device))
+                           device=str(generation.denoiser(pipe).device))
     tracker = StepTracker(metric, pipe, subject.trigger, n=n, seed=seed, steps=steps, guidance=guidance, echo=echo,
                           clip_skip=clip_skip, progress=echo is not None)  # a bar a measurement, where lines are heard
     _measure_saves(tracker, pipe, subject.saves, subject.trigger)

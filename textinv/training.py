@@ -152,7 +152,7 @@ class PromptTable:
                 for i, ((tok, _), n) in enumerate(zip(tokens.encoder_pairs(self.pipe), self.lengths))]
 
     def encode(self, template_idx: torch.Tensor, view_idx: torch.Tensor, device, rng=None):
-        """Hidden states (and SDXL's pooled embedding) of the prompts (template, caption of view);
+        """Hidden states (and the pooled embedding: SDXL, SD3, Flux.1) of the prompts (template, caption of view);
         with varying captions, ``rng`` (a ``random.Random``) draws each prompt's version.  A
         per-layer word's prompts: ``[layers, B, S, D]``, each cross-attention layer's own states."""
         if self.vary and rng is not None:
@@ -530,12 +530,12 @@ class _Word:
 
     def __init__(self, pipe, cfg: TrainConfig, device):
         self.start = self.done = 0
+        state = tokens.state(pipe)
+        learned = _learned(cfg, state)  # before the word is applied: a refusal leaves the pipeline as it was
         emb = _new_embedding(pipe, cfg)
         self.applied = tokens.apply(pipe, emb)[0]
-        state = tokens.state(pipe)
         if len(state.applied) != 1:
             raise TextinvError("train on a pipeline without other embeddings applied")
-        learned = _learned(cfg, state)
         self.params = []
         for enc in learned:
             module = enc.text_encoder.get_input_embeddings()
