@@ -137,7 +137,7 @@ def test_preserve_norm_keeps_every_vector_at_its_vocabularys_median_norm(imgs, t
 
 
 # ---------------------------------------------------------------------------------------- (d) resume
-def test_a_run_stopped_at_step_2_and_resumed_ends_bit_for_bit_as_one_never_stopped(imgs, tmp_path):
+def test_a_run_stopped_at_step_3_and_resumed_ends_bit_for_bit_as_one_never_stopped(imgs, tmp_path):
     settings = dict(steps=5, early_stop=True, eval_every=2, save_every=2, lr="0.02")
     whole = run("sd3", imgs, tmp_path / "whole", **settings)
     stopped = run("sd3", imgs, tmp_path / "parts", on_step=lambda step, loss: step == 3, **settings)
