@@ -70,8 +70,8 @@ def test_the_flags_the_docs_use_are_train_options():
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for line in doc.read_text(encoding="utf-8").splitlines():
             if line.lstrip().startswith("textinv train"):  # a command line in a code block
-                used |= set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", line))
-    used |= set(re.findall(r"`(--[a-z][a-z-]*)", (ROOT / "docs" / "training.md").read_text(encoding="utf-8")))
+                used |= set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", line))
+    used |= set(re.findall(r"`(--[a-z][a-z0-9-]*)", (ROOT / "docs" / "training.md").read_text(encoding="utf-8")))
     assert used and used <= opts, sorted(used - opts)
 
 
@@ -123,7 +123,7 @@ def test_the_form_offers_every_setting_it_declares(tmp_path):
     dict(steps=-5), dict(vectors=0), dict(lr="0.1:ten"), dict(timesteps="1000:300"), dict(timesteps="300"),
     dict(mode="nope"), dict(crops=0), dict(caption_dropout=1.5), dict(seed=-1), dict(guidance=0.5),
     dict(lr_schedule="fast"), dict(clip_skip=-1), dict(precision="fp8"), dict(lr_warmup=600), dict(eval_batch=0),
-    dict(token=" "), dict(per_layer=True, compile=True),
+    dict(token=" "), dict(per_layer=True, compile=True), dict(encoders="clip_l,vae"), dict(lr_t5="fast"),
 ])
 def test_the_cli_and_the_web_ui_say_the_same_about_a_bad_value(tmp_path, bad):
     args = []

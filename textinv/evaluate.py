@@ -247,8 +247,7 @@ class PaperMetric:
 
 def world_sized(pipe) -> bool:
     """Whether the model draws pictures of the mini world's size (then the judge can read them)."""
-    factor = getattr(pipe, "vae_scale_factor", 8)
-    return int(pipe.unet.config.sample_size) * factor == spec.IMAGE_SIZE
+    return generation.default_size(pipe)[0] == spec.IMAGE_SIZE
 
 
 def _check_judge_can_see(pipe, training_images) -> None:
@@ -498,7 +497,7 @@ def evaluate_path(target, *, images=None, model=None, concept: str | None = None
     check_clip_skip(pipe, clip_skip)
     prompts = read_prompts(prompts_file) if prompts_file else None
     metric = choose_metric(pipe, training_images, concept=concept, clip=clip, dino=dino, prompts=prompts,
-                           device=str(pipe.unet.device))
+                           device=str(generation.denoiser(pipe).device))
     tracker = StepTracker(metric, pipe, subject.trigger, n=n, seed=seed, steps=steps, guidance=guidance, echo=echo,
                           clip_skip=clip_skip, progress=echo is not None)  # a bar a measurement, where lines are heard
     _measure_saves(tracker, pipe, subject.saves, subject.trigger)
@@ -517,12 +516,13 @@ def pick_best(tracker: StepTracker, result, cfg, tolerance: float = 0.05) -> tup
     best = best_step(tracker.points, tolerance)
     if best is None or best == result.steps:
         return result.steps, result.embedding_path
-    suffix = formats.suffix_for(cfg.file_format, result.embedding)
+    fmt = cfg.format_for(result.embedding)
+    suffix = formats.suffix_for(fmt, result.embedding)
     last = runs.save_file(result.out, cfg.token, result.steps, suffix)
     if not last.exists():
-        formats.save(result.embedding, last, cfg.file_format)
+        formats.save(result.embedding, last, fmt)
     chosen = formats.load(runs.save_file(result.out, cfg.token, best, suffix), name=result.embedding.name)
-    formats.save(chosen, result.embedding_path, cfg.file_format)
+    formats.save(chosen, result.embedding_path, fmt)
     return best, result.embedding_path
 
 

@@ -136,10 +136,18 @@ def loss_weights(weighting: str, sigmas: torch.Tensor) -> torch.Tensor:
     return compute_loss_weighting_for_sd3(weighting, sigmas)
 
 
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The scripts' reduction, in float32: the weighted squared error's mean per sample, then over the batch."""
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The scripts' reduction, in float32: the weighted squared error's mean per sample, then over the batch.
+
+    ``mask`` ([B, 1, h, w] in the latents' layout, the predictions being unpacked): each latent
+    pixel's share of the error (an alpha mask), the sum of the masked error over the mask's, as
+    textinv's UNet loss does (kohya's masked loss); a mask of ones is the plain mean."""
     err = weights.float() * (pred.float() - target.float()) ** 2
-    return err.reshape(len(target), -1).mean(1).mean()
+    if mask is None:
+        return err.reshape(len(target), -1).mean(1).mean()
+    share = mask.to(err.device).float().expand_as(err)
+    return (err * share).sum() / share.sum().clamp_min(1e-6)
 
 
 # ------------------------------------------------------------------------------------ the transformers
@@ -198,11 +206,12 @@ class Recipe:
     predict: Callable  # (pipe, x_σ, timesteps, prompt_embeds, pooled, guidance) -> prediction like x_σ
     weighting: str  # the script's default --weighting_scheme
     precondition: bool  # the script's default --precondition_outputs (the Flux script has no such option)
+    packing: int = 1  # latent pixels per side of a token beyond the transformer's patch (Flux.1 packs 2×2)
 
 
 RECIPES = {  # by the family's ``joins``
     "sd3": Recipe(sd3_prediction, weighting="logit_normal", precondition=True),
-    "flux": Recipe(flux_prediction, weighting="none", precondition=False),
+    "flux": Recipe(flux_prediction, weighting="none", precondition=False, packing=2),
 }
 
 
@@ -212,9 +221,17 @@ def recipe_of(family: families.Family) -> Recipe:
     return RECIPES[family.joins]
 
 
+def token_side(pipe, family: families.Family | None = None) -> int:
+    """Latent pixels per side of one transformer token (its patch, times Flux.1's 2×2 packing):
+    latent sizes, and so image sizes over the VAE's factor, must be multiples of it."""
+    recipe = recipe_of(family or families.of_pipeline(pipe))
+    return int(getattr(pipe.transformer.config, "patch_size", 1) or 1) * recipe.packing
+
+
 def flow_loss(pipe, latents: torch.Tensor, noise: torch.Tensor, indices_or_sigmas: torch.Tensor,
               prompt_embeds: torch.Tensor, pooled: torch.Tensor, *, family: families.Family | None = None,
-              guidance: float = 3.5, weighting: str | None = None, precondition: bool | None = None) -> torch.Tensor:
+              guidance: float = 3.5, weighting: str | None = None, precondition: bool | None = None,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
     """The scalar flow-matching loss of one batch through the pipeline's transformer.
 
     ``latents`` from :func:`to_latents`, ``noise`` and ``indices_or_sigmas`` from :func:`draw` (or
@@ -222,7 +239,9 @@ def flow_loss(pipe, latents: torch.Tensor, noise: torch.Tensor, indices_or_sigma
     ``precondition`` default to the family's script's (SD3: "logit_normal", preconditioned: the
     prediction is turned into an x₀ estimate, ``x_σ − σ·pred``, and compared with the latents, which
     is the velocity loss weighted by σ²; Flux.1: "none", the velocity).  ``guidance``: FLUX.1-dev's
-    guidance input (the script's default 3.5); ignored by models without one."""
+    guidance input (the script's default 3.5); ignored by models without one.  ``mask``: per-pixel
+    weights in the latents' layout (:func:`weighted_mse`); Flux's prediction is unpacked before the
+    error is taken, so its mask needs no packing."""
     recipe = recipe_of(family or families.of_pipeline(pipe))
     weighting = recipe.weighting if weighting is None else weighting
     precondition = recipe.precondition if precondition is None else precondition
@@ -239,4 +258,4 @@ def flow_loss(pipe, latents: torch.Tensor, noise: torch.Tensor, indices_or_sigma
         pred, target = pred * (-sigmas) + x, latents
     else:
         target = velocity(latents, noise)
-    return weighted_mse(pred, target, loss_weights(weighting, sigmas))
+    return weighted_mse(pred, target, loss_weights(weighting, sigmas), mask)

@@ -330,13 +330,20 @@ def weigh_from_empty(z: torch.Tensor, z_empty: torch.Tensor, weights: list[float
     return torch.where(w != 1.0, moved, z)  # unweighted tokens exactly as they were
 
 
+def run_flow_encoder(te, kind: str, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A flow family's encoder on ids ``[B, S]``, as diffusers' SD3/Flux.1 pipelines run it: (T5's
+    last hidden state, None), or (a CLIP's hidden state ``layer``, its pooled output: the projected
+    one where the encoder has a projection).  No gradient is turned off here (training needs them)."""
+    out = te(ids.to(te.device), output_hidden_states=kind == "clip")
+    if kind == "t5":
+        return out[0], None
+    return out.hidden_states[layer], out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+
+
 def _flow_encoder(te, kind: str, ids: list[int], empty: list[int], weights: list[float], layer: int):
     """One encoder's (hidden states, pooled) for a flow family, weighted from the empty prompt."""
     def run(x: list[int]):
-        out = te(torch.tensor([x], device=te.device), output_hidden_states=kind == "clip")
-        if kind == "t5":
-            return out[0], None
-        return out.hidden_states[layer], out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+        return run_flow_encoder(te, kind, torch.tensor([x]), layer)
 
     z, pooled = run(ids)
     if any(w != 1.0 for w in weights):
@@ -370,6 +377,14 @@ def encode_flow(pipe, parsed: Parsed, max_sequence_length: int | None = None) ->
         states[slot.key] = z
         if pool is not None:
             pooled.append(pool)
+    return join_flow(family, states, pooled)
+
+
+def join_flow(family: families.Family, states: dict[str, torch.Tensor], pooled: list[torch.Tensor]) -> Encoded:
+    """The conditioning of a flow family from its encoders' outputs (``states`` by slot key, in slot
+    order; ``pooled`` the CLIPs' in slot order), joined as diffusers' pipelines join them (see
+    :func:`encode_flow`).  Batched ``[B, S, D]`` states give a batch; gradients pass through."""
+    states = dict(states)
     t5 = states.pop("t5")
     if family.joins == "flux":
         return Encoded(t5, pooled[0])

@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import data, formats
+from . import data, families, formats
 from .errors import TextinvError
 from .models import DTYPES, MODEL_HELP
 
@@ -86,6 +86,10 @@ class TrainConfig:
                                 example="cat (default '*')")
     vectors: int = _setting(1, label="Vectors", help="Vectors per token.", identity=True, low=1, high=formats.MAX_VECTORS,
                             form=MAIN)
+    encoders: str | None = _setting(None, label="Encoders", help="The text encoders that learn, comma-separated slot "
+                                    "names (SD3: clip_l,clip_g,t5; Flux.1: clip_l,t5; SDXL: clip_l,clip_g); the "
+                                    "others keep the init text's vectors. Default: all.", identity=True, older=None,
+                                    form=MORE, example="all (e.g. t5)")
     per_layer: bool = _setting(False, label="Per layer (P+)", help="P+: learn one set of vectors per UNet cross-attention "
                                "layer (SD 1.x/2.x; saved as --format per-layer, or xti for kohya).", identity=True,
                                older=False, form=MORE)
@@ -96,6 +100,9 @@ class TrainConfig:
                           hint="The most a run takes: it stops once the word is learned (Early stopping).")
     lr: str = _setting("5e-3", label="Learning rate", help="A number, or an A1111 schedule like '0.005:100, 1e-3:1000, 1e-5'.",
                        identity=True, form=MORE)
+    lr_t5: str | None = _setting(None, label="T5 learning rate", help="The T5 vectors' learning rate (SD3, Flux.1): "
+                                 "a number or a schedule, as --lr. Default: --lr.", identity=True, older=None, form=MORE,
+                                 example="the learning rate")
     batch: int = _setting(4, label="Batch", help="", identity=True, low=1, form=MORE, hint="Image views per batch.")
     grad_accum: int = _setting(1, label="Gradient accumulation", help="", identity=True, low=1, form=MORE,
                                hint="Batches averaged per optimizer step: a larger batch in the same memory.")
@@ -129,6 +136,9 @@ class TrainConfig:
                               low=0, form=MORE)
     lr_schedule: str = _setting("constant", label="Learning-rate schedule", help="After the warm-up: keep --lr, or decay it "
                                 "to 0 at the last step.", identity=True, older="constant", choices=LR_SCHEDULES, form=MORE)
+    preserve_norm: bool = _setting(False, label="Preserve norm", help="After every step, rescale each learned vector "
+                                   "to the median norm of its encoder's vocabulary (OneTrainer's option).",
+                                   identity=True, older=False, form=MORE)
     seed: int = _setting(0, label="Seed", help="", identity=True, low=0, high=MAX_SEED, form=MORE)
     precision: str = _setting("fp32", label="Precision", help="The frozen model's precision (fp16: GPUs only, with loss "
                               "scaling); learned vectors always stay fp32.", identity=True, choices=tuple(DTYPES), form=MORE)
@@ -179,6 +189,13 @@ class TrainConfig:
         """The format saves are written in: ``format``, except that for a per-layer run the default
         (diffusers, which holds one set of vectors) means textinv's per-layer layout."""
         return "per-layer" if self.per_layer and self.format == "diffusers" else self.format
+
+    def format_for(self, emb) -> str:
+        """The format ``emb`` (the run's embedding) is written in: :attr:`file_format`, except that
+        for an SD3/Flux.1 embedding the default (diffusers) means its family's own one-file layout
+        (``sd3``/``flux``, :func:`textinv.formats.native_format`), which every tool reads whole."""
+        fmt, native = self.file_format, formats.native_format(emb)
+        return native if fmt == "diffusers" and native in formats.FLOW_LAYOUTS else fmt
 
 
 # ------------------------------------------------------------------------------ reading the table
@@ -271,6 +288,9 @@ def check(cfg: TrainConfig) -> None:
     if cfg.lr_warmup >= cfg.steps:
         raise TextinvError(f"--lr-warmup {cfg.lr_warmup}: must be between 0 and --steps ({cfg.steps}) - 1")
     parse_lr(cfg.lr)
+    if cfg.lr_t5 is not None:
+        parse_lr(cfg.lr_t5, flag="--lr-t5")
+    parse_encoders(cfg.encoders)
     parse_timesteps(cfg.timesteps)
     templates_of(cfg)  # a bad --templates fails before the model loads
 
@@ -305,8 +325,9 @@ def _range_words(s: Setting) -> str:
     return f"must be in [{s.low}, {s.high})" if s.high_open else f"must be between {s.low} and {s.high}"
 
 
-def parse_lr(spec: str | float) -> list[tuple[float, int | None]]:
-    """A1111's schedule: ``"0.005:100, 1e-3:1000, 1e-5"`` = 0.005 until step 100, then …"""
+def parse_lr(spec: str | float, flag: str = "--lr") -> list[tuple[float, int | None]]:
+    """A1111's schedule: ``"0.005:100, 1e-3:1000, 1e-5"`` = 0.005 until step 100, then …
+    (``flag``: the option a bad one is named by)."""
     out = []
     try:
         for part in str(spec).split(","):
@@ -314,10 +335,24 @@ def parse_lr(spec: str | float) -> list[tuple[float, int | None]]:
             end = int(until) if until.strip() not in ("", "-1") else None
             out.append((float(rate), end))
     except ValueError:
-        raise TextinvError(f"--lr {spec!r}: expected a number or a schedule like '0.005:100, 1e-3:1000, 1e-5'") from None
+        raise TextinvError(f"{flag} {spec!r}: expected a number or a schedule like '0.005:100, 1e-3:1000, 1e-5'") from None
     if not out or any(r <= 0 or not math.isfinite(r) for r, _ in out):
-        raise TextinvError(f"--lr {spec!r}: learning rates must be positive numbers")
+        raise TextinvError(f"{flag} {spec!r}: learning rates must be positive numbers")
     return out
+
+
+def parse_encoders(spec: str | None) -> tuple[str, ...] | None:
+    """``"clip_l, t5"`` → the slot keys named (None: every encoder of the model).  Whether the model
+    has them is checked once it is loaded; here, that each is some family's slot."""
+    if spec is None or not str(spec).strip():
+        return None
+    keys = tuple(k.strip() for k in str(spec).split(","))
+    known = dict.fromkeys(s.key for f in families.FAMILIES for s in f.slots)
+    bad = next((k for k in keys if k not in known), None)
+    if bad is not None or len(set(keys)) != len(keys):
+        why = f"no model has a text encoder {bad!r}" if bad is not None else "an encoder named twice"
+        raise TextinvError(f"--encoders {spec!r}: {why} (slot names: {', '.join(known)}, comma-separated)")
+    return keys
 
 
 def parse_timesteps(spec: str, total: int | None = None) -> tuple[int, int | None]:

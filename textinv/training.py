@@ -16,6 +16,11 @@ What makes it fast and safe:
 * It stops when the word is learned: a fixed evaluation batch is scored every ``eval_every`` steps
   without a gradient, and :mod:`textinv.stopping` reads that curve; ``--steps`` is the ceiling.
 
+SD3/SD3.5 and Flux.1 train through the same steps with their own objective (a row of
+:data:`OBJECTIVES`, chosen by the family's ``joins``): the transformer and the flow-matching loss of
+diffusers' training scripts (:mod:`textinv.flowmatch`) instead of the UNet and DDPM noise; every
+encoder (CLIP-L, CLIP-G, T5) learns its own vectors, or those ``--encoders`` names.
+
 ``--per-layer`` (P+, SD 1.x/2.x) learns one set of vectors per UNet cross-attention layer: the word
 starts as one copy of its init vectors per layer (:func:`textinv.perlayer.trainable`), the prompts
 are encoded once per layer and each layer attends to its own (:class:`PromptTable`,
@@ -32,6 +37,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -41,7 +47,7 @@ from accelerate.utils import reduce
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from . import data, families, formats, generation, interrupts, perlayer, prompts, runs, stopping, tokens
+from . import data, families, flowmatch, formats, generation, interrupts, perlayer, prompts, runs, stopping, tokens
 from .atomic import atomic_path
 from .errors import TextinvError
 from .formats import Embedding
@@ -49,7 +55,8 @@ from .images import grid
 from .latents import encode_views, open_cache
 from . import models
 from .models import load_pipeline, name_of
-from .settings import TrainConfig, check, identity, older_identity, parse_lr, parse_timesteps, templates_of
+from .settings import (TrainConfig, check, identity, older_identity, parse_encoders, parse_lr, parse_timesteps,
+                       templates_of)
 
 LOSS_WINDOW = 20  # the loss shown (bar and summary) is the mean of the last this-many steps
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what a scheduler config may say the UNet predicts
@@ -113,9 +120,12 @@ class PromptTable:
     """Every training prompt (template × caption), tokenized once up front.
 
     A step then gathers ids and runs the text encoders directly, as ``encode_prompt`` would (SD:
-    last hidden state; SDXL: both encoders' penultimate states, the second's pooled projection)
-    but without tokenizing, twice, every prompt of every step.  Captions that vary every step
-    (``vary``: shuffled or dropped tags) are the exception: those prompts are tokenized per step.
+    last hidden state; SDXL: both encoders' penultimate states, the second's pooled projection;
+    SD3/Flux.1: as :func:`textinv.prompts.encode_flow` joins them) but without tokenizing, twice,
+    every prompt of every step.  Each encoder gets the prompt expanded for it (a T5 encoder: no
+    75-token chunks), padded to its length (T5: the pipeline's default ``max_sequence_length``, what
+    sampling encodes, padding included).  Captions that vary every step (``vary``: shuffled or
+    dropped tags) are the exception: those prompts are tokenized per step.
     """
 
     def __init__(self, pipe, templates: list[str], token: str, captions: list[str], clip_skip: int = 1,
@@ -126,28 +136,30 @@ class PromptTable:
         if not any(token in p for p in filled):
             raise TextinvError(f"--templates: no prompt contains the trigger {token!r} (e.g. {filled[0]!r}); "
                                "put [name] in the templates or in the captions")
-        prompts = [tokens.expand(pipe, p) for p in filled]
         self.pipe, self.templates, self.token, self.vary = pipe, templates, token, vary
         self.shape = (len(templates), len(self.captions))
         self.family = families.of_pipeline(pipe)
-        self.encoders = [(slot.key, te) for slot, (_, te) in tokens.slot_pairs(pipe)]
+        pairs = tokens.slot_pairs(pipe, self.family)
+        self.encoders = [(slot, te) for slot, (_, te) in pairs]
+        self.lengths = [prompts.t5_length(pipe) if slot.kind == "t5" else tok.model_max_length for slot, (tok, _) in pairs]
         self.clip_skip, self.per_layer = clip_skip, per_layer
-        self.ids = [self._tokenize(tok, prompts).view(*self.shape, -1) for tok, _ in tokens.encoder_pairs(pipe)]
+        self.ids = [ids.view(*self.shape, -1) for ids in self._ids(filled)]
 
-    @staticmethod
-    def _tokenize(tok, prompts: list[str]) -> torch.Tensor:
-        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids
+    def _ids(self, texts: list[str]) -> list[torch.Tensor]:
+        """Each encoder's ids of ``texts``, each text expanded for that encoder and padded to its length."""
+        return [tok([tokens.expand(self.pipe, t, i) for t in texts], padding="max_length", max_length=n,
+                    truncation=True, return_tensors="pt").input_ids
+                for i, ((tok, _), n) in enumerate(zip(tokens.encoder_pairs(self.pipe), self.lengths))]
 
     def encode(self, template_idx: torch.Tensor, view_idx: torch.Tensor, device, rng=None):
-        """Hidden states (and SDXL's pooled embedding) of the prompts (template, caption of view);
+        """Hidden states (and the pooled embedding: SDXL, SD3, Flux.1) of the prompts (template, caption of view);
         with varying captions, ``rng`` (a ``random.Random``) draws each prompt's version.  A
         per-layer word's prompts: ``[layers, B, S, D]``, each cross-attention layer's own states."""
         if self.vary and rng is not None:
-            texts = [tokens.expand(self.pipe, data.fill_template(
-                self.templates[int(t)], self.token, data.vary_caption(self.captions[int(self.caption_of[v])], rng, **self.vary)))
-                for t, v in zip(template_idx, view_idx)]
-            rows = [self._tokenize(tok, texts).to(device) for tok, _ in tokens.encoder_pairs(self.pipe)]
+            texts = [data.fill_template(self.templates[int(t)], self.token,
+                                        data.vary_caption(self.captions[int(self.caption_of[v])], rng, **self.vary))
+                     for t, v in zip(template_idx, view_idx)]
+            rows = [ids.to(device) for ids in self._ids(texts)]
         else:
             rows = [ids[template_idx, self.caption_of[view_idx]].to(device) for ids in self.ids]
         if self.per_layer:
@@ -164,8 +176,19 @@ class PromptTable:
         return hidden, pooled
 
     def _run(self, rows):
-        outs = [prompts.run_encoder(te, r, self.family, slot, self.clip_skip) for (slot, te), r in zip(self.encoders, rows)]
+        if self.family.joins != "unet":
+            return self._run_flow(rows)
+        outs = [prompts.run_encoder(te, r, self.family, slot.key, self.clip_skip) for (slot, te), r in zip(self.encoders, rows)]
         return torch.cat([hidden for hidden, _ in outs], dim=-1), next((p for _, p in outs if p is not None), None)
+
+    def _run_flow(self, rows):
+        """SD3/Flux.1: (prompt_embeds, pooled), joined as the pipelines join them (gradients kept)."""
+        states, pooled = {}, []
+        for (slot, te), r in zip(self.encoders, rows):
+            states[slot.key], pool = prompts.run_flow_encoder(te, slot.kind, r, self.family.hidden_layer)
+            pooled += [] if pool is None else [pool]
+        joined = prompts.join_flow(self.family, states, pooled)
+        return joined.embeds, joined.pooled
 
 
 def guided(unet, pred, noisy, t, uncond, scale: float, kwargs: dict) -> torch.Tensor:
@@ -218,6 +241,104 @@ def denoising_loss(unet, noise_scheduler, latents, noise, t, hidden, added_cond=
         return F.mse_loss(pred.float(), target.to(dev).float())
     w = weight.to(dev).float().expand_as(pred)
     return ((pred.float() - target.to(dev).float()) ** 2 * w).sum() / w.sum().clamp_min(1e-6)
+
+
+# ------------------------------------------------------------------------------- objectives
+def _ddpm_schedule(pipe, cfg: TrainConfig) -> tuple[object, tuple[int, int]]:
+    """SD/SDXL: DDPM noise on the model's schedule; --timesteps as its timesteps."""
+    # The pipeline's prediction type, said explicitly: from_config drops values a config only
+    # holds as defaults of another scheduler class.
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config,
+                                                prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"))
+    if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
+        prediction_target(noise_scheduler, None, None, None)  # raises, naming the type
+    return noise_scheduler, parse_timesteps(cfg.timesteps, noise_scheduler.config.num_train_timesteps)
+
+
+def _flow_schedule(pipe, cfg: TrainConfig) -> tuple[object, tuple[int, int]]:
+    """SD3/Flux.1: the flow-matching training schedule (:func:`textinv.flowmatch.train_schedule`);
+    --timesteps LOW:HIGH as the indices of its entries whose timestep (σ·1000) lies in it (index 0
+    is pure noise, σ = 1: in every range that reaches the top)."""
+    scheduler = flowmatch.train_schedule(pipe.scheduler.config)
+    total = scheduler.config.num_train_timesteps
+    low, high = parse_timesteps(cfg.timesteps, total)
+    t = scheduler.timesteps
+    inside = ((t >= low) & ((t < high) | (high == total))).nonzero().flatten()
+    if not len(inside):
+        raise TextinvError(f"--timesteps {cfg.timesteps}: none of this model's {len(t)} training noise levels lies there")
+    return scheduler, (int(inside[0]), int(inside[-1]) + 1)
+
+
+def _unet_grid(pipe, resolution: int, vae_scale: int) -> tuple[int, int, str]:
+    """SD/SDXL: (sizes a multiple of this, the bucket step, what the multiple is)."""
+    step = data.bucket_step(resolution, vae_scale, 2 ** (len(pipe.unet.config.block_out_channels) - 1))
+    return vae_scale, step, "this model's VAE scale factor"
+
+
+def _flow_grid(pipe, resolution: int, vae_scale: int) -> tuple[int, int, str]:
+    """SD3/Flux.1: a latent has whole transformer tokens (SD3's 2×2 patches, Flux.1's 2×2 packing)."""
+    grain = vae_scale * flowmatch.token_side(pipe)
+    return grain, data.bucket_step(resolution, grain, 1), "the VAE's scale factor times a transformer token's side"
+
+
+def _ddpm_draw(model: "_Model", batch: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randint(*model.timesteps, (batch,), generator=g)
+
+
+def _flow_draw(model: "_Model", batch: int, g: torch.Generator) -> torch.Tensor:
+    """Schedule indices as the family's diffusers script draws them (SD3: logit-normal), within --timesteps."""
+    low, high = model.timesteps
+    return low + flowmatch.draw_indices(batch, high - low, flowmatch.recipe_of(model.family).weighting, generator=g)
+
+
+def _ddpm_loss(batches: "_Batches", latents, noise, t, encoded, views, weight) -> torch.Tensor:
+    m, (hidden, pooled) = batches.model, encoded
+    added = None if pooled is None else {"text_embeds": pooled, "time_ids": batches.time_ids[views].to(m.device, m.dtype)}
+    return denoising_loss(m.denoiser, m.noise_scheduler, latents, noise, t, hidden, added, batches.uncond,
+                          batches.cfg.guidance, weight)
+
+
+def _flow_loss(batches: "_Batches", latents, noise, t, encoded, views, weight) -> torch.Tensor:
+    m, (embeds, pooled) = batches.model, encoded
+    return flowmatch.flow_loss(m.pipe, latents.to(m.device), noise.to(m.device), t, embeds, pooled, family=m.family,
+                               mask=weight)
+
+
+def _unet_refusals(cfg: TrainConfig, family: families.Family) -> None:
+    """SD/SDXL train with every setting."""
+
+
+def _flow_refusals(cfg: TrainConfig, family: families.Family) -> None:
+    """One line for a setting SD3/Flux.1 training does not take (yet)."""
+    name, keeps = family.name, ("diffusers", *formats.FLOW_LAYOUTS)
+    refused = [
+        (cfg.per_layer, f"--per-layer: P+ gives each UNet cross-attention layer its own vectors; {name} has a transformer"),
+        (cfg.guidance != 1, f"--guidance {cfg.guidance:g}: training guidance fits a UNet's guided prediction; {name} "
+                            "trains the plain flow-matching loss (FLUX.1-dev's guidance input is 3.5, as in diffusers' script)"),
+        (cfg.compile, f"--compile: not for {name} yet (the flow loss runs the pipeline's own transformer)"),
+        (cfg.clip_skip != 1, f"--clip-skip {cfg.clip_skip}: {name} takes fixed layers of its encoders, as its pipeline "
+                             "does (use 1)"),
+        (cfg.format not in keeps, f"--format {cfg.format}: cannot hold the T5 part of a {name} embedding; use "
+                                  f"{', '.join(keeps[1:])} (the default writes the model's own layout)"),
+    ]
+    problem = next((why for bad, why in refused if bad), None)
+    if problem:
+        raise TextinvError(problem)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """How a family's denoiser is trained: one row of :data:`OBJECTIVES`, by the family's ``joins``."""
+
+    refuse: Callable  # (cfg, family): one line for a setting it cannot train with
+    schedule: Callable  # (pipe, cfg) -> (its training scheduler, [low, high) of what ``draw`` picks)
+    grid: Callable  # (pipe, resolution, vae_scale) -> (image sides' multiple, bucket step, that multiple in words)
+    draw: Callable  # (model, batch, generator) -> DDPM timesteps, or flow-schedule indices
+    loss: Callable  # (batches, latents, noise, t, (hidden, pooled), views, mask weight) -> the batch's loss
+
+
+FLOW = Objective(_flow_refusals, _flow_schedule, _flow_grid, _flow_draw, _flow_loss)  # SD3 and Flux.1 differ in flowmatch's recipe
+OBJECTIVES = {"unet": Objective(_unet_refusals, _ddpm_schedule, _unet_grid, _ddpm_draw, _ddpm_loss), "sd3": FLOW, "flux": FLOW}
 
 
 def view_time_ids(pipe, views: list) -> torch.Tensor | None:
@@ -289,10 +410,10 @@ def _train(cfg: TrainConfig, pipe, on_save, on_step, echo=None, lock: runs.RunLo
         raise
 
     final = _current(word.applied, cfg, last_step, model.pipe)
-    path = runs.final_file(out, cfg.token, formats.suffix_for(cfg.file_format, final))
+    path = runs.final_file(out, cfg.token, formats.suffix_for(cfg.format_for(final), final))
     if dist.is_main_process:
         with interrupts.held():  # the final embedding and its state together: a Ctrl-C waits for both
-            formats.save(final, path, cfg.file_format, preview=_card_picture(model.pipe, cfg, batches.templates))
+            formats.save(final, path, cfg.format_for(final), preview=_card_picture(model.pipe, cfg, batches.templates))
             _save_state(out, cfg, word.params, word.optimizer, last_step, word.scaler, stopper)
     for p in word.params:
         p.requires_grad_(False)
@@ -359,13 +480,15 @@ class _Model:
     """The frozen pipeline and what every step needs from it, looked up once."""
 
     pipe: object
-    unet: torch.nn.Module  # the pipeline's, or its torch.compile'd version
-    noise_scheduler: object
-    timesteps: tuple[int, int]  # train on [low, high)
+    denoiser: torch.nn.Module  # the pipeline's UNet or transformer, or its torch.compile'd version
+    noise_scheduler: object  # the training schedule (DDPM, or flow matching's)
+    timesteps: tuple[int, int]  # train on [low, high): DDPM timesteps, or flow-schedule indices
     resolution: int
     bucket_step: int  # bucket sides are multiples of this (see data.bucket_step)
     device: torch.device
     dtype: torch.dtype  # diffusers' .device/.dtype walk every module: milliseconds per call
+    family: families.Family
+    objective: Objective
 
 
 def _frozen_model(cfg: TrainConfig, pipe, device) -> _Model:
@@ -374,54 +497,94 @@ def _frozen_model(cfg: TrainConfig, pipe, device) -> _Model:
             raise TextinvError("--precision fp16: half precision is for GPUs; on a CPU it runs tens of times slower "
                                "than fp32 (use fp32, or bf16 to halve memory)")
         pipe = load_pipeline(cfg.model, dtype=cfg.precision, device=str(device), config=cfg.model_config)
-    for module in (pipe.unet, pipe.vae, *[te for _, te in tokens.encoder_pairs(pipe)]):
+    family = families.of_pipeline(pipe)
+    objective = OBJECTIVES[family.joins]
+    objective.refuse(cfg, family)
+    net = generation.denoiser(pipe)
+    for module in (net, pipe.vae, *[te for _, te in tokens.encoder_pairs(pipe)]):
         module.requires_grad_(False)
         module.eval()
     prompts.check_clip_skip(pipe, cfg.clip_skip)
     if cfg.grad_checkpointing:  # works in eval mode for diffusers' UNet (transformers' encoders need train mode)
-        pipe.unet.enable_gradient_checkpointing()
-    # The pipeline's prediction type, said explicitly: from_config drops values a config only
-    # holds as defaults of another scheduler class.
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config,
-                                                prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"))
-    if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
-        prediction_target(noise_scheduler, None, None, None)  # raises, naming the type
-    timesteps = parse_timesteps(cfg.timesteps, noise_scheduler.config.num_train_timesteps)
+        net.enable_gradient_checkpointing()
+    noise_scheduler, timesteps = objective.schedule(pipe, cfg)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    resolution = cfg.resolution or int(pipe.unet.config.sample_size) * vae_scale
-    if resolution % vae_scale:
-        raise TextinvError(f"--resolution {resolution}: must be a multiple of {vae_scale} (this model's VAE scale factor)")
-    unet = torch.compile(pipe.unet) if cfg.compile else pipe.unet
+    resolution = cfg.resolution or generation.default_size(pipe)[0]
+    grain, step, what = objective.grid(pipe, resolution, vae_scale)
+    if resolution % grain:
+        raise TextinvError(f"--resolution {resolution}: must be a multiple of {grain} ({what})")
+    denoiser = torch.compile(net) if cfg.compile else net
     if cfg.per_layer:  # the loss gives it each layer's states
-        unet = perlayer.LayeredUNet(pipe, unet)
-    step = data.bucket_step(resolution, vae_scale, 2 ** (len(pipe.unet.config.block_out_channels) - 1))
-    return _Model(pipe, unet, noise_scheduler, timesteps, resolution, step, pipe.unet.device, pipe.unet.dtype)
+        denoiser = perlayer.LayeredUNet(pipe, denoiser)
+    return _Model(pipe, denoiser, noise_scheduler, timesteps, resolution, step, net.device, net.dtype, family, objective)
 
 
 class _Word:
-    """The new word: applied to the pipeline, its vectors the only parameters (float32), their
-    AdamW, and the fp16 loss scaler; the steps they have taken (``done``), from ``start`` (a resumed state's)."""
+    """The new word: applied to the pipeline, its learned vectors the only parameters (float32),
+    their AdamW (a parameter group per learning rate: with --lr-t5, the T5 vectors' own), and the
+    fp16 loss scaler; the steps they have taken (``done``), from ``start`` (a resumed state's).
+
+    The encoders ``--encoders`` leaves out keep the init text's vectors (OneTrainer's way: an
+    embedding has every encoder's part, some of them simply not trained).  ``--preserve-norm``:
+    ``norms`` holds each learned encoder's median vocabulary norm, which :func:`_update` restores."""
 
     def __init__(self, pipe, cfg: TrainConfig, device):
         self.start = self.done = 0
+        state = tokens.state(pipe)
+        learned = _learned(cfg, state)  # before the word is applied: a refusal leaves the pipeline as it was
         emb = _new_embedding(pipe, cfg)
         self.applied = tokens.apply(pipe, emb)[0]
-        state = tokens.state(pipe)
         if len(state.applied) != 1:
             raise TextinvError("train on a pipeline without other embeddings applied")
         self.params = []
-        for enc in state.encoders:
+        for enc in learned:
             module = enc.text_encoder.get_input_embeddings()
             module.extra.requires_grad_(True)
             self.params.append(module.extra)
-        self.schedule = parse_lr(cfg.lr)
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr_at(self.schedule, 0), weight_decay=cfg.weight_decay)
+        groups = _groups(cfg, learned, self.params)
+        self.schedules = [schedule for _, schedule in groups]
+        self.optimizer = torch.optim.AdamW([{"params": ps, "lr": lr_at(sch, 0)} for ps, sch in groups],
+                                           lr=lr_at(self.schedules[0], 0), weight_decay=cfg.weight_decay)
         # float16 gradients below ~6e-8 vanish: scale the loss up (dynamically; a step whose gradients
         # overflow is skipped and the scale lowered), as the established trainers do.  The vectors and
         # AdamW's state are float32 throughout; bf16 has float32's range and needs no scaling.
-        self.fp16 = pipe.unet.dtype == torch.float16
+        self.fp16 = generation.denoiser(pipe).dtype == torch.float16
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.fp16)
         self.table_norm = float(state.encoders[0].base.weight.detach().float().norm(dim=-1).mean())
+        self.norms = [median_norm(enc.base.weight) for enc in learned] if cfg.preserve_norm else None
+
+
+def median_norm(table: torch.Tensor) -> float:
+    """The median of a token table's row norms (every row, as OneTrainer measures it): what
+    --preserve-norm rescales each learned vector to after every step."""
+    return float(torch.linalg.vector_norm(table.detach(), dim=-1, dtype=torch.float32).median())
+
+
+def _learned(cfg: TrainConfig, state: tokens.TriggerState) -> list:
+    """The encoders whose vectors learn: every one, or those --encoders names (one line for a name
+    this model lacks, or --lr-t5 on a model without T5)."""
+    slots = [enc.slot for enc in state.encoders]
+    if cfg.lr_t5 is not None and not any(enc.kind == "t5" for enc in state.encoders):
+        raise TextinvError(f"--lr-t5 {cfg.lr_t5}: {state.spec.name} has no T5 text encoder (its encoders: {', '.join(slots)})")
+    keys = parse_encoders(cfg.encoders)
+    if keys is None:
+        return list(state.encoders)
+    missing = [k for k in keys if k not in slots]
+    if missing:
+        raise TextinvError(f"--encoders {cfg.encoders}: {state.spec.name} has no {missing[0]} text encoder (its encoders: "
+                           f"{', '.join(slots)})")
+    return [enc for enc in state.encoders if enc.slot in keys]
+
+
+def _groups(cfg: TrainConfig, learned: list, params: list) -> list[tuple[list, list]]:
+    """The optimizer's parameter groups and each one's --lr schedule: one group, or with --lr-t5 the
+    other vectors' (if any learn) and the T5 vectors'."""
+    if cfg.lr_t5 is None:
+        return [(params, parse_lr(cfg.lr))]
+    t5 = [p for enc, p in zip(learned, params) if enc.kind == "t5"]
+    rest = [p for enc, p in zip(learned, params) if enc.kind != "t5"]
+    groups = [(rest, parse_lr(cfg.lr)), (t5, parse_lr(cfg.lr_t5, flag="--lr-t5"))]
+    return [(ps, schedule) for ps, schedule in groups if ps]
 
 
 @dataclass
@@ -539,14 +702,13 @@ class _Batches:
         mean, std = self.latents[b]
         latents = mean[local] + std[local] * torch.randn(mean[local].shape, generator=g)
         noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(*m.timesteps, (cfg.batch,), generator=g)
+        t = m.objective.draw(m, cfg.batch, g)
         rng = None
         if self.prompts.vary:  # its own stream: varying captions changes no other draw
             rng = random.Random(int(torch.randint(2**62, (1,), generator=step_generator(cfg.seed, step, micro, self.rank + 10**6))))
-        hidden, pooled = self.prompts.encode(which, idx, m.device, rng)
-        added = None if pooled is None else {"text_embeds": pooled, "time_ids": self.time_ids[idx].to(m.device, m.dtype)}
+        encoded = self.prompts.encode(which, idx, m.device, rng)
         weight = None if self.masks[b] is None else self.masks[b][local]
-        return denoising_loss(m.unet, m.noise_scheduler, latents, noise, t, hidden, added, self.uncond, cfg.guidance, weight)
+        return m.objective.loss(self, latents, noise, t, encoded, idx, weight)
 
     def fixed_eval(self, k: int) -> list[dict]:
         """The evaluation batch of early stopping (:mod:`textinv.stopping`), drawn once from the seed:
@@ -577,11 +739,9 @@ class _Batches:
         """The denoising loss of the fixed evaluation batch with the vectors as they stand."""
         m, total, count = self.model, 0.0, 0
         for gr in groups:
-            hidden, pooled = self.prompts.encode(gr["which"], gr["idx"], m.device)
-            added = None if pooled is None else {"text_embeds": pooled, "time_ids": self.time_ids[gr["idx"]].to(m.device, m.dtype)}
+            encoded = self.prompts.encode(gr["which"], gr["idx"], m.device)
             weight = None if self.masks[gr["bucket"]] is None else self.masks[gr["bucket"]][gr["local"]]
-            loss = denoising_loss(m.unet, m.noise_scheduler, gr["latents"], gr["noise"], gr["t"], hidden, added,
-                                  self.uncond, self.cfg.guidance, weight)
+            loss = m.objective.loss(self, gr["latents"], gr["noise"], gr["t"], encoded, gr["idx"], weight)
             total, count = total + float(loss) * len(gr["idx"]), count + len(gr["idx"])
         return total / count
 
@@ -603,12 +763,27 @@ def _gradients(cfg: TrainConfig, batches: _Batches, word: _Word, step: int, dist
     return total
 
 
+def _set_rates(word: _Word, cfg: TrainConfig, step: int) -> float:
+    """Each parameter group's learning rate at ``step`` (its schedule times --lr-schedule's factor);
+    the first group's, which the bar and the log show."""
+    factor = lr_factor(cfg.lr_schedule, cfg.lr_warmup, step, cfg.steps)
+    rates = [lr_at(schedule, step) * factor for schedule in word.schedules]
+    for group, rate in zip(word.optimizer.param_groups, rates):
+        group["lr"] = rate
+    return rates[0]
+
+
 def _update(word: _Word) -> tuple[float, bool]:
-    """Apply the gradients: (the loss scale, whether fp16's scaler skipped the step)."""
+    """Apply the gradients (then --preserve-norm's rescaling): (the loss scale, whether fp16's
+    scaler skipped the step)."""
     scale = word.scaler.get_scale() if word.fp16 else 1.0
     word.scaler.step(word.optimizer)  # without fp16: optimizer.step(); with it: unscale, skip if inf/NaN
     word.scaler.update()
     word.optimizer.zero_grad(set_to_none=True)
+    if word.norms is not None:  # OneTrainer's preserve_embedding_norm: every learned vector at the vocabulary's median norm
+        with torch.no_grad():
+            for p, norm in zip(word.params, word.norms):
+                p.copy_(F.normalize(p, dim=-1) * norm)
     return scale, word.fp16 and word.scaler.get_scale() < scale
 
 
@@ -657,9 +832,7 @@ def _loop(cfg: TrainConfig, out: Path, model: _Model, batches: _Batches, word: _
             return start, float(np.mean(recent)) if recent else float("nan"), 0.0, stopper.reason(start, cfg.steps)
     progress = _progress(cfg, start) if main else None
     for step in range(start, cfg.steps):
-        lr = lr_at(word.schedule, step) * lr_factor(cfg.lr_schedule, cfg.lr_warmup, step, cfg.steps)
-        for group in word.optimizer.param_groups:
-            group["lr"] = lr
+        lr = _set_rates(word, cfg, step)
         total = _gradients(cfg, batches, word, step, dist, last_good)
         with interrupts.held():
             scale, skipped = _update(word)
@@ -742,8 +915,8 @@ def _current(applied, cfg: TrainConfig, step: int, pipe) -> Embedding:
 def _save(out: Path, pipe, applied, cfg, step: int, templates=()) -> Path:
     """The save of ``step``, beside the run's others (see :func:`textinv.runs.save_file`)."""
     emb = _current(applied, cfg, step, pipe)
-    path = runs.save_file(out, cfg.token, step, formats.suffix_for(cfg.file_format, emb))
-    return formats.save(emb, path, cfg.file_format, preview=_card_picture(pipe, cfg, templates))
+    path = runs.save_file(out, cfg.token, step, formats.suffix_for(cfg.format_for(emb), emb))
+    return formats.save(emb, path, cfg.format_for(emb), preview=_card_picture(pipe, cfg, templates))
 
 
 @torch.no_grad()
