@@ -132,7 +132,7 @@ class Parsed:
     @property
     def weighted(self) -> bool:
         """Whether a pipeline's own encoder would read it differently: weights, BREAK, or syntax
-        such as ``(word:1.0)`` or ``\(`` that A1111 reads and a pipeline takes as text."""
+        such as ``(word:1.0)`` or an escaped bracket that A1111 reads and a pipeline takes as text."""
         return self.syntax or any(p.kind == "break" or p.weight != 1.0 for p in self.pieces)
 
 
