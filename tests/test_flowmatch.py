@@ -15,7 +15,7 @@ import copy
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, FluxPipeline
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from hypothesis import given, settings
@@ -358,3 +358,18 @@ def test_the_path_runs_from_the_latents_to_the_noise(seed, sigma):
     x = fm.noisy(x0, eps, torch.tensor(sigma))
     torch.testing.assert_close(x - sigma * fm.velocity(x0, eps), x0, rtol=1e-5, atol=1e-5)  # precondition's x₀
     torch.testing.assert_close(x + (1 - sigma) * fm.velocity(x0, eps), eps, rtol=1e-5, atol=1e-5)
+
+
+def test_packing_ids_and_shift_are_fluxpipelines():
+    """flowmatch writes Flux's packing, ids and shift itself (importing FluxPipeline costs every
+    command a second): the same numbers as FluxPipeline's own."""
+    x = torch.randn(2, 16, 6, 10)
+    packed = fm.pack(x)
+    assert torch.equal(packed, FluxPipeline._pack_latents(x, 2, 16, 6, 10))
+    assert torch.equal(fm.unpack(packed, 6, 10), x)
+    assert torch.equal(fm.image_ids(x), FluxPipeline._prepare_latent_image_ids(2, 3, 5, x.device, x.dtype))
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    cfg = scheduler.config
+    sigmas = torch.linspace(0.05, 1.0, 7)
+    mu = calculate_shift(15, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
+    assert torch.allclose(fm.resolution_shift(sigmas, x, scheduler), scheduler.time_shift(mu, 1.0, sigmas))

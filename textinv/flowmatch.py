@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+# Not FluxPipeline (its module imports transformers' image processors: a second on every command,
+# and their warnings); its latent packing and shift are written here (tests compare them with it).
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 from . import families
@@ -105,7 +106,8 @@ def resolution_shift(sigmas: torch.Tensor, latents: torch.Tensor, scheduler) -> 
     Not part of the diffusers training scripts (see the module docstring): opt-in."""
     cfg = scheduler.config
     patches = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
-    mu = calculate_shift(patches, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
+    slope = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
+    mu = cfg.base_shift + slope * (patches - cfg.base_image_seq_len)
     return scheduler.time_shift(mu, 1.0, sigmas)
 
 
@@ -154,19 +156,25 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] latents as Flux's sequence of 2×2 patches, [B, H/2·W/2, 4C] (``FluxPipeline._pack_latents``)."""
     b, c, h, w = latents.shape
-    return FluxPipeline._pack_latents(latents, b, c, h, w)
+    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
 
 
 def unpack(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The patch sequence back to [B, C, height, width] latents (``FluxPipeline._unpack_latents``,
     given latent sizes and a scale factor of 1: the same as the script's image sizes and 8)."""
-    return FluxPipeline._unpack_latents(packed, height, width, 1)
+    b, _, d = packed.shape
+    patches = packed.view(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(b, d // 4, height, width)
 
 
 def image_ids(latents: torch.Tensor) -> torch.Tensor:
     """Each patch's (0, row, column) position for Flux's rotary embedding (``_prepare_latent_image_ids``)."""
-    return FluxPipeline._prepare_latent_image_ids(len(latents), latents.shape[2] // 2, latents.shape[3] // 2,
-                                                  latents.device, latents.dtype)
+    rows, cols = latents.shape[2] // 2, latents.shape[3] // 2
+    ids = torch.zeros(rows, cols, 3)
+    ids[..., 1] = torch.arange(rows)[:, None]
+    ids[..., 2] = torch.arange(cols)[None, :]
+    return ids.reshape(rows * cols, 3).to(latents.device, latents.dtype)
 
 
 def text_ids(prompt_embeds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
