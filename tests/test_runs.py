@@ -15,7 +15,7 @@ from textinv.errors import TextinvError
 
 PACKAGE = Path(textinv.__file__).parent
 # Model folders (the built-in model, the mini world's judge and base model) have a config.json of their own.
-MODEL_FOLDER_CODE = {"models.py", "world/judge.py", "world/train_base.py"}
+MODEL_FOLDER_CODE = {"models.py", "world/judge.py", "world/train_base.py", "world/flow_base.py"}
 
 
 def _string_literals(path: Path) -> set[str]:
