@@ -256,7 +256,8 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
     return result
 
 
-def _render(pipe, prompt: str, negative: str | None, n: int, sampler: str | None, clip_skip: int, **sampling):
+def _render(pipe, prompt: str, negative: str | None, n: int, sampler: str | None, clip_skip: int, *, guidance: float,
+            **sampling):
     """``n`` images (image ``i`` of its own {a|b} variant of the prompt pair, each distinct pair
     encoded once) with ``sampler`` (None: the pipeline's scheduler; it is put back afterwards).
     Returns (images, prompt pairs, embeddings used, the sampler's A1111 name)."""
@@ -267,7 +268,7 @@ def _render(pipe, prompt: str, negative: str | None, n: int, sampler: str | None
             raise TextinvError(f"--sampler {sampler}: A1111's samplers are for SD 1.x/2.x/SDXL; "
                                f"{families.of_pipeline(pipe).name} samples with its own flow-matching scheduler")
         if _true_cfg(pipe):
-            sampling["true_cfg_scale"] = sampling["guidance"]
+            sampling.update(true_cfg_scale=guidance)
         elif negative and families.of_pipeline(pipe).joins == "flux":
             warnings.warn("Flux.1 takes no negative prompt (its guidance is distilled into the model): "
                           "the negative prompt is not used", stacklevel=3)
@@ -285,7 +286,7 @@ def _render(pipe, prompt: str, negative: str | None, n: int, sampler: str | None
                 return {k: torch.cat([encoded[pair][k] for pair in chunk]) for k in encoded[chunk[0]]}
             return {"prompt": [p for p, _ in chunk], "negative_prompt": [q for _, q in chunk] if negative else None}
 
-        return sample(pipe, n, call, **sampling), pairs, used, sampler_name
+        return sample(pipe, n, call, guidance=guidance, **sampling), pairs, used, sampler_name
     finally:
         pipe.scheduler = original_scheduler
 
