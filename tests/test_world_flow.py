@@ -10,7 +10,7 @@ from diffusers import FluxPipeline
 
 import textinv
 import textinv.tokens as tk
-from textinv import families
+from textinv import families, generation
 from textinv.cli import main
 from textinv.formats import Embedding
 from textinv.models import MINI_PATH
@@ -49,3 +49,12 @@ def test_a_model_that_asks_for_true_cfg_is_sampled_against_its_negative_prompt(t
     plain = textinv.generate("a red circle", **kw).images[0].tobytes()
     assert textinv.generate("a red circle", "blue", **kw).images[0].tobytes() != plain
     assert textinv.generate("a red circle", guidance=1.5, **kw).images[0].tobytes() != plain
+
+
+def test_generation_images_guides_a_true_cfg_model_too(tmp_path):
+    """generation.images (the quality table's and the judge's sampler) guides mini-flow as generate does."""
+    flow_base.train_flow_base(tmp_path / "m", MINI_PATH, n_images=16, steps=2, batch=4, warmup=1, threads=1)
+    pipe = FluxPipeline.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+    a = generation.images(pipe, ["a red circle"], steps=2, guidance=4.0)[0].tobytes()
+    b = generation.images(pipe, ["a red circle"], steps=2, guidance=1.5)[0].tobytes()
+    assert a != b and generation.images(pipe, ["a red circle"], steps=2, guidance=4.0)[0].tobytes() == a

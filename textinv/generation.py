@@ -48,13 +48,15 @@ def images(pipe, prompts: list[str], *, seed: int = 0, steps: int = DEFAULT_STEP
         guidance = pipeline_defaults(pipe).guidance
     prompts = [pick_variant(p, i) for i, p in enumerate(prompts)]  # {a|b}: image i takes option i mod k
 
+    extra = {"true_cfg_scale": guidance} if _true_cfg(pipe) else {}  # guided against the negative prompt
+
     def call(i: int, b: int) -> dict:
         chunk = prompts[i : i + b]
         return clip_skip_kwargs(pipe, chunk, negative, clip_skip) or {
-            "prompt": chunk, "negative_prompt": [negative] * b if negative else None}
+            "prompt": chunk, "negative_prompt": [negative or ""] * b if negative or extra else None}
 
     return sample(pipe, len(prompts), call, seed=seed, steps=steps, guidance=guidance, batch=batch, progress=progress,
-                  bar=bar)
+                  bar=bar, **extra)
 
 
 def steps_per_image(pipe, steps: int) -> int:
