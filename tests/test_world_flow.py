@@ -58,3 +58,12 @@ def test_generation_images_guides_a_true_cfg_model_too(tmp_path):
     a = generation.images(pipe, ["a red circle"], steps=2, guidance=4.0)[0].tobytes()
     b = generation.images(pipe, ["a red circle"], steps=2, guidance=1.5)[0].tobytes()
     assert a != b and generation.images(pipe, ["a red circle"], steps=2, guidance=4.0)[0].tobytes() == a
+
+
+def test_a_model_with_its_own_image_size_is_sampled_at_it(tmp_path):
+    """FluxPipeline states 1024 px (128 latent patches) for every Flux.1 model; mini-flow's settings say 32."""
+    flow_base.train_flow_base(tmp_path / "m", MINI_PATH, n_images=16, steps=1, batch=4, warmup=1, threads=1)
+    pipe = FluxPipeline.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+    assert generation.default_size(pipe) == (32, 32)
+    assert generation.images(pipe, ["a red circle"], steps=1)[0].size == (32, 32)
+    assert textinv.generate("a red circle", pipe=pipe, steps=1).images[0].size == (32, 32)

@@ -55,8 +55,9 @@ def images(pipe, prompts: list[str], *, seed: int = 0, steps: int = DEFAULT_STEP
         return clip_skip_kwargs(pipe, chunk, negative, clip_skip) or {
             "prompt": chunk, "negative_prompt": [negative or ""] * b if negative or extra else None}
 
+    width, height = default_size(pipe)
     return sample(pipe, len(prompts), call, seed=seed, steps=steps, guidance=guidance, batch=batch, progress=progress,
-                  bar=bar, **extra)
+                  bar=bar, width=width, height=height, **extra)
 
 
 def steps_per_image(pipe, steps: int) -> int:
@@ -188,7 +189,11 @@ def denoiser(pipe):
 
 
 def default_size(pipe) -> tuple[int, int]:
-    """(width, height) the model was made for: its denoiser's sample size in pixels."""
+    """(width, height) the model was made for: its settings' image size (the mini models'), else its
+    denoiser's sample size in pixels (FluxPipeline states one for all Flux.1 models: 1024)."""
+    scope = pipeline_defaults(pipe).scope
+    if scope is not None:
+        return (int(scope.image_size),) * 2
     size = getattr(pipe, "default_sample_size", None) or denoiser(pipe).config.sample_size
     return (int(size) * getattr(pipe, "vae_scale_factor", 8),) * 2
 
