@@ -315,13 +315,6 @@ def t5_ids(parsed: Parsed, tokenizer, slot: str, length: int) -> tuple[list[int]
     return ids + [tokenizer.pad_token_id] * fill, weights + [1.0] * fill
 
 
-def empty_ids(tokenizer, kind: str, length: int) -> list[int]:
-    """An empty prompt's ids padded to ``length``: what weights are measured from (ComfyUI)."""
-    ids = ([tokenizer.bos_token_id] if kind == "clip" else []) + [tokenizer.eos_token_id]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return ids + [pad] * (length - len(ids))
-
-
 def weigh_from_empty(z: torch.Tensor, z_empty: torch.Tensor, weights: list[float]) -> torch.Tensor:
     """ComfyUI's emphasis (comfy/sd1_clip.py, encode_token_weights): each weighted token's state
     moved away from the empty prompt's state at the same position, ``(z - z_empty) * w + z_empty``."""
@@ -340,14 +333,24 @@ def run_flow_encoder(te, kind: str, ids: torch.Tensor, layer: int) -> tuple[torc
     return out.hidden_states[layer], out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
 
 
-def _flow_encoder(te, kind: str, ids: list[int], empty: list[int], weights: list[float], layer: int):
-    """One encoder's (hidden states, pooled) for a flow family, weighted from the empty prompt."""
-    def run(x: list[int]):
-        return run_flow_encoder(te, kind, torch.tensor([x]), layer)
+def _flow_ids(parsed: Parsed, tokenizer, slot: families.Slot, length: int) -> tuple[list[int], list[float]]:
+    """One flow-family encoder's ids and weights of a parsed prompt: T5's (:func:`t5_ids`), or a
+    CLIP's first 77-token chunk (the pipelines cut CLIP prompts there)."""
+    if slot.kind == "t5":
+        return t5_ids(parsed, tokenizer, slot.key, length)
+    return chunks(parsed, tokenizer, slot.key)[0]
 
-    z, pooled = run(ids)
+
+def _flow_encoder(te, tokenizer, slot: families.Slot, parsed: Parsed, length: int, layer: int):
+    """One encoder's (hidden states, pooled) of a parsed prompt for a flow family, weighted from the
+    empty prompt laid out the same way."""
+    def run(p: Parsed):
+        ids, weights = _flow_ids(p, tokenizer, slot, length)
+        return run_flow_encoder(te, slot.kind, torch.tensor([ids]), layer), weights
+
+    (z, pooled), weights = run(parsed)
     if any(w != 1.0 for w in weights):
-        z = weigh_from_empty(z, run(empty)[0], weights)
+        z = weigh_from_empty(z, run(Parsed([], []))[0][0], weights)
     return z, pooled
 
 
@@ -369,11 +372,7 @@ def encode_flow(pipe, parsed: Parsed, max_sequence_length: int | None = None) ->
     max_sequence_length = max_sequence_length or t5_length(pipe)
     states, pooled = {}, []
     for slot, (tok, te) in tokens.slot_pairs(pipe, family):
-        if slot.kind == "t5":
-            ids, weights = t5_ids(parsed, tok, slot.key, max_sequence_length)
-        else:
-            ids, weights = chunks(parsed, tok, slot.key)[0]
-        z, pool = _flow_encoder(te, slot.kind, ids, empty_ids(tok, slot.kind, len(ids)), weights, family.hidden_layer)
+        z, pool = _flow_encoder(te, tok, slot, parsed, max_sequence_length, family.hidden_layer)
         states[slot.key] = z
         if pool is not None:
             pooled.append(pool)
