@@ -476,7 +476,8 @@ def list_(folder, as_json):
 def _save_as(emb, out: Path, fmt, **options) -> None:
     """Write ``emb`` and say what the written file holds (read back: a format may leave a part out)."""
     written = formats.save(emb, out, fmt, **options)
-    back = formats.load(written, select=emb.name if formats.detect_format(written) == "lora-bundle" else None)
+    found = formats.load_all(written)  # one read (a LoRA bundle holds several: ours is the one named so)
+    back = next((e for e in found if e.name == emb.name), found[0])
     click.echo(f"wrote {formats.printable(written)} ({back.source_format}, trigger {emb.name!r}, "
                f"{_vector_count(back)}, {back.family})")
 
