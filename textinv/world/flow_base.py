@@ -101,9 +101,7 @@ def save_pipeline(out: Path, vae, clip, t5, transformer, clip_tok, t5_tok, dtype
     for name, m in (("vae", vae), ("text_encoder", clip), ("text_encoder_2", t5), ("transformer", transformer)):
         train_base._save_weights(m, out / name, dtype)
     for name in ("text_encoder", "text_encoder_2"):
-        cfg_file = out / name / "config.json"
-        cfg = {k: ("float32" if k in ("dtype", "torch_dtype") else v) for k, v in json.loads(cfg_file.read_text()).items()}
-        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        train_base.declare_float32(out / name)
     FlowMatchEulerDiscreteScheduler(**SCHEDULER).save_pretrained(out / "scheduler")
     clip_tok.save_pretrained(out / "tokenizer")
     t5_tok.save_pretrained(out / "tokenizer_2")

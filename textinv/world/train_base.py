@@ -164,15 +164,7 @@ def save_pipeline(out: Path, vae, unet, te, dtype=torch.float16, copy_tokenizer:
     out.mkdir(parents=True, exist_ok=True)
     for name, m in (("vae", vae), ("unet", unet), ("text_encoder", te)):
         _save_weights(m, out / name, dtype)
-    # fp16 on disk, but declare float32 so that a plain from_pretrained() (no torch_dtype) gives a
-    # consistent fp32 pipeline: transformers 5 would otherwise load the text encoder in fp16
-    # while diffusers loads the UNet/VAE in fp32.
-    cfg_file = out / "text_encoder" / "config.json"
-    cfg = json.loads(cfg_file.read_text())
-    for key in ("dtype", "torch_dtype"):
-        if key in cfg:
-            cfg[key] = "float32"
-    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    declare_float32(out / "text_encoder")
     DDIMScheduler(**SCHEDULER_SHIP).save_pretrained(out / "scheduler")
     tok_dir = out / "tokenizer"
     if copy_tokenizer and tok_dir.resolve() != PACKAGE_TOKENIZER.resolve():
@@ -194,6 +186,18 @@ def save_pipeline(out: Path, vae, unet, te, dtype=torch.float16, copy_tokenizer:
     }
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "textinv.json").write_text(json.dumps(model_settings(), indent=2, ensure_ascii=False) + "\n")
+
+
+def declare_float32(folder: Path) -> None:
+    """fp16 on disk, but a transformers model's config declares float32, so that a plain
+    from_pretrained() (no torch_dtype) gives a consistent fp32 pipeline: transformers 5 would
+    otherwise load the text encoder in fp16 while diffusers loads the rest in fp32."""
+    cfg_file = folder / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in cfg:
+            cfg[key] = "float32"
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _save_weights(model, folder: Path, dtype) -> None:
