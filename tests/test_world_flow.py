@@ -10,7 +10,7 @@ from diffusers import FluxPipeline
 
 import textinv
 import textinv.tokens as tk
-from textinv import families, generation
+from textinv import families, generation, prompts
 from textinv.cli import main
 from textinv.formats import Embedding
 from textinv.models import MINI_PATH
@@ -67,3 +67,25 @@ def test_a_model_with_its_own_image_size_is_sampled_at_it(tmp_path):
     assert generation.default_size(pipe) == (32, 32)
     assert generation.images(pipe, ["a red circle"], steps=1)[0].size == (32, 32)
     assert textinv.generate("a red circle", pipe=pipe, steps=1).images[0].size == (32, 32)
+
+
+def test_the_model_is_sampled_and_trained_at_the_t5_length_it_was_trained_with(tmp_path):
+    """T5's pads are encoded and attended (no mask), so mini-flow — trained on 32 T5 tokens — must
+    be sampled at 32, not at FluxPipeline's 512: its settings say so, and every path reads them."""
+    flow_base.train_flow_base(tmp_path / "m", MINI_PATH, n_images=16, steps=2, batch=4, warmup=1, threads=1)
+    pipe = FluxPipeline.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+    assert prompts.t5_length(pipe) == flow_base.T5_LENGTH == 32
+    assert prompts.encode_flow(pipe, prompts.split(pipe, "a red circle")).embeds.shape[1] == 32
+
+    def direct(length):
+        return pipe(prompt=["a red circle"], negative_prompt=[""], true_cfg_scale=4.0, num_inference_steps=2,
+                    height=32, width=32, generator=[torch.Generator().manual_seed(0)],
+                    max_sequence_length=length).images[0].tobytes()
+
+    got = generation.images(pipe, ["a red circle"], steps=2, guidance=4.0)[0].tobytes()
+    assert got == direct(32) != direct(512)
+    settings = tmp_path / "m" / "textinv.json"
+    for damaged in ("0", "true", '"32"', "100000"):  # ignored: the pipeline's own default
+        settings.write_text(settings.read_text().replace('"t5_length": 32', f'"t5_length": {damaged}'))
+        assert prompts.t5_length(pipe) == 512, damaged
+        settings.write_text(settings.read_text().replace(f'"t5_length": {damaged}', '"t5_length": 32'))

@@ -93,6 +93,8 @@ def sample(pipe, n: int, call, *, seed: int, steps: int, guidance: float, batch:
 
     if not bar.disable:
         extra["callback_on_step_end"] = on_step
+    if _flow(pipe):  # prompts the pipeline encodes itself: at the model's own T5 length
+        extra.setdefault("max_sequence_length", prompts.t5_length(pipe))
     out: list[Image.Image] = []
     for i in range(0, n, batch):
         b = min(batch, n - i)

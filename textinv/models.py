@@ -61,6 +61,10 @@ class ModelDefaults:
     # A Flux.1-shaped model that is not guidance-distilled (the mini-flow model) is sampled with
     # classifier-free guidance against a negative prompt ("true CFG"); FLUX.1-dev/-schnell are not.
     true_cfg: bool = False
+    # The T5 prompt length it was trained with (diffusers' ``max_sequence_length``): T5 pads are
+    # encoded and attended without a mask, so sampling at another length changes the picture.
+    # None: the pipeline's own default (SD3 256, Flux.1 512).
+    t5_length: int | None = None
 
 
 def defaults(model: str | os.PathLike | None = None) -> ModelDefaults:
@@ -82,8 +86,10 @@ def defaults(model: str | os.PathLike | None = None) -> ModelDefaults:
         guidance = ModelDefaults.guidance
     held = raw.get("held_out_prompts")
     held = tuple(str(x) for x in held if "{}" in str(x)) if isinstance(held, list) else ()
+    t5 = raw.get("t5_length")
+    t5 = t5 if isinstance(t5, int) and not isinstance(t5, bool) and 1 <= t5 <= 4096 else None
     return ModelDefaults(guidance, family if isinstance(family, str) else None, _scope(raw.get("scope")), held,
-                         raw.get("true_cfg") is True)
+                         raw.get("true_cfg") is True, t5)
 
 
 def _scope(raw) -> Scope | None:

@@ -24,6 +24,7 @@ import torch
 
 from . import families, tokens
 from .errors import TextinvError
+from .models import pipeline_defaults
 
 CHUNK = tokens.CHUNK
 _ATTENTION = re.compile(r"\\\(|\\\)|\\\[|\\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|\]|[^\\()\[\]:]+|:")
@@ -355,8 +356,12 @@ def _flow_encoder(te, tokenizer, slot: families.Slot, parsed: Parsed, length: in
 
 
 def t5_length(pipe) -> int:
-    """The T5 prompt length a pipeline pads to by default (``max_sequence_length``: SD3 256, Flux.1
-    512); prompt embeddings made for it must have it too, as the padding is encoded (no mask)."""
+    """The T5 prompt length to pad to: the model's own (its settings' ``t5_length``, the length it
+    was trained with), else the pipeline's default ``max_sequence_length`` (SD3 256, Flux.1 512).
+    Prompt embeddings made for a model must have it, as the padding is encoded (no mask)."""
+    own = pipeline_defaults(pipe).t5_length
+    if own is not None:
+        return own
     param = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
     return int(param.default) if param is not None and isinstance(param.default, int) else 256
 

@@ -58,8 +58,13 @@ def t5_tokenizer(words=None) -> T5TokenizerFast:
                            additional_special_tokens=[f"<extra_id_{i}>" for i in range(T5_SENTINELS)], legacy=False)
 
 
-def build_models(seed: int, t5_entries: int):
-    """(CLIP, T5, transformer), fresh; the T5 table ``T5_SURPLUS_ROWS`` rows longer than its tokenizer."""
+def build_models(seed: int, t5_entries: int, init_from: Path | None = None):
+    """(CLIP, T5, transformer): fresh, the T5 table ``T5_SURPLUS_ROWS`` rows longer than its tokenizer;
+    or, given ``init_from`` (a mini-flow folder), its saved ones in float32, to continue training."""
+    if init_from is not None:
+        return (CLIPTextModel.from_pretrained(init_from / "text_encoder", torch_dtype=torch.float32),
+                T5EncoderModel.from_pretrained(init_from / "text_encoder_2", torch_dtype=torch.float32),
+                FluxTransformer2DModel.from_pretrained(init_from / "transformer", torch_dtype=torch.float32))
     torch.manual_seed(seed)
     clip = CLIPTextModel(CLIPTextConfig(**train_base.TEXT_CONFIG))
     t5 = T5EncoderModel(T5Config(vocab_size=t5_entries + T5_SURPLUS_ROWS, **T5_CONFIG))
@@ -112,14 +117,18 @@ def save_pipeline(out: Path, vae, clip, t5, transformer, clip_tok, t5_tok, dtype
              "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
              "image_encoder": [None, None], "feature_extractor": [None, None]}
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    settings = train_base.model_settings() | {"family": "the textinv mini-flow model", "true_cfg": True}
+    settings = train_base.model_settings() | {"family": "the textinv mini-flow model", "true_cfg": True,
+                                              "t5_length": T5_LENGTH}
     (out / "textinv.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
 
 
 def train_flow_base(out: Path, vae_from: Path, *, seed: int = 0, n_images: int = 60000, steps: int = 4000,
-                    batch: int = 64, lr: float = 5e-4, warmup: int = 400, ema_decay: float = 0.999,
-                    cond_drop: float = 0.1, threads: int = 2, logfile: Path | None = None) -> dict:
-    """The whole recipe; returns a summary.  ``vae_from``: a model folder whose VAE is kept (the mini model's)."""
+                    batch: int = 64, lr: float = 5e-4, warmup: int | None = None, ema_decay: float = 0.999,
+                    cond_drop: float = 0.1, threads: int = 2, logfile: Path | None = None, save_every: int = 1000) -> dict:
+    """The whole recipe; returns a summary.  ``vae_from``: a model folder whose VAE is kept (the mini
+    model's); a mini-flow folder is continued (its encoders and transformer too).  The EMA model is
+    written to ``out`` every ``save_every`` steps, so a long run can be looked at as it goes.
+    ``warmup`` None: 400 steps from scratch, 100 when continuing."""
     torch.set_num_threads(threads)
     imgs, caps = train_base.render_dataset(n_images, seed + 1000)
     clip_tok, t5_tok = CLIPTokenizer.from_pretrained(str(train_base.PACKAGE_TOKENIZER)), t5_tokenizer()
@@ -128,7 +137,9 @@ def train_flow_base(out: Path, vae_from: Path, *, seed: int = 0, n_images: int =
     with torch.no_grad():
         mean, std = train_base.encode_all(vae, imgs)
     latents = (mean, std, float(vae.config.scaling_factor))
-    models = build_models(seed, len(t5_tok))
+    continued = (Path(vae_from) / "transformer").is_dir()
+    models = build_models(seed, len(t5_tok), Path(vae_from) if continued else None)
+    warmup = warmup if warmup is not None else 100 if continued else 400
     emas = [train_base.EMA(m, ema_decay) for m in models]
     params = [p for m in models for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
@@ -146,6 +157,8 @@ def train_flow_base(out: Path, vae_from: Path, *, seed: int = 0, n_images: int =
         losses.append(loss.item())
         if (step + 1) % 200 == 0:
             train_base.log(f"mini-flow step {step + 1}/{steps} loss {np.mean(losses[-200:]):.4f}", logfile)
+        if (step + 1) % save_every == 0 and step + 1 < steps:
+            save_pipeline(Path(out), vae, *(e.model for e in emas), clip_tok, t5_tok)
     save_pipeline(Path(out), vae, *(e.model for e in emas), clip_tok, t5_tok)
     return {"seed": seed, "n_images": n_images, "steps": steps, "batch": batch, "lr": lr,
             "first_loss": float(np.mean(losses[:20])), "final_loss": float(np.mean(losses[-200:]))}
