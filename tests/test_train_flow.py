@@ -9,6 +9,10 @@ settings, resume bit for bit, and the one-line refusals.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -18,13 +22,14 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from textinv import families, flowmatch, formats, prompts, tokens, training
+from textinv import families, flowmatch, formats, generation, prompts, tokens, training
 from textinv.cli import main
 from textinv.errors import TextinvError
 from textinv.formats import Embedding
 from textinv.training import TrainConfig, init_vectors, train
 
 from conftest import make_sd, red_blocks
+from test_eval import tiny_clip, tiny_dino  # noqa: F401 - fixtures
 from test_flow_use import reference
 from tiny_flow import tiny_flux_pipeline, tiny_sd3_pipeline
 
@@ -245,3 +250,71 @@ def test_textinv_train_model_takes_a_flux_folder(imgs, tmp_path):
     assert res.exit_code == 0, res.output
     emb = formats.load(tmp_path / "run" / "blk.safetensors")
     assert emb.source_format == "flux" and set(emb.vectors) == {"clip_l", "t5"}
+
+
+# ------------------------------------------------- the SD trainer's other settings, on flow models
+def test_grad_accum_resumes_bit_for_bit_on_flux(imgs, tmp_path):
+    """Several micro-batches per step (their mean gradient), stopped at a save and resumed."""
+    settings = dict(steps=4, grad_accum=2, batch=1, save_every=2, lr="0.02")
+    whole = run("flux", imgs, tmp_path / "whole", **settings)
+    assert whole.steps == 4 and np.isfinite(whole.loss)
+    run("flux", imgs, tmp_path / "parts", **(settings | {"steps": 2}))
+    resumed = run("flux", imgs, tmp_path / "parts", resume=True, **settings)
+    for slot, v in whole.embedding.vectors.items():
+        assert torch.equal(resumed.embedding.vectors[slot], v), slot
+    one = run("flux", imgs, tmp_path / "one", **(settings | {"grad_accum": 1}))
+    assert not torch.equal(one.embedding.vectors["t5"], whole.embedding.vectors["t5"])  # the second micro-batch counts
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_gradient_checkpointing_recomputes_the_transformer_in_the_backward_pass(kind, imgs, tmp_path):
+    counts, results = {}, {}
+    for flag in (False, True):
+        pipe = MAKERS[kind]()
+        block = pipe.transformer.transformer_blocks[0]
+        calls, forward = [], block.forward
+        block.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)  # (hooks do not fire in a recompute)
+        results[flag] = run(kind, imgs, tmp_path / f"run{flag}", pipe=pipe, steps=2, batch=1, grad_checkpointing=flag)
+        counts[flag] = len(calls)
+    assert counts[False] == 2 and counts[True] == 4  # each step's forward runs again during backward
+    for slot, v in results[False].embedding.vectors.items():  # the same gradients
+        torch.testing.assert_close(results[True].embedding.vectors[slot], v, rtol=1e-5, atol=1e-6)
+
+
+def test_pick_best_and_patience_measure_a_flux_run(imgs, tmp_path, tiny_clip, tiny_dino, monkeypatch):
+    """--pick-best judges every save (samples from the Flux pipeline itself) and keeps the best as the
+    run's file; --patience stops the run when the measured saves stop improving."""
+    monkeypatch.setattr(generation, "default_size", lambda pipe: (32, 32))  # the tiny model's 1024 px: minutes
+    model = tmp_path / "flux"
+    tiny_flux_pipeline().save_pretrained(model)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, [
+        "train", "--images", str(imgs), "--token", "<blk>", "--init", "red block", "--model", str(model),
+        "--steps", "8", "--batch", "1", "--resolution", "32", "--save-every", "2", "--out", str(out), "--pick-best",
+        "--patience", "1", "--eval-n", "2", "--clip", str(tiny_clip), "--dino", str(tiny_dino), "--no-early-stop"])
+    assert res.exit_code == 0, res.output
+    picked = json.loads((out / "eval" / "metrics.json").read_text())
+    # the tiny random model draws the same pictures whatever the vectors: step 4 does not improve on 2
+    assert [p["step"] for p in picked["points"]] == [2, 4]
+    assert "stopped at step 4 by the measured saves (--patience)" in res.output
+    final = formats.load(out / "blk.safetensors")
+    assert final.family == families.FLUX.name and set(final.vectors) == {"clip_l", "t5"}
+    assert final.meta["step"] == picked["best_step"] == 2
+    assert torch.equal(final.vectors["t5"], formats.load(out / "embeddings" / "blk-2.safetensors").vectors["t5"])
+
+
+@pytest.mark.long
+def test_two_processes_train_a_flux_embedding_data_parallel(imgs, tmp_path):
+    """`accelerate launch` / torchrun on a Flux.1 model: two CPU processes (gloo), one file written."""
+    model = tmp_path / "flux"
+    tiny_flux_pipeline().save_pretrained(model)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "textinv", "train",
+           "--model", str(model), "--images", str(imgs), "--token", "<d>", "--steps", "3", "--batch", "2",
+           "--resolution", "32", "--no-early-stop", "--out", str(tmp_path / "run")]
+    res = subprocess.run(cmd, env=env, capture_output=True, timeout=300)
+    assert res.returncode == 0, res.stderr.decode()[-2000:]
+    assert res.stdout.decode().count("wrote ") == 1
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 3
+    emb = formats.load(tmp_path / "run" / "d.safetensors")
+    assert emb.family == families.FLUX.name and set(emb.vectors) == {"clip_l", "t5"}
