@@ -318,3 +318,19 @@ def test_two_processes_train_a_flux_embedding_data_parallel(imgs, tmp_path):
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 3
     emb = formats.load(tmp_path / "run" / "d.safetensors")
     assert emb.family == families.FLUX.name and set(emb.vectors) == {"clip_l", "t5"}
+
+
+def test_buckets_give_flux_whole_packed_tokens_at_each_images_ratio(tmp_path, monkeypatch):
+    """Images of three ratios in buckets: each step's latents are whole 2×2 patches (Flux.1 packs
+    them), wider for the wide image and taller for the tall one."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, (w, h) in enumerate([(64, 32), (32, 64), (48, 48)]):
+        Image.fromarray(np.full((h, w, 3), 40 * (i + 1), np.uint8)).save(folder / f"{i}.png")
+    shapes, pack = [], flowmatch.pack
+    monkeypatch.setattr(flowmatch, "pack", lambda latents: shapes.append(tuple(latents.shape[-2:])) or pack(latents))
+    lines = []
+    run("flux", folder, tmp_path / "run", steps=6, batch=1, resolution=48, buckets=True, echo=lines.append)
+    assert "bucket" in " ".join(lines)
+    assert all(h % 2 == 0 and w % 2 == 0 for h, w in shapes)
+    assert any(w > h for h, w in shapes) and any(h > w for h, w in shapes)
