@@ -335,17 +335,19 @@ def _trained(result) -> str:
 @click.option("--steps", type=int, default=None, help="Training steps (default: the tuned demo setting).")
 @click.option("-n", "count", type=int, default=None, help="Images per prompt for the metrics.")
 @click.option("--bias", is_flag=True, help="Instead: debias the word 'ball' from a curated set (textinv bias ball --attribute colour --images ...).")
-def demo(out, concept, seed, steps, count, bias):
-    """The whole loop on the built-in model and its world: render, train, generate, measure."""
+@click.option("--model", "-m", type=click.Choice(["mini", "mini-flow"]), default="mini", show_default=True,
+              help="Which built-in model of the mini world: mini (SD-shaped) or mini-flow (Flux.1-shaped).")
+def demo(out, concept, seed, steps, count, bias, model):
+    """The whole loop on a built-in model and its world: render, train, generate, measure."""
     if bias:
-        mini_demo.run_bias(out, seed=seed, n=count or 60, steps=steps or 300)
+        mini_demo.run_bias(out, seed=seed, n=count or 60, steps=steps or 300, model=model)
         return
     settings = mini_demo.DemoSettings()
     if steps:
         settings.steps = steps
     if count:
         settings.n = count
-    metrics = mini_demo.run(out, concept=concept, seed=seed, settings=settings)
+    metrics = mini_demo.run(out, concept=concept, seed=seed, settings=settings, model=model)
     mini_demo.print_summary(metrics)
     click.echo(f"wrote {out}/: images/, run/ (embedding, log), grid.png, metrics.json")
 

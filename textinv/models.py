@@ -33,10 +33,13 @@ from .errors import TextinvError
 
 MINI_NAME = "mini"
 MINI_PATH = Path(__file__).parent / "data" / "mini"
+MINI_FLOW_PATH = Path(__file__).parent / "data" / "mini-flow"
+BUILT_IN = {MINI_NAME: MINI_PATH, "mini-flow": MINI_FLOW_PATH}  # the mini world's models, by name (docs/mini-world.md)
 SINGLE_FILE_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".bin"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SETTINGS_FILE = "textinv.json"  # a model folder's own defaults: {"guidance": 4.0, "family": "..."}
-MODEL_HELP = "Hub id, diffusers folder, single-file checkpoint (.safetensors/.ckpt), or 'mini' (the built-in model, the default)."
+MODEL_HELP = ("Hub id, diffusers folder, single-file checkpoint (.safetensors/.ckpt), 'mini' (the built-in model, the "
+              "default) or 'mini-flow' (the built-in Flux.1-shaped model).")
 
 
 @dataclass(frozen=True)
@@ -170,26 +173,44 @@ def name_of(model: str | os.PathLike | None) -> str:
 
 
 def _register_families() -> None:
-    """The built-in model gets a family of its own, named as its settings say: a row of
-    textinv.families shaped like the family whose text encoders it has, with its widths."""
-    family = defaults(MINI_NAME).family
-    shapes = [f for f in families.FAMILIES if all((MINI_PATH / s.text_encoder).is_dir() for s in f.slots)]
-    if not family or not shapes:
-        return
-    base = max(shapes, key=lambda f: len(f.slots))
-    try:
-        widths = [json.loads((MINI_PATH / s.text_encoder / "config.json").read_text())["hidden_size"] for s in base.slots]
-    except (OSError, ValueError, KeyError):
-        return
-    families.register(families.like(base, family, *widths))
+    """Each built-in model gets a family of its own, named as its settings say: a row of
+    textinv.families shaped like the family whose text encoders it has (their folders and kinds:
+    CLIP or T5), with its widths."""
+    for path in BUILT_IN.values():
+        family = defaults(path).family
+        configs = _encoder_configs(path)
+        shapes = [f for f in families.FAMILIES
+                  if all(s.text_encoder in configs and _kind(configs[s.text_encoder]) == s.kind for s in f.slots)]
+        if family and shapes:
+            base = max(shapes, key=lambda f: len(f.slots))
+            widths = [configs[s.text_encoder].get("hidden_size", configs[s.text_encoder].get("d_model")) for s in base.slots]
+            families.register(families.like(base, family, *widths))
+
+
+def _encoder_configs(path: Path) -> dict:
+    """The text encoders' config.json of a model folder, by folder name ({} where unreadable)."""
+    configs = {}
+    for folder in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        try:
+            configs[folder] = json.loads((path / folder / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+    return configs
+
+
+def _kind(config: dict) -> str:
+    """A config's encoder kind, as :func:`textinv.families.encoder_kind` tells a loaded encoder's."""
+    return "t5" if config.get("model_type") in ("t5", "umt5") else "clip"
 
 
 def resolve_model(model: str | os.PathLike | None) -> str:
     """Turn the user's ``--model`` value into a folder, file or hub id."""
-    if model is None or str(model) == MINI_NAME:
-        if not (MINI_PATH / "model_index.json").is_file():
-            raise TextinvError(f"the built-in mini model is not installed at {MINI_PATH} (run `textinv world train-base`)")
-        return str(MINI_PATH)
+    name = MINI_NAME if model is None else str(model)
+    if name in BUILT_IN:
+        path = BUILT_IN[name]
+        if not (path / "model_index.json").is_file():
+            raise TextinvError(f"the built-in {name} model is not installed at {path} (run `textinv world train-base`)")
+        return str(path)
     return str(model)
 
 
