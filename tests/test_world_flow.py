@@ -4,14 +4,19 @@ textinv recognises, applies embeddings to and samples from it.  (Its quality and
 belong to the committed model; this only runs a few steps on a few images.)"""
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 from click.testing import CliRunner
 from diffusers import FluxPipeline
 
 import textinv
 import textinv.tokens as tk
-from textinv import families, generation, prompts
+from textinv import families, generation, models, prompts
 from textinv.cli import main
+from textinv.demo import DemoSettings
+from textinv.errors import TextinvError
 from textinv.formats import Embedding
 from textinv.models import MINI_PATH
 from textinv.world import flow_base
@@ -89,3 +94,19 @@ def test_the_model_is_sampled_and_trained_at_the_t5_length_it_was_trained_with(t
         settings.write_text(settings.read_text().replace('"t5_length": 32', f'"t5_length": {damaged}'))
         assert prompts.t5_length(pipe) == 512, damaged
         settings.write_text(settings.read_text().replace(f'"t5_length": {damaged}', '"t5_length": 32'))
+
+
+def test_the_demo_takes_a_models_own_settings_from_its_folder(tmp_path):
+    """`textinv demo --model M` trains with M's tuned settings (its textinv.json "demo"), the rest the defaults."""
+    (tmp_path / "textinv.json").write_text(json.dumps({"demo": {"lr": "0.01", "lr_t5": "0.05", "steps": 60,
+                                                                 "unknown": 1, "batch": [1]}}))
+    s = DemoSettings.for_model(str(tmp_path))
+    assert (s.lr, s.lr_t5, s.steps, s.batch) == ("0.01", "0.05", 60, DemoSettings().batch)
+    assert DemoSettings.for_model(str(tmp_path / "elsewhere")) == DemoSettings()
+
+
+def test_built_in_models_are_named_and_missing_ones_say_so(tmp_path, monkeypatch):
+    assert models.resolve_model(None) == models.resolve_model("mini") == str(models.MINI_PATH)
+    monkeypatch.setitem(models.BUILT_IN, "mini-flow", tmp_path / "absent")
+    with pytest.raises(TextinvError, match=r"^the built-in mini-flow model is not installed at "):
+        models.resolve_model("mini-flow")

@@ -342,7 +342,7 @@ def demo(out, concept, seed, steps, count, bias, model):
     if bias:
         mini_demo.run_bias(out, seed=seed, n=count or 60, steps=steps or 300, model=model)
         return
-    settings = mini_demo.DemoSettings()
+    settings = mini_demo.DemoSettings.for_model(model)
     if steps:
         settings.steps = steps
     if count:

@@ -14,6 +14,7 @@ red; one small token per colour, learned from a curated set and used in turn bef
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import click
 from . import bias, evaluate, generation, runs, tokens
 from .atomic import write_text
 from .images import grid
-from .models import load_pipeline
+from .models import defaults, load_pipeline
 from .training import TrainConfig, train
 from .world import render, spec
 
@@ -44,6 +45,14 @@ class DemoSettings:
     vectors: int = 1  # 2 or 4 vectors scored the same within noise (docs/benchmark.md): one keeps files smallest
     n: int = 16  # images per prompt for the metrics
     captions: bool = True  # IMG.txt beside each picture naming its colour, size, … so the word learns the shape only
+    encoders: str | None = None  # which encoders learn (None: every one the model has)
+    lr_t5: str | None = None  # the T5 vectors' learning rate (None: lr)
+
+    @classmethod
+    def for_model(cls, model: str | None = None) -> "DemoSettings":
+        """These defaults with the model's own demo settings over them (its textinv.json "demo")."""
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in defaults(model).demo if k in fields})
 
 
 def world_templates(out: Path, captions: bool = False) -> Path:
@@ -76,7 +85,7 @@ def run(out: Path, concept: str | None = None, seed: int = 0, settings: DemoSett
     """The demo's four phases, each announced by ``echo``; with ``progress``, bars on stderr for
     the sampling and the training.  An earlier training in ``out`` is reused (continued if it was
     cut short), and said to be."""
-    settings = settings or DemoSettings()
+    settings = settings or DemoSettings.for_model(model)
     concept = concept or DEFAULT_CONCEPT
     if concept not in spec.unnamed_shapes():
         raise click.BadParameter(f"{concept!r}: choose one of the unnamed shapes {', '.join(spec.unnamed_shapes())}")
@@ -97,7 +106,8 @@ def run(out: Path, concept: str | None = None, seed: int = 0, settings: DemoSett
         echo(f"3/4 training {token} (until learned: early stopping, at most {settings.steps} steps)")
     cfg = TrainConfig(images=str(out / "images"), token=token, model=model, init=INIT_WORD, vectors=settings.vectors,
                       templates=str(world_templates(out, settings.captions)), steps=settings.steps, lr=settings.lr, batch=settings.batch,
-                      flip=False, seed=seed, out=str(run_folder), resume=reused, progress=progress)
+                      encoders=settings.encoders, lr_t5=settings.lr_t5, flip=False, seed=seed, out=str(run_folder),
+                      resume=reused, progress=progress)
     result = train(cfg, pipe=pipe)
     echo("4/4 generating and judging")
     learned = _judged(pipe, token, concept, settings, seed, f"judging {token}", progress)

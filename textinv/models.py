@@ -68,6 +68,9 @@ class ModelDefaults:
     # encoded and attended without a mask, so sampling at another length changes the picture.
     # None: the pipeline's own default (SD3 256, Flux.1 512).
     t5_length: int | None = None
+    # `textinv demo`'s training settings tuned for this model, as (name, value) pairs (the mini world's
+    # models: docs/demo.md); names that `textinv.demo.DemoSettings` lacks are ignored there.
+    demo: tuple = ()
 
 
 def defaults(model: str | os.PathLike | None = None) -> ModelDefaults:
@@ -91,8 +94,10 @@ def defaults(model: str | os.PathLike | None = None) -> ModelDefaults:
     held = tuple(str(x) for x in held if "{}" in str(x)) if isinstance(held, list) else ()
     t5 = raw.get("t5_length")
     t5 = t5 if isinstance(t5, int) and not isinstance(t5, bool) and 1 <= t5 <= 4096 else None
+    demo = raw.get("demo")
+    demo = tuple((str(k), v) for k, v in demo.items() if isinstance(v, (str, int, float, bool))) if isinstance(demo, dict) else ()
     return ModelDefaults(guidance, family if isinstance(family, str) else None, _scope(raw.get("scope")), held,
-                         raw.get("true_cfg") is True, t5)
+                         raw.get("true_cfg") is True, t5, demo)
 
 
 def _scope(raw) -> Scope | None:
