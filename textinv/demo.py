@@ -178,17 +178,19 @@ def render_bias_set(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def run_bias(out: Path, seed: int = 0, n: int = 60, steps: int = 300, lr: str = "5e-3", model: str | None = None,
+def run_bias(out: Path, seed: int = 0, n: int = 60, steps: int = 300, lr: str | None = None, model: str | None = None,
              echo=click.echo, values: list[str] | None = None, named: bool = True) -> dict:
     """``textinv bias ball --attribute colour --images CURATED --named`` on the mini world's biased
-    word: the same command, with the curated set rendered and the world's templates."""
+    word: the same command, with the curated set rendered and the world's templates; the learning
+    rates the model's demo settings give (``lr`` None)."""
+    tuned = DemoSettings.for_model(model)
     out.mkdir(parents=True, exist_ok=True)
     echo(f"rendering the curated set, {CURATED_PER_VALUE} pictures of {spec.BIASED['shape']!r} per colour → {out / 'curated'}, "
          f"and loading the model")
     curated = render_bias_set(out / "curated", seed)
     run = bias.BiasRun(word=spec.BIASED["shape"], attribute="colour", values=values or spec.labels("colour"), images=str(curated),
                        templates=str(world_templates(out, captions=True)), model=model, n=n, seed=seed, steps=steps,
-                       lr=lr, named=named, out=str(out))
+                       lr=lr or tuned.lr, named=named, out=str(out), extra={"lr_t5": tuned.lr_t5} if tuned.lr_t5 else {})
     result = bias.run_bias(run, echo=echo)
     echo("\n" + bias.format_table(result))
     echo(f"wrote {out}/bias.json, bias.png, report.html")
