@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Issue 18, point 6: the training-speed table (benchmarks/train_speed.py) on a CUDA GPU for SD 1.5,
-# SD 2.1 and SDXL, built from their published configs with random weights (nothing downloaded), at
-# fp32, bf16 and fp16; 20 steps after 5 warm-up steps, batch 1, native resolution.  About 8 minutes.
+# Issue 18, point 6 and issue 31, point 3: the training-speed table (benchmarks/train_speed.py) on a
+# CUDA GPU for SD 1.5, SD 2.1, SDXL, SD3 medium and FLUX.1-dev, built from their published configs with
+# random weights (nothing downloaded), at fp32, bf16 and fp16 (FLUX.1-dev: bf16 and fp16, see
+# PRECISION_FLUX); 20 steps after 5 warm-up steps, batch 1, native resolution (SD3/Flux: 1024), all
+# blocks.  Expected time: about 8 minutes for sd15, sd21 and sdxl, then about 5 for sd3 and 10 for
+# flux (estimates, not yet run: each builds and saves its model — Flux.1: 34 GB of bf16 on disk — and
+# loads it once per loop and precision), so about 25 minutes in all, at most the sum of the limits
+# below (34 minutes).  Where one command may run only 10 minutes, run ARCHS="sd15 sd21 sdxl", ARCHS=sd3
+# and ARCHS=flux as three commands.
 #
 # Assumes a machine without network, and installs nothing from it:
 #   * Python: $PYTHON if set, else the first of .venv/bin/python, python3, python whose torch sees a GPU.
@@ -14,16 +20,20 @@
 #
 #   bash benchmarks/gpu_check.sh
 #   STEPS=10 WARMUP=3 ARCHS="sd15 sdxl" PRECISION=bf16,fp16 bash benchmarks/gpu_check.sh
-# Per-architecture time limits (seconds): LIMIT_SD15, LIMIT_SD21, LIMIT_SDXL; rows measured before a
-# limit is reached are already printed.
+# Per-architecture time limits (seconds): LIMIT_SD15, LIMIT_SD21, LIMIT_SDXL, LIMIT_SD3, LIMIT_FLUX;
+# rows measured before a limit is reached are already printed.  flux runs PRECISION_FLUX (default
+# bf16,fp16) instead of PRECISION: FLUX.1-dev in fp32 is 67 GB of weights before any training, more
+# than an 80 GB card holds with its training.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 STEPS=${STEPS:-20}
 WARMUP=${WARMUP:-5}
-ARCHS=${ARCHS:-"sd15 sd21 sdxl"}
+ARCHS=${ARCHS:-"sd15 sd21 sdxl sd3 flux"}
 PRECISION=${PRECISION:-fp32,bf16,fp16}
-declare -A LIMIT=([sd15]=${LIMIT_SD15:-100} [sd21]=${LIMIT_SD21:-120} [sdxl]=${LIMIT_SDXL:-240})
+declare -A LIMIT=([sd15]=${LIMIT_SD15:-100} [sd21]=${LIMIT_SD21:-120} [sdxl]=${LIMIT_SDXL:-240}
+                  [sd3]=${LIMIT_SD3:-480} [flux]=${LIMIT_FLUX:-1080})
+declare -A PRECISIONS=([flux]=${PRECISION_FLUX:-bf16,fp16})
 
 sees_gpu() { "$1" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; }
 
@@ -60,7 +70,7 @@ for arch in $ARCHS; do
     echo
     echo "== $arch (limit ${LIMIT[$arch]:-240} s)"
     timeout --signal=INT --kill-after=20 "${LIMIT[$arch]:-240}" \
-        "$PY" benchmarks/train_speed.py --arch "$arch" --device cuda --precision "$PRECISION" \
+        "$PY" benchmarks/train_speed.py --arch "$arch" --device cuda --precision "${PRECISIONS[$arch]:-$PRECISION}" \
         --steps "$STEPS" --warmup "$WARMUP"
     rc=$?
     if [ $rc -ne 0 ]; then
