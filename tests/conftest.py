@@ -145,11 +145,12 @@ def sdxl_pipe():
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Every test that uses ``demo_word`` joins one xdist group: one worker trains the word, once;
-    and the longest tests go first."""
+    """Every test that uses ``demo_word`` (or ``flow_word``) joins one xdist group: one worker trains
+    the word, once; and the longest tests go first."""
     for item in items:
-        if "demo_word" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("demo_word"))
+        for word in ("demo_word", "flow_word"):
+            if word in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(word))
     # The longest tests first (slow: learning, a minute or two; long: ten seconds or more): pytest-xdist
     # hands out one test at a time, so the quick ones then even out the workers' loads, and no worker
     # starts a long test while the other has nothing left.  Stable: otherwise collection order.
@@ -174,6 +175,26 @@ def demo_word(tmp_path_factory):
                    steps=s.steps, templates=str(world_templates(root, captions=s.captions)), flip=False, seed=0,
                    out=str(root / "run"), pipe=load_pipeline(), progress=False)
     return SimpleNamespace(concept=concept, images=root / "images", path=result.embedding_path, init=INIT_WORD)
+
+
+@pytest.fixture(scope="session")
+def flow_word(tmp_path_factory):
+    """``demo_word`` on the built-in Flux.1-shaped model (mini-flow), with its own demo settings (its
+    textinv.json): concept "drop", seed 0, trigger ``<t>``; trained once per session."""
+    from types import SimpleNamespace
+
+    from textinv.demo import INIT_WORD, DemoSettings, render_training_set, world_templates
+    from textinv.models import load_pipeline
+    from textinv.training import train
+
+    root = tmp_path_factory.mktemp("flow-word")
+    concept, s = "drop", DemoSettings.for_model("mini-flow")
+    render_training_set(concept, root / "images", seed=0, captions=s.captions)
+    result = train(images=str(root / "images"), token="<t>", init=INIT_WORD, vectors=s.vectors, lr=s.lr, lr_t5=s.lr_t5,
+                   encoders=s.encoders, batch=s.batch, steps=s.steps, templates=str(world_templates(root, captions=s.captions)),
+                   flip=False, seed=0, out=str(root / "run"), pipe=load_pipeline("mini-flow"), progress=False)
+    return SimpleNamespace(concept=concept, images=root / "images", path=result.embedding_path, init=INIT_WORD,
+                           steps=result.steps)
 
 
 @pytest.fixture
