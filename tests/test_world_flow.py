@@ -110,3 +110,16 @@ def test_built_in_models_are_named_and_missing_ones_say_so(tmp_path, monkeypatch
     monkeypatch.setitem(models.BUILT_IN, "mini-flow", tmp_path / "absent")
     with pytest.raises(TextinvError, match=r"^the built-in mini-flow model is not installed at "):
         models.resolve_model("mini-flow")
+
+
+def test_the_committed_mini_flow_is_a_plain_flux_pipeline_with_its_own_settings():
+    folder = models.MINI_FLOW_PATH
+    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) <= 30 << 20  # the limit
+    assert all(f.stat().st_size < 8 << 20 for f in folder.rglob("*.safetensors"))  # fp16 weights
+    pipe = FluxPipeline.from_pretrained(str(folder))  # diffusers alone, no dtype given: a consistent fp32 pipeline
+    assert {p.dtype for p in pipe.text_encoder_2.parameters()} == {torch.float32}
+    assert families.of_pipeline(pipe).name == "the textinv mini-flow model"
+    own = models.defaults("mini-flow")
+    assert own.true_cfg and own.t5_length == flow_base.T5_LENGTH and own.scope.image_size == 32
+    assert DemoSettings.for_model("mini-flow").lr_t5 == flow_base.DEMO["lr_t5"]
+    assert generation.default_size(pipe) == (32, 32)
