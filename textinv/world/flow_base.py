@@ -42,7 +42,7 @@ SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False
 T5_LENGTH = 32  # the world's captions are short: T5 prompts are padded to this many tokens
 # `textinv demo`'s settings on it: T5's token rows have norms near 8 (CLIP's near 0.2), so its vectors
 # take a larger step.  Measured on v1 (concept drop, seed 0, 16 images a prompt): --lr-t5 0.05 fidelity
-# 0.81 / editability 0.67; 0.1: 0.75 / 0.69; 0.3: 0.56 / 0.56; 5e-3 (the --lr): the T5 vectors barely move.
+# 0.81 / editability 0.67; 0.1: 0.75 / 0.69; 0.3: 0.56 / 0.56; 5e-3 (the --lr): 0.06 / 0.00 (nothing learned).
 DEMO = {"lr_t5": "0.05"}
 
 
