@@ -54,7 +54,7 @@ def test_unknown_hub_id_offline_is_one_clear_line(monkeypatch):
 def test_default_model_is_the_mini_folder(tmp_path, monkeypatch):
     import textinv.models as models
 
-    monkeypatch.setattr(models, "MINI_PATH", tmp_path / "mini")
+    monkeypatch.setitem(models.BUILT_IN, "mini", tmp_path / "mini")
     with pytest.raises(TextinvError, match="mini model is not installed"):
         load_pipeline()
     make_sd().save_pretrained(tmp_path / "mini")

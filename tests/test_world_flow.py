@@ -27,7 +27,8 @@ def test_a_few_steps_make_a_flux_pipeline_textinv_uses(tmp_path):
                                         threads=1)
     assert summary["steps"] == 4 and summary["final_loss"] > 0
     pipe = FluxPipeline.from_pretrained(str(tmp_path / "mini-flow"), dtype=torch.float32)
-    assert families.of_pipeline(pipe) is families.FLUX and not pipe.transformer.config.guidance_embeds
+    family = families.of_pipeline(pipe)  # shaped like Flux.1, with mini-flow's widths: the built-in model's row
+    assert family.name == "the textinv mini-flow model" and family.joins == "flux" and not pipe.transformer.config.guidance_embeds
     tok = pipe.tokenizer_2
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
     assert tok.tokenize("a red circle") == ["▁a", "▁red", "▁circle"] and tok("a red circle")["input_ids"][-1] == 1

@@ -184,13 +184,14 @@ def valid_keys(keys) -> bool:
 
 def of_vectors(vectors: Mapping) -> Family | None:
     """The family a vector set ({slot: tensor or width}) was made for: the slot keys say, and where
-    several families share them, the widths; None when neither does."""
+    several families share them, the widths; where none fits, a several-encoder layout is the first
+    family's with those keys (Flux.1's before a built-in model shaped like it); None otherwise."""
     widths = _widths(vectors)
     same = by_keys(widths)
     fitting = [f for f in same if f.fits([widths[k] for k in f.keys])]
     if fitting:
         return fitting[0]
-    return same[0] if len(same) == 1 else None
+    return same[0] if len(same) == 1 or (same and len(widths) > 1) else None
 
 
 def of_embedding(emb) -> Family | None:
