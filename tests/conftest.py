@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -222,3 +224,12 @@ def malicious_pt(path: Path, marker: Path, how: str = "system", zipfile: bool = 
     payload = {"string_to_token": {"*": 265}, "string_to_param": {"*": torch.zeros(1, 768)}, "name": Touch(how, marker)}
     torch.save(payload, path, _use_new_zipfile_serialization=zipfile)
     return path
+
+
+def torchrun_train(*args: str) -> subprocess.CompletedProcess:
+    """``textinv train ARGS`` as `accelerate launch` / torchrun runs it on two GPUs, here two CPU
+    processes (gloo), one torch thread each, offline."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "textinv", "train",
+           *args]
+    return subprocess.run(cmd, env=env, capture_output=True, timeout=300)

@@ -28,7 +28,7 @@ from textinv.errors import TextinvError
 from textinv.interrupts import Interrupted
 from textinv.training import TrainingDiverged, init_vectors, lr_at, parse_lr, parse_timesteps, train
 
-from conftest import make_sd, make_sdxl
+from conftest import make_sd, make_sdxl, torchrun_train
 
 
 def shapes(folder: Path, n: int = 3, size=(40, 48)) -> Path:
@@ -359,11 +359,8 @@ def test_two_processes_train_data_parallel_and_write_once(tmp_path):
     model = tmp_path / "model"
     make_sd().save_pretrained(model)
     imgs = shapes(tmp_path / "imgs")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "textinv", "train",
-           "--model", str(model), "--images", str(imgs), "--token", "<d>", "--steps", "4", "--batch", "2",
-           "--out", str(tmp_path / "run")]
-    res = subprocess.run(cmd, env=env, capture_output=True, timeout=300)
+    res = torchrun_train("--model", str(model), "--images", str(imgs), "--token", "<d>", "--steps", "4", "--batch", "2",
+                         "--out", str(tmp_path / "run"))
     assert res.returncode == 0, res.stderr.decode()[-2000:]
     assert res.stdout.decode().count("wrote ") == 1  # only the main process reports and writes
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 4

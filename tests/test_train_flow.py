@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -28,7 +25,7 @@ from textinv.errors import TextinvError
 from textinv.formats import Embedding
 from textinv.training import TrainConfig, init_vectors, train
 
-from conftest import make_sd, red_blocks
+from conftest import make_sd, red_blocks, torchrun_train
 from test_eval import tiny_clip, tiny_dino  # noqa: F401 - fixtures
 from test_flow_use import reference
 from tiny_flow import tiny_flux_pipeline, tiny_sd3_pipeline
@@ -308,11 +305,8 @@ def test_two_processes_train_a_flux_embedding_data_parallel(imgs, tmp_path):
     """`accelerate launch` / torchrun on a Flux.1 model: two CPU processes (gloo), one file written."""
     model = tmp_path / "flux"
     tiny_flux_pipeline().save_pretrained(model)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "textinv", "train",
-           "--model", str(model), "--images", str(imgs), "--token", "<d>", "--steps", "3", "--batch", "2",
-           "--resolution", "32", "--no-early-stop", "--out", str(tmp_path / "run")]
-    res = subprocess.run(cmd, env=env, capture_output=True, timeout=300)
+    res = torchrun_train("--model", str(model), "--images", str(imgs), "--token", "<d>", "--steps", "3", "--batch", "2",
+                         "--resolution", "32", "--no-early-stop", "--out", str(tmp_path / "run"))
     assert res.returncode == 0, res.stderr.decode()[-2000:]
     assert res.stdout.decode().count("wrote ") == 1
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 3

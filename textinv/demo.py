@@ -51,8 +51,8 @@ class DemoSettings:
     @classmethod
     def for_model(cls, model: str | None = None) -> "DemoSettings":
         """These defaults with the model's own demo settings over them (its textinv.json "demo")."""
-        fields = {f.name: f.type for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in defaults(model).demo if k in fields})
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in defaults(model).demo if k in names})
 
 
 def world_templates(out: Path, captions: bool = False) -> Path:

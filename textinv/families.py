@@ -120,10 +120,14 @@ def like(base: Family, name: str, *widths: int) -> Family:
 
 
 # ------------------------------------------------------------------------------------- pipelines
+def kind_of(model_type) -> str:
+    """"t5" for a T5 (or UMT5) config's ``model_type``, else "clip": what a slot's ``kind`` says."""
+    return "t5" if str(model_type) in ("t5", "umt5") else "clip"
+
+
 def encoder_kind(text_encoder) -> str:
-    """"t5" for a T5 (or UMT5) encoder, else "clip": what a slot's ``kind`` says."""
-    model_type = str(getattr(getattr(text_encoder, "config", None), "model_type", ""))
-    return "t5" if model_type in ("t5", "umt5") else "clip"
+    """A loaded encoder's kind (:func:`kind_of` its config's model type)."""
+    return kind_of(getattr(getattr(text_encoder, "config", None), "model_type", ""))
 
 
 def of_pipeline(pipe) -> Family:

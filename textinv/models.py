@@ -185,7 +185,8 @@ def _register_families() -> None:
         family = defaults(path).family
         configs = _encoder_configs(path)
         shapes = [f for f in families.FAMILIES
-                  if all(s.text_encoder in configs and _kind(configs[s.text_encoder]) == s.kind for s in f.slots)]
+                  if all(s.text_encoder in configs and families.kind_of(configs[s.text_encoder].get("model_type")) == s.kind
+                         for s in f.slots)]
         if family and shapes:
             base = max(shapes, key=lambda f: len(f.slots))
             widths = [configs[s.text_encoder].get("hidden_size", configs[s.text_encoder].get("d_model")) for s in base.slots]
@@ -201,11 +202,6 @@ def _encoder_configs(path: Path) -> dict:
         except (OSError, ValueError):
             continue
     return configs
-
-
-def _kind(config: dict) -> str:
-    """A config's encoder kind, as :func:`textinv.families.encoder_kind` tells a loaded encoder's."""
-    return "t5" if config.get("model_type") in ("t5", "umt5") else "clip"
 
 
 def resolve_model(model: str | os.PathLike | None) -> str:
