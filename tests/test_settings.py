@@ -64,6 +64,17 @@ def test_every_setting_is_a_train_option_or_says_why():
     assert extra == {f.name + OFF for f in FIELDS if settings.spec(f).off}  # --no-latent-cache
 
 
+def test_the_measured_saves_declared_for_the_form_are_trains_own_options():
+    options = {p.name: p for p in train_command.params}
+    assert {f.name for f in settings.measure_fields()} == MEASURING
+    for f in settings.measure_fields():
+        s, opt = settings.spec(f), options[f.name]
+        assert opt.opts[0] == settings.flag_of(f) and opt.help == s.help, f.name
+        if not opt.is_flag:  # a lone flag is off by default
+            assert opt.default == settings.default_of(f), f.name
+        assert s.form and s.group == settings.MEASURING, f.name
+
+
 def test_the_flags_the_docs_use_are_train_options():
     opts = {o for p in train_command.params for o in p.opts + p.secondary_opts}
     used = set()

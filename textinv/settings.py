@@ -26,7 +26,11 @@ MODES = ("object", "style", "replace")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 MAX_RESOLUTION = 2048  # SDXL trains at 1024; 2048 px already needs tens of GB per image in the UNet
 MAX_SEED = 2**63 - 1
-MAIN, MORE = "main", "more"  # where the web form shows a setting: up front, or under "More settings"
+MAIN, MORE = "main", "more"  # where the web form shows a setting: up front, or in its group's folded section
+# The web form's groups of settings (Setting.group), in the form's order, with their titles.
+WORD, DATA, SCHEDULE, SPEED, SAVING, MEASURING = "word", "data", "schedule", "speed", "saving", "measuring"
+GROUPS = {WORD: "Word", DATA: "Data", SCHEDULE: "Schedule", SPEED: "Precision and speed", SAVING: "Saving",
+          MEASURING: "Measured saves"}
 ALWAYS = object()  # Setting.older: every state file has held this setting
 # Help texts the CLI's other commands share with their own --config / --clip-skip.
 CONFIG_HELP = "For a single-file --model: a diffusers folder or hub id with the same architecture's configs (needed offline)."
@@ -55,6 +59,7 @@ class Setting:
     show_default: bool = True  # CLI: --help shows the default (not where the help text says it)
     cli_why_not: str = ""  # not a CLI option, and why
     form: str = ""  # the web form shows it: MAIN or MORE
+    group: str = ""  # on the form: its group of settings (GROUPS), a folded section for the MORE ones
     form_why_not: str = ""  # not on the web form, and why
     example: str = ""  # the web form's placeholder
     hint: str = ""  # the web form's hint, where the help text says nothing (default: the help text)
@@ -76,95 +81,99 @@ class TrainConfig:
     images: str = _setting(label="Images", help="Folder of 3–5+ images (jpg/png/webp/bmp; IMG.txt sidecar captions).",
                            identity=True, path="path", form_why_not="the form's picture drop zone or folder box")
     token: str = _setting(label="Token", help="The new trigger word (or, with --mode replace, the existing word to re-learn).",
-                          identity=True, nonempty=True, rule="give the new trigger word, e.g. <my-cat>", form=MAIN,
+                          identity=True, nonempty=True, rule="give the new trigger word, e.g. <my-cat>", form=MAIN, group=WORD,
                           example="<my-cat>")
     model: str | None = _setting(None, label="Model", help=MODEL_HELP, identity=True, short="-m", form_why_not=THE_APPS)
     model_config: str | None = _setting(None, label="Model configs", help=CONFIG_HELP, identity=False, flag="--config",
                                         form_why_not=THE_APPS)
     init: str | None = _setting(None, label="Init text", help="Init text; several tokens are spread over the vectors (A1111). "
-                                "Default '*', or the word itself in replace mode.", identity=True, form=MAIN,
+                                "Default '*', or the word itself in replace mode.", identity=True, form=MAIN, group=WORD,
                                 example="cat (default '*')")
     vectors: int = _setting(1, label="Vectors", help="Vectors per token.", identity=True, low=1, high=formats.MAX_VECTORS,
-                            form=MAIN)
+                            form=MAIN, group=WORD)
     encoders: str | None = _setting(None, label="Encoders", help="The text encoders that learn, comma-separated slot "
                                     "names (SD3: clip_l,clip_g,t5; Flux.1: clip_l,t5; SDXL: clip_l,clip_g); the "
                                     "others keep the init text's vectors. Default: all.", identity=True, older=None,
-                                    form=MORE, example="all (e.g. t5)")
+                                    form=MORE, group=WORD, example="all (e.g. t5)")
     per_layer: bool = _setting(False, label="Per layer (P+)", help="P+: learn one set of vectors per UNet cross-attention "
                                "layer (SD 1.x/2.x; saved as --format per-layer, or xti for kohya).", identity=True,
-                               older=False, form=MORE)
-    mode: str = _setting("object", label="Mode", help="", identity=True, choices=MODES, form=MAIN)
+                               older=False, form=MORE, group=WORD)
+    mode: str = _setting("object", label="Mode", help="", identity=True, choices=MODES, form=MAIN, group=WORD)
     templates: str | None = _setting(None, label="Templates", help="'object', 'style' or a file of templates with "
-                                     "[name]/{} and [filewords]. Default: by --mode.", identity=True, form=MORE)
-    steps: int = _setting(500, label="Steps", help="", identity=False, low=1, form=MAIN,
+                                     "[name]/{} and [filewords]. Default: by --mode.", identity=True, form=MORE, group=WORD)
+    steps: int = _setting(500, label="Steps", help="", identity=False, low=1, form=MAIN, group=SCHEDULE,
                           hint="The most a run takes: it stops once the word is learned (Early stopping).")
     lr: str = _setting("5e-3", label="Learning rate", help="A number, or an A1111 schedule like '0.005:100, 1e-3:1000, 1e-5'.",
-                       identity=True, form=MORE)
+                       identity=True, form=MORE, group=SCHEDULE)
     lr_t5: str | None = _setting(None, label="T5 learning rate", help="The T5 vectors' learning rate (SD3, Flux.1): "
                                  "a number or a schedule, as --lr. Default: --lr.", identity=True, older=None, form=MORE,
-                                 example="the learning rate")
-    batch: int = _setting(4, label="Batch", help="", identity=True, low=1, form=MORE, hint="Image views per batch.")
-    grad_accum: int = _setting(1, label="Gradient accumulation", help="", identity=True, low=1, form=MORE,
+                                 group=SCHEDULE, example="the learning rate")
+    batch: int = _setting(4, label="Batch", help="", identity=True, low=1, form=MORE, group=SCHEDULE,
+                          hint="Image views per batch.")
+    grad_accum: int = _setting(1, label="Gradient accumulation", help="", identity=True, low=1, form=MORE, group=SCHEDULE,
                                hint="Batches averaged per optimizer step: a larger batch in the same memory.")
     timesteps: str = _setting("all", label="Timesteps", help="LOW:HIGH: train on these noise levels only (of 1000), e.g. "
-                              "300:1000 to re-learn a word's colours (replace mode).", identity=True, older="all", form=MORE)
+                              "300:1000 to re-learn a word's colours (replace mode).", identity=True, older="all", form=MORE,
+                              group=WORD)
     guidance: float = _setting(1.0, label="Training guidance", help="Fit the prediction the sampler uses at this "
                                "classifier-free guidance scale (e.g. 4); 1: the plain loss.", identity=True, older=1.0,
-                               low=1, rule="at least 1, where 1 is the plain conditional loss", form=MORE)
+                               low=1, rule="at least 1, where 1 is the plain conditional loss", form=MORE, group=WORD)
     resolution: int | None = _setting(None, label="Resolution", help="Training size in pixels, a multiple of the VAE's "
                                       "factor (default: the model's native size).", identity=True, low=8, high=MAX_RESOLUTION,
-                                      rule=f"must be between 8 and {MAX_RESOLUTION} pixels", form=MORE,
+                                      rule=f"must be between 8 and {MAX_RESOLUTION} pixels", form=MORE, group=DATA,
                                       example="the model's native size")
     crops: int = _setting(1, label="Crops", help="Views per image: a centre crop plus random crops.", identity=True, low=1,
-                          form=MORE)
-    flip: bool = _setting(True, label="Flip", help="Also train on mirrored views.", identity=True, form=MORE)
+                          form=MORE, group=DATA)
+    flip: bool = _setting(True, label="Flip", help="Also train on mirrored views.", identity=True, form=MORE, group=DATA)
     buckets: bool | None = _setting(None, label="Buckets", help="Aspect-ratio buckets: each image kept whole at about the "
                                     "training area (default: on when some image is not square; off: centre crops).",
-                                    identity=True, older=None, form=MORE)
+                                    identity=True, older=None, form=MORE, group=DATA)
     captions: bool | None = _setting(None, label="Captions", help="Use IMG.txt sidecar captions (A1111's [filewords]; "
-                                     "default: on when any image has one).", identity=True, older=None, form=MORE)
+                                     "default: on when any image has one).", identity=True, older=None, form=MORE, group=DATA)
     shuffle_captions: bool = _setting(False, label="Shuffle captions", help="Shuffle each caption's comma-separated tags "
-                                      "every step.", identity=True, older=False, form=MORE)
+                                      "every step.", identity=True, older=False, form=MORE, group=DATA)
     keep_tokens: int = _setting(0, label="Keep tokens", help="With shuffling/dropout: keep the first N tags in place.",
-                                identity=True, older=0, low=0, form=MORE)
+                                identity=True, older=0, low=0, form=MORE, group=DATA)
     caption_dropout: float = _setting(0.0, label="Caption dropout", help="Drop each tag (after --keep-tokens) with this "
                                       "probability, every step.", identity=True, older=0.0, low=0, high=1, high_open=True,
-                                      rule="must be a probability in [0, 1)", form=MORE)
+                                      rule="must be a probability in [0, 1)", form=MORE, group=DATA)
     alpha_mask: bool = _setting(False, label="Alpha mask", help="Weight the loss by the images' transparency: a cut-out "
-                                "teaches its subject, not its background.", identity=True, older=False, form=MORE)
+                                "teaches its subject, not its background.", identity=True, older=False, form=MORE, group=DATA)
     lr_warmup: int = _setting(0, label="Warm-up steps", help="Steps of linear warm-up to --lr.", identity=True, older=0,
-                              low=0, form=MORE)
+                              low=0, form=MORE, group=SCHEDULE)
     lr_schedule: str = _setting("constant", label="Learning-rate schedule", help="After the warm-up: keep --lr, or decay it "
-                                "to 0 at the last step.", identity=True, older="constant", choices=LR_SCHEDULES, form=MORE)
+                                "to 0 at the last step.", identity=True, older="constant", choices=LR_SCHEDULES, form=MORE,
+                                group=SCHEDULE)
     preserve_norm: bool = _setting(False, label="Preserve norm", help="After every step, rescale each learned vector "
                                    "to the median norm of its encoder's vocabulary (OneTrainer's option).",
-                                   identity=True, older=False, form=MORE)
-    seed: int = _setting(0, label="Seed", help="", identity=True, low=0, high=MAX_SEED, form=MORE)
+                                   identity=True, older=False, form=MORE, group=WORD)
+    seed: int = _setting(0, label="Seed", help="", identity=True, low=0, high=MAX_SEED, form=MORE, group=SCHEDULE)
     precision: str = _setting("fp32", label="Precision", help="The frozen model's precision (fp16: GPUs only, with loss "
-                              "scaling); learned vectors always stay fp32.", identity=True, choices=tuple(DTYPES), form=MORE)
+                              "scaling); learned vectors always stay fp32.", identity=True, choices=tuple(DTYPES), form=MORE,
+                              group=SPEED)
     clip_skip: int = _setting(1, label="Clip skip", help=CLIP_SKIP_HELP, identity=True, older=1, low=1, show_default=False,
-                              form=MORE)
+                              form=MORE, group=WORD)
     grad_checkpointing: bool = _setting(False, label="Gradient checkpointing", help="Recompute the UNet's activations in "
-                                        "the backward pass: less memory, more time.", identity=False, form=MORE)
-    compile: bool = _setting(False, label="Compile", help="torch.compile the UNet.", identity=False, form=MORE)
+                                        "the backward pass: less memory, more time.", identity=False, form=MORE, group=SPEED)
+    compile: bool = _setting(False, label="Compile", help="torch.compile the UNet.", identity=False, form=MORE, group=SPEED)
     weight_decay: float = _setting(0.0, label="Weight decay", help="AdamW's weight decay on the learned vectors.",
                                    identity=True, low=0, cli_why_not="the Python API's only: the CLI and the form keep "
                                    "A1111's 0", form_why_not="the Python API's only: the CLI and the form keep A1111's 0")
     early_stop: bool = _setting(True, label="Early stopping", help="Stop once the loss of a fixed evaluation batch has "
                                 "flattened (the word is learned); --steps is then the most a run may take. --no-early-stop "
-                                "trains exactly --steps.", identity=False, form=MORE)
+                                "trains exactly --steps.", identity=False, form=MORE, group=SCHEDULE)
     eval_every: int = _setting(5, label="Evaluate every", help="Score the evaluation batch every N steps (early stopping).",
-                               identity=True, older=5, low=1, form=MORE)
+                               identity=True, older=5, low=1, form=MORE, group=SCHEDULE)
     eval_batch: int = _setting(8, label="Evaluation batch", help="Items in the evaluation batch (early stopping).",
                                identity=True, older=8, low=1, rule="at least 1 item, scored every --eval-every steps",
-                               form=MORE)
+                               form=MORE, group=SCHEDULE)
     save_every: int = _setting(0, label="Save every", help="Also save NAME-STEP every N steps (and a resume point).",
-                               identity=False, low=0, rule="0 (off) or a number of steps", form=MORE)
+                               identity=False, low=0, rule="0 (off) or a number of steps", form=MORE, group=SAVING)
     preview_every: int = _setting(0, label="Preview every", help="Write a fixed-seed preview grid every N steps.",
-                                  identity=False, low=0, rule="0 (off) or a number of steps", form=MORE)
+                                  identity=False, low=0, rule="0 (off) or a number of steps", form=MORE, group=SAVING)
     preview_prompts: list[str] = _setting(factory=list, label="Preview prompts", help="The previews' prompts, one a line "
                                           "(default: the first template with the trigger).", identity=False,
-                                          cli_why_not=NOT_A_FLAG, form=MORE)
+                                          cli_why_not=NOT_A_FLAG, form=MORE, group=SAVING)
     format: str = _setting("diffusers", label="Format", help="With --per-layer: per-layer (what the default means there) or "
                            "xti (kohya's, SD 1.x/2.x UNets).", identity=False,
                            choices=formats.SAVE_FORMATS + formats.PER_LAYER_FORMATS,
@@ -172,7 +181,8 @@ class TrainConfig:
     out: str | None = _setting(None, label="Output folder", help="Output folder (default runs/TOKEN).", identity=False,
                                path="path", form_why_not="the app gives every run its own folder (WORKDIR/runs/DATE-TOKEN)")
     resume: bool = _setting(False, label="Resume", help="Continue the run in --out from its last save.", identity=False,
-                            form_why_not="every run from the form starts in a new folder")
+                            form_why_not="every run from the form starts in a new folder; the Train tab's "
+                            "Resume button goes on with the last run stopped from the page")
     progress: bool = _setting(True, label="Progress bar", help="Draw a progress bar in the terminal.", identity=False,
                               cli_why_not="the CLI always draws it", form_why_not="the page shows its own progress")
     latent_cache: str | None = _setting(None, label="Latent cache", help="Keep the views' VAE latents here, so the next run on "
@@ -198,6 +208,33 @@ class TrainConfig:
         return native if fmt == "diffusers" and native in formats.FLOW_LAYOUTS else fmt
 
 
+
+@dataclass
+class MeasureConfig:
+    """``textinv train``'s measured saves (--pick-best, --patience): not settings of the run itself
+    (``train_measured`` takes them beside it), declared here so that the web form is generated
+    from them as from TrainConfig.  The CLI declares its own options; a test keeps them alike."""
+
+    pick_best: bool = _setting(False, label="Pick best", help="Measure every save (as textinv eval does) and make the "
+                               "recommended step the final embedding.", identity=False, form=MORE, group=MEASURING)
+    patience: int | None = _setting(None, label="Patience", help="Measure every save and stop once N saves in a row "
+                                    "bring no better fidelity × editability score.", identity=False, low=1, form=MORE,
+                                    group=MEASURING, example="off (e.g. 3)")
+    eval_n: int = _setting(8, label="Images per prompt (measuring)", help="Images per prompt when measuring saves "
+                           "(--pick-best / --patience).", identity=False, low=1, form=MORE, group=MEASURING)
+    concept: str | None = _setting(None, label="Concept", help="Mini world: the shape the judge should see (default: "
+                                   "read off the training images).", identity=False, form=MORE, group=MEASURING)
+    clip: str | None = _setting(None, label="CLIP weights", help="CLIP weights (folder or hub id) for measuring saves "
+                                "on real models.", identity=False, form=MORE, group=MEASURING)
+    dino: str | None = _setting(None, label="DINO weights", help="DINO weights (folder or hub id) for measuring saves "
+                                "on real models.", identity=False, form=MORE, group=MEASURING)
+
+    @property
+    def measures(self) -> bool:
+        """Whether the run's saves are measured (train_measured) rather than a plain run."""
+        return self.pick_best or self.patience is not None
+
+
 # ------------------------------------------------------------------------------ reading the table
 def fields() -> tuple[dataclasses.Field, ...]:
     return dataclasses.fields(TrainConfig)
@@ -219,7 +256,7 @@ def default_of(f: dataclasses.Field):
 
 @functools.cache
 def _hints() -> dict:
-    return typing.get_type_hints(TrainConfig)
+    return typing.get_type_hints(TrainConfig) | typing.get_type_hints(MeasureConfig)
 
 
 def kind_of(f: dataclasses.Field) -> tuple[type, bool]:
@@ -237,6 +274,11 @@ def cli_fields() -> list[dataclasses.Field]:
 
 def form_fields() -> list[dataclasses.Field]:
     return [f for f in fields() if spec(f).form]
+
+
+def measure_fields() -> tuple[dataclasses.Field, ...]:
+    """The measured saves' settings (:class:`MeasureConfig`): the web form shows them after TrainConfig's."""
+    return dataclasses.fields(MeasureConfig)
 
 
 def defaults() -> dict:
@@ -293,6 +335,15 @@ def check(cfg: TrainConfig) -> None:
     parse_encoders(cfg.encoders)
     parse_timesteps(cfg.timesteps)
     templates_of(cfg)  # a bad --templates fails before the model loads
+
+
+def check_measuring(m: MeasureConfig) -> None:
+    """The measured saves' values, in the same words as :func:`check` uses for the run's."""
+    for f in measure_fields():
+        value = getattr(m, f.name)
+        problem = _problem(f, value)
+        if problem:
+            raise TextinvError(f"{spec(f).label}: {problem} ({flag_of(f)} {value!r})")
 
 
 def _problem(f: dataclasses.Field, value) -> str | None:
