@@ -266,3 +266,27 @@ def test_init_is_refused_where_it_cannot_apply(tmp_path):
         bias.run_bias(bias.BiasRun(word="ball", attribute="colour", values=["red", "blue"], recipe="replace", init="value"))
     with pytest.raises(TextinvError, match="--init: empty"):
         bias.run_bias(bias.BiasRun(word="ball", attribute="colour", values=["red", "blue"], init=" "))
+
+
+def test_a_stopped_run_keeps_its_training_state_writes_no_report_and_the_same_out_resumes(tmp_path, tiny_clip):  # noqa: F811
+    from textinv import runs
+
+    pipe = make_sd()
+    for v in ("man", "woman"):
+        (tmp_path / "set" / v).mkdir(parents=True)
+        for i in range(2):
+            _picture(tmp_path / "set" / v / f"{i}.png", "a doctor at work")
+    run = bias.BiasRun(word="doctor", attribute="gender", values=["man", "woman"], images=str(tmp_path / "set"),
+                       clip=str(tiny_clip), n=2, sample_steps=2, steps=3, out=str(tmp_path / "out"))
+    lines = []
+    training = lambda: any(line.startswith("learning one token") for line in lines)  # noqa: E731 - stop once it trains
+    with pytest.raises(bias.Stopped, match=r"^stopped on request at step 1 of training '<doctor-man>'"):
+        bias.run_bias(run, pipe=pipe, echo=lines.append, stop=training)
+    where = runs.inner(tmp_path / "out") / "doctor-man"
+    assert runs.has_state(where) and runs.read_state(where)["step"] == 1  # resumable
+    assert not list((tmp_path / "out").glob("bias.*")) and not (tmp_path / "out" / "report.html").exists()
+    assert not (tmp_path / "out" / "embeddings").exists()  # no token is shelved half-trained
+    assert not __import__("textinv").tokens.state(pipe).names  # the model is left clean
+    result = bias.run_bias(run, pipe=pipe)  # the same --out: the token goes on from step 1
+    assert result["after"] is not None and (tmp_path / "out" / "bias.json").exists()
+    assert runs.read_state(where)["step"] == 3

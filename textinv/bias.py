@@ -301,7 +301,13 @@ def start_word(init: str, value: str, before: dict | None) -> str:
     return max(counts, key=counts.get)
 
 
-def learn_per_value(run: BiasRun, pipe, out: Path, echo=None, before: dict | None = None) -> tuple[list, float]:
+def _asking(stop):
+    """A training's on_step that stops it (its state saved) when ``stop()`` says so."""
+    return None if stop is None else (lambda step, loss: stop())
+
+
+def learn_per_value(run: BiasRun, pipe, out: Path, echo=None, before: dict | None = None,
+                    stop=None) -> tuple[list, float]:
     """One token per value, from ``CURATED/VALUE/``, trained before the word ("a photo of a
     <ball-green> ball"), starting from :func:`start_word`.  Captions (IMG.txt) should describe
     everything but the attribute, so that the token learns the attribute and nothing else."""
@@ -318,8 +324,9 @@ def learn_per_value(run: BiasRun, pipe, out: Path, echo=None, before: dict | Non
                           vectors=run.vectors, flip=False, seed=run.seed, out=str(where),
                           resume=runs.has_state(where), progress=echo is not None,
                           **{**run.recipe_settings(), **UNSTOPPED, **run.extra})
-        result = train(cfg, pipe=pipe, echo=echo)
+        result = train(cfg, pipe=pipe, echo=echo, on_step=_asking(stop))
         tokens.remove(pipe, token)
+        _stop_after_training(stop, token, result)
         seconds += result.seconds
         found.append(result.embedding)
         shelf = out / "embeddings"
@@ -392,10 +399,31 @@ def check(run: BiasRun) -> None:
         value_folders(run.images, run.values)
 
 
-def run_bias(run: BiasRun, pipe=None, echo=None) -> dict:
+class Stopped(TextinvError):
+    """A bias run stopped on request (``stop``): bias.json and the report, written only at the end,
+    are not; a token being trained has its state saved, so the same ``--out`` resumes it."""
+
+
+def _stoppable(echo, stop):
+    """``echo`` that, after each line (a phase begins, a prompt is measured), ends the run if ``stop()`` says so."""
+    def say(line) -> None:
+        if echo is not None:
+            echo(line)
+        if stop is not None and stop():
+            raise Stopped("stopped on request after: " + " ".join(str(line).split()))
+    return say
+
+
+def _stop_after_training(stop, token: str, result) -> None:
+    if stop is not None and stop():
+        raise Stopped(f"stopped on request at step {result.steps} of training {token!r} (its state is saved in {result.out})")
+
+
+def run_bias(run: BiasRun, pipe=None, echo=None, stop=None) -> dict:
     """Measure before, re-learn (or apply ``embedding``), measure after; write bias.json, the chart
-    and report.html in ``run.out``.  Returns what bias.json holds."""
-    say = echo or (lambda *_: None)
+    and report.html in ``run.out``.  Returns what bias.json holds.  ``stop()``, asked after every
+    prompt measured and every training step, ends the run with :class:`Stopped` (the web UI's Stop)."""
+    say = _stoppable(echo, stop)
     check(run)
     t0 = time.perf_counter()
     out = Path(run.out)
@@ -415,7 +443,7 @@ def run_bias(run: BiasRun, pipe=None, echo=None) -> dict:
         named = measure(pipe, groups, classify, rewrite=rewriter(run.word, ask), **kw)
     after, seconds, source, use, applied = None, 0.0, None, None, []
     if run.images or run.embedding:
-        applied, seconds, source = new_word(run, pipe, out, echo=echo, before=before)
+        applied, seconds, source = new_word(run, pipe, out, echo=echo, before=before, stop=stop)
         after, use = measure_after(run, pipe, applied, groups, classify, say, **kw)
     result = {"word": run.word, "attribute": run.attribute, "values": run.values, "classifier": classify.kind,
               "n": run.n, "seed": run.seed, "prompts": groups, "before": before, "named": named, "after": after, "embedding": source,
@@ -427,23 +455,25 @@ def run_bias(run: BiasRun, pipe=None, echo=None) -> dict:
         warning = unmoved_warning(run, result["summary"])
         if warning:
             result["warning"] = warning
-            say("warning: " + warning)
+            if echo is not None:  # not say: everything is measured now, a stop request no longer ends the run
+                echo("warning: " + warning)
     write_outputs(result, out)
     return result
 
 
-def new_word(run: BiasRun, pipe, out: Path, echo=None, before: dict | None = None) -> tuple[list, float, str]:
+def new_word(run: BiasRun, pipe, out: Path, echo=None, before: dict | None = None, stop=None) -> tuple[list, float, str]:
     """What stands for the word after: per-value tokens or the word re-learned from ``run.images``
     (in ``out``), or ``run.embedding``.  (embeddings, seconds of training, where they are)"""
     say = echo or (lambda *_: None)
     if run.images and run.recipe == "per-value":
         say(f"learning one token per {run.attribute} value from {run.images}/VALUE/ ({len(run.values)} × {run.steps} steps)")
-        applied, seconds = learn_per_value(run, pipe, out, echo=echo, before=before)
+        applied, seconds = learn_per_value(run, pipe, out, echo=echo, before=before, stop=stop)
         return applied, seconds, str(out / "embeddings")
     if run.images:
         say(f"re-learning {run.word!r} from {run.images} (replace mode, {run.steps} steps)")
-        result = train(replace_config(run, out, progress=echo is not None), pipe=pipe, echo=echo)
+        result = train(replace_config(run, out, progress=echo is not None), pipe=pipe, echo=echo, on_step=_asking(stop))
         tokens.remove(pipe, run.word)
+        _stop_after_training(stop, run.word, result)
         return [result.embedding], result.seconds, str(result.embedding_path)
     embs = sources.load(run.embedding)
     if len(embs) == 1:
@@ -582,19 +612,25 @@ def plot(result: dict, path: Path) -> Path | None:
     return path
 
 
-def write_outputs(result: dict, out: Path) -> dict[str, Path]:
-    out = Path(out)
-    paths = {"json": out / "bias.json", "chart": out / "bias.png", "report": out / "report.html"}
-    write_text(paths["json"], json.dumps(result, indent=2))
-    chart = plot(result, paths["chart"])
+def report_rows(result: dict) -> list[list[str]]:
+    """report.html's table (also the web UI's), a row per prompt: group, prompt, KL before and after,
+    retention before, asked by name and after ('' where not measured)."""
     rows = []
     for g, b in result["before"].items():
         for i, row in enumerate(b["prompts"]):
             a = result["after"][g]["prompts"][i] if result["after"] else None
             named = result["named"][g]["prompts"][i] if result.get("named") else None
-            cells = [g, html.escape(row["prompt"]), f"{row['kl']:.3f}", "" if a is None else f"{a['kl']:.3f}",
-                     _fmt(row["retention"]), "" if named is None else _fmt(named["retention"]), "" if a is None else _fmt(a["retention"])]
-            rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+            rows.append([g, row["prompt"], f"{row['kl']:.3f}", "" if a is None else f"{a['kl']:.3f}", _fmt(row["retention"]),
+                         "" if named is None else _fmt(named["retention"]), "" if a is None else _fmt(a["retention"])])
+    return rows
+
+
+def write_outputs(result: dict, out: Path) -> dict[str, Path]:
+    out = Path(out)
+    paths = {"json": out / "bias.json", "chart": out / "bias.png", "report": out / "report.html"}
+    write_text(paths["json"], json.dumps(result, indent=2))
+    chart = plot(result, paths["chart"])
+    rows = ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in report_rows(result)]
     img = '<img src="bias.png" alt="distribution before and after">' if chart else "<p>(pip install 'textinv[eval]' for the chart)</p>"
     page = (f"<!doctype html><meta charset=utf-8><title>bias of {html.escape(result['word'])}</title>"
             f"<h1>{html.escape(result['attribute'])} of “{html.escape(result['word'])}”</h1>"

@@ -537,17 +537,17 @@ class MeasuredRun:
 
 
 def train_measured(cfg, *, concept=None, clip=None, dino=None, n: int = 8, patience: int | None = None,
-                   keep_best: bool = False, echo=None, on_start=None) -> MeasuredRun:
+                   keep_best: bool = False, echo=None, on_start=None, on_step=None) -> MeasuredRun:
     """Train while measuring every save (the trade-off curve); stop early after ``patience`` saves
     without a better score; with ``keep_best`` make the recommended step the final embedding.
-    The report goes to RUN/eval."""
+    The report goes to RUN/eval.  ``on_step``: as :func:`textinv.training.train`'s (the web UI's Stop)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = load_pipeline(cfg.model, dtype=cfg.precision, device=device, config=cfg.model_config)
     training_images = [item.image for item in data.load_images(cfg.images)]
     metric = choose_metric(pipe, training_images, concept=concept, clip=clip, dino=dino, device=device)
     tracker = StepTracker(metric, pipe, cfg.token, n=n, seed=cfg.seed, guidance=default_guidance(cfg.model),
                           clip_skip=cfg.clip_skip, patience=patience, echo=echo)
-    result = training.train(cfg, pipe=pipe, on_save=tracker, echo=on_start)
+    result = training.train(cfg, pipe=pipe, on_save=tracker, on_step=on_step, echo=on_start)
     best = None
     if keep_best:
         best, _ = pick_best(tracker, result, cfg)

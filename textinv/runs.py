@@ -255,6 +255,25 @@ def recent_losses(out, start: int, window: int) -> list[float]:
     return losses
 
 
+def curves(out) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """The run's logged curves so far: the training loss [(step, loss)] and the early-stopping
+    evaluation loss [(step, eval_loss)], scored every --eval-every steps (the web UI plots both)."""
+    log = log_file(out)
+    losses, evals = [], []
+    if not log.exists():
+        return losses, evals
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            step = int(record["step"])
+            losses.append((step, float(record["loss"])))
+            if "eval_loss" in record:
+                evals.append((step, float(record["eval_loss"])))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    return losses, evals
+
+
 class RunLock:
     """One process at a time owns a run folder: a second ``train`` on it, or a ``--resume`` while
     the first still runs, is refused in one line.  The lock is the kernel's (``flock`` on
