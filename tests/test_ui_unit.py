@@ -279,7 +279,7 @@ def test_the_bias_form_hands_its_start_and_named_choice_to_the_run(tmp_path, app
     from textinv import bias
 
     runs = []
-    monkeypatch.setattr(bias, "run_bias", lambda run, pipe=None, echo=None: runs.append(run) or {})
+    monkeypatch.setattr(bias, "run_bias", lambda run, pipe=None, echo=None, stop=None: runs.append(run) or {})
     monkeypatch.setattr(app, "pipe", lambda: None)
     for init, named, expected in (("value", True, "value"), ("  ", False, "majority")):
         job = app.start_bias("ball", "colour", images_folder=str(tmp_path), init=init, named=named)
@@ -339,3 +339,263 @@ def test_a_bias_run_in_the_app_writes_json_chart_and_report(tmp_path, app, tiny_
     failed.thread.join(120)
     assert failed.status().startswith("Bias run failed: --prompts: 'a photo of a doctor' is also a training prompt")
     assert failed.result is None and not failed.paths() and failed.out != job.out  # a run folder each, even within a second
+
+
+# ------------------------------------------------------------------------------------ the CLI's options in the page
+# The only textinv bias options the page has no control for, and why; textinv train's are the settings'
+# own Setting.form_why_not (the app's model, every run in its own folder, …).
+BIAS_APP_OWNS = {
+    "model": "the app's model (textinv ui --model)",
+    "model_config": "the app's model (textinv ui --config)",
+    "out": "every bias run gets its own folder, WORKDIR/runs/DATE-bias-WORD",
+}
+
+
+def _control_id(param, prefix: str = "") -> str:
+    """The page's element for a CLI option: its long name (--clip-skip: #clip-skip; -n: #n), after ``prefix``."""
+    import click
+
+    if isinstance(param, click.Argument):
+        return prefix + param.name
+    long = [o for o in param.opts if o.startswith("--")]
+    return prefix + (long[0][2:] if long else param.opts[0].lstrip("-"))
+
+
+def _page_ids(app) -> set:
+    return {getattr(b, "elem_id", None) for b in ui.build(app).blocks.values()} - {None}
+
+
+def test_every_train_and_bias_option_has_a_control_in_the_page(app):
+    from textinv import settings
+    from textinv.cli import OFF, bias as bias_command, train as train_command
+
+    ids = _page_ids(app)
+    declared = {f.name: settings.spec(f) for f in settings.fields()}
+    missing, owned = [], []
+    for p in train_command.params:
+        s = declared.get(p.name.removesuffix(OFF))
+        if s is not None and s.form_why_not:
+            owned.append(p.name)  # the setting says why the form has no box for it
+        elif _control_id(p) not in ids:
+            missing.append(f"textinv train {p.opts[0]}: no #{_control_id(p)}")
+    for p in bias_command.params:
+        if p.name not in BIAS_APP_OWNS and _control_id(p, "bias-") not in ids:
+            missing.append(f"textinv bias {p.opts[0]}: no #{_control_id(p, 'bias-')}")
+    assert not missing, missing
+    assert len(owned) <= 8, owned  # a short list: what the app itself owns (model, folders, the format it keeps)
+    assert {"pick_best", "patience", "eval_n", "concept", "clip", "dino", "resume"} - set(owned) <= \
+        {p.name for p in train_command.params}
+
+
+def test_the_form_groups_every_setting_and_a_new_one_appears_with_no_ui_code(tmp_path, monkeypatch):
+    import dataclasses
+
+    from textinv import settings
+
+    for f in settings.form_fields() + list(settings.measure_fields()):
+        assert settings.spec(f).group in settings.GROUPS, f"{f.name}: in one of the form's groups"
+
+    @dataclasses.dataclass
+    class Extended(settings.TrainConfig):  # a setting added to TrainConfig, and nothing else
+        sharpness: int = settings._setting(2, label="Sharpness", help="A new setting.", identity=False, low=0,
+                                           form=settings.MORE, group=settings.DATA)
+
+    monkeypatch.setattr(settings, "TrainConfig", Extended)
+    settings._hints.cache_clear()
+    try:
+        app = ui.App(tmp_path / "lib", workdir=tmp_path / "work")
+        demo = ui.build(app)
+        boxes = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+        assert boxes["sharpness"].label == "Sharpness" and boxes["sharpness"].value == 2
+        cfg, _ = app._form_config({"token": "<t>", "sharpness": 5.0})
+        assert cfg.sharpness == 5
+        with pytest.raises(TextinvError, match=r"^Sharpness: at least 0 \(--sharpness -1\)$"):
+            settings.check(app._form_config({"token": "<t>", "sharpness": -1})[0])
+    finally:
+        monkeypatch.undo()
+        settings._hints.cache_clear()
+
+
+def test_the_measured_saves_reach_the_run_and_bad_ones_are_one_line(tmp_path, app, monkeypatch):
+    from textinv import evaluate
+
+    with pytest.raises(TextinvError, match=r"^Patience: at least 1 \(--patience 0\)$"):
+        app.start_training(folder=str(tmp_path), token="<t>", patience="0")
+    seen = []
+
+    def measured(cfg, **kw):
+        seen.append((cfg, kw))
+        raise TextinvError("measured")  # the run's settings are what this test is about
+
+    monkeypatch.setattr(evaluate, "train_measured", measured)
+    clip_app = ui.App(tmp_path / "lib2", workdir=tmp_path / "work2", clip="/weights/clip")
+    job = clip_app.start_training(pictures(tmp_path / "imgs"), token="<m>", steps=50, pick_best=True, eval_n="3", dino="d")
+    job.thread.join(30)
+    cfg, kw = seen[0]
+    assert cfg.save_every == 5 and "Save every 5 steps" in job.status()  # as textinv train: saves to measure
+    assert (kw["keep_best"], kw["n"], kw["clip"], kw["dino"], kw["patience"]) == (True, 3, "/weights/clip", "d", None)
+    assert kw["on_step"] == job.on_step  # the Stop button reaches a measured run too
+
+
+# ------------------------------------------------------------------------------------ the live view, stop and resume
+def test_the_live_plot_holds_the_evaluation_curve_and_the_status_says_why_a_run_stopped(tmp_path, app):
+    import json
+    import time
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    from textinv import settings
+
+    out = tmp_path / "run"
+    out.mkdir()
+    log = [{"step": s, "loss": 0.5 / s} | ({"eval_loss": 0.3 / s} if s % 5 == 0 else {}) for s in range(1, 21)]
+    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    cfg = settings.TrainConfig(images="", token="<t>", steps=500)
+    job = ui.TrainJob("<t>", out, 500, cfg=cfg)
+    frame = ui._Page(gr, app).loss_frame(job)
+    assert len(frame[frame.curve == ui.LOSS]) == 20 and list(frame[frame.curve == ui.EVAL].step) == [5, 10, 15, 20]
+    job.first = (1, time.time() - 10)
+    job.losses = [(1, 0.5), (11, 0.1)]
+    assert job.eta() == ", about 8 min left at most (early stopping may end it sooner)"  # 1 s a step, 489 to go
+    why = "stopped at step 60 of 500: the evaluation loss has flattened (…); --no-early-stop trains all 500 steps"
+    job.result = SimpleNamespace(steps=60, seconds=12.0, loss=0.1, embedding_path=out / "t.safetensors", stopped=why)
+    assert job.status().startswith(f"Learned: {why}.\nSaved at step 60/500")
+
+
+def test_resume_goes_on_from_the_stopped_step_bit_for_bit(tmp_path, app):
+    import dataclasses
+
+    from textinv import training
+
+    with pytest.raises(TextinvError, match="nothing to resume: no training run was stopped"):
+        app.resume_training()
+    job = app.start_training(pictures(tmp_path / "imgs"), token="<res>", init="shape", steps=4, batch=1, eval_every=2,
+                             preview_every=0)
+    job.stop_event.set()  # Stop, before the first step has ended: the run stops there
+    job.thread.join(120)
+    assert job.error is None and job.result.steps == 1
+    assert job.status().startswith("Stopped at step 1/4") and "Resume goes on from step 1" in job.status()
+    again = app.resume_training()
+    with pytest.raises(TextinvError, match=r"^a training run \(<res>\) is going; stop it first$"):
+        app.start_training(pictures(tmp_path / "more"), token="<other>")  # one line, not queued
+    again.thread.join(120)
+    assert again.error is None and again.out == job.out and again.result.steps == 4 and again.status().startswith("Done")
+    losses, evals = again.curves()
+    assert [s for s, _ in losses] == [1, 2, 3, 4] and [s for s, _ in evals] == [2, 4]  # the whole run, as logged
+    straight = training.train(dataclasses.replace(job.cfg, out=str(tmp_path / "straight")))
+    assert torch.equal(again.result.embedding.vectors["clip"], straight.embedding.vectors["clip"])
+    with pytest.raises(TextinvError, match=r"nothing to resume: the last run \(<res>\) took all its steps"):
+        app.resume_training()
+
+
+def test_a_reloaded_page_or_a_second_browser_follows_the_apps_run(tmp_path, app):
+    import threading
+
+    import gradio as gr
+
+    demo = ui.build(app)
+    boxes = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    follow = next(f for f in demo.fns.values() if any(event == "load" for _, event in f.targets)
+                  and boxes["loss-plot"] in f.outputs)
+    assert list(follow.fn()) == [("", gr.skip(), gr.skip(), gr.skip(), gr.update(interactive=False))]  # nothing runs
+    release = threading.Event()  # a run started by another page, without its minutes of work
+    app.job = ui.TrainJob("<t>", tmp_path / "run", 10, thread=threading.Thread(target=release.wait, daemon=True))
+    app.job.thread.start()
+    page = follow.fn()
+    try:
+        first = next(page)
+        assert first[0].startswith("Starting") and first[-1] == gr.update(interactive=True)  # live, and Stop works
+    finally:
+        release.set()
+        app.job.thread.join(10)
+    # every start is answered at once (the App refuses a second run in one line): none waits in a queue behind a run
+    for elem in ("start", "train-resume", "bias-start"):
+        starts = [f for f in demo.fns.values() if any(b is boxes[elem]._id for b, _ in f.targets)]
+        assert starts and all(f.concurrency_limit is None for f in starts), elem
+
+
+# ------------------------------------------------------------------------------------ bias: options, stop, report
+def test_the_bias_form_hands_every_option_to_the_run_and_refuses_bad_ones(tmp_path, monkeypatch):
+    from textinv import bias
+
+    app = ui.App(tmp_path / "lib", workdir=tmp_path / "work", clip="/weights/clip")
+    runs = []
+    monkeypatch.setattr(bias, "run_bias", lambda run, pipe=None, echo=None, stop=None: runs.append(run) or {})
+    monkeypatch.setattr(app, "pipe", lambda: None)
+    job = app.start_bias("ball", "colour", templates="style", timesteps="300:1000", guidance="1.5", vectors=2.0)
+    job.thread.join(30)
+    r = runs[-1]
+    assert (r.templates, r.timesteps, r.guidance, r.vectors, r.clip) == ("style", "300:1000", 1.5, 2, "/weights/clip")
+    job = app.start_bias("ball", "colour", clip=" ", guidance="", timesteps="", vectors=None)
+    job.thread.join(30)
+    assert (runs[-1].clip, runs[-1].guidance, runs[-1].timesteps, runs[-1].vectors) == ("/weights/clip", None, None, 1)
+    for bad, message in ((dict(vectors=0), r"^Vectors: between 1 and 75"), (dict(guidance="0.5"), r"^Training guidance"),
+                         (dict(timesteps="9:3"), r"^--timesteps '9:3'"), (dict(templates="nope"), r"^--templates nope")):
+        with pytest.raises(TextinvError, match=message):
+            app.start_bias("ball", "colour", **bad)
+
+
+def test_a_stopped_bias_run_says_so_in_one_line_and_writes_no_half_report(tmp_path, app):
+    from textinv import tokens
+
+    assert app.stop_bias() == "No bias run is going."
+    job = app.start_bias("ball", "colour", prompts_text="a {} on the left", n=1)
+    assert "Stopping the bias run of 'ball'" in app.stop_bias()
+    job.thread.join(120)
+    head = job.status().splitlines()[0]
+    assert head.startswith("Stopped after ") and "stopped on request after: before: colour of 'ball'" in head
+    assert "no bias.json or report" in head and job.error is None and job.result is None and not job.paths()
+    assert sorted(p.name for p in job.out.iterdir()) == ["held-out-prompts.txt"]  # nothing half-written
+    assert not tokens.state(app.pipe()).names  # the model is clean for the next use
+
+
+def test_a_finished_bias_run_shows_the_reports_table_in_the_page(tmp_path, app):
+    import gradio as gr
+
+    job = app.start_bias("ball", "colour", prompts_text="a {} on the left", n=1)
+    job.thread.join(120)
+    assert job.error is None, job.status()
+    *_, last = list(ui._follow_bias(gr, ui._Page(gr, app), job))
+    status, table, chart, files, per_prompt, stop = last
+    assert status.startswith("Done in ") and "colour of 'ball'" in table and chart.endswith("bias.png")
+    assert list(per_prompt.columns) == ui.BIAS_HEADERS and "a ball on the left" in set(per_prompt.prompt)
+    assert stop == gr.update(interactive=False)
+
+
+# ------------------------------------------------------------------------------------ library: export, families
+def test_the_library_exports_any_format_with_a_card_picture_and_filters_by_family(tmp_path, app):
+
+    add_card_and_blob(app, tmp_path / "files")
+    sd15 = formats.save(Embedding("sd15", {"clip": torch.randn(2, 768)}), app.library / "sd15.pt")  # another family
+    keys = {e.name: k for k, e in app.entries().items()}
+    assert app.model_family() == "the textinv mini model"
+    assert app.family_choices() == [ui.ALL_FAMILIES, ui.FITS_MODEL] + sorted({"the textinv mini model", "SD 1.x"})
+    assert {r[0] for r in app.rows(ui.FITS_MODEL)[0]} == {"card-shape", "blob"}
+    assert {r[0] for r in app.rows(formats.load(sd15).family)[0]} == {"sd15"}
+    picture = tmp_path / "pic.png"
+    Image.fromarray(np.full((40, 40, 3), (10, 200, 10), np.uint8)).save(picture)
+    card = app.convert(keys["blob"], "png", preview=str(picture))
+    with Image.open(card) as im:
+        assert im.getpixel((im.width // 2, im.height // 2))[1] > 150  # the picture is the card's
+    layered = Embedding("layered", {"clip": torch.randn(16, 1, MINI_WIDTH)}, {}, layers=list(formats.SD_LAYERS))
+    for fmt in ("xti", "per-layer"):
+        written = app._export(layered, fmt)
+        assert formats.load(written).layers == list(formats.SD_LAYERS), fmt
+    with pytest.raises(TextinvError, match="format 'pdf'"):
+        app.convert(keys["blob"], "pdf")
+
+
+def test_cli_ui_takes_clip_and_hands_it_to_the_tabs(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from textinv.cli import main
+
+    seen = {}
+    monkeypatch.setattr(ui, "launch", lambda *a, **kw: seen.update(kw))
+    out = CliRunner().invoke(main, ["ui", "--clip", "/weights/clip", "--workdir", str(tmp_path)])
+    assert out.exit_code == 0, out.output and seen["clip"] == "/weights/clip"
+    app = ui.App(tmp_path / "lib", workdir=tmp_path / "w", clip="/weights/clip")
+    assert app.form_defaults()["clip"] == "/weights/clip"  # the Train tab's measured saves
+    boxes = {b.elem_id: b for b in ui.build(app).blocks.values() if getattr(b, "elem_id", None)}
+    assert boxes["bias-clip"].value == boxes["clip"].value == "/weights/clip"

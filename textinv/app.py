@@ -6,6 +6,7 @@ needs no Gradio: it is tested without a browser.  :mod:`textinv.ui` puts it in a
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import shutil
 import threading
@@ -16,11 +17,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import bias, formats, generation, library, runs, settings, sources, tokens, training
+from PIL import Image
+
+from . import bias, data, evaluate, formats, generation, library, runs, settings, sources, tokens, training
 from .bias import RECIPES as BIAS_RECIPES  # a value per subfolder, or the word re-learned from one folder
 from .data import IMAGE_SUFFIXES, open_image
 from .errors import TextinvError
-from .formats import SAVE_FORMATS, file_stem, native_format, suffix_for
+from .formats import file_stem, native_format, suffix_for
 from .models import defaults as model_defaults, load_pipeline, name_of
 from .training import LOSS_WINDOW
 from .world import spec
@@ -29,6 +32,8 @@ DEFAULT_LIBRARY = Path("~/.textinv/embeddings")
 DEFAULT_WORKDIR = Path("~/.textinv/ui")
 MAX_IMAGE_BYTES = 50 << 20
 MODEL_DEFAULT_SAMPLER = "(model default)"
+EXPORT_FORMATS = formats.SAVE_FORMATS + formats.PER_LAYER_FORMATS  # what textinv convert writes
+ALL_FAMILIES, FITS_MODEL = "all families", "fits the model"  # the library's family filter, besides each family
 NAME_RE = re.compile(r"[\w][\w.-]*")
 
 
@@ -88,7 +93,7 @@ def describe_error(e: BaseException) -> str:
 # ------------------------------------------------------------------------------------ training
 @dataclass
 class TrainJob:
-    """One training run in a background thread; the page polls :meth:`snapshot`."""
+    """One training run in a background thread; the page polls :meth:`status` and :meth:`curves`."""
 
     token: str
     out: Path
@@ -102,6 +107,10 @@ class TrainJob:
     result: object | None = None  # TrainResult
     library_path: Path | None = None
     error: str | None = None
+    cfg: settings.TrainConfig | None = None  # what the run was started with: Resume goes on with it
+    measuring: settings.MeasureConfig = field(default_factory=settings.MeasureConfig)
+    note: str = ""  # what the app decided for the run (saves to measure), shown under its state
+    first: tuple[int, float] | None = None  # (step, time) of the first step this job took: the ETA's start
 
     @property
     def running(self) -> bool:
@@ -109,15 +118,32 @@ class TrainJob:
 
     def on_step(self, step: int, loss: float) -> bool:
         self.losses.append((step, float(loss)))
+        if self.first is None:
+            self.first = (step, time.time())
         return self.stop_event.is_set()
 
     def previews(self) -> list[Path]:
         return runs.previews(self.out)
 
+    def curves(self) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+        """(training loss, early-stopping evaluation loss) so far, from the run's log (a resumed
+        run's earlier steps included); the steps this job heard of where there is no log yet."""
+        losses, evals = runs.curves(self.out)
+        return (losses or list(self.losses)), evals
+
+    def eta(self) -> str:
+        """About how long until the last step, from this job's pace so far ('' before it is known)."""
+        if self.first is None or not self.losses or self.losses[-1][0] <= self.first[0]:
+            return ""
+        step, (step0, t0) = self.losses[-1][0], self.first
+        left = (time.time() - t0) / (step - step0) * max(0, self.total - step)
+        when = f"{left:.0f} s" if left < 120 else f"{left / 60:.0f} min"
+        sooner = " at most (early stopping may end it sooner)" if self.cfg and self.cfg.early_stop else ""
+        return f", about {when} left{sooner}"
+
     def status(self) -> str:
-        """The run's state in a line, and below it the run's summary (images, buckets, captions, model)."""
-        line = self._state()
-        return f"{line}\n{self.summary}" if self.summary and not self.error else line
+        """The run's state in a line, and below it what the app decided and the run's summary (images, buckets, model)."""
+        return "\n".join(filter(None, [self._state(), self.note, "" if self.error else self.summary]))
 
     def _state(self) -> str:
         step = self.losses[-1][0] if self.losses else 0
@@ -130,15 +156,22 @@ class TrainJob:
             loss = sum(x for _, x in self.losses[-LOSS_WINDOW:]) / len(self.losses[-LOSS_WINDOW:])
             stopping = " — stopping…" if self.stop_event.is_set() else ""
             return (f"Training {self.token}: step {step}/{self.total}, loss {loss:.4f} (mean of the last {LOSS_WINDOW} steps), "
-                    f"{seconds:.0f} s{stopping}")
+                    f"{seconds:.0f} s{self.eta()}{stopping}")
         if self.result is not None:
-            r = self.result
-            how = "Stopped" if self.stop_event.is_set() and r.steps < self.total else (
-                "Learned (early stopping: the evaluation loss had flattened), done" if r.stopped else "Done")
-            where = f"; added to the library as {self.library_path.name}" if self.library_path else ""
-            return (f"{how} at step {r.steps}/{self.total} ({r.seconds:.0f} s, loss {r.loss:.4f}, the mean of the last "
-                    f"{LOSS_WINDOW} steps): {r.embedding_path}{where}")
+            return self._ended(self.result)
         return "Not started."
+
+    def _ended(self, r) -> str:
+        """How the run ended: stopped from the page (Resume goes on), learned (early stopping says why), or done."""
+        where = f"; added to the library as {self.library_path.name}" if self.library_path else ""
+        facts = (f"at step {r.steps}/{self.total} ({r.seconds:.0f} s, loss {r.loss:.4f}, the mean of the last "
+                 f"{LOSS_WINDOW} steps): {r.embedding_path}{where}")
+        if self.stop_event.is_set() and r.steps < self.total:
+            return f"Stopped {facts}. Resume goes on from step {r.steps}."
+        if r.stopped:
+            return f"Learned: {r.stopped}.\nSaved {facts}"
+        return f"Done {facts}"
+
 
 
 # ------------------------------------------------------------------------------------ bias
@@ -156,6 +189,8 @@ class BiasJob:
     ended: float | None = None
     result: dict | None = None  # what bias.json holds
     error: str | None = None
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    stopped: str | None = None  # why it ended before its results (bias.Stopped's message)
 
     @property
     def running(self) -> bool:
@@ -164,15 +199,22 @@ class BiasJob:
     def echo(self, line) -> None:
         self.lines.append(str(line))
 
+    def stop_requested(self) -> bool:
+        return self.stop_event.is_set()
+
     def status(self, last: int = 8) -> str:
         """The run's state in a line, then its last lines (per prompt: KL and retention) and its warnings."""
         seconds = (self.ended or time.time()) - self.started
         if self.error:
             head = f"Bias run failed: {self.error}"
+        elif self.stopped:
+            head = (f"Stopped after {seconds:.0f} s, {self.stopped}: no bias.json or report (written only when a run "
+                    f"ends); {self.out} keeps its prompts and any trained token's saved state")
         elif self.result is not None:
             head = f"Done in {seconds:.0f} s: {', '.join(p.name for p in self.paths().values())} in {self.out}"
         elif self.running:
             head = f"Measuring the {self.attribute} of {self.word!r} ({seconds:.0f} s)" + ("" if self.lines else ": loading the model…")
+            head += " — stopping after the current prompt or training step…" if self.stop_event.is_set() else ""
         else:
             head = "Not started."
         return "\n".join([head] + self.lines[-last:] + [f"warning: {w}" for w in self.warnings])
@@ -180,6 +222,10 @@ class BiasJob:
     def table(self) -> str:
         """The before/after figures (bias.format_table), once done."""
         return bias.format_table(self.result) if self.result is not None else ""
+
+    def prompt_rows(self) -> list[list[str]]:
+        """report.html's per-prompt table (bias.report_rows), once done."""
+        return bias.report_rows(self.result) if self.result is not None else []
 
     def paths(self) -> dict[str, Path]:
         """The files written when done: json (bias.json), chart (bias.png, with matplotlib), report (report.html)."""
@@ -228,11 +274,13 @@ def _number(raw, kind: type):
 class App:
     """The web app's state and actions, independent of Gradio."""
 
-    def __init__(self, library=None, model=None, *, workdir=None, model_config=None, preview_every: int = 20):
+    def __init__(self, library=None, model=None, *, workdir=None, model_config=None, preview_every: int = 20,
+                 clip: str | None = None):
         self.library = Path(library or DEFAULT_LIBRARY).expanduser().resolve()
         self.workdir = Path(workdir or DEFAULT_WORKDIR).expanduser().resolve()
         self.model = model
         self.model_config = model_config
+        self.clip = clip  # textinv ui --clip: the CLIP weights the Bias tab and measured saves use unless told others
         self.preview_every = preview_every
         for d in (self.library, self.runs, self.outputs, self.downloads, self.uploads):
             try:
@@ -245,6 +293,7 @@ class App:
         self._pipe_lock = threading.RLock()
         self._job_lock = threading.Lock()
         self._nearest_cache: dict[tuple, str] = {}
+        self._family: str | None = None  # the model's, once asked (model_family)
 
     runs = property(lambda self: self.workdir / "runs")
     outputs = property(lambda self: self.workdir / "outputs")
@@ -293,42 +342,73 @@ class App:
         return good, bad
 
     def form_defaults(self) -> dict:
-        """The training form's starting values: the settings' defaults, previews as this app is set up."""
-        return dict(settings.defaults(), preview_every=self.preview_every)
+        """The training form's starting values: the settings' defaults (the measured saves' too),
+        previews and the CLIP weights as this app is set up."""
+        measuring = {f.name: settings.default_of(f) for f in settings.measure_fields()}
+        return dict(settings.defaults(), **measuring) | dict(preview_every=self.preview_every, clip=self.clip)
 
     def form_examples(self) -> dict:
         """The training form's placeholders, by setting: the model's own where it says what it can
         learn (the built-in model draws shapes, not cats), else the settings' (<my-cat>, cat)."""
         scope = model_defaults(self.model).scope
         own = dict(scope.examples) if scope else {}
-        return {f.name: own.get(f.name, settings.spec(f).example) for f in settings.form_fields()}
+        shown = settings.form_fields() + list(settings.measure_fields())
+        return {f.name: own.get(f.name, settings.spec(f).example) for f in shown}
 
     def start_training(self, images=None, folder: str | None = None, **given) -> TrainJob:
         """Train in the background on dropped ``images`` or a ``folder``.  ``given``: the training
-        form's settings (:func:`textinv.settings.form_fields`, as its widgets give them: an empty
-        box means the default), ``token`` at least; bad values are refused by the CLI's own check."""
+        form's settings (:func:`textinv.settings.form_fields` and the measured saves',
+        :func:`textinv.settings.measure_fields`, as its widgets give them: an empty box means the
+        default), ``token`` at least; bad values are refused by the CLI's own check."""
         with self._job_lock:
             self._check_no_job()
-            cfg = self._form_config(given)
+            cfg, measuring = self._form_config(given)
             settings.check(cfg)
+            settings.check_measuring(measuring)
+            note = ""
+            if measuring.measures and not cfg.save_every:  # as textinv train does
+                cfg = dataclasses.replace(cfg, save_every=max(1, cfg.steps // 10))
+                note = f"Save every {cfg.save_every} steps: saves to measure for Pick best / Patience"
             run = self.runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{file_stem(cfg.token)}"
             image_dir, notes = self._training_images(images, folder, run)
             cfg = dataclasses.replace(cfg, images=str(image_dir), out=str(run))
-            job = TrainJob(cfg.token, run, cfg.steps, warnings=list(notes))
-            job.thread = threading.Thread(target=self._train, args=(job, cfg), name=f"textinv-train-{cfg.token}", daemon=True)
-            self.job = job
-            job.thread.start()
-            return job
+            return self._start(TrainJob(cfg.token, run, cfg.steps, warnings=list(notes), cfg=cfg, measuring=measuring,
+                                        note=note))
 
-    def _form_config(self, given: dict) -> settings.TrainConfig:
-        """The run's settings: the form's values over its defaults, on this app's model."""
+    def resume_training(self) -> TrainJob:
+        """Go on with the last run stopped from the page (or failed after a save), from its last save,
+        as ``textinv train --resume`` does: bit for bit the run it would have been."""
+        with self._job_lock:
+            self._check_no_job()
+            last = self.job
+            if last is None or last.cfg is None:
+                raise TextinvError("nothing to resume: no training run was stopped since the app started")
+            r = last.result
+            if r is not None and (r.steps >= last.total or not last.stop_event.is_set()):
+                why = "took all its steps" if r.steps >= last.total else "was learned (early stopping ended it)"
+                raise TextinvError(f"nothing to resume: the last run ({last.token}) {why}; start a new one")
+            if not runs.has_state(last.out):
+                raise TextinvError(f"nothing to resume: the last run ({last.token}) saved no step to go on from")
+            cfg = dataclasses.replace(last.cfg, resume=True)
+            return self._start(TrainJob(cfg.token, last.out, cfg.steps, cfg=cfg, measuring=last.measuring, note=last.note))
+
+    def _start(self, job: TrainJob) -> TrainJob:
+        job.thread = threading.Thread(target=self._train, args=(job,), name=f"textinv-train-{job.token}", daemon=True)
+        self.job = job
+        job.thread.start()
+        return job
+
+    def _form_config(self, given: dict) -> tuple[settings.TrainConfig, settings.MeasureConfig]:
+        """The run's settings and its measured saves': the form's values over its defaults, on this app's model."""
         shown = {f.name: f for f in settings.form_fields()}
-        unknown = sorted(set(given) - set(shown))
+        measured = {f.name: f for f in settings.measure_fields()}
+        unknown = sorted(set(given) - set(shown) - set(measured))
         if unknown:
             raise TypeError(f"start_training: {unknown[0]!r} is not a setting of the training form")
-        values = dict(self.form_defaults(), **{name: form_value(shown[name], v) for name, v in given.items()})
-        return settings.TrainConfig(**{k: v for k, v in values.items() if k in shown}, images="", model=self.model,
-                                    model_config=self.model_config, progress=False)
+        values = dict(self.form_defaults(), **{name: form_value((shown | measured)[name], v) for name, v in given.items()})
+        cfg = settings.TrainConfig(**{k: v for k, v in values.items() if k in shown}, images="", model=self.model,
+                                   model_config=self.model_config, progress=False)
+        return cfg, settings.MeasureConfig(**{k: v for k, v in values.items() if k in measured})
 
     def _training_images(self, images, folder: str | None, run: Path) -> tuple[Path, list[str]]:
         """The run's image folder: the given folder, or the dropped images (the usable ones) copied
@@ -350,15 +430,28 @@ class App:
             shutil.copyfile(p, image_dir / f"{i:03d}-{file_stem(p.stem)}{p.suffix.lower()}")
         return image_dir, notes
 
-    def _train(self, job: TrainJob, cfg) -> None:
+    def _train(self, job: TrainJob) -> None:
         with collecting(into=job.warnings):
             try:
-                job.result = training.train(cfg, on_step=job.on_step, echo=lambda line: setattr(job, "summary", line))
+                job.result = self._run(job)
                 job.library_path = self._add_trained(job.result)
             except Exception as e:  # noqa: BLE001 - shown in the page; the server goes on
                 job.error = describe_error(e)
                 if not isinstance(e, TextinvError):
                     traceback.print_exc()
+
+    def _run(self, job: TrainJob):
+        """The run as textinv train runs it: plain, or measuring its saves (Pick best, Patience)."""
+        cfg, m = job.cfg, job.measuring
+        heard = lambda line: setattr(job, "summary", line)  # noqa: E731
+        if not m.measures:
+            return training.train(cfg, on_step=job.on_step, echo=heard)
+        measured = evaluate.train_measured(cfg, concept=m.concept, clip=m.clip or self.clip, dino=m.dino, n=m.eval_n,
+                                           patience=m.patience, keep_best=m.pick_best, on_start=heard,
+                                           echo=lambda msg: setattr(job, "note", f"measured {msg}"), on_step=job.on_step)
+        if m.pick_best:
+            job.note = f"Pick best: the final embedding is step {measured.best}'s; report in {measured.written['report']}"
+        return measured.result
 
     def _add_trained(self, result) -> Path:
         """A1111 keeps trained embeddings in its embeddings folder: so do we (an older file of that name goes to .trash)."""
@@ -378,8 +471,9 @@ class App:
     # -- bias ----------------------------------------------------------------------------------
     def start_bias(self, word: str, attribute: str, images_folder: str = "", embedding: str = "", prompts_text: str = "",
                    recipe: str = "per-value", n: int = 60, seed: int = 0, steps: int = 300, named: bool = False,
-                   init: str = "majority") -> BiasJob:
-        """``textinv bias`` in a background thread, on this app's pipeline; outputs in ``runs/DATE-bias-WORD``."""
+                   init: str = "majority", **options) -> BiasJob:
+        """``textinv bias`` in a background thread, on this app's pipeline; outputs in ``runs/DATE-bias-WORD``.
+        ``options``: the form's other textinv bias options (:meth:`_bias_options`)."""
         with self._job_lock:
             self._check_no_job()
             word = (word or "").strip()
@@ -392,32 +486,54 @@ class App:
             n, seed, steps = int(n or 0), int(seed or 0), int(steps or 0)
             if n < 1 or steps < 1:
                 raise TextinvError("Images per prompt and training steps must be at least 1")
-            folder, emb = (str(x or "").strip() for x in (images_folder, embedding))
-            if folder and emb:
-                raise TextinvError("give either a curated folder (re-learn the word) or existing embedding(s), not both")
-            if folder and not Path(folder).expanduser().is_dir():
-                raise TextinvError(f"Folder {folder}: not a folder on this machine")
-            if emb and not Path(emb).expanduser().exists():
-                raise TextinvError(f"Embedding {emb}: no such file or folder on this machine")
-            init = (init or "").strip() or "majority"  # an emptied box: the default, as the CLI's
-            if init != "majority" and (recipe != "per-value" or not folder):
-                raise TextinvError(f"Tokens start from {init!r}: only per-value tokens learned from a curated folder have a start")
+            sources_kw = self._bias_sources(images_folder, embedding, recipe, init)
+            more = self._bias_options(**options)
             held_out = [line.strip() for line in (prompts_text or "").splitlines() if line.strip()]
             out = self._new_run_folder(f"{time.strftime('%Y%m%d-%H%M%S')}-bias-{file_stem(word)}")
             prompts = None
             if held_out:
                 prompts = out / "held-out-prompts.txt"
                 prompts.write_text("\n".join(held_out) + "\n", encoding="utf-8")
-            run = bias.BiasRun(word=word, attribute=name, values=values,
-                               images=str(Path(folder).expanduser()) if folder else None,
-                               embedding=str(Path(emb).expanduser()) if emb else None, recipe=recipe,
+            run = bias.BiasRun(word=word, attribute=name, values=values, recipe=recipe, **sources_kw, **more,
                                prompts=str(prompts) if prompts else None, model=self.model, model_config=self.model_config,
-                               n=n, seed=seed, steps=steps, named=named, init=init, out=str(out))
+                               n=n, seed=seed, steps=steps, named=named, out=str(out))
             job = BiasJob(word, name, out)
             job.thread = threading.Thread(target=self._bias, args=(job, run), name=f"textinv-bias-{word}", daemon=True)
             self.bias = job
             job.thread.start()
             return job
+
+    @staticmethod
+    def _bias_sources(images_folder, embedding, recipe: str, init) -> dict:
+        """What stands for the word after (a curated folder, or embeddings, or neither) and where per-value tokens start."""
+        folder, emb = (str(x or "").strip() for x in (images_folder, embedding))
+        if folder and emb:
+            raise TextinvError("give either a curated folder (re-learn the word) or existing embedding(s), not both")
+        if folder and not Path(folder).expanduser().is_dir():
+            raise TextinvError(f"Folder {folder}: not a folder on this machine")
+        if emb and not Path(emb).expanduser().exists():
+            raise TextinvError(f"Embedding {emb}: no such file or folder on this machine")
+        init = (init or "").strip() or "majority"  # an emptied box: the default, as the CLI's
+        if init != "majority" and (recipe != "per-value" or not folder):
+            raise TextinvError(f"Tokens start from {init!r}: only per-value tokens learned from a curated folder have a start")
+        return dict(images=str(Path(folder).expanduser()) if folder else None,
+                    embedding=str(Path(emb).expanduser()) if emb else None, init=init)
+
+    def _bias_options(self, templates: str = "", clip: str = "", timesteps: str = "", guidance=None, vectors=1) -> dict:
+        """textinv bias's --templates, --clip (default: textinv ui --clip), --timesteps, --guidance and
+        --vectors from the form: an empty box is the CLI's default; a bad value is a one-line message."""
+        templates, clip, timesteps = (str(x or "").strip() or None for x in (templates, clip, timesteps))
+        if templates:
+            data.load_templates(templates)
+        if timesteps:
+            settings.parse_timesteps(timesteps)
+        vectors = _number(vectors if vectors not in (None, "") else 1, int)
+        if not isinstance(vectors, int) or isinstance(vectors, bool) or not 1 <= vectors <= formats.MAX_VECTORS:
+            raise TextinvError(f"Vectors: between 1 and {formats.MAX_VECTORS} (--vectors {vectors})")
+        guidance = None if guidance in (None, "") or str(guidance).strip() == "" else _number(str(guidance).strip(), float)
+        if guidance is not None and not (isinstance(guidance, float) and math.isfinite(guidance) and guidance >= 1):
+            raise TextinvError(f"Training guidance: at least 1, where 1 is the plain conditional loss (--guidance {guidance})")
+        return dict(templates=templates, clip=clip or self.clip, timesteps=timesteps, guidance=guidance, vectors=vectors)
 
     def _new_run_folder(self, name: str) -> Path:
         """runs/NAME, or NAME-2, NAME-3… when a run of that name started within the same second."""
@@ -434,9 +550,12 @@ class App:
         with collecting(into=job.warnings):
             try:
                 with self._pipe_lock:  # the run applies and trains tokens in the pipeline: no generation meanwhile
-                    job.result = bias.run_bias(run, pipe=self.pipe(), echo=job.echo)
+                    job.result = bias.run_bias(run, pipe=self.pipe(), echo=job.echo, stop=job.stop_requested)
             except Exception as e:  # noqa: BLE001 - shown in the page; the server goes on
-                job.error = describe_error(e)
+                if isinstance(e, bias.Stopped):
+                    job.stopped = str(e)
+                else:
+                    job.error = describe_error(e)
                 if not isinstance(e, TextinvError):
                     traceback.print_exc()
                 with self._pipe_lock:  # a run stopped half-way may leave tokens applied: the next use loads a clean one
@@ -447,11 +566,19 @@ class App:
                 job.ended = time.time()
 
     def close(self, timeout: float = 60) -> None:
-        """Stop a running training run and wait for it (the server is shutting down)."""
-        job = self.job
-        if job is not None and job.running:
-            job.stop_event.set()
-            job.thread.join(timeout)
+        """Stop a running training or bias run and wait for it (the server is shutting down)."""
+        for job in (self.job, self.bias):
+            if job is not None and job.running:
+                job.stop_event.set()
+                job.thread.join(timeout)
+
+    def stop_bias(self) -> str:
+        """Ask the bias run to end after the prompt it is measuring (or the training step it is taking)."""
+        job = self.bias
+        if job is None or not job.running:
+            return "No bias run is going."
+        job.stop_event.set()
+        return f"Stopping the bias run of {job.word!r} after the current prompt or training step…"
 
     def stop_training(self) -> str:
         job = self.job
@@ -467,15 +594,16 @@ class App:
             raise TextinvError("nothing to download yet: train an embedding first (or use the Library tab)")
         return self._export(job.result.embedding, fmt)
 
-    def _export(self, emb, fmt: str) -> Path:
-        if fmt not in SAVE_FORMATS:
-            raise TextinvError(f"format {fmt!r}: choose one of {', '.join(SAVE_FORMATS)}")
+    def _export(self, emb, fmt: str, *, preview=None, clip_only: bool = False) -> Path:
+        """``emb`` written in ``fmt`` (any format textinv convert writes) under downloads/FORMAT/."""
+        if fmt not in EXPORT_FORMATS:
+            raise TextinvError(f"format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
         stem = file_stem(emb.name)
         folder = self.downloads / fmt
         if emb.is_sdxl and fmt == "diffusers":  # diffusers' SDXL layout is a two-file folder: send it zipped
-            written = formats.save(emb, folder / stem, fmt)
+            written = formats.save(emb, folder / stem, fmt, clip_only=clip_only)
             return Path(shutil.make_archive(str(folder / stem), "zip", root_dir=written.parent, base_dir=written.name))
-        return formats.save(emb, folder / f"{stem}{suffix_for(fmt, emb)}", fmt)
+        return formats.save(emb, folder / f"{stem}{suffix_for(fmt, emb)}", fmt, preview=preview, clip_only=clip_only)
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompt: str, negative: str = "", picked=None, *, seed: int = 0, sampler: str | None = None,
@@ -525,11 +653,28 @@ class App:
         rel = Path(emb.path).relative_to(self.library) if emb.path else Path("?")
         return f"{emb.name}  ({rel})"
 
-    def rows(self) -> tuple[list[list], list[str]]:
-        """The library table (trigger, family, vectors, steps, hash, nearest words, file) and warnings."""
+    def model_family(self) -> str:
+        """The loaded model's family in the library's words ("SD 1.x", "the textinv mini model"): which embeddings fit it."""
+        if self._family is None:
+            self._check_model_free()
+            with self._pipe_lock:
+                self._family = tokens.state(self.pipe()).family
+        return self._family
+
+    def family_choices(self) -> list[str]:
+        """The library's family filter: everything, what fits the model, each family the library holds."""
+        found = sorted({emb.family for emb in self.entries().values()})
+        return [ALL_FAMILIES, FITS_MODEL] + found
+
+    def rows(self, family: str = ALL_FAMILIES) -> tuple[list[list], list[str]]:
+        """The library table (trigger, family, vectors, steps, hash, nearest words, file) and warnings;
+        ``family``: one family's rows, or those that fit the model (:meth:`family_choices`)."""
         entries, problems = self.scan()
         rows = []
         for emb in entries.values():
+            if family == FITS_MODEL and not self._fits(emb) or family not in (ALL_FAMILIES, FITS_MODEL, "", None) \
+                    and emb.family != family:
+                continue
             r = library.row(emb, self.library)
             rows.append([r["trigger"], r["family"], r["vectors"], "" if r["steps"] is None else str(r["steps"]),
                          r["hash"] or "", self.nearest(emb), r["file"]])
@@ -575,8 +720,19 @@ class App:
         lines.append(f"nearest words ({self.model_name}): {self.nearest(emb, k=5)}")
         return "\n".join(lines)
 
-    def convert(self, key: str, fmt: str) -> Path:
-        return self._export(self.get(key), fmt)
+    def convert(self, key: str, fmt: str, *, to_single: bool = False, clip_only: bool = False, preview=None) -> Path:
+        """textinv convert on a library embedding: any format (per-layer and XTI included), --to-single,
+        --clip-only, and --preview (an image file for a PNG card's picture)."""
+        emb = self.get(key)
+        image = None
+        if preview:
+            try:
+                with Image.open(preview) as im:
+                    image = im.convert("RGB")
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise TextinvError(f"{Path(preview).name}: cannot read the card's picture ({e})") from None
+        emb = formats.to_single(emb) if to_single else emb  # warns what averaging loses: the page shows it
+        return self._export(emb, fmt, preview=image, clip_only=bool(clip_only))
 
     def _new_name(self, name: str) -> Path:
         name = (name or "").strip()

@@ -450,10 +450,12 @@ def generate(prompt, negative, embeddings, model, count, seed, steps, guidance, 
 @click.option("--port", default=7860, show_default=True, help="Port on 127.0.0.1 (the app is never served beyond this machine).")
 @click.option("--max-upload-mb", default=200, show_default=True, help="Larger uploads are refused in the page.")
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in the default browser.")
-def ui(library, model, model_config, workdir, port, max_upload_mb, open_browser):
-    """A local web app (Gradio) on 127.0.0.1: train, generate and manage the embeddings library."""
+@click.option("--clip", default=None, help="CLIP weights (folder or hub id) for the Bias tab's classifier and the Train "
+              "tab's measured saves on real models (default: openai/clip-vit-base-patch32; each form can change it).")
+def ui(library, model, model_config, workdir, port, max_upload_mb, open_browser, clip):
+    """A local web app (Gradio) on 127.0.0.1: train, generate, measure a word's bias and manage the embeddings library."""
     webui.launch(library, model, workdir=workdir, model_config=model_config, port=port, max_upload_mb=max_upload_mb,
-                 open_browser=open_browser)
+                 open_browser=open_browser, clip=clip)
 
 
 # ------------------------------------------------------------------------- library commands
