@@ -62,6 +62,55 @@ def _shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
 
 
+def _open(page, section: str) -> None:
+    """Unfold a folded section (an accordion) by its title."""
+    page.get_by_text(section, exact=True).first.click()
+
+
+def _choose(page, elem_id: str, option: str) -> None:
+    """Pick ``option`` in a Gradio dropdown."""
+    page.locator(f"#{elem_id} input").first.click()
+    page.get_by_role("option", name=option, exact=True).first.click()
+
+
+def _export_card(page) -> None:
+    """Library: the trained embedding exported as an A1111 PNG card, the card shown in the page."""
+    _choose(page, "lib-pick", "bowtie-ui  (bowtie-ui.safetensors)")
+    _open(page, "Convert (export)")
+    _choose(page, "lib-format", "png")
+    page.locator("#lib-convert").click()
+    expect = sync_api.expect
+    expect(_status(page, "lib-status")).to_have_value(re.compile(r"converted to png: bowtie-ui\.png"), timeout=30_000)
+    expect(page.locator("#lib-card img").first).to_be_visible(timeout=10_000)
+    expect(page.locator("#lib-download a").first).to_be_visible()
+    _shot(page, "10-library-exported-png-card.png")
+
+
+def _train_and_stop(page, app) -> None:
+    """Train: a run with non-default settings (evaluated every 2 steps, no flipped views) started from the
+    form; the plot updates while it runs; Stop ends it at the current step."""
+    expect = sync_api.expect
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#token textarea, #token input").first.fill("<bowtie-stop>")
+    page.locator("#steps input").fill("2000")
+    _open(page, "Schedule")
+    page.locator("#eval-every input").fill("2")
+    _open(page, "Data")
+    page.locator("#flip input").uncheck()
+    page.locator("#start").click()
+    status = _status(page, "train-status")
+    expect(status).to_have_value(re.compile(r"Training <bowtie-stop>: step ([4-9]|\d\d+)/2000"), timeout=120_000)
+    before = page.locator("#loss-plot").screenshot()
+    expect(status).to_have_value(re.compile(r"Training <bowtie-stop>: step ([8-9]|\d\d+)/2000"), timeout=120_000)
+    page.wait_for_timeout(1500)  # the page polls once a second
+    assert page.locator("#loss-plot").screenshot() != before  # the live plot has new points
+    assert (app.job.cfg.eval_every, app.job.cfg.flip) == (2, False) and app.job.curves()[1]  # the evaluation curve
+    _shot(page, "11-train-running-live-plot.png")
+    page.locator("#stop").click()
+    expect(status).to_have_value(re.compile(r"^Stopped at step \d+/2000 .*Resume goes on from step \d+"), timeout=60_000)
+    _shot(page, "12-train-stopped.png")
+
+
 @pytest.mark.long
 def test_browser_train_preview_download_generate_and_bad_uploads(server, tmp_path):
     from click.testing import CliRunner
@@ -101,7 +150,7 @@ def test_browser_train_preview_download_generate_and_bad_uploads(server, tmp_pat
             page.locator("#token textarea, #token input").first.fill("<bowtie-ui>")
             page.locator("#init textarea, #init input").first.fill("shape")
             page.locator("#steps input").fill(str(STEPS))
-            page.get_by_text("More settings").click()
+            _open(page, "Saving")  # a folded group of the form
             page.locator("#preview-every input").fill(str(max(1, STEPS // 2)))
             _shot(page, "01-train-images-dropped.png")
             page.locator("#start").click()
@@ -160,9 +209,11 @@ def test_browser_train_preview_download_generate_and_bad_uploads(server, tmp_pat
             expect(lib).to_have_value(re.compile(r"^1 embedding\(s\) in "), timeout=30_000)
             expect(page.locator("#lib-table")).to_contain_text("bowtie-ui")
             _shot(page, "07-library-after-bad-uploads.png")
+            _export_card(page)
+            _train_and_stop(page, app)
         finally:
             browser.close()
-    assert sorted(p.name for p in app.library.iterdir()) == ["bowtie-ui.safetensors"]
+    assert sorted(p.name for p in app.library.iterdir()) == ["bowtie-stop.safetensors", "bowtie-ui.safetensors"]
     elapsed = time.perf_counter() - started
     # The aim is under 3 minutes (about a minute on 2 quiet cores); on a shared, busy machine it takes longer,
     # so the time is recorded rather than asserted.
@@ -201,6 +252,17 @@ def test_browser_bias_tab_renders_and_a_bad_attribute_is_a_message(server):
             expect(_status(page, "bias-table")).to_have_value(re.compile(r"colour of 'ball' \(judge, 1 images a prompt\)"))
             expect(page.locator("#bias-chart img").first).to_be_visible(timeout=10_000)
             expect(page.locator("#bias-files")).to_contain_text("report.html")
+            expect(page.locator("#bias-report")).to_contain_text("a ball on the left")
             _shot(page, "09-bias-measured.png")
+
+            # a longer run, stopped from the page: one line says so, and no half-written report
+            page.locator("#bias-n input").fill("16")  # many images a prompt: Stop ends it after the current prompt
+            page.locator("#bias-start").click()
+            expect(page.locator("#bias-stop")).to_be_enabled(timeout=30_000)
+            page.locator("#bias-stop").click()
+            expect(_status(page, "bias-status")).to_have_value(re.compile(r"^Stopped after \d+ s, stopped on request"),
+                                                               timeout=120_000)
+            _shot(page, "13-bias-stopped.png")
+            assert not demo.textinv_app.bias.paths() and not (demo.textinv_app.bias.out / "bias.json").exists()
         finally:
             browser.close()

@@ -119,13 +119,23 @@ def build(app: App):
         _generate_handlers(gr, app, page, gen)
         _library_handlers(gr, app, page, lib, gen, demo)
         _bias_handlers(gr, app, page, bias)
-        # a reloaded page (or another browser) sees the runs the App holds, follows them live, and can stop them
-        demo.load(lambda: _follow_any(gr, page, app.job), None, train.live, concurrency_limit=None, show_progress="hidden")
-        demo.load(lambda: gr.update(interactive=bool(app.job and app.job.running)), None, train.stop)
-        demo.load(lambda: _follow_any_bias(gr, page, app.bias), None, bias.outputs, concurrency_limit=None,
-                  show_progress="hidden")
+        _on_load(gr, app, page, demo, train, bias)
     demo.queue(default_concurrency_limit=2)
     return demo
+
+
+def _on_load(gr, app: App, page: _Page, demo, train, bias) -> None:
+    """A reloaded page (or another browser) sees the runs the App holds, follows them live, and can stop
+    them: a run lives in the App, not in the page that started it."""
+    def follow_training():  # generator functions (Gradio streams those), not lambdas returning generators
+        yield from _follow_any(gr, page, app.job)
+
+    def follow_bias():
+        yield from _follow_any_bias(gr, page, app.bias)
+
+    demo.load(follow_training, None, train.live, concurrency_limit=None, show_progress="hidden")
+    demo.load(lambda: gr.update(interactive=bool(app.job and app.job.running)), None, train.stop)
+    demo.load(follow_bias, None, bias.outputs, concurrency_limit=None, show_progress="hidden")
 
 
 def _train_tab(gr, app: App, page: _Page):
