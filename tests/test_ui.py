@@ -260,7 +260,7 @@ def test_browser_bias_tab_renders_and_a_bad_attribute_is_a_message(server):
             page.locator("#bias-start").click()
             expect(page.locator("#bias-stop")).to_be_enabled(timeout=30_000)
             page.locator("#bias-stop").click()
-            expect(_status(page, "bias-status")).to_have_value(re.compile(r"^Stopped after \d+ s, stopped on request"),
+            expect(_status(page, "bias-status")).to_have_value(re.compile(r"^Stopped after \d+ s \(stopped on request"),
                                                                timeout=120_000)
             _shot(page, "13-bias-stopped.png")
             assert not demo.textinv_app.bias.paths() and not (demo.textinv_app.bias.out / "bias.json").exists()

@@ -173,7 +173,6 @@ class TrainJob:
         return f"Done {facts}"
 
 
-
 # ------------------------------------------------------------------------------------ bias
 @dataclass
 class BiasJob:
@@ -208,7 +207,7 @@ class BiasJob:
         if self.error:
             head = f"Bias run failed: {self.error}"
         elif self.stopped:
-            head = (f"Stopped after {seconds:.0f} s, {self.stopped}: no bias.json or report (written only when a run "
+            head = (f"Stopped after {seconds:.0f} s ({self.stopped}): no bias.json or report (written only when a run "
                     f"ends); {self.out} keeps its prompts and any trained token's saved state")
         elif self.result is not None:
             head = f"Done in {seconds:.0f} s: {', '.join(p.name for p in self.paths().values())} in {self.out}"
