@@ -68,14 +68,14 @@ def _open(page, section: str) -> None:
 
 
 def _choose(page, elem_id: str, option: str) -> None:
-    """Pick ``option`` in a Gradio dropdown."""
+    """Pick the first option of a Gradio dropdown whose name holds ``option``."""
     page.locator(f"#{elem_id} input").first.click()
-    page.get_by_role("option", name=option, exact=True).first.click()
+    page.get_by_role("option", name=option).first.click()
 
 
 def _export_card(page) -> None:
     """Library: the trained embedding exported as an A1111 PNG card, the card shown in the page."""
-    _choose(page, "lib-pick", "bowtie-ui  (bowtie-ui.safetensors)")
+    _choose(page, "lib-pick", "bowtie-ui")
     _open(page, "Convert (export)")
     _choose(page, "lib-format", "png")
     page.locator("#lib-convert").click()
