@@ -241,6 +241,21 @@ def trim_log(out, start: int) -> None:
     write_text(log, "".join(k + "\n" for k in kept))
 
 
+def log_records(out) -> list[dict]:
+    """The log's step records, in order (a line cut short by a kill is left out)."""
+    log, found = log_file(out), []
+    if not log.exists():
+        return found
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            found.append(record)
+    return found
+
+
 def recent_losses(out, start: int, window: int) -> list[float]:
     """The last ``window`` losses logged up to ``start`` (the log was trimmed to it)."""
     log = log_file(out)

@@ -297,6 +297,13 @@ def older_identity() -> dict:
     return {f.name: str(spec(f).older) for f in fields() if spec(f).identity and spec(f).older is not ALWAYS}
 
 
+def changed(was: dict, cfg: TrainConfig) -> tuple[str, str, str] | None:
+    """The first setting of a run's identity that ``cfg`` changes, as (name, was, now), against the
+    identity a state recorded (``was``; a setting it predates: its :attr:`Setting.older`); None: none."""
+    older, now = older_identity(), identity(cfg)
+    return next(((k, then, now[k]) for k in now if (then := was.get(k, older.get(k))) != now[k]), None)
+
+
 def recorded(record) -> TrainConfig | None:
     """The settings a run recorded in its config.json, as a TrainConfig, or None where the record
     is not a run's (it must name the trained token and the steps).  Keys this version does not know

@@ -55,8 +55,7 @@ from .images import grid
 from .latents import encode_views, open_cache
 from . import models
 from .models import load_pipeline, name_of
-from .settings import (TrainConfig, check, identity, older_identity, parse_encoders, parse_lr, parse_timesteps,
-                       templates_of)
+from .settings import TrainConfig, changed, check, identity, parse_encoders, parse_lr, parse_timesteps, templates_of
 
 LOSS_WINDOW = 20  # the loss shown (bar and summary) is the mean of the last this-many steps
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what a scheduler config may say the UNet predicts
@@ -370,7 +369,8 @@ def _diverged(step: int, params, last_good, fp16: bool, table_norm: float) -> Tr
 
 
 # ------------------------------------------------------------------------------------ train
-def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=None, echo=None, **overrides) -> TrainResult:
+def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=None, echo=None, alone: bool = False,
+          **overrides) -> TrainResult:
     """Train one embedding.  ``train(images=..., token=..., steps=...)`` or ``train(TrainConfig(...))``.
 
     ``on_save(step, path)`` is called after each ``save_every`` save (the trigger is applied to
@@ -385,21 +385,40 @@ def train(config: TrainConfig | None = None, pipe=None, on_save=None, on_step=No
     completed step as a save point does and raises :class:`textinv.interrupts.Interrupted` saying
     so; ``resume=True`` goes on from there.  A run that fails or is interrupted before its first
     step leaves its folder as it found it (none at all, if there was none).
+
+    Under ``accelerate launch`` the processes train the run together (data-parallel), the main one
+    writing; ``alone=True``: this process trains it by itself, on its own device, and writes it
+    (``textinv train-many`` gives each process whole runs, :mod:`textinv.many`).
     """
     cfg = dataclasses.replace(config, **overrides) if config else TrainConfig(**overrides)
     check(cfg)  # before anything is written
-    main_process = PartialState(cpu=not torch.cuda.is_available()).is_main_process
-    lock = runs.RunLock(cfg.resolved_out()) if main_process else None
+    dist = PartialState(cpu=not torch.cuda.is_available())  # several CPU processes talk over gloo
+    if alone:
+        dist = Alone(dist.device)
+    lock = runs.RunLock(cfg.resolved_out()) if dist.is_main_process else None
     with interrupts.caught(), lock or contextlib.nullcontext():
-        return _train(cfg, pipe, on_save, on_step, echo if main_process else None, lock)
+        return _train(cfg, pipe, on_save, on_step, dist, echo if dist.is_main_process else None, lock)
 
 
-def _train(cfg: TrainConfig, pipe, on_save, on_step, echo=None, lock: runs.RunLock | None = None) -> TrainResult:
+@dataclass(frozen=True)
+class Alone:
+    """What a run asks of accelerate's PartialState, for one process that trains a run by itself
+    while others train theirs: it is the main (writing) process of a group of one."""
+
+    device: torch.device
+    is_main_process: bool = True
+    num_processes: int = 1
+    process_index: int = 0
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def _train(cfg: TrainConfig, pipe, on_save, on_step, dist, echo=None, lock: runs.RunLock | None = None) -> TrainResult:
     """The stages, top to bottom: set up (freeze the model, cache the images, add the word), loop, save.
     Nothing done (no step completed) when it fails or is interrupted: ``lock`` discards what the attempt created."""
     out, word = cfg.resolved_out(), None
     try:
-        dist = PartialState(cpu=not torch.cuda.is_available())  # several CPU processes talk over gloo
         if (on_save is not None or on_step is not None) and dist.num_processes > 1:
             raise TextinvError("early stopping, --pick-best or a stop callback needs a single process")
         model, batches, word, stopper = _set_up(cfg, pipe, echo, dist, out)
@@ -491,12 +510,17 @@ class _Model:
     objective: Objective
 
 
+def load_model(cfg: TrainConfig, device) -> object:
+    """The pipeline a run of ``cfg`` trains on (its --model, --config, --precision), on ``device``."""
+    if cfg.precision == "fp16" and torch.device(device).type == "cpu":
+        raise TextinvError("--precision fp16: half precision is for GPUs; on a CPU it runs tens of times slower "
+                           "than fp32 (use fp32, or bf16 to halve memory)")
+    return load_pipeline(cfg.model, dtype=cfg.precision, device=str(device), config=cfg.model_config)
+
+
 def _frozen_model(cfg: TrainConfig, pipe, device) -> _Model:
     if pipe is None:
-        if cfg.precision == "fp16" and device.type == "cpu":
-            raise TextinvError("--precision fp16: half precision is for GPUs; on a CPU it runs tens of times slower "
-                               "than fp32 (use fp32, or bf16 to halve memory)")
-        pipe = load_pipeline(cfg.model, dtype=cfg.precision, device=str(device), config=cfg.model_config)
+        pipe = load_model(cfg, device)
     family = families.of_pipeline(pipe)
     objective = OBJECTIVES[family.joins]
     objective.refuse(cfg, family)
@@ -948,10 +972,9 @@ def _save_state(out: Path, cfg: TrainConfig, params, optimizer, step: int, scale
 def _load_state(out: Path, cfg: TrainConfig, params, optimizer, scaler) -> tuple[int, list]:
     """Restore the vectors, AdamW and the loss scaler: (the step, the evaluation-loss curve so far)."""
     st, path = runs.read_state(out), runs.state_file(out)
-    older, now = older_identity(), identity(cfg)  # a state from before a setting existed: settings.Setting.older
-    changed = {k: (was, now[k]) for k in now if (was := st["identity"].get(k, older.get(k))) != now[k]}
-    if changed:
-        k, (was, now) = next(iter(changed.items()))
+    change = changed(st["identity"], cfg)
+    if change:
+        k, was, now = change
         raise TextinvError(f"--resume: this run was started with {k}={was}, now {k}={now}; use the same settings or another --out")
     shapes = [tuple(p.shape) for p in params]
     well_formed = (type(st.get("step")) is int and st["step"] >= 0 and isinstance(st.get("optimizer"), dict)
