@@ -17,7 +17,7 @@ import click
 from PIL import Image
 from transformers.utils import logging as transformers_logging
 
-from . import cpu, evaluate, formats, generation, library, report, runs, samplers, settings, sources, tokens, training
+from . import cpu, evaluate, formats, generation, library, many, report, runs, samplers, settings, sources, tokens, training
 from . import bias as word_bias  # aliased: bias, demo and ui are the names of commands here
 from . import demo as mini_demo
 from . import ui as webui
@@ -261,9 +261,10 @@ def _setting_option(f):
                         show_default=s.show_default, **kw)
 
 
-def _setting_options(command):
-    """Decorate ``command`` with an option per setting the CLI offers, in TrainConfig's order."""
-    for f in reversed(settings.cli_fields()):
+def _setting_options(command, skip: tuple[str, ...] = ()):
+    """Decorate ``command`` with an option per setting the CLI offers (less those named in ``skip``),
+    in TrainConfig's order."""
+    for f in reversed([f for f in settings.cli_fields() if f.name not in skip]):
         s = settings.spec(f)
         if s.off:
             command = click.option(s.off[0], f.name + OFF, is_flag=True, help=s.off[1])(command)
@@ -272,16 +273,21 @@ def _setting_options(command):
 
 
 def _train_config(given: dict) -> TrainConfig:
-    """TrainConfig from textinv train's options: paths as text, a second flag (--no-latent-cache) as its value."""
+    return TrainConfig(**_setting_values(given))
+
+
+def _setting_values(given: dict, skip: tuple[str, ...] = ()) -> dict:
+    """The settings textinv train's options gave (less ``skip``), by field name: paths as text, a second
+    flag (--no-latent-cache) as its value."""
     values = {}
-    for f in settings.cli_fields():
+    for f in [f for f in settings.cli_fields() if f.name not in skip]:
         s, value = settings.spec(f), given[f.name]
         if s.off and given[f.name + OFF]:
             if value is not None:
                 raise click.UsageError(f"{settings.flag_of(f)} and {s.off[0]}: give one")
             value = s.off[2]
         values[f.name] = str(value) if s.path and isinstance(value, Path) else value
-    return TrainConfig(**values)
+    return values
 
 
 @main.command()
@@ -319,6 +325,37 @@ def train(pick_best, patience, eval_n, concept, clip, dino, **given):
     click.echo(report.format_table(measured.evaluation.result))
     paths = measured.written
     click.echo(f"wrote {paths['report']}, {paths['curve']}, {paths['metrics']}")
+
+
+# ------------------------------------------------------------------------------- train-many
+MANY_SKIP = ("images", "token", "out", "resume")  # each row's own, or train-many's to decide
+
+
+def _many_options(command):
+    return _setting_options(command, skip=MANY_SKIP)
+
+
+@main.command("train-many")
+@click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--out-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("runs"), show_default=True,
+              help="Each row's run goes to OUT_DIR/TOKEN (unless the row gives its out); the summary to "
+                   "OUT_DIR/MANIFEST-summary.csv.")
+@_many_options
+def train_many(manifest, out_dir, **given):
+    """Train a concept per row of MANIFEST, loading the model once.
+
+    MANIFEST: a .csv file (a header row) or .jsonl (a JSON object a line); columns: token, images and
+    any train option (lr or --lr). The options here apply to every row that leaves them empty. Run it
+    again after a stop: it trains what is left, from the step each concept reached (docs/scale.md)."""
+    echo = lambda line: click.echo(formats.printable(line), err=True)  # noqa: E731
+    summary = many.train_many(manifest, _setting_values(given, skip=MANY_SKIP), out_dir, echo=echo)
+    if not summary.is_main_process:
+        return
+    click.echo(many.format_table(summary))
+    click.echo(f"wrote {printable(summary.csv)}")
+    if summary.failed:
+        raise TextinvError(f"{len(summary.failed)} of {len(summary.outcomes)} concepts failed (their notes above); "
+                           "the same command retries them")
 
 
 def _trained(result) -> str:
