@@ -226,10 +226,10 @@ def malicious_pt(path: Path, marker: Path, how: str = "system", zipfile: bool = 
     return path
 
 
-def torchrun_train(*args: str) -> subprocess.CompletedProcess:
-    """``textinv train ARGS`` as `accelerate launch` / torchrun runs it on two GPUs, here two CPU
-    processes (gloo), one torch thread each, offline."""
+def torchrun_train(*args: str, command: str = "train") -> subprocess.CompletedProcess:
+    """``textinv train ARGS`` (or another ``command``) as `accelerate launch` / torchrun runs it on
+    two GPUs, here two CPU processes (gloo), one torch thread each, offline."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "textinv", "train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "textinv", command,
            *args]
     return subprocess.run(cmd, env=env, capture_output=True, timeout=300)

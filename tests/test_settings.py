@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from textinv import settings
 from textinv.app import App, form_value
-from textinv.cli import OFF, main, train as train_command
+from textinv.cli import OFF, main, train as train_command, train_many as train_many_command
 from textinv.errors import TextinvError
 from textinv.training import TrainConfig
 
@@ -76,14 +76,18 @@ def test_the_measured_saves_declared_for_the_form_are_trains_own_options():
 
 
 def test_the_flags_the_docs_use_are_train_options():
-    opts = {o for p in train_command.params for o in p.opts + p.secondary_opts}
-    used = set()
+    commands = {"textinv train ": train_command, "textinv train-many ": train_many_command}
+    opts = {name: {o for p in c.params for o in p.opts + p.secondary_opts} for name, c in commands.items()}
+    used = {name: set() for name in commands}
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for line in doc.read_text(encoding="utf-8").splitlines():
-            if line.lstrip().startswith("textinv train"):  # a command line in a code block
-                used |= set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", line))
-    used |= set(re.findall(r"`(--[a-z][a-z0-9-]*)", (ROOT / "docs" / "training.md").read_text(encoding="utf-8")))
-    assert used and used <= opts, sorted(used - opts)
+            for name in commands:
+                if (line.lstrip() + " ").startswith(name):  # a command line in a code block
+                    used[name] |= set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", line))
+    used["textinv train "] |= set(re.findall(r"`(--[a-z][a-z0-9-]*)", (ROOT / "docs" / "training.md").read_text(encoding="utf-8")))
+    for name in commands:
+        assert used[name] <= opts[name], (name, sorted(used[name] - opts[name]))
+    assert used["textinv train "] and used["textinv train-many "]
 
 
 def test_the_identity_of_a_resumed_run_and_what_older_states_imply():
@@ -161,6 +165,7 @@ OTHER_VOCABULARIES = {
     "flowmatch.py": ({"mode"}, "the SD3 paper's timestep density named as diffusers' scripts name it"),
     "formats.py": ({"token", "format", "clip_skip"}, "embedding files' own metadata keys"),
     "latents.py": ({"format"}, "the latent cache's file metadata"),
+    "many.py": ({"token", "steps", "out"}, "train-many's summary: its columns"),
     "library.py": ({"format", "vectors", "token", "steps"}, "an embedding's description"),
     "models.py": ({"guidance"}, "a model's sampling defaults file"),
     "report.py": ({"images", "model", "guidance", "seed", "init"}, "eval.json's keys"),

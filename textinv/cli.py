@@ -261,10 +261,10 @@ def _setting_option(f):
                         show_default=s.show_default, **kw)
 
 
-def _setting_options(command, skip: tuple[str, ...] = ()):
-    """Decorate ``command`` with an option per setting the CLI offers (less those named in ``skip``),
-    in TrainConfig's order."""
-    for f in reversed([f for f in settings.cli_fields() if f.name not in skip]):
+def _setting_options(command, fields=None):
+    """Decorate ``command`` with an option per setting the CLI offers (or per one of ``fields``), in
+    TrainConfig's order."""
+    for f in reversed(settings.cli_fields() if fields is None else fields):
         s = settings.spec(f)
         if s.off:
             command = click.option(s.off[0], f.name + OFF, is_flag=True, help=s.off[1])(command)
@@ -276,11 +276,11 @@ def _train_config(given: dict) -> TrainConfig:
     return TrainConfig(**_setting_values(given))
 
 
-def _setting_values(given: dict, skip: tuple[str, ...] = ()) -> dict:
-    """The settings textinv train's options gave (less ``skip``), by field name: paths as text, a second
-    flag (--no-latent-cache) as its value."""
+def _setting_values(given: dict, fields=None) -> dict:
+    """The settings textinv train's options (or those of ``fields``) gave, by field name: paths as
+    text, a second flag (--no-latent-cache) as its value."""
     values = {}
-    for f in [f for f in settings.cli_fields() if f.name not in skip]:
+    for f in settings.cli_fields() if fields is None else fields:
         s, value = settings.spec(f), given[f.name]
         if s.off and given[f.name + OFF]:
             if value is not None:
@@ -328,11 +328,8 @@ def train(pick_best, patience, eval_n, concept, clip, dino, **given):
 
 
 # ------------------------------------------------------------------------------- train-many
-MANY_SKIP = ("images", "token", "out", "resume")  # each row's own, or train-many's to decide
-
-
 def _many_options(command):
-    return _setting_options(command, skip=MANY_SKIP)
+    return _setting_options(command, settings.many_option_fields())
 
 
 @main.command("train-many")
@@ -348,7 +345,7 @@ def train_many(manifest, out_dir, **given):
     any train option (lr or --lr). The options here apply to every row that leaves them empty. Run it
     again after a stop: it trains what is left, from the step each concept reached (docs/scale.md)."""
     echo = lambda line: click.echo(formats.printable(line), err=True)  # noqa: E731
-    summary = many.train_many(manifest, _setting_values(given, skip=MANY_SKIP), out_dir, echo=echo)
+    summary = many.train_many(manifest, _setting_values(given, settings.many_option_fields()), out_dir, echo=echo)
     if not summary.is_main_process:
         return
     click.echo(many.format_table(summary))

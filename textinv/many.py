@@ -41,8 +41,6 @@ from .data import IMAGE_SUFFIXES
 from .errors import TextinvError
 from .settings import TrainConfig
 
-NOT_COLUMNS = ("resume",)  # train-many decides, from each run folder
-REQUIRED = ("token", "images")  # every row names its own
 TRUE, FALSE = ("1", "true", "t", "yes", "y", "on"), ("0", "false", "f", "no", "n", "off")
 SUMMARY_COLUMNS = ("row", "token", "steps", "stop", "loss", "seconds", "note", "out")
 EARLY, ALL_STEPS, FAILED = "early stop", "all steps", "failed"  # a concept's stop reason
@@ -97,13 +95,13 @@ class Summary:
 
 
 # ------------------------------------------------------------------------------ the manifest
-def spellings() -> dict[str, dataclasses.Field]:
-    """Every column name a setting answers to: its field name, its flag, the flag without dashes."""
+def spellings(fields=None) -> dict[str, dataclasses.Field]:
+    """Every column name a setting answers to: its field name, its flag, the flag without dashes
+    (``fields``: those of :func:`textinv.settings.column_fields`)."""
     found = {}
-    for f in settings.cli_fields():
-        if f.name not in NOT_COLUMNS:
-            flag = settings.flag_of(f)
-            found.update({f.name: f, flag: f, flag[2:]: f})
+    for f in settings.column_fields() if fields is None else fields:
+        flag = settings.flag_of(f)
+        found.update({f.name: f, flag: f, flag[2:]: f})
     return found
 
 
@@ -160,12 +158,13 @@ def _json_rows(text: str) -> tuple[list[str], list[dict | str]]:
 
 def column_problems(columns: list[str]) -> list[str]:
     """A line for each column that is not a setting, or that names one another column names too."""
-    known, problems, seen = spellings(), [], {}
+    known, options, problems, seen = spellings(), spellings(settings.cli_fields()), [], {}
     for c in columns:
         f = known.get(c)
         if f is None:
-            near = difflib.get_close_matches(c, list(known), n=1)
-            why = "decided by train-many" if c.lstrip("-") in NOT_COLUMNS else "not a textinv train option"
+            ours = settings.spec(options[c]).many_why_not if c in options else ""
+            near = [] if ours else difflib.get_close_matches(c, list(known), n=1)
+            why = ours or "not a textinv train option"
             problems.append(f"manifest: column {formats.printable(c)!r}: {why}" + (f" (did you mean {near[0]}?)" if near else ""))
         elif f.name in seen:
             problems.append(f"manifest: columns {seen[f.name]!r} and {c!r} both set {settings.flag_of(f)}")
@@ -197,26 +196,41 @@ def cell_value(f: dataclasses.Field, raw):
     return text
 
 
-def row_config(cells: dict, defaults: dict, out_dir) -> TrainConfig:
-    """One row's settings: its cells over ``defaults`` (the command line's), checked as ``textinv
-    train`` checks them, with ``out`` defaulting to OUT_DIR/<token as a file name>."""
-    known, values = spellings(), dict(defaults)
+def row_config(n: int, cells: dict, defaults: dict, out_dir) -> TrainConfig:
+    """Row ``n``'s settings: its cells over ``defaults`` (the command line's), checked as ``textinv
+    train`` checks them, with ``out`` defaulting to OUT_DIR/<token as a file name>.  A problem is one
+    line that names the row (and its token, where it has one)."""
+    known, values, problem = spellings(), dict(defaults), None
     for column, raw in cells.items():
-        value = cell_value(known[column], raw)
+        try:
+            value = cell_value(known[column], raw)
+        except TextinvError as e:
+            problem = problem or str(e)
+            continue
         if value is not None:
             values[known[column].name] = value
-    missing = [name for name in REQUIRED if not str(values.get(name) or "").strip()]
-    if missing:
-        raise TextinvError(f"--{missing[0]}: missing (every row names its own {missing[0]})")
-    values["out"] = values.get("out") or str(Path(out_dir) / formats.file_stem(values["token"]))
-    cfg = TrainConfig(**values)
-    settings.check(cfg)
-    images = Path(cfg.images)
-    if not images.is_dir():
-        raise TextinvError(f"--images {cfg.images}: not a folder")
-    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in images.iterdir() if not p.name.startswith(".")):
-        raise TextinvError(f"--images {cfg.images}: no .jpg/.png/.webp/.bmp/.gif files")
+    required = settings.required_fields()
+    cfg = TrainConfig(**{f.name: "" for f in required} | values)  # a missing one is said below, by its flag
+    try:
+        missing = next((f for f in required if not str(getattr(cfg, f.name)).strip()), None)
+        if problem or missing:
+            raise TextinvError(problem or f"{settings.flag_of(missing)}: missing (every row gives its own)")
+        cfg = dataclasses.replace(cfg, out=cfg.out or str(Path(out_dir) / formats.file_stem(cfg.token)))
+        settings.check(cfg)
+        images = Path(cfg.images)
+        if not images.is_dir():
+            raise TextinvError(f"--images {cfg.images}: not a folder")
+        if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in images.iterdir() if not p.name.startswith(".")):
+            raise TextinvError(f"--images {cfg.images}: no .jpg/.png/.webp/.bmp/.gif files")
+    except TextinvError as e:
+        raise TextinvError(f"{where(n, cfg)}: {e}") from None
     return cfg
+
+
+def where(n: int, cfg: TrainConfig | None = None) -> str:
+    """How a problem names row ``n``: by its number, and its token where it has one."""
+    token = str(cfg.token).strip() if cfg is not None else ""
+    return f"manifest row {n}" + (f" (token {formats.printable(token)})" if token else "")
 
 
 # --------------------------------------------------------------------------------- the plan
@@ -251,24 +265,26 @@ def prepare(path, defaults: dict | None = None, out_dir="runs") -> list[Concept]
     problems = column_problems(columns)
     if not rows:
         problems.append("manifest: no rows (a row per concept: token, images, …)")
-    concepts, outs = [], {}
+    concepts, outs, known = [], {}, spellings()
     for n, cells in enumerate(rows, start=1):
-        token = cells.get("token") or cells.get("--token") if isinstance(cells, dict) else None
-        where = f"manifest row {n}" + (f" (token {formats.printable(token)})" if token else "")
+        if isinstance(cells, str) or (problems and any(c not in known for c in cells)):
+            problems += [f"{where(n)}: {cells}"] if isinstance(cells, str) else []  # a bad column: said once
+            continue
         try:
-            if isinstance(cells, str):
-                raise TextinvError(cells)
-            if problems and any(c not in spellings() for c in cells):
-                continue  # its column is the problem, said once
-            cfg = row_config(cells, defaults or {}, out_dir)
-            out = cfg.resolved_out().resolve()
+            cfg = row_config(n, cells, defaults or {}, out_dir)
+        except TextinvError as e:
+            problems.append(str(e))
+            continue
+        out = cfg.resolved_out().resolve()
+        try:
             if out in outs:
                 raise TextinvError(f"out {cfg.resolved_out()}: row {outs[out]} trains there too; give one of them its own out")
             outs[out] = n
             step, done = saved(cfg)
-            concepts.append(Concept(n, dataclasses.replace(cfg, resume=step > 0), step, done))
         except TextinvError as e:
-            problems.append(f"{where}: {e}")
+            problems.append(f"{where(n, cfg)}: {e}")
+            continue
+        concepts.append(Concept(n, dataclasses.replace(cfg, resume=step > 0), step, done))
     if problems:
         raise ManifestError(path, problems)
     return concepts

@@ -3,10 +3,10 @@
 Each field carries a :class:`Setting` in its metadata: its name in words, its help text, its CLI
 spelling, its range or choices, whether a resumed run must keep it (the run's identity), what a
 state file written before it existed implies, and where the web form shows it.  Everything else
-is derived from here: ``textinv train``'s options (:mod:`textinv.cli`), the web form
-(:mod:`textinv.ui`, :mod:`textinv.app`), the resume identity (:func:`identity`) and the one
-validation, :func:`check`, whose one-line messages the CLI and the web UI both show.  A new
-setting is one new field.
+is derived from here: ``textinv train``'s options (:mod:`textinv.cli`), the columns and options of
+``textinv train-many`` (:mod:`textinv.many`), the web form (:mod:`textinv.ui`, :mod:`textinv.app`),
+the resume identity (:func:`identity`) and the one validation, :func:`check`, whose one-line
+messages the CLI, the manifest's rows and the web UI all show.  A new setting is one new field.
 """
 from __future__ import annotations
 
@@ -61,6 +61,8 @@ class Setting:
     form: str = ""  # the web form shows it: MAIN or MORE
     group: str = ""  # on the form: its group of settings (GROUPS), a folded section for the MORE ones
     form_why_not: str = ""  # not on the web form, and why
+    per_row: bool = False  # textinv train-many: each manifest row gives its own (a column, not an option of the command)
+    many_why_not: str = ""  # textinv train-many: not a manifest column, and why
     example: str = ""  # the web form's placeholder
     hint: str = ""  # the web form's hint, where the help text says nothing (default: the help text)
 
@@ -79,10 +81,11 @@ class TrainConfig:
     """The settings of one training run: ``train(TrainConfig(...))`` or ``train(images=..., ...)``."""
 
     images: str = _setting(label="Images", help="Folder of 3–5+ images (jpg/png/webp/bmp; IMG.txt sidecar captions).",
-                           identity=True, path="path", form_why_not="the form's picture drop zone or folder box")
+                           identity=True, path="path", form_why_not="the form's picture drop zone or folder box",
+                           per_row=True)
     token: str = _setting(label="Token", help="The new trigger word (or, with --mode replace, the existing word to re-learn).",
                           identity=True, nonempty=True, rule="give the new trigger word, e.g. <my-cat>", form=MAIN, group=WORD,
-                          example="<my-cat>")
+                          example="<my-cat>", per_row=True)
     model: str | None = _setting(None, label="Model", help=MODEL_HELP, identity=True, short="-m", form_why_not=THE_APPS)
     model_config: str | None = _setting(None, label="Model configs", help=CONFIG_HELP, identity=False, flag="--config",
                                         form_why_not=THE_APPS)
@@ -179,10 +182,12 @@ class TrainConfig:
                            choices=formats.SAVE_FORMATS + formats.PER_LAYER_FORMATS,
                            form_why_not="the app keeps each embedding in the library in its own format; Download converts")
     out: str | None = _setting(None, label="Output folder", help="Output folder (default runs/TOKEN).", identity=False,
-                               path="path", form_why_not="the app gives every run its own folder (WORKDIR/runs/DATE-TOKEN)")
+                               path="path", form_why_not="the app gives every run its own folder (WORKDIR/runs/DATE-TOKEN)",
+                               per_row=True)
     resume: bool = _setting(False, label="Resume", help="Continue the run in --out from its last save.", identity=False,
                             form_why_not="every run from the form starts in a new folder; the Train tab's "
-                            "Resume button goes on with the last run stopped from the page")
+                            "Resume button goes on with the last run stopped from the page",
+                            many_why_not="train-many decides it, from each run folder")
     progress: bool = _setting(True, label="Progress bar", help="Draw a progress bar in the terminal.", identity=False,
                               cli_why_not="the CLI always draws it", form_why_not="the page shows its own progress")
     latent_cache: str | None = _setting(None, label="Latent cache", help="Keep the views' VAE latents here, so the next run on "
@@ -270,6 +275,20 @@ def kind_of(f: dataclasses.Field) -> tuple[type, bool]:
 
 def cli_fields() -> list[dataclasses.Field]:
     return [f for f in fields() if not spec(f).cli_why_not]
+
+
+def column_fields() -> list[dataclasses.Field]:
+    """The settings a ``textinv train-many`` manifest's columns may set: train's options, less those it decides."""
+    return [f for f in cli_fields() if not spec(f).many_why_not]
+
+
+def many_option_fields() -> list[dataclasses.Field]:
+    """``textinv train-many``'s options: every row's defaults (the columns, less each row's own)."""
+    return [f for f in column_fields() if not spec(f).per_row]
+
+
+def required_fields() -> list[dataclasses.Field]:
+    return [f for f in fields() if default_of(f) is dataclasses.MISSING]
 
 
 def form_fields() -> list[dataclasses.Field]:
