@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from textinv import many, runs, settings, training
+from textinv import many, runs, settings, stopping, training
 from textinv.cli import main, train as train_command, train_many as train_many_command
 from textinv.demo import render_training_set
 from textinv.errors import TextinvError
@@ -93,7 +93,7 @@ def test_bad_rows_are_one_line_each_and_nothing_is_trained(tmp_path):
         "manifest: column 'resume': train-many decides it, from each run folder"], res.stderr
 
 
-def test_concepts_train_as_separate_train_calls_bit_for_bit_and_a_rerun_trains_nothing(tmp_path):
+def test_concepts_train_as_separate_train_calls_bit_for_bit_and_a_rerun_trains_nothing(tmp_path, monkeypatch):
     """Two concepts on one loaded pipeline give the files two separate runs give (the first
     concept's word is gone before the second's is added: training refuses a pipeline with another)."""
     rows = concepts(tmp_path)
@@ -116,6 +116,9 @@ def test_concepts_train_as_separate_train_calls_bit_for_bit_and_a_rerun_trains_n
                                                                            for r in table]
     longer = many.prepare(manifest, dict(QUICK, steps=8), tmp_path / "many")
     assert [(c.saved, c.done, c.config.resume) for c in longer] == [(6, False, True)] * 2  # --steps raised: goes on
+    monkeypatch.setattr(stopping, "should_stop", lambda curve, rule=None: (True, 0.0))  # as if it had stopped early
+    stopped = many.prepare(manifest, dict(QUICK, steps=8, early_stop=True), tmp_path / "many")
+    assert [(c.saved, c.done) for c in stopped] == [(6, True)] * 2
     with pytest.raises(many.ManifestError) as refused:
         many.prepare(manifest, dict(QUICK, batch=3), tmp_path / "many")
     assert refused.value.problems[0].endswith("holds a run started with batch=2, this row has batch=3; give the row "
