@@ -98,17 +98,21 @@ def test_concepts_train_as_separate_train_calls_bit_for_bit_and_a_rerun_trains_n
     concept's word is gone before the second's is added: training refuses a pipeline with another)."""
     rows = concepts(tmp_path)
     manifest = write_csv(tmp_path / "m.csv", rows)
-    res = CliRunner().invoke(main, ["train-many", str(manifest), "--out-dir", str(tmp_path / "many"), *QUICK_FLAGS])
+    res = CliRunner().invoke(main, ["train-many", str(manifest), "--out-dir", str(tmp_path / "many"), *QUICK_FLAGS,
+                                    "--preview-every", "6"])
     assert res.exit_code == 0, res.output
     for row in rows:
-        alone = training.train(TrainConfig(**row, **QUICK, out=str(tmp_path / "alone" / row["token"].strip("<>")), progress=False))
+        alone = training.train(TrainConfig(**row, **QUICK, out=str(tmp_path / "alone" / row["token"].strip("<>")),
+                                           preview_every=6, progress=False))
         here = runs.final(tmp_path / "many" / row["token"].strip("<>"))
         assert here.read_bytes() == alone.embedding_path.read_bytes(), row["token"]
         assert sorted(p.name for p in here.parent.iterdir()) == sorted(p.name for p in alone.out.iterdir())
+        assert runs.preview_file(here.parent, 6).read_bytes() == runs.preview_file(alone.out, 6).read_bytes()
     table = summary_rows(tmp_path / "many" / "m-summary.csv")
     assert [(r["row"], r["token"], r["steps"], r["stop"], r["note"]) for r in table] == [
         ("1", "<drop>", "6", "all steps", "trained"), ("2", "<arrow>", "6", "all steps", "trained")]
-    again = CliRunner().invoke(main, ["train-many", str(manifest), "--out-dir", str(tmp_path / "many"), *QUICK_FLAGS])
+    again = CliRunner().invoke(main, ["train-many", str(manifest), "--out-dir", str(tmp_path / "many"), *QUICK_FLAGS,
+                                      "--preview-every", "6"])
     assert again.exit_code == 0 and "loading" not in again.stderr, again.output
     assert [r["note"] for r in summary_rows(tmp_path / "many" / "m-summary.csv")] == ["done before"] * 2
     rerun = summary_rows(tmp_path / "many" / "m-summary.csv")

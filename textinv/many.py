@@ -265,10 +265,10 @@ def prepare(path, defaults: dict | None = None, out_dir="runs") -> list[Concept]
     problems = column_problems(columns)
     if not rows:
         problems.append("manifest: no rows (a row per concept: token, images, …)")
-    concepts, outs, known = [], {}, spellings()
+    concepts, outs, unknown = [], {}, set(columns) - set(spellings())
     for n, cells in enumerate(rows, start=1):
-        if isinstance(cells, str) or (problems and any(c not in known for c in cells)):
-            problems += [f"{where(n)}: {cells}"] if isinstance(cells, str) else []  # a bad column: said once
+        if isinstance(cells, str) or unknown & set(cells):
+            problems += [f"{where(n)}: {cells}"] if isinstance(cells, str) else []  # a bad column: said once, above
             continue
         try:
             cfg = row_config(n, cells, defaults or {}, out_dir)
