@@ -137,6 +137,19 @@ def test_train_many_takes_train_options_as_every_rows_defaults_but_not_each_rows
     assert {f.name for f in settings.column_fields()} == {f.name for f in settings.cli_fields()} - {"resume"}
 
 
+def test_a_concept_that_fails_is_a_line_of_the_summary_and_the_next_one_trains(tmp_path):
+    rows = concepts(tmp_path, ("drop",))
+    rows.insert(0, {"token": "shape", "images": rows[0]["images"]})  # a word the model has: found once it is loaded
+    manifest = write_csv(tmp_path / "m.csv", rows)
+    res = CliRunner().invoke(main, ["train-many", str(manifest), "--out-dir", str(tmp_path / "many"), *QUICK_FLAGS])
+    assert res.exit_code == 2 and res.stderr.splitlines()[-1] == ("error: 1 of 2 concepts failed (their notes above); "
+                                                                  "the same command retries them"), res.output
+    table = summary_rows(tmp_path / "many" / "m-summary.csv")
+    assert [(r["token"], r["stop"], r["steps"]) for r in table] == [("shape", "failed", ""), ("<drop>", "all steps", "6")]
+    assert "already a word in this model's vocabulary" in table[0]["note"]
+    assert not (tmp_path / "many" / "shape").exists()  # a run that failed before its first step leaves nothing
+
+
 def test_trained_seconds_add_up_the_attempts():
     records = [{"step": 1, "seconds": 0.5}, {"step": 2, "seconds": 1.0}, {"step": 3, "seconds": 0.25},
                {"step": 4, "seconds": 0.75}]

@@ -273,6 +273,7 @@ def _setting_options(command, fields=None):
 
 
 def _train_config(given: dict) -> TrainConfig:
+    """TrainConfig from textinv train's options."""
     return TrainConfig(**_setting_values(given))
 
 
