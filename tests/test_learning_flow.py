@@ -28,7 +28,7 @@ def fidelity(pipe, trigger: str, concept: str, emb=None) -> float:
 
 
 def test_the_flow_word_draws_the_unnamed_shape_far_more_often_than_the_init_word(flow_word):
-    # measured (drop, seed 0, 16 images; early stopping at step 65): fidelity 0.81 against 0.12 for the init word
+    # measured on mini-flow v2 (drop, seed 0, 16 images; 100 steps): fidelity 0.88 against 0.06 for the init word
     pipe = load_pipeline("mini-flow")
     baseline = fidelity(pipe, flow_word.init, flow_word.concept)
     learned = fidelity(pipe, "<t>", flow_word.concept, flow_word.path)
@@ -38,11 +38,11 @@ def test_the_flow_word_draws_the_unnamed_shape_far_more_often_than_the_init_word
 def test_on_mini_flow_the_t5_vectors_carry_the_concept(flow_word):
     """The word's T5 part alone draws the shape; its CLIP-L part (Flux.1's CLIP gives only the pooled
     vector) with T5 left at the init word's vector does not: what the encoder table in
-    docs/training.md finds, here on one trained word.  Measured: 0.56 and 0.06 (whole word 0.81)."""
+    docs/training.md finds, here on one trained word.  Measured on v2: 0.44 and 0.00 (whole word 0.88)."""
     pipe = load_pipeline("mini-flow")
     emb = formats.load(flow_word.path)
     init_t5 = init_vectors(pipe.tokenizer_2, pipe.text_encoder_2.get_input_embeddings().weight, flow_word.init, 1)
     with pytest.warns(UserWarning, match="has no clip_l part: its trigger is left out"):
         t5 = fidelity(pipe, "<t>", flow_word.concept, Embedding("t", {"t5": emb.vectors["t5"]}))
     clip = fidelity(pipe, "<t>", flow_word.concept, Embedding("t", {"clip_l": emb.vectors["clip_l"], "t5": init_t5}))
-    assert t5 >= 0.4 and t5 >= clip + 0.3, (t5, clip)
+    assert t5 >= 0.3 and t5 >= clip + 0.25, (t5, clip)
