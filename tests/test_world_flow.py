@@ -123,4 +123,18 @@ def test_the_committed_mini_flow_is_a_plain_flux_pipeline_with_its_own_settings(
     own = models.defaults("mini-flow")
     assert own.true_cfg and own.t5_length == flow_base.T5_LENGTH and own.scope.image_size == 32
     assert DemoSettings.for_model("mini-flow").lr_t5 == flow_base.DEMO["lr_t5"]
+    assert DemoSettings.for_model("mini-flow").bias_init == flow_base.DEMO["bias_init"] == "value"
     assert generation.default_size(pipe) == (32, 32)
+
+
+def test_the_bias_demo_starts_each_token_where_the_models_demo_settings_say(tmp_path, monkeypatch):
+    """mini-flow's colour tokens start from their own colour words (its textinv.json), mini's from red."""
+    from textinv import bias, demo
+
+    runs = []
+    monkeypatch.setattr(bias, "run_bias", lambda run, echo=None: runs.append(run) or {})
+    monkeypatch.setattr(bias, "format_table", lambda result: "")
+    for model in ("mini-flow", None):
+        demo.run_bias(tmp_path / str(model), model=model, echo=lambda *_: None)
+    assert [r.init for r in runs] == ["value", "majority"]
+    assert runs[0].extra == {"lr_t5": flow_base.DEMO["lr_t5"]}
