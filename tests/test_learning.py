@@ -33,10 +33,10 @@ def test_per_value_tokens_even_out_the_biased_words_colours_and_keep_it_a_ball(t
     # colour from 6 captioned balls each, every token starting from the colour the model draws for
     # "ball" today (red), used in turn before the word; judged on 3 training and 3 held-out prompts.
     # The full measurement (six colours, 60 images a prompt, 3 seeds) is in docs/evaluation.md; here
-    # three colours (red, green — the hardest — and blue), the default 300 steps (a red start needs
-    # them: at 60 every token still drew red) and 12 images a prompt.  Measured: red/green/blue
-    # exactly even on the training prompts with every image a ball; held-out 1/3, 0.28, 1/3 and 0.89.
-    values = ["red", "green", "blue"]
+    # two colours (red and green, the hardest), the default 300 steps (a red start needs them: at 60
+    # every token still drew red) and 12 images a prompt.  Measured: exactly even (1/2 each) on the
+    # training and the held-out prompts; every image a ball on the training prompts, 0.97 held out.
+    values = ["red", "green"]
     m = run_bias(tmp_path, seed=0, n=12, steps=300, values=values, echo=lambda *_: None, named=False)
     red = spec.BIASED["colour"]
     assert m["init"] == [red] * len(values)
