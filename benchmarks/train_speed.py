@@ -622,12 +622,17 @@ def floor_loop(run: Run, precision: str, seed: int = 0) -> float:
 
 def input_vectors(encoders, dev) -> tuple[list, list]:
     """A trainable fp32 vector added to every token's input embedding of each encoder (as a
-    trigger's vectors are fp32), and the hooks that add them (remove them when done)."""
+    trigger's vectors are fp32), and the hooks that add them (remove them when done).
+
+    The hook goes on every embedding module that holds the input table: transformers' T5 looks
+    its tokens up in ``encoder.embed_tokens``, a module of its own that shares ``shared``'s weight,
+    so a hook on ``get_input_embeddings()`` alone never runs there (and T5's backward was skipped)."""
     vectors, hooks = [], []
     for te in encoders:
-        table = te.get_input_embeddings()
-        vector = torch.zeros(table.embedding_dim, device=dev, requires_grad=True)
-        hooks.append(table.register_forward_hook(lambda _m, _i, out, v=vector: out + v.to(out.dtype)))
+        weight = te.get_input_embeddings().weight
+        vector = torch.zeros(weight.shape[1], device=dev, requires_grad=True)
+        for module in {id(m): m for m in te.modules() if isinstance(m, torch.nn.Embedding) and m.weight is weight}.values():
+            hooks.append(module.register_forward_hook(lambda _m, _i, out, v=vector: out + v.to(out.dtype)))
         vectors.append(vector)
     return vectors, hooks
 

@@ -171,3 +171,19 @@ def test_a_tiny_flow_build_gives_a_row_for_each_loop(tmp_path, images, arch):
     assert [line.split()[:3] for line in lines] == [[arch, "fp32", kind] for kind in bench.LOOPS]
     assert not any("failed" in line for line in lines), lines
     assert all(float(line.split()[3]) > 0 for line in lines)
+
+
+@pytest.mark.parametrize("kind", ["clip", "t5"])
+def test_the_floors_input_vector_gets_a_gradient_through_every_encoder(kind):
+    """T5 looks its tokens up in a module of its own that shares the input table's weight: the
+    floor's vector must be added there too, or the floor skips T5's backward pass."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5EncoderModel
+
+    te = (T5EncoderModel(T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=50)) if kind == "t5"
+          else CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, vocab_size=50, max_position_embeddings=8)))
+    (vector,), hooks = bench.input_vectors([te], "cpu")
+    te(torch.tensor([[1, 2, 3]]))[0].square().sum().backward()
+    for h in hooks:
+        h.remove()
+    assert vector.grad is not None and float(vector.grad.abs().sum()) > 0
