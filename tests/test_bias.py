@@ -246,12 +246,17 @@ def test_value_tokens_start_from_the_value_the_model_draws_most_for_the_word():
     assert bias.start_word("majority", "green", measured({"red": 0.0, "blue": 0.0})) == "green"
 
 
+def _doctor_set(folder) -> None:
+    """A per-value curated set: two captioned pictures in a subfolder per value (man, woman)."""
+    for v in ("man", "woman"):
+        (folder / v).mkdir(parents=True)
+        for i in range(2):
+            _picture(folder / v / f"{i}.png", "a doctor at work")
+
+
 def test_a_per_value_run_starts_every_token_from_the_measured_majority(tmp_path, tiny_clip):  # noqa: F811
     pipe = make_sd()
-    for v in ("man", "woman"):
-        (tmp_path / "set" / v).mkdir(parents=True)
-        for i in range(2):
-            _picture(tmp_path / "set" / v / f"{i}.png", "a doctor at work")
+    _doctor_set(tmp_path / "set")
     run = bias.BiasRun(word="doctor", attribute="gender", values=["man", "woman"], images=str(tmp_path / "set"),
                        clip=str(tiny_clip), n=3, sample_steps=2, steps=2, out=str(tmp_path / "out"))
     result = bias.run_bias(run, pipe=pipe)
@@ -272,10 +277,7 @@ def test_a_stopped_run_keeps_its_training_state_writes_no_report_and_the_same_ou
     from textinv import runs
 
     pipe = make_sd()
-    for v in ("man", "woman"):
-        (tmp_path / "set" / v).mkdir(parents=True)
-        for i in range(2):
-            _picture(tmp_path / "set" / v / f"{i}.png", "a doctor at work")
+    _doctor_set(tmp_path / "set")
     run = bias.BiasRun(word="doctor", attribute="gender", values=["man", "woman"], images=str(tmp_path / "set"),
                        clip=str(tiny_clip), n=2, sample_steps=2, steps=3, out=str(tmp_path / "out"))
     lines = []
