@@ -631,7 +631,7 @@ def input_vectors(encoders, dev) -> tuple[list, list]:
     for te in encoders:
         weight = te.get_input_embeddings().weight
         vector = torch.zeros(weight.shape[1], device=dev, requires_grad=True)
-        for module in {id(m): m for m in te.modules() if isinstance(m, torch.nn.Embedding) and m.weight is weight}.values():
+        for module in (m for m in te.modules() if isinstance(m, torch.nn.Embedding) and m.weight is weight):
             hooks.append(module.register_forward_hook(lambda _m, _i, out, v=vector: out + v.to(out.dtype)))
         vectors.append(vector)
     return vectors, hooks
