@@ -38,11 +38,12 @@ from pathlib import Path
 import numpy as np
 
 from . import data, formats, generation, metrics, runs, sources, tokens
-from .atomic import atomic_path, write_text
+from .atomic import atomic_path, write_bytes, write_text
 from .errors import TextinvError
 from .evaluate import kl_to_uniform, read_prompts, world_sized  # KL to uniform: one home, evaluate's
 from .models import load_pipeline, pipeline_defaults
 from .prompts import variant_groups
+from .spread import ALONE, Share
 from .training import TrainConfig, train
 from .world import spec
 from .world.judge import judge
@@ -137,19 +138,27 @@ def classifier_for(pipe, attribute: str, values: list[str], word: str, clip: str
 
 # ---------------------------------------------------------------------------------- measuring
 def measure(pipe, prompts: dict[str, list[str]], classify, *, n: int = 120, seed: int = 0, steps: int = 30,
-            guidance: float | None = None, rewrite=None, echo=None, progress: bool = False) -> dict:
+            guidance: float | None = None, rewrite=None, echo=None, progress: bool = False, share: Share = ALONE) -> dict:
     """Per prompt and pooled per group: distribution, KL to uniform, pairwise bias, retention.
     ``rewrite``: what a prompt becomes before generation (the word as its per-value variants).
-    ``progress``: a bar on stderr while a prompt's images are made (``echo``'s line replaces it)."""
-    out = {}
+    ``progress``: a bar on stderr while a prompt's images are made (``echo``'s line replaces it).
+    ``share``: the prompts spread over the processes of ``accelerate launch`` (:mod:`textinv.spread`),
+    each prompt's images made and classified by one of them; every process gets every figure."""
+    jobs = [(p, rewrite(p) if rewrite else p) for group_prompts in prompts.values() for p in group_prompts]
+
+    def one(job: tuple[str, str]):  # A1111 weights and {a|b} variants read as generate reads them
+        prompt, text = job
+        with generation.step_bar(pipe, steps, n, f"  {prompt!r}", progress, leave=False) as bar:
+            images = generation.generate(text, pipe=pipe, n=n, seed=seed, steps=steps, guidance=guidance, batch=32,
+                                         bar=bar).images
+        return classify(images)
+
+    done, out = share.each(jobs, one), {}
     for group, group_prompts in prompts.items():
         rows, pooled_labels, pooled_kept, pooled_options = [], [], [], {}
         for prompt in group_prompts:
-            text = rewrite(prompt) if rewrite else prompt  # A1111 weights and {a|b} variants read as generate reads them
-            with generation.step_bar(pipe, steps, n, f"  {prompt!r}", progress, leave=False) as bar:
-                images = generation.generate(text, pipe=pipe, n=n, seed=seed, steps=steps, guidance=guidance, batch=32,
-                                             bar=bar).images
-            labels, kept = classify(images)
+            text = rewrite(prompt) if rewrite else prompt
+            labels, kept = next(done)
             rows.append(_summary(prompt, labels, kept, classify.values))
             for j, (option, option_labels, option_kept) in enumerate(by_option(text, labels, kept)):
                 rows[-1].setdefault("options", []).append({"option": option, **_summary(None, option_labels, option_kept, classify.values)})
@@ -307,32 +316,47 @@ def _asking(stop):
 
 
 def learn_per_value(run: BiasRun, pipe, out: Path, echo=None, before: dict | None = None,
-                    stop=None) -> tuple[list, float]:
+                    stop=None, share: Share = ALONE) -> tuple[list, float]:
     """One token per value, from ``CURATED/VALUE/``, trained before the word ("a photo of a
     <ball-green> ball"), starting from :func:`start_word`.  Captions (IMG.txt) should describe
-    everything but the attribute, so that the token learns the attribute and nothing else."""
+    everything but the attribute, so that the token learns the attribute and nothing else.
+    ``share``: the tokens spread over the processes, each trained whole by one of them (as
+    ``train-many`` deals its rows); every process gets every token, the main one shelves them."""
+    folders = value_folders(run.images, run.values)
+
+    def one(value: str):
+        result = _learn_value(run, pipe, out, value, folders[value], echo, before, stop)
+        return result.embedding, result.seconds, result.embedding_path.name, result.embedding_path.read_bytes()
+
     found, seconds = [], 0.0
-    for value, folder in value_folders(run.images, run.values).items():
-        token = value_token(run.word, value)
-        where = runs.inner(out) / formats.file_stem(token)
-        images, templates, captions = per_value_data(run, folder, where)
-        init = start_word(run.init, value, before)
-        if echo:
-            echo(f"{token}: starting from {init!r}")
-        cfg = TrainConfig(images=str(images), token=token, init=init, model=run.model, model_config=run.model_config,
-                          templates=str(templates), captions=captions, steps=run.steps, lr=run.lr,
-                          vectors=run.vectors, flip=False, seed=run.seed, out=str(where),
-                          resume=runs.has_state(where), progress=echo is not None,
-                          **{**run.recipe_settings(), **UNSTOPPED, **run.extra})
-        result = train(cfg, pipe=pipe, echo=echo, on_step=_asking(stop))
-        tokens.remove(pipe, token)
-        _stop_after_training(stop, token, result)
-        seconds += result.seconds
-        found.append(result.embedding)
-        shelf = out / "embeddings"
-        shelf.mkdir(exist_ok=True)
-        shutil.copyfile(result.embedding_path, shelf / result.embedding_path.name)
+    for embedding, spent, name, data in share.each(run.values, one):
+        seconds += spent
+        found.append(embedding)
+        if share.is_main:
+            shelf = out / "embeddings"
+            shelf.mkdir(exist_ok=True)
+            write_bytes(shelf / name, data)
     return found, seconds
+
+
+def _learn_value(run: BiasRun, pipe, out: Path, value: str, folder: Path, echo, before: dict | None, stop):
+    """One value's token, trained by this process alone in ``out``'s run folder; the model left
+    without it."""
+    token = value_token(run.word, value)
+    where = runs.inner(out) / formats.file_stem(token)
+    images, templates, captions = per_value_data(run, folder, where)
+    init = start_word(run.init, value, before)
+    if echo:
+        echo(f"{token}: starting from {init!r}")
+    cfg = TrainConfig(images=str(images), token=token, init=init, model=run.model, model_config=run.model_config,
+                      templates=str(templates), captions=captions, steps=run.steps, lr=run.lr,
+                      vectors=run.vectors, flip=False, seed=run.seed, out=str(where),
+                      resume=runs.has_state(where), progress=echo is not None,
+                      **{**run.recipe_settings(), **UNSTOPPED, **run.extra})
+    result = train(cfg, pipe=pipe, echo=echo, on_step=_asking(stop), alone=True)
+    tokens.remove(pipe, token)
+    _stop_after_training(stop, token, result)
+    return result
 
 
 def per_value_data(run: BiasRun, folder: Path, where: Path) -> tuple[Path, Path, bool]:
@@ -419,21 +443,25 @@ def _stop_after_training(stop, token: str, result) -> None:
         raise Stopped(f"stopped on request at step {result.steps} of training {token!r} (its state is saved in {result.out})")
 
 
-def run_bias(run: BiasRun, pipe=None, echo=None, stop=None) -> dict:
+def run_bias(run: BiasRun, pipe=None, echo=None, stop=None, share: Share = ALONE) -> dict:
     """Measure before, re-learn (or apply ``embedding``), measure after; write bias.json, the chart
     and report.html in ``run.out``.  Returns what bias.json holds.  ``stop()``, asked after every
-    prompt measured and every training step, ends the run with :class:`Stopped` (the web UI's Stop)."""
+    prompt measured and every training step, ends the run with :class:`Stopped` (the web UI's Stop).
+    ``share``: the prompts and the tokens to learn spread over the processes of ``accelerate
+    launch`` (:mod:`textinv.spread`); only the main process speaks and writes."""
+    echo = echo if share.is_main else None
     say = _stoppable(echo, stop)
     check(run)
     t0 = time.perf_counter()
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = pipe or load_pipeline(run.model, config=run.model_config)
+    pipe = pipe or load_pipeline(run.model, config=run.model_config, device=share.device or "cpu")
     classify = classifier_for(pipe, run.attribute, run.values, run.word, run.clip)
     guidance = pipeline_defaults(pipe).guidance
     trained_templates = data.load_templates(run.templates) if run.templates else None
     groups = prompt_groups(run, pipe, trained_templates)
-    kw = dict(n=run.n, seed=run.seed, steps=run.sample_steps, guidance=guidance, echo=say, progress=echo is not None)
+    kw = dict(n=run.n, seed=run.seed, steps=run.sample_steps, guidance=guidance, echo=say, progress=echo is not None,
+              share=share)
     say(f"before: {run.attribute} of {run.word!r} ({classify.kind}, {run.n} images a prompt)")
     before = measure(pipe, groups, classify, **kw)
     named = None
@@ -443,7 +471,7 @@ def run_bias(run: BiasRun, pipe=None, echo=None, stop=None) -> dict:
         named = measure(pipe, groups, classify, rewrite=rewriter(run.word, ask), **kw)
     after, seconds, source, use, applied = None, 0.0, None, None, []
     if run.images or run.embedding:
-        applied, seconds, source = new_word(run, pipe, out, echo=echo, before=before, stop=stop)
+        applied, seconds, source = new_word(run, pipe, out, echo=echo, before=before, stop=stop, share=share)
         after, use = measure_after(run, pipe, applied, groups, classify, say, **kw)
     result = {"word": run.word, "attribute": run.attribute, "values": run.values, "classifier": classify.kind,
               "n": run.n, "seed": run.seed, "prompts": groups, "before": before, "named": named, "after": after, "embedding": source,
@@ -457,24 +485,33 @@ def run_bias(run: BiasRun, pipe=None, echo=None, stop=None) -> dict:
             result["warning"] = warning
             if echo is not None:  # not say: everything is measured now, a stop request no longer ends the run
                 echo("warning: " + warning)
-    write_outputs(result, out)
+    if share.is_main:
+        write_outputs(result, out)
     return result
 
 
-def new_word(run: BiasRun, pipe, out: Path, echo=None, before: dict | None = None, stop=None) -> tuple[list, float, str]:
+def new_word(run: BiasRun, pipe, out: Path, echo=None, before: dict | None = None, stop=None,
+             share: Share = ALONE) -> tuple[list, float, str]:
     """What stands for the word after: per-value tokens or the word re-learned from ``run.images``
-    (in ``out``), or ``run.embedding``.  (embeddings, seconds of training, where they are)"""
+    (in ``out``), or ``run.embedding``.  (embeddings, seconds of training, where they are)
+    ``share``: who trains (:func:`learn_per_value`; the replace recipe's one word: the main process,
+    the others waiting for it)."""
     say = echo or (lambda *_: None)
     if run.images and run.recipe == "per-value":
         say(f"learning one token per {run.attribute} value from {run.images}/VALUE/ ({len(run.values)} × {run.steps} steps)")
-        applied, seconds = learn_per_value(run, pipe, out, echo=echo, before=before, stop=stop)
+        applied, seconds = learn_per_value(run, pipe, out, echo=echo, before=before, stop=stop, share=share)
         return applied, seconds, str(out / "embeddings")
     if run.images:
         say(f"re-learning {run.word!r} from {run.images} (replace mode, {run.steps} steps)")
-        result = train(replace_config(run, out, progress=echo is not None), pipe=pipe, echo=echo, on_step=_asking(stop))
-        tokens.remove(pipe, run.word)
-        _stop_after_training(stop, run.word, result)
-        return [result.embedding], result.seconds, str(result.embedding_path)
+
+        def one(word: str):
+            result = train(replace_config(run, out, progress=echo is not None), pipe=pipe, echo=echo,
+                           on_step=_asking(stop), alone=True)
+            tokens.remove(pipe, word)
+            _stop_after_training(stop, word, result)
+            return [result.embedding], result.seconds, str(result.embedding_path)
+
+        return next(share.each([run.word], one))
     embs = sources.load(run.embedding)
     if len(embs) == 1:
         embs[0].name = run.word

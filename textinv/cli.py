@@ -5,6 +5,7 @@ exit with status 2; there is never a traceback for bad input.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -17,7 +18,7 @@ import click
 from PIL import Image
 from transformers.utils import logging as transformers_logging
 
-from . import cpu, evaluate, formats, generation, library, many, report, runs, samplers, settings, sources, tokens, training
+from . import cpu, evaluate, formats, generation, library, many, report, runs, samplers, settings, sources, spread, tokens, training
 from . import bias as word_bias  # aliased: bias, demo and ui are the names of commands here
 from . import demo as mini_demo
 from . import ui as webui
@@ -106,6 +107,16 @@ def main():
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     click.echo(f"warning: {printable(' '.join(str(message).split()))}", err=True)
+
+
+@contextlib.contextmanager
+def _processes():
+    """The processes ``accelerate launch`` started for a command (one, run plainly: textinv.spread);
+    only the main one prints, warnings included."""
+    with spread.launched() as share, warnings.catch_warnings():
+        if not share.is_main:
+            warnings.simplefilter("ignore")
+        yield share
 
 
 # ---------------------------------------------------------------------------------- inspect
@@ -420,9 +431,12 @@ def bias(word, attribute, images, recipe, embedding, prompts_file, templates, mo
                     templates=templates, model=model, model_config=model_config, clip=clip, n=count, seed=seed, steps=steps,
                     timesteps=timesteps, guidance=train_guidance, vectors=vectors, init=init, named=named,
                     out=str(out or f"bias-{file_stem(word)}"))
-    result = word_bias.run_bias(run, echo=lambda line: click.echo(printable(line), err=True))
-    click.echo(word_bias.format_table(result))
-    click.echo(f"wrote {run.out}/bias.json, bias.png, report.html")
+    with _processes() as share:
+        spreading = {"share": share} if share.count > 1 else {}  # alone: run_bias's own default
+        result = word_bias.run_bias(run, echo=lambda line: click.echo(printable(line), err=True), **spreading)
+    if share.is_main:
+        click.echo(word_bias.format_table(result))
+        click.echo(f"wrote {run.out}/bias.json, bias.png, report.html")
 
 
 main.add_command(world)
@@ -453,19 +467,23 @@ def _sampler_help() -> str:
 def generate(prompt, negative, embeddings, model, count, seed, steps, guidance, sampler, size, batch, out, from_png, clip_skip,
              model_config):
     """Generate images; PROMPT uses A1111 syntax: (word:1.2), (word), [word], embedding triggers."""
-    if from_png is not None:
-        if prompt is not None:
-            raise TextinvError("--from-png takes its prompt from the image; give no PROMPT")
-        if clip_skip is not None:
-            raise TextinvError("--from-png takes Clip skip from the image's parameters; give no --clip-skip")
-        result = generation.regenerate(from_png, embeddings=list(embeddings), model=model, out=out, progress=True,
-                                       model_config=model_config)
-    else:
-        if prompt is None:
-            raise TextinvError("PROMPT: missing (or use --from-png IMAGE)")
-        result = generation.generate(prompt, negative, embeddings=list(embeddings), model=model, n=count, seed=seed,
-                                     steps=steps, guidance=guidance, sampler=sampler, size=size, out=out, batch=batch,
-                                     progress=True, clip_skip=1 if clip_skip is None else clip_skip, model_config=model_config)
+    if from_png is not None and prompt is not None:
+        raise TextinvError("--from-png takes its prompt from the image; give no PROMPT")
+    if from_png is not None and clip_skip is not None:
+        raise TextinvError("--from-png takes Clip skip from the image's parameters; give no --clip-skip")
+    if from_png is None and prompt is None:
+        raise TextinvError("PROMPT: missing (or use --from-png IMAGE)")
+    with _processes() as share:  # under accelerate launch: the batches spread, the main process writes
+        if from_png is not None:
+            result = generation.regenerate(from_png, embeddings=list(embeddings), model=model, out=out,
+                                           progress=share.is_main, model_config=model_config, share=share)
+        else:
+            result = generation.generate(prompt, negative, embeddings=list(embeddings), model=model, n=count, seed=seed,
+                                         steps=steps, guidance=guidance, sampler=sampler, size=size, out=out, batch=batch,
+                                         progress=share.is_main, clip_skip=1 if clip_skip is None else clip_skip,
+                                         model_config=model_config, share=share)
+    if not share.is_main:
+        return
     for path in result.files:
         click.echo(f"wrote {path}")
     if result.grid is not None:
@@ -608,10 +626,14 @@ def eval_(target, images, model, prompts_file, count, concept, clip, dino, seed,
     if not 0 <= tolerance < 1:
         raise TextinvError(f"--tolerance {tolerance}: must be in [0, 1)")
     src = sources.resolve(target)
-    ev = evaluate.evaluate_path(src, images=images, model=model, concept=concept, clip=clip, dino=dino,
-                                prompts_file=prompts_file, n=count, seed=seed, steps=steps, guidance=guidance,
-                                baseline=baseline, tolerance=tolerance, echo=lambda msg: click.echo(f"measured {msg}", err=True),
-                                clip_skip=clip_skip, model_config=model_config)
+    with _processes() as share:  # under accelerate launch: each measurement's prompts spread
+        ev = evaluate.evaluate_path(src, images=images, model=model, concept=concept, clip=clip, dino=dino,
+                                    prompts_file=prompts_file, n=count, seed=seed, steps=steps, guidance=guidance,
+                                    baseline=baseline, tolerance=tolerance,
+                                    echo=lambda msg: click.echo(f"measured {msg}", err=True),
+                                    clip_skip=clip_skip, model_config=model_config, share=share)
+    if not share.is_main:
+        return
     if out is None:  # RUN/eval; NAME-eval beside a file; a download's in the current folder
         if src.run is not None and src.step is None:
             out = runs.eval_folder(src.run)

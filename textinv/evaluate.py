@@ -24,6 +24,7 @@ from .models import USE_A_REAL_MODEL, defaults, drawn_at, load_pipeline, name_of
 from .prompts import check_clip_skip
 from .report import write_outputs
 from .settings import TrainConfig
+from .spread import ALONE, Share
 from .world import spec
 from .world.judge import judge
 
@@ -49,28 +50,33 @@ EDIT_PROBES = [
 
 def judge_scores(pipe, trigger: str, attribute: str, value: str, *, n: int = 16, seed: int = 0,
                  probes: list[Probe] | None = None, steps: int = generation.DEFAULT_STEPS,
-                 guidance: float | None = None, keep_images: bool = False, clip_skip: int = 1, bar=None) -> dict:
+                 guidance: float | None = None, keep_images: bool = False, clip_skip: int = 1, bar=None,
+                 share: Share = ALONE) -> dict:
     """Judge-measured fidelity and editability of ``trigger`` for a concept ``attribute == value``.
-    ``bar``: a :func:`textinv.generation.step_bar` over every probe's ``n`` images, to advance."""
+    ``bar``: a :func:`textinv.generation.step_bar` over every probe's ``n`` images, to advance.
+    ``share``: the probes spread over the processes (:mod:`textinv.spread`); every process gets
+    every figure (and with ``keep_images`` every image)."""
     probes = probes or [FIDELITY_PROBE, *EDIT_PROBES]
-    rows, pictures = [], {}
-    for probe in probes:
+
+    def one(probe: Probe):
         prompt = probe.prompt(trigger)
         imgs = generation.images(pipe, [prompt] * n, seed=seed, steps=steps, guidance=guidance, clip_skip=clip_skip,
                                  bar=bar)
         verdicts = judge(imgs)
         concept = [v[attribute] == value for v in verdicts]
         asked = [all(v[k] == w for k, w in probe.want.items()) for v in verdicts]
-        rows.append({"prompt": prompt, "want": probe.want, "concept": float(np.mean(concept)),
-                     "attribute": float(np.mean(asked)), "both": float(np.mean([c and a for c, a in zip(concept, asked)]))})
-        if keep_images:
-            pictures[prompt] = imgs
+        row = {"prompt": prompt, "want": probe.want, "concept": float(np.mean(concept)),
+               "attribute": float(np.mean(asked)), "both": float(np.mean([c and a for c, a in zip(concept, asked)]))}
+        return row, imgs if keep_images else None
+
+    done = list(share.each(probes, one))
+    rows = [row for row, _ in done]
     fid = [r["concept"] for r, p in zip(rows, probes) if not p.want]
     edit = [r["both"] for r, p in zip(rows, probes) if p.want]
     out = {"fidelity": float(np.mean(fid)) if fid else None, "editability": float(np.mean(edit)) if edit else None,
            "probes": rows}
     if keep_images:
-        out["images"] = pictures
+        out["images"] = {row["prompt"]: imgs for row, imgs in done}
     return out
 
 
@@ -176,9 +182,9 @@ class JudgeMetric:
         return list(probes or self.probes)
 
     def __call__(self, pipe, trigger: str, *, n: int, seed: int, steps: int, guidance: float, probes=None,
-                 clip_skip: int = 1, bar=None) -> dict:
+                 clip_skip: int = 1, bar=None, share: Share = ALONE) -> dict:
         out = judge_scores(pipe, trigger, self.attribute, self.concept, n=n, seed=seed, probes=self.templates(probes),
-                           steps=steps, guidance=guidance, keep_images=True, clip_skip=clip_skip, bar=bar)
+                           steps=steps, guidance=guidance, keep_images=True, clip_skip=clip_skip, bar=bar, share=share)
         out["thumbs"] = {p: _thumbs(imgs) for p, imgs in out.pop("images").items()}
         return out
 
@@ -220,29 +226,34 @@ class PaperMetric:
         return list(probes) if probes is not None else [self.reconstruction, *self.edit_prompts]
 
     def __call__(self, pipe, trigger: str, *, n: int, seed: int, steps: int, guidance: float, probes=None,
-                 clip_skip: int = 1, bar=None) -> dict:
-        rows, thumbs, edit = [], {}, []
-        fidelity = dino = None
-        for t in self.templates(probes):
-            prompt = t.format(trigger)
+                 clip_skip: int = 1, bar=None, share: Share = ALONE) -> dict:
+        """The figures of ``n`` images of each template; ``share``: the templates spread over the
+        processes (:mod:`textinv.spread`), every process getting every figure."""
+        def one(template: str):
+            prompt = template.format(trigger)
             imgs = generation.images(pipe, [prompt] * n, seed=seed, steps=steps, guidance=guidance, clip_skip=clip_skip,
                                      bar=bar)
-            feats = self.clip.images(imgs)
-            thumbs[prompt] = _thumbs(imgs)
-            if t == self.reconstruction:
-                fidelity = mean_pairwise_cosine(feats, self.train_clip)
-                row = {"prompt": prompt, "image_similarity": fidelity}
-                if self.dino is not None:
-                    dino = mean_pairwise_cosine(self.dino.images(imgs), self.train_dino)
-                    row["dino_similarity"] = dino
-            else:
-                text = without_trigger(prompt, trigger)
-                sim = mean_pairwise_cosine(feats, self.clip.texts([text]))
-                edit.append(sim)
-                row = {"prompt": prompt, "text": text, "text_similarity": sim}
-            rows.append(row)
-        return {"fidelity": fidelity, "editability": float(np.mean(edit)) if edit else None, "dino": dino,
-                "probes": rows, "thumbs": thumbs}
+            return self._row(template, prompt, imgs, trigger), _thumbs(imgs)
+
+        done = list(share.each(self.templates(probes), one))
+        rows = [row for row, _ in done]
+        fidelity = next((r["image_similarity"] for r in rows if "image_similarity" in r), None)
+        edit = [r["text_similarity"] for r in rows if "text_similarity" in r]
+        return {"fidelity": fidelity, "editability": float(np.mean(edit)) if edit else None,
+                "dino": next((r["dino_similarity"] for r in rows if "dino_similarity" in r), None),
+                "probes": rows, "thumbs": {row["prompt"]: thumbs for row, thumbs in done}}
+
+    def _row(self, template: str, prompt: str, imgs, trigger: str) -> dict:
+        """One template's figures: image similarities for the reconstruction prompt, text
+        similarity for an editing one."""
+        feats = self.clip.images(imgs)
+        if template == self.reconstruction:
+            row = {"prompt": prompt, "image_similarity": mean_pairwise_cosine(feats, self.train_clip)}
+            if self.dino is not None:
+                row["dino_similarity"] = mean_pairwise_cosine(self.dino.images(imgs), self.train_dino)
+            return row
+        text = without_trigger(prompt, trigger)
+        return {"prompt": prompt, "text": text, "text_similarity": mean_pairwise_cosine(feats, self.clip.texts([text]))}
 
 
 def world_sized(pipe) -> bool:
@@ -328,23 +339,24 @@ class StepTracker:
 
     def __init__(self, metric, pipe, trigger: str, *, n: int = 8, seed: int = 0, steps: int = generation.DEFAULT_STEPS,
                  guidance: float | None = None, patience: int | None = None, echo=None,
-                 clip_skip: int = 1, progress: bool = False):
+                 clip_skip: int = 1, progress: bool = False, share: Share = ALONE):
         self.metric, self.pipe, self.trigger, self.clip_skip = metric, pipe, trigger, clip_skip
+        self.share = share  # the processes a measurement's prompts are spread over (textinv.spread)
         self.n, self.seed, self.steps, self.guidance, self.patience = n, seed, steps, guidance, patience
         self.echo, self.progress = echo, progress
         self.points: list[dict] = []
         self.thumbs: dict[int, dict[str, list[bytes]]] = {}
 
     def bar(self, what: str):
-        """With ``progress``: the bar of one measurement (every prompt's images), gone once it is done
-        (the measurement's line takes its place)."""
-        images = self.n * len(self.metric.templates())
+        """With ``progress``: the bar of one measurement (every prompt's images this process makes),
+        gone once it is done (the measurement's line takes its place)."""
+        images = self.n * len(self.share.mine(self.metric.templates()))
         return generation.step_bar(self.pipe, self.steps, images, f"measuring {what}", self.progress, leave=False)
 
     def measure(self, step: int, trigger: str | None = None) -> dict:
         with self.bar(f"step {step}") as bar:
             r = self.metric(self.pipe, trigger or self.trigger, n=self.n, seed=self.seed, steps=self.steps,
-                            guidance=self.guidance, clip_skip=self.clip_skip, bar=bar)
+                            guidance=self.guidance, clip_skip=self.clip_skip, bar=bar, share=self.share)
         point = {"step": step, "fidelity": r["fidelity"], "editability": r["editability"],
                  "score": tradeoff_score(r["fidelity"], r["editability"]), "probes": r["probes"]}
         if r.get("dino") is not None:
@@ -460,7 +472,8 @@ def _baseline(tracker: StepTracker, init: str, echo=None) -> tuple[dict, dict]:
     """The init word measured as the embedding was (what training started from): (figures, thumbnails)."""
     t = tracker
     with t.bar(f"the init word {init!r}") as bar:
-        r = t.metric(t.pipe, init, n=t.n, seed=t.seed, steps=t.steps, guidance=t.guidance, clip_skip=t.clip_skip, bar=bar)
+        r = t.metric(t.pipe, init, n=t.n, seed=t.seed, steps=t.steps, guidance=t.guidance, clip_skip=t.clip_skip, bar=bar,
+                     share=t.share)
     base = {"init": init, "fidelity": r["fidelity"], "editability": r["editability"],
             "score": tradeoff_score(r["fidelity"], r["editability"]), "probes": r["probes"]}
     if r.get("dino") is not None:
@@ -474,8 +487,11 @@ def evaluate_path(target, *, images=None, model=None, concept: str | None = None
                   dino: str | None = None, prompts_file=None, n: int = 16, seed: int = 0,
                   steps: int = generation.DEFAULT_STEPS, guidance: float | None = None, baseline: bool = True,
                   tolerance: float = 0.05, pipe=None, echo=None, clip_skip: int | None = None,
-                  model_config=None) -> Evaluation:
-    """Measure a training run's saves (the trade-off curve and the recommended step) or one embedding."""
+                  model_config=None, share: Share = ALONE) -> Evaluation:
+    """Measure a training run's saves (the trade-off curve and the recommended step) or one embedding.
+    ``share``: each measurement's prompts spread over the processes of ``accelerate launch``
+    (:mod:`textinv.spread`); every process gets the whole evaluation, only the main one speaks."""
+    echo = echo if share.is_main else None
     # A file or folder, a hub id or URL, RUN@STEP (one save), a run or the demo's folder (every save).
     src = sources.resolve(target)
     target = src.run if src.run is not None and src.step is None else src.path
@@ -491,7 +507,8 @@ def evaluate_path(target, *, images=None, model=None, concept: str | None = None
         raise TextinvError("--images: needed (the training images to compare with / to read the concept from)")
     training_images = [item.image for item in data.load_images(images)]
     if pipe is None:
-        pipe = load_pipeline(model, device="cuda" if torch.cuda.is_available() else "cpu", config=model_config)
+        pipe = load_pipeline(model, device=share.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                             config=model_config)
     if guidance is None:
         guidance = default_guidance(model)
     check_clip_skip(pipe, clip_skip)
@@ -499,7 +516,8 @@ def evaluate_path(target, *, images=None, model=None, concept: str | None = None
     metric = choose_metric(pipe, training_images, concept=concept, clip=clip, dino=dino, prompts=prompts,
                            device=str(generation.denoiser(pipe).device))
     tracker = StepTracker(metric, pipe, subject.trigger, n=n, seed=seed, steps=steps, guidance=guidance, echo=echo,
-                          clip_skip=clip_skip, progress=echo is not None)  # a bar a measurement, where lines are heard
+                          clip_skip=clip_skip, progress=echo is not None,  # a bar a measurement, where lines are heard
+                          share=share)
     _measure_saves(tracker, pipe, subject.saves, subject.trigger)
     thumbs, base, init = dict(tracker.thumbs), None, subject.init
     if baseline and init and init.strip() not in ("", "*"):

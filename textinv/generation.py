@@ -18,6 +18,7 @@ from .images import grid as make_grid
 from .models import defaults, load_pipeline, pipeline_defaults, resolve_model, warn_outside_world
 from .prompts import pick_variant
 from .sources import load as load_source, warn_skipped
+from .spread import ALONE, Share
 from .version import __version__
 
 DEFAULT_STEPS = 30
@@ -76,15 +77,23 @@ def step_bar(pipe, steps: int, images: int, desc: str, progress: bool = True, le
                 mininterval=0.5)
 
 
+def batch_starts(n: int, batch: int) -> list[int]:
+    """The first image of each pipeline call that makes ``n`` images ``batch`` at a time."""
+    return list(range(0, n, batch))
+
+
 def sample(pipe, n: int, call, *, seed: int, steps: int, guidance: float, batch: int, progress: bool = False,
-           bar=None, **extra) -> list[Image.Image]:
+           bar=None, starts: list[int] | None = None, **extra) -> list[Image.Image]:
     """The seeded batch loop: image ``i`` uses a generator seeded ``seed + i`` whatever the batch
     size, so a batch of 8 and 8 single calls give the same images.  ``call(i, b)`` gives the
-    pipeline arguments (prompts or prompt embeddings) of images ``i … i+b-1``.  Progress: the
+    pipeline arguments (prompts or prompt embeddings) of images ``i … i+b-1``.  ``starts``: only
+    the batches that begin at these images (:func:`batch_starts`; None: all).  Progress: the
     caller's ``bar`` (:func:`step_bar`), else with ``progress`` a bar of its own."""
+    starts = batch_starts(n, batch) if starts is None else starts
     own = bar is None
     if own:
-        bar = step_bar(pipe, steps, n, f"sampling {n} image{'s' if n != 1 else ''}", progress)
+        made = sum(min(batch, n - i) for i in starts)
+        bar = step_bar(pipe, steps, made, f"sampling {made} image{'s' if made != 1 else ''}", progress)
     b = 0  # the batch being sampled: each of its images took the step
 
     def on_step(_pipe, _i, _t, kw):
@@ -96,7 +105,7 @@ def sample(pipe, n: int, call, *, seed: int, steps: int, guidance: float, batch:
     if _flow(pipe):  # prompts the pipeline encodes itself: at the model's own T5 length
         extra.setdefault("max_sequence_length", prompts.t5_length(pipe))
     out: list[Image.Image] = []
-    for i in range(0, n, batch):
+    for i in starts:
         b = min(batch, n - i)
         gens = [torch.Generator().manual_seed(seed + i + j) for j in range(b)]
         out += pipe(**call(i, b), num_inference_steps=steps, guidance_scale=guidance, generator=gens, **extra).images
@@ -220,7 +229,7 @@ def _long(pipe, *parsed) -> bool:
 def generate(prompt: str, negative: str | None = None, *, embeddings=None, model=None, pipe=None, n: int = 1,
              seed: int = 0, steps: int = DEFAULT_STEPS, guidance: float | None = None, sampler: str | None = None,
              size=None, out: str | os.PathLike | None = None, batch: int = 8, progress: bool = False,
-             clip_skip: int = 1, model_config=None, bar=None) -> Generation:
+             clip_skip: int = 1, model_config=None, bar=None, share: Share = ALONE) -> Generation:
     """Generate ``n`` images of an A1111-style prompt (weights, long prompts, embedding triggers).
 
     ``embeddings``: files, library folders or Embedding objects, applied for this call only (made
@@ -230,14 +239,16 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
     written as ``NNNNN-SEED.png`` carrying A1111's ``parameters`` chunk, plus ``grid-NNNNN.png``.
     ``clip_skip``: A1111's "Clip skip" (SD 1.x/2.x).  ``model_config``: a single-file ``model``'s
     diffusers config folder or hub id (see :func:`textinv.models.load_pipeline`).  ``progress``: a
-    bar on stderr; ``bar``: a caller's :func:`step_bar` to advance instead.
+    bar on stderr; ``bar``: a caller's :func:`step_bar` to advance instead.  ``share``: the batches
+    spread over the processes of ``accelerate launch`` (:mod:`textinv.spread`); the main process
+    gathers every image and writes, the others' Generation holds none.
     """
     if n < 1 or batch < 1 or steps < 1:
         raise TextinvError(f"-n, --batch and --steps must be at least 1 (got {n}, {batch}, {steps})")
     wh = parse_size(size)
     embs = load_embeddings(embeddings)
     if pipe is None:
-        pipe = load_pipeline(model, config=model_config)
+        pipe = load_pipeline(model, config=model_config, device=share.device or "cpu")
     where = model if model is not None else getattr(pipe, "name_or_path", None)  # what the pipeline was loaded from
     name, model_hash = model_identity(where) if where else (None, None)
     if guidance is None:  # the model's own, else A1111's
@@ -246,29 +257,43 @@ def generate(prompt: str, negative: str | None = None, *, embeddings=None, model
     added = tokens.apply(pipe, embs, on_mismatch="skip") if embs else []
     if embs and not added:
         raise TextinvError(f"none of the {len(embs)} embeddings given fits this model ({tokens.state(pipe).family}): nothing to use")
+    starts = share.mine(batch_starts(n, batch))  # this process's batches (alone: all)
     triggers = [t for a in tokens.state(pipe).applied.values() for t in [a.embedding.name, *a.tokens]]
     warn_outside_world(pipe, prompts=[prompt, negative or ""], triggers=triggers, where="PROMPT")
     try:
         images_, pairs, used, sampler_name = _render(pipe, prompt, negative, n, sampler, clip_skip, seed=seed, steps=steps,
                                                      guidance=guidance, batch=batch, progress=progress, bar=bar,
-                                                     width=width, height=height)
+                                                     width=width, height=height, starts=starts)
     finally:
         if added:
             tokens.remove(pipe, [a.embedding.name for a in added])
     ti = {a.embedding.name: h for a in used if (h := formats.embedding_hash(a.embedding))}
-    seeds = [seed + i for i in range(n)]
+    images_ = _gathered(images_, starts, batch, n, share)  # every image on the main process, none elsewhere
+    seeds = [seed + i for i in range(len(images_))]
     params = [_parameters(p, q, steps, sampler_name, guidance, s, width, height, model_hash, name, clip_skip, ti)
               for s, (p, q) in zip(seeds, pairs)]  # the options drawn, as A1111's Dynamic Prompts writes them
     result = Generation(images_, seeds, params, used=[a.embedding.name for a in used])
-    if out is not None:
+    if out is not None and share.is_main:
         _write(result, Path(out))
     return result
 
 
+def _gathered(images_: list, starts: list[int], batch: int, n: int, share: Share) -> list:
+    """The batches every process made (this one's: those of ``starts``), in order, on the main
+    process; [] on the others."""
+    if share.count == 1:
+        return images_
+    chunks, k = [], 0
+    for i in starts:
+        chunks.append(images_[k:k + min(batch, n - i)])
+        k += len(chunks[-1])
+    return [im for chunk in share.gather(chunks, everywhere=False) for im in chunk]
+
+
 def _render(pipe, prompt: str, negative: str | None, n: int, sampler: str | None, clip_skip: int, *, guidance: float,
             **sampling):
-    """``n`` images (image ``i`` of its own {a|b} variant of the prompt pair, each distinct pair
-    encoded once) with ``sampler`` (None: the pipeline's scheduler; it is put back afterwards).
+    """``n`` images, or those of the batches ``sampling['starts']`` names (image ``i`` of its own
+    {a|b} variant of the prompt pair, every distinct pair of the ``n`` encoded once) with ``sampler`` (None: the pipeline's scheduler; it is put back afterwards).
     Returns (images, prompt pairs, embeddings used, the sampler's A1111 name)."""
     original_scheduler = pipe.scheduler
     try:
@@ -366,8 +391,9 @@ def _write(result: Generation, out: Path) -> None:
 
 
 def regenerate(png, *, embeddings=None, model=None, pipe=None, out=None, progress: bool = False,
-               model_config=None) -> Generation:
-    """Re-create an image from its A1111 ``parameters`` chunk (same seed: same image on CPU)."""
+               model_config=None, share: Share = ALONE) -> Generation:
+    """Re-create an image from its A1111 ``parameters`` chunk (same seed: same image on CPU);
+    ``share``: as :func:`generate`'s (one image: the main process makes it)."""
     prompt, negative, params = pngmeta.parse_parameters(pngmeta.read_parameters(png))
 
     def get(key, cast, default=None):
@@ -391,7 +417,7 @@ def regenerate(png, *, embeddings=None, model=None, pipe=None, out=None, progres
         elif formats.embedding_hash(match[0]) not in (None, h):
             warnings.warn(f"{png}: embedding {name!r} has hash {formats.embedding_hash(match[0])}, the image was made with {h}", stacklevel=2)
     if pipe is None:
-        pipe = load_pipeline(model, config=model_config)
+        pipe = load_pipeline(model, config=model_config, device=share.device or "cpu")
     clip_skip = get("Clip skip", int, 1)
     family = families.of_pipeline(pipe)
     if clip_skip != 1 and not family.clip_skip:
@@ -403,9 +429,9 @@ def regenerate(png, *, embeddings=None, model=None, pipe=None, out=None, progres
                       clip_skip=clip_skip,
                       seed=get("Seed", int, 0), steps=get("Steps", int, DEFAULT_STEPS),
                       guidance=get("CFG scale", float), sampler=sampler, size=params.get("Size"),
-                      out=out, progress=progress)
+                      out=out, progress=progress, share=share)
     want = params.get("Model hash")
-    got = pngmeta.parse_parameters(result.parameters[0])[2].get("Model hash")
+    got = pngmeta.parse_parameters(result.parameters[0])[2].get("Model hash") if result.parameters else None
     if want and got and want != got:
         warnings.warn(f"{png}: made with model hash {want}, this model's is {got}: the image will differ", stacklevel=2)
     return result
