@@ -226,10 +226,16 @@ def malicious_pt(path: Path, marker: Path, how: str = "system", zipfile: bool = 
     return path
 
 
-def torchrun_train(*args: str, command: str = "train") -> subprocess.CompletedProcess:
-    """``textinv train ARGS`` (or another ``command``) as `accelerate launch` / torchrun runs it on
-    two GPUs, here two CPU processes (gloo), one torch thread each, offline."""
+def launch(command: str, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    """``textinv COMMAND ARGS`` as `accelerate launch` / torchrun runs it on ``processes`` GPUs, here
+    CPU processes (gloo), one torch thread each, offline; ``processes=1``: the plain command, run
+    alike (a reference the launched one must match)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "textinv", command,
-           *args]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    cmd = [*(launcher if processes > 1 else [sys.executable]), "-m", "textinv", command, *args]
     return subprocess.run(cmd, env=env, capture_output=True, timeout=300)
+
+
+def torchrun_train(*args: str, command: str = "train") -> subprocess.CompletedProcess:
+    """``textinv train ARGS`` (or another ``command``) on two CPU processes: :func:`launch`."""
+    return launch(command, *args)
