@@ -135,7 +135,7 @@ def test_cli_named_reaches_the_run(monkeypatch):
     from textinv.cli import main
 
     seen = []
-    monkeypatch.setattr(bias, "run_bias", lambda run, echo=None: seen.append(run) or {"x": 1})
+    monkeypatch.setattr(bias, "run_bias", lambda run, echo=None, share=None: seen.append(run) or {"x": 1})
     monkeypatch.setattr(bias, "format_table", lambda result: "table")
     for args, named in ((["--named"], True), ([], False)):
         r = CliRunner().invoke(main, ["bias", "ball", "--attribute", "colour", *args])

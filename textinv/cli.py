@@ -432,8 +432,7 @@ def bias(word, attribute, images, recipe, embedding, prompts_file, templates, mo
                     timesteps=timesteps, guidance=train_guidance, vectors=vectors, init=init, named=named,
                     out=str(out or f"bias-{file_stem(word)}"))
     with _processes() as share:
-        spreading = {"share": share} if share.count > 1 else {}  # alone: run_bias's own default
-        result = word_bias.run_bias(run, echo=lambda line: click.echo(printable(line), err=True), **spreading)
+        result = word_bias.run_bias(run, echo=lambda line: click.echo(printable(line), err=True), share=share)
     if share.is_main:
         click.echo(word_bias.format_table(result))
         click.echo(f"wrote {run.out}/bias.json, bias.png, report.html")
