@@ -250,6 +250,18 @@ def flow_loss(pipe, latents: torch.Tensor, noise: torch.Tensor, indices_or_sigma
     guidance input (the script's default 3.5); ignored by models without one.  ``mask``: per-pixel
     weights in the latents' layout (:func:`weighted_mse`); Flux's prediction is unpacked before the
     error is taken, so its mask needs no packing."""
+    pred, target, weights = flow_prediction(pipe, latents, noise, indices_or_sigmas, prompt_embeds, pooled,
+                                            family=family, guidance=guidance, weighting=weighting,
+                                            precondition=precondition)
+    return weighted_mse(pred, target, weights, mask)
+
+
+def flow_prediction(pipe, latents: torch.Tensor, noise: torch.Tensor, indices_or_sigmas: torch.Tensor,
+                    prompt_embeds: torch.Tensor, pooled: torch.Tensor, *, family: families.Family | None = None,
+                    guidance: float = 3.5, weighting: str | None = None,
+                    precondition: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What :func:`flow_loss` compares, row by row: (the transformer's prediction, its target, each
+    row's loss weight).  Rows are independent: a batch may be reduced in parts (``train-many --pack``)."""
     recipe = recipe_of(family or families.of_pipeline(pipe))
     weighting = recipe.weighting if weighting is None else weighting
     precondition = recipe.precondition if precondition is None else precondition
@@ -266,4 +278,4 @@ def flow_loss(pipe, latents: torch.Tensor, noise: torch.Tensor, indices_or_sigma
         pred, target = pred * (-sigmas) + x, latents
     else:
         target = velocity(latents, noise)
-    return weighted_mse(pred, target, loss_weights(weighting, sigmas), mask)
+    return pred, target, loss_weights(weighting, sigmas)

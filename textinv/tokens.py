@@ -57,25 +57,31 @@ class TriggerEmbedding(nn.Module):
     """An encoder's token table (untouched) plus the rows of applied trigger tokens.
 
     ``token_ids[i]`` is the tokenizer id whose vector is ``extra[i]``; every other id is looked
-    up in ``base``.  Gradients, when ``extra`` requires them, reach only the trigger rows.
+    up in ``base``.  The rows come in blocks, one per applied embedding, each a parameter of its
+    own: training makes a word's block its only parameter, and several words trained together
+    (``textinv train-many --pack``) each have theirs.  Gradients, when a block requires them,
+    reach only its trigger rows.
     """
 
-    def __init__(self, base: nn.Module, extra: torch.Tensor, token_ids: Sequence[int]):
+    def __init__(self, base: nn.Module, blocks: Sequence[torch.Tensor], token_ids: Sequence[int]):
         super().__init__()
         self.base = base
         self.num_base = int(base.num_embeddings)
         # The rows sit in a child registered after ``base``: transformers reads a model's dtype off
         # its first parameter, and float32 rows first made a half-precision text encoder report
         # float32 (diffusers then cast the prompt embeddings, and the latents, to float32).
-        self.rows = nn.ParameterList([nn.Parameter(extra, requires_grad=False)])
+        blocks = list(blocks) or [torch.zeros(0, self.embedding_dim)]
+        self.rows = nn.ParameterList([b if isinstance(b, nn.Parameter) else nn.Parameter(b, requires_grad=False)
+                                      for b in blocks])
         row_of = torch.full((max(token_ids, default=0) + 1,), -1, dtype=torch.long)
         row_of[torch.as_tensor(list(token_ids), dtype=torch.long)] = torch.arange(len(token_ids))
-        self.register_buffer("row_of", row_of.to(extra.device), persistent=False)
+        self.register_buffer("row_of", row_of.to(blocks[0].device), persistent=False)
 
     @property
-    def extra(self) -> nn.Parameter:
-        """The trigger rows, float32 (training makes them its only parameters)."""
-        return self.rows[0]
+    def extra(self) -> torch.Tensor:
+        """The trigger rows, float32: one embedding's block itself (the parameter training makes
+        its only one), several's joined (differentiable in each block)."""
+        return self.rows[0] if len(self.rows) == 1 else torch.cat(list(self.rows))
 
     @property
     def embedding_dim(self) -> int:
@@ -83,11 +89,12 @@ class TriggerEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.base(ids.clamp(max=self.num_base - 1))
-        if self.extra.shape[0] == 0:
+        extra = self.extra
+        if extra.shape[0] == 0:
             return out
         row = self.row_of[ids.clamp(max=self.row_of.numel() - 1)]
         row = torch.where(ids < self.row_of.numel(), row, -1).unsqueeze(-1)
-        rows = self.extra[row.squeeze(-1).clamp(min=0)]
+        rows = extra[row.squeeze(-1).clamp(min=0)]
         return torch.where(row >= 0, rows.to(out.dtype), out)
 
 
@@ -142,7 +149,7 @@ class TriggerState:
     encoders: list[_Encoder]
     spec: families.Family  # the family these encoders are, as textinv.families declares it
     applied: dict[str, Applied] = field(default_factory=dict)  # key: name, lower-cased
-    _matcher: dict | None = None
+    _matchers: dict = field(default_factory=dict)  # by the one name matched (None: every applied one)
     unet: object = field(default=None, repr=False)  # the pipeline's UNet: per-layer embeddings condition its cross-attention layers
     layered: object = field(default=None, repr=False)  # textinv.perlayer.Conditioning while per-layer embeddings are applied
 
@@ -197,13 +204,12 @@ class TriggerState:
             new.append(Applied(emb, triggers, tokens[:n], [tokens[n * (k + 1) : n * (k + 2)] for k in range(len(layers))]))
         for enc in self.encoders:
             enc.variants.switch(enc.tokenizer, [t for a in [*self.applied.values(), *new] for t in a.all_tokens], enc.kind)
-            # Rows already applied are taken from the live module: training may have moved them.
-            module = enc.text_encoder.get_input_embeddings()
-            old = module.extra.data if isinstance(module, TriggerEmbedding) else torch.zeros(0, enc.width)
-            self._install(enc, list(self.applied.values()) + new, torch.cat([old.to("cpu", torch.float32), _rows(enc, new)]))
+            # Rows already applied are the live module's blocks: training may be moving them.
+            self._install(enc, list(self.applied.values()) + new, _live_blocks(enc, range(len(self.applied)))
+                          + [_rows(enc, [a]) for a in new])
         for a in new:
             self.applied[a.embedding.name.lower()] = a
-        self._matcher = None
+        self._matchers = {}
         self._sync_layers()
         return new
 
@@ -218,15 +224,16 @@ class TriggerState:
         return keys
 
     def _remove(self, keys: list[str]) -> None:
+        kept = [i for i, k in enumerate(self.applied) if k not in keys]
         keep = [a for k, a in self.applied.items() if k not in keys]
         for enc in self.encoders:
             enc.variants.switch(enc.tokenizer, [t for a in keep for t in a.all_tokens], enc.kind)
             if not keep:
                 self._uninstall(enc)
                 continue
-            self._install(enc, keep, _rows(enc, keep))
+            self._install(enc, keep, _live_blocks(enc, kept))  # the others' blocks stay (one may be training)
         self.applied = {a.embedding.name.lower(): a for a in keep}
-        self._matcher = None
+        self._matchers = {}
         self._sync_layers()
 
     def _sync_layers(self) -> None:
@@ -234,11 +241,15 @@ class TriggerState:
             hook.sync(self)
 
     @staticmethod
-    def _install(enc: _Encoder, applied: list[Applied], extra: torch.Tensor) -> None:
+    def _install(enc: _Encoder, applied: list[Applied], blocks: list[torch.Tensor]) -> None:
+        """A table of ``applied``'s rows: ``blocks``, one per embedding, a live block kept as it is
+        where it is float32 on the encoder's device."""
         # Learned vectors stay float32 whatever the encoder's dtype; TriggerEmbedding casts on lookup.
         device = next(enc.base.parameters()).device
+        blocks = [b if isinstance(b, nn.Parameter) and b.device == device and b.dtype == torch.float32
+                  else b.detach().to(device, torch.float32) for b in blocks]
         ids = enc.tokenizer.convert_tokens_to_ids([t for a in applied for t in a.all_tokens])
-        enc.text_encoder.set_input_embeddings(TriggerEmbedding(enc.base, extra.to(device), ids))
+        enc.text_encoder.set_input_embeddings(TriggerEmbedding(enc.base, blocks, ids))
         if enc.pooling_fix is None:
             enc.pooling_fix = pool_at_end_token(enc.text_encoder, int(enc.base.num_embeddings))
         if enc.outputs is not None:
@@ -278,23 +289,32 @@ class TriggerState:
         enc = self.encoders[0].tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
         return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
-    def matcher(self) -> dict[tuple[int, ...], Applied]:
-        """Token-id sequence of every trigger spelling → the embedding it calls."""
-        if self._matcher is None:
+    def matcher(self, only: str | None = None) -> dict[tuple[int, ...], Applied]:
+        """Token-id sequence of every trigger spelling → the embedding it calls; ``only``: the
+        spellings of that one applied embedding (as if it were the only one)."""
+        key = None if only is None else only.lower()
+        if key not in self._matchers:
             table: dict[tuple[int, ...], Applied] = {}
-            for a in self.applied.values():
+            for a in self.applied.values() if key is None else [self.applied[key]] if key in self.applied else []:
                 for name in a.triggers:
                     for syntax in SYNTAXES:
                         ids, _ = self._tokenize(syntax.format(name))
                         if ids:
                             table.setdefault(tuple(ids), a)
-            self._matcher = table
-        return self._matcher
+            self._matchers[key] = table
+        return self._matchers[key]
 
-    def find(self, text: str) -> list[tuple[int, int, int, int, Applied]]:
-        """Trigger occurrences: (first token, token count, char start, char end, embedding)."""
+    def blocks(self, name: str) -> list[nn.Parameter]:
+        """Each encoder's block of rows of the applied embedding ``name`` (in :func:`table_rows`'
+        order): what training makes its parameters."""
+        i = list(self.applied).index(name.lower())
+        return [enc.text_encoder.get_input_embeddings().rows[i] for enc in self.encoders]
+
+    def find(self, text: str, only: str | None = None) -> list[tuple[int, int, int, int, Applied]]:
+        """Trigger occurrences: (first token, token count, char start, char end, embedding);
+        ``only``: of that one embedding, as if it were the only one applied."""
         ids, offsets = self._tokenize(text)
-        table = self.matcher()
+        table = self.matcher(only)
         lengths = sorted({len(k) for k in table}, reverse=True)
         hits, i = [], 0
         while i < len(ids):
@@ -310,13 +330,14 @@ class TriggerState:
                 i += 1
         return hits
 
-    def expand(self, text: str, encoder: int = 0) -> str:
+    def expand(self, text: str, encoder: int = 0, only: str | None = None) -> str:
         """Replace every trigger with its internal tokens for encoder ``encoder`` (by index):
         for a CLIP encoder keeping A1111's chunk rule; an embedding without a part for this
-        encoder leaves its trigger out."""
+        encoder leaves its trigger out.  ``only``: that embedding's trigger alone (a word trained
+        beside others reads its prompts as if it were the only one applied)."""
         if not self.applied:
             return text
-        hits = self.find(text)
+        hits = self.find(text, only)
         if not hits:
             return text
         enc = self.encoders[encoder]
@@ -464,6 +485,12 @@ def output_embeddings(enc: _Encoder, applied: list[Applied]):
         return output
 
     return enc.text_encoder.register_forward_hook(hook, with_kwargs=True)
+
+
+def _live_blocks(enc: _Encoder, which) -> list[torch.Tensor]:
+    """The encoder's installed blocks ``which`` (indices of applied embeddings), as they are now."""
+    module = enc.text_encoder.get_input_embeddings()
+    return [module.rows[i] for i in which]
 
 
 def _rows(enc: _Encoder, applied: list[Applied]) -> torch.Tensor:
@@ -628,11 +655,11 @@ def remove(pipe, names: str | Iterable[str] | None = None) -> list[str]:
     return removed
 
 
-def expand(pipe, prompt: str, encoder: int = 0) -> str:
+def expand(pipe, prompt: str, encoder: int = 0, only: str | None = None) -> str:
     """The prompt with triggers replaced by internal tokens for encoder ``encoder`` (an index in
-    the family's order), for prompt-embedding builders."""
+    the family's order), for prompt-embedding builders; ``only``: that embedding's trigger alone."""
     st = state(pipe, create=False)
-    return st.expand(prompt, encoder) if st is not None else prompt
+    return st.expand(prompt, encoder, only) if st is not None else prompt
 
 
 def chunk_ids(pipe, prompt: str, encoder: int = 0) -> list[list[int]]:

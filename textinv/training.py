@@ -142,25 +142,38 @@ class PromptTable:
         self.encoders = [(slot, te) for slot, (_, te) in pairs]
         self.lengths = [prompts.t5_length(pipe) if slot.kind == "t5" else tok.model_max_length for slot, (tok, _) in pairs]
         self.clip_skip, self.per_layer = clip_skip, per_layer
-        self.ids = [ids.view(*self.shape, -1) for ids in self._ids(filled)]
+        self.filled = filled
+        self.tokenize()
+
+    def tokenize(self) -> None:
+        """Every prompt's ids, again: the internal tokens' ids change when another word trained
+        beside this one leaves the pipeline (``train-many --pack``)."""
+        self.ids = [ids.view(*self.shape, -1) for ids in self._ids(self.filled)]
 
     def _ids(self, texts: list[str]) -> list[torch.Tensor]:
-        """Each encoder's ids of ``texts``, each text expanded for that encoder and padded to its length."""
-        return [tok([tokens.expand(self.pipe, t, i) for t in texts], padding="max_length", max_length=n,
-                    truncation=True, return_tensors="pt").input_ids
+        """Each encoder's ids of ``texts``, each text expanded for that encoder (this word's trigger
+        alone, whatever else is applied) and padded to its length."""
+        return [tok([tokens.expand(self.pipe, t, i, only=self.token) for t in texts], padding="max_length",
+                    max_length=n, truncation=True, return_tensors="pt").input_ids
                 for i, ((tok, _), n) in enumerate(zip(tokens.encoder_pairs(self.pipe), self.lengths))]
 
     def encode(self, template_idx: torch.Tensor, view_idx: torch.Tensor, device, rng=None):
         """Hidden states (and the pooled embedding: SDXL, SD3, Flux.1) of the prompts (template, caption of view);
         with varying captions, ``rng`` (a ``random.Random``) draws each prompt's version.  A
         per-layer word's prompts: ``[layers, B, S, D]``, each cross-attention layer's own states."""
+        return self.states(self.rows(template_idx, view_idx, device, rng))
+
+    def rows(self, template_idx: torch.Tensor, view_idx: torch.Tensor, device, rng=None) -> list[torch.Tensor]:
+        """Each encoder's token ids of the prompts (template, caption of view), on ``device``."""
         if self.vary and rng is not None:
             texts = [data.fill_template(self.templates[int(t)], self.token,
                                         data.vary_caption(self.captions[int(self.caption_of[v])], rng, **self.vary))
                      for t, v in zip(template_idx, view_idx)]
-            rows = [ids.to(device) for ids in self._ids(texts)]
-        else:
-            rows = [ids[template_idx, self.caption_of[view_idx]].to(device) for ids in self.ids]
+            return [ids.to(device) for ids in self._ids(texts)]
+        return [ids[template_idx, self.caption_of[view_idx]].to(device) for ids in self.ids]
+
+    def states(self, rows: list[torch.Tensor]):
+        """The text encoders run on ``rows`` (:meth:`rows`; several words' rows joined, when packed)."""
         if self.per_layer:
             return perlayer.encoder_states(self.pipe, rows[0], self.clip_skip), None
         return self._run(rows)
@@ -228,6 +241,13 @@ def denoising_loss(unet, noise_scheduler, latents, noise, t, hidden, added_cond=
     ``weight`` ([N, 1, h, w], --alpha-mask): each latent pixel's share of the error, so that a
     cut-out's transparent background teaches nothing (kohya's masked loss).
     """
+    pred, target = denoising_prediction(unet, noise_scheduler, latents, noise, t, hidden, added_cond, uncond, guidance)
+    return masked_mse(pred, target, weight)
+
+
+def denoising_prediction(unet, noise_scheduler, latents, noise, t, hidden, added_cond=None, uncond=None,
+                         guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`denoising_loss` compares, row by row: (the UNet's prediction, its target)."""
     dev, dtype = hidden.device, unet.dtype
     noisy = noise_scheduler.add_noise(latents, noise, t)
     target = prediction_target(noise_scheduler, latents, noise, t)
@@ -236,6 +256,12 @@ def denoising_loss(unet, noise_scheduler, latents, noise, t, hidden, added_cond=
     pred = unet(noisy, t, hidden.to(dtype), **kwargs).sample
     if uncond is not None:
         pred = guided(unet, pred, noisy, t, uncond, guidance, kwargs)
+    return pred, target
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean squared error in float32, or with ``weight`` each pixel's error in its share."""
+    dev = pred.device
     if weight is None:
         return F.mse_loss(pred.float(), target.to(dev).float())
     w = weight.to(dev).float().expand_as(pred)
@@ -303,6 +329,25 @@ def _flow_loss(batches: "_Batches", latents, noise, t, encoded, views, weight) -
                                mask=weight)
 
 
+def _ddpm_losses(batches: "_Batches", latents, noise, t, encoded, time_ids, weights: list, sizes: list[int]) -> list:
+    """Several runs' rows in one UNet call (``train-many --pack``): each run's loss over its own
+    ``sizes`` rows, as :func:`_ddpm_loss` takes it.  ``time_ids``: SDXL's, per row."""
+    m, (hidden, pooled) = batches.model, encoded
+    added = None if pooled is None else {"text_embeds": pooled, "time_ids": time_ids.to(m.device, m.dtype)}
+    pred, target = denoising_prediction(m.denoiser, m.noise_scheduler, latents, noise, t, hidden, added, batches.uncond,
+                                        batches.cfg.guidance)
+    return [masked_mse(p, y, w) for p, y, w in zip(pred.split(sizes), target.split(sizes), weights)]
+
+
+def _flow_losses(batches: "_Batches", latents, noise, t, encoded, time_ids, weights: list, sizes: list[int]) -> list:
+    """Several runs' rows in one transformer call: each run's loss over its own rows, as :func:`_flow_loss`."""
+    m, (embeds, pooled) = batches.model, encoded
+    pred, target, w = flowmatch.flow_prediction(m.pipe, latents.to(m.device), noise.to(m.device), t, embeds, pooled,
+                                                family=m.family)
+    return [flowmatch.weighted_mse(p, y, r, mask)
+            for p, y, r, mask in zip(pred.split(sizes), target.split(sizes), w.split(sizes), weights)]
+
+
 def _unet_refusals(cfg: TrainConfig, family: families.Family) -> None:
     """SD/SDXL train with every setting."""
 
@@ -334,10 +379,12 @@ class Objective:
     grid: Callable  # (pipe, resolution, vae_scale) -> (image sides' multiple, bucket step, that multiple in words)
     draw: Callable  # (model, batch, generator) -> DDPM timesteps, or flow-schedule indices
     loss: Callable  # (batches, latents, noise, t, (hidden, pooled), views, mask weight) -> the batch's loss
+    losses: Callable  # (batches, latents, noise, t, (hidden, pooled), time ids, masks, sizes) -> each part's loss
 
 
-FLOW = Objective(_flow_refusals, _flow_schedule, _flow_grid, _flow_draw, _flow_loss)  # SD3 and Flux.1 differ in flowmatch's recipe
-OBJECTIVES = {"unet": Objective(_unet_refusals, _ddpm_schedule, _unet_grid, _ddpm_draw, _ddpm_loss), "sd3": FLOW, "flux": FLOW}
+FLOW = Objective(_flow_refusals, _flow_schedule, _flow_grid, _flow_draw, _flow_loss, _flow_losses)  # SD3, Flux.1: flowmatch's recipe
+OBJECTIVES = {"unet": Objective(_unet_refusals, _ddpm_schedule, _unet_grid, _ddpm_draw, _ddpm_loss, _ddpm_losses),
+              "sd3": FLOW, "flux": FLOW}
 
 
 def view_time_ids(pipe, views: list) -> torch.Tensor | None:
@@ -417,37 +464,22 @@ class Alone:
 def _train(cfg: TrainConfig, pipe, on_save, on_step, dist, echo=None, lock: runs.RunLock | None = None) -> TrainResult:
     """The stages, top to bottom: set up (freeze the model, cache the images, add the word), loop, save.
     Nothing done (no step completed) when it fails or is interrupted: ``lock`` discards what the attempt created."""
-    out, word = cfg.resolved_out(), None
+    run = None
     try:
         if (on_save is not None or on_step is not None) and dist.num_processes > 1:
             raise TextinvError("early stopping, --pick-best or a stop callback needs a single process")
-        model, batches, word, stopper = _set_up(cfg, pipe, echo, dist, out)
-        last_step, loss, seconds, stopped = _steps(cfg, out, model, batches, word, dist, on_save, on_step, stopper)
+        run = TrainingRun(cfg, pipe, dist, echo, on_save, on_step)
+        _steps(run)
     except BaseException:
-        if lock is not None and (word is None or word.done == word.start):
+        if lock is not None and (run is None or run.word.done == run.word.start):
             lock.discard()
         raise
-
-    final = _current(word.applied, cfg, last_step, model.pipe)
-    path = runs.final_file(out, cfg.token, formats.suffix_for(cfg.format_for(final), final))
-    if dist.is_main_process:
-        with interrupts.held():  # the final embedding and its state together: a Ctrl-C waits for both
-            formats.save(final, path, cfg.format_for(final), preview=_card_picture(model.pipe, cfg, batches.templates))
-            _save_state(out, cfg, word.params, word.optimizer, last_step, word.scaler, stopper)
-    for p in word.params:
-        p.requires_grad_(False)
-    if dist.num_processes > 1:
-        # Every process leaves together and closes its process group: a gloo group torn down by the
-        # interpreter's exit can abort (SIGABRT) the process that leaves last.
-        dist.wait_for_everyone()
-        torch.distributed.destroy_process_group()
-    return TrainResult(out, path, final, last_step, seconds, loss, dist.is_main_process, stopped,
-                       stopper.curve[-1][1] if stopper and stopper.curve else None)
+    return run.finish()
 
 
-def _set_up(cfg: TrainConfig, pipe, echo, dist, out: Path) -> tuple[_Model, _Batches, _Word, _Stopper | None]:
+def _set_up(cfg: TrainConfig, pipe, echo, dist, out: Path, beside: bool = False) -> tuple[_Model, _Batches, _Word, _Stopper | None]:
     """Everything before the first step: the folder checked, the images, the model, the word and
-    its batches, the state resumed (``word.start``), config.json."""
+    its batches, the state resumed (``word.start``), config.json.  ``beside``: see :class:`_Word`."""
     if dist.is_main_process:
         runs.prepare(out, cfg.resume)
     skipped: list[str] = []
@@ -460,7 +492,7 @@ def _set_up(cfg: TrainConfig, pipe, echo, dist, out: Path) -> tuple[_Model, _Bat
         models.warn_outside_world(model.pipe, images=[i.image for i in images], where=f"--images {cfg.images}")
         if echo:
             echo(the_plan.summary(cfg, name_of(cfg.model), out))
-    word = _Word(model.pipe, cfg, dist.device)  # before the prompts are tokenized: they name it
+    word = _Word(model.pipe, cfg, dist.device, beside)  # before the prompts are tokenized: they name it
     batches = _Batches(cfg, model, the_plan, dist.process_index)
     curve = []
     if cfg.resume and runs.has_state(out):
@@ -477,21 +509,15 @@ def _set_up(cfg: TrainConfig, pipe, echo, dist, out: Path) -> tuple[_Model, _Bat
     return model, batches, word, stopper
 
 
-def _steps(cfg: TrainConfig, out: Path, model: _Model, batches: _Batches, word: _Word, dist, on_save, on_step,
-           stopper: _Stopper | None) -> tuple[int, float, float, str | None]:
+def _steps(run: "TrainingRun") -> None:
     """The loop (see :func:`_loop`).  Interrupted (Ctrl-C, SIGTERM): the last completed step is saved
     as a save point saves it (a second signal waits for that), and :class:`Interrupted` says so."""
     try:
-        return _loop(cfg, out, model, batches, word, word.start, dist, on_save, on_step, stopper)
+        _loop(run)
+        return
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
-    if not word.done:
-        raise interrupts.Interrupted(signum, "interrupted before the first step: nothing to save")
-    if dist.is_main_process and word.done > word.start:
-        with interrupts.held(deliver=False):
-            _save(out, model.pipe, word.applied, cfg, word.done, templates=batches.templates)
-            _save_state(out, cfg, word.params, word.optimizer, word.done, word.scaler, stopper)
-    raise interrupts.Interrupted(signum, f"interrupted at step {word.done} of {cfg.steps}: saved; --resume continues")
+    raise interrupts.Interrupted(signum, run.keep())
 
 
 @dataclass
@@ -547,24 +573,26 @@ class _Word:
     """The new word: applied to the pipeline, its learned vectors the only parameters (float32),
     their AdamW (a parameter group per learning rate: with --lr-t5, the T5 vectors' own), and the
     fp16 loss scaler; the steps they have taken (``done``), from ``start`` (a resumed state's).
+    ``beside``: other words are applied to the pipeline, each training its own block of rows
+    (``train-many --pack``); else the pipeline must hold no other word.
 
     The encoders ``--encoders`` leaves out keep the init text's vectors (OneTrainer's way: an
     embedding has every encoder's part, some of them simply not trained).  ``--preserve-norm``:
     ``norms`` holds each learned encoder's median vocabulary norm, which :func:`_update` restores."""
 
-    def __init__(self, pipe, cfg: TrainConfig, device):
+    def __init__(self, pipe, cfg: TrainConfig, device, beside: bool = False):
         self.start = self.done = 0
         state = tokens.state(pipe)
         learned = _learned(cfg, state)  # before the word is applied: a refusal leaves the pipeline as it was
         emb = _new_embedding(pipe, cfg)
         self.applied = tokens.apply(pipe, emb)[0]
-        if len(state.applied) != 1:
+        if len(state.applied) != 1 and not beside:
             raise TextinvError("train on a pipeline without other embeddings applied")
+        block_of = dict(zip((enc.slot for enc in state.encoders), state.blocks(emb.name)))
         self.params = []
-        for enc in learned:
-            module = enc.text_encoder.get_input_embeddings()
-            module.extra.requires_grad_(True)
-            self.params.append(module.extra)
+        for enc in learned:  # the word's own block of each encoder's trigger rows
+            block_of[enc.slot].requires_grad_(True)
+            self.params.append(block_of[enc.slot])
         groups = _groups(cfg, learned, self.params)
         self.schedules = [schedule for _, schedule in groups]
         self.optimizer = torch.optim.AdamW([{"params": ps, "lr": lr_at(sch, 0)} for ps, sch in groups],
@@ -678,6 +706,18 @@ def plan(cfg: "TrainConfig", images: list, skipped: list[str], resolution: int, 
     return Plan(images, skipped, buckets if use_buckets else squares, captions, captioned, templates, resolution)
 
 
+@dataclass
+class Draw:
+    """One micro-batch as a run draws it for (step, micro-batch), before the text encoders run."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor  # DDPM timesteps, or flow-schedule indices
+    views: torch.Tensor  # indices into the run's views
+    rows: list  # each text encoder's token ids of the prompts, on the model's device
+    weight: torch.Tensor | None  # --alpha-mask's per-pixel weights, or None
+
+
 class _Batches:
     """The training data, ready to draw from: every view VAE-encoded once or read from the latent
     cache (per bucket: the views of one batch share a size), every prompt tokenized once, SDXL's
@@ -717,6 +757,11 @@ class _Batches:
 
     def loss(self, step: int, micro: int) -> torch.Tensor:
         """The denoising loss of the batch drawn for (step, micro-batch)."""
+        d = self.draw(step, micro)
+        return self.model.objective.loss(self, d.latents, d.noise, d.t, self.prompts.states(d.rows), d.views, d.weight)
+
+    def draw(self, step: int, micro: int) -> Draw:
+        """The batch of (step, micro-batch), from its generator: one bucket's views, templates, noise, timesteps."""
         cfg, m = self.cfg, self.model
         g = step_generator(cfg.seed, step, micro, self.rank)
         b = 0 if len(self.buckets) == 1 else int(torch.multinomial(self.share, 1, generator=g))
@@ -730,9 +775,9 @@ class _Batches:
         rng = None
         if self.prompts.vary:  # its own stream: varying captions changes no other draw
             rng = random.Random(int(torch.randint(2**62, (1,), generator=step_generator(cfg.seed, step, micro, self.rank + 10**6))))
-        encoded = self.prompts.encode(which, idx, m.device, rng)
+        rows = self.prompts.rows(which, idx, m.device, rng)
         weight = None if self.masks[b] is None else self.masks[b][local]
-        return m.objective.loss(self, latents, noise, t, encoded, idx, weight)
+        return Draw(latents, noise, t, idx, rows, weight)
 
     def fixed_eval(self, k: int) -> list[dict]:
         """The evaluation batch of early stopping (:mod:`textinv.stopping`), drawn once from the seed:
@@ -768,6 +813,30 @@ class _Batches:
             loss = m.objective.loss(self, gr["latents"], gr["noise"], gr["t"], encoded, gr["idx"], weight)
             total, count = total + float(loss) * len(gr["idx"]), count + len(gr["idx"])
         return total / count
+
+
+def packed_losses(parts: list[tuple[_Batches, Draw]]) -> list[torch.Tensor]:
+    """Several runs' micro-batches, each drawn as it is alone, through one pass of the text encoders
+    and one denoiser call per latent size (``train-many --pack``): each run's loss, the mean over
+    its own rows as alone, so that its vectors get gradient from its own rows only.  The runs share
+    the pipeline and what shapes the call (guidance, Clip skip: :func:`textinv.packing.key`)."""
+    first = parts[0][0]
+    encoded = first.prompts.states([torch.cat(ids) for ids in zip(*(d.rows for _, d in parts))])
+    starts = np.cumsum([0] + [len(d.t) for _, d in parts]).tolist()
+    sizes: dict[tuple, list[int]] = {}  # the parts of each latent size
+    for k, (_, d) in enumerate(parts):
+        sizes.setdefault(tuple(d.latents.shape[1:]), []).append(k)
+    losses: list = [None] * len(parts)
+    for ks in sizes.values():
+        rows = torch.cat([torch.arange(starts[k], starts[k + 1]) for k in ks])
+        states = encoded if len(ks) == len(parts) else tuple(x if x is None else x[rows.to(x.device)] for x in encoded)
+        draws = [parts[k][1] for k in ks]
+        time_ids = None if first.time_ids is None else torch.cat([parts[k][0].time_ids[parts[k][1].views] for k in ks])
+        got = first.model.objective.losses(first, *(torch.cat([getattr(d, f) for d in draws]) for f in ("latents", "noise", "t")),
+                                           states, time_ids, [d.weight for d in draws], [len(d.t) for d in draws])
+        for k, loss in zip(ks, got):
+            losses[k] = loss
+    return losses
 
 
 def _gradients(cfg: TrainConfig, batches: _Batches, word: _Word, step: int, dist, last_good) -> float:
@@ -839,61 +908,136 @@ class _Stopper:
                 f"--no-early-stop trains all {ceiling} steps")
 
 
-def _loop(cfg: TrainConfig, out: Path, model: _Model, batches: _Batches, word: _Word, start: int, dist, on_save,
-          on_step, stopper: _Stopper | None = None) -> tuple[int, float, float, str | None]:
-    """Steps ``start`` … ``cfg.steps``; logs, early stopping, saves, previews and callbacks.
-    A step is done (``word.done``) once its update, evaluation and log record are: a signal waits
-    for those (:func:`textinv.interrupts.held`), so an interrupted run keeps whole steps only.
-    (last step, loss, seconds, why it stopped early or None)"""
-    main = dist.is_main_process
-    t0, last_good, skipped_in_a_row = time.perf_counter(), None, 0
-    recent = runs.recent_losses(out, start, LOSS_WINDOW)  # a resumed run's bar goes on from the same window
-    last_step, stopped = cfg.steps, None
-    if stopper is not None:
-        if start % cfg.eval_every == 0 and not (stopper.curve and stopper.curve[-1][0] == start):
-            stopper.evaluate(start)  # the curve's first point (a run resumed from a state without a curve: its first)
-        if start > 0 and stopper.decide():  # a run that stopped here stays stopped (--no-early-stop goes on)
-            return start, float(np.mean(recent)) if recent else float("nan"), 0.0, stopper.reason(start, cfg.steps)
-    progress = _progress(cfg, start) if main else None
-    for step in range(start, cfg.steps):
-        lr = _set_rates(word, cfg, step)
-        total = _gradients(cfg, batches, word, step, dist, last_good)
+def _loop(run: "TrainingRun") -> None:
+    """A run's steps, from where it starts to ``cfg.steps``, alone: each step's gradients
+    (:func:`_gradients`) between the run's bookkeeping (:class:`TrainingRun`).  A step is done
+    (``word.done``) once its update, evaluation and log record are: a signal waits for those
+    (:func:`textinv.interrupts.held`), so an interrupted run keeps whole steps only."""
+    if not run.begin():
+        while True:
+            lr = run.rate()
+            total = _gradients(run.cfg, run.batches, run.word, run.step, run.dist, run.last_good)
+            if run.after(total, lr):
+                break
+    run.close()
+
+
+class TrainingRun:
+    """One run in training: its set-up (:func:`_set_up`: model, data, word, stopper) and the
+    bookkeeping around each step's gradients (the rates before; the update, evaluation, log,
+    saves, previews and callbacks after), a step at a time, so that :func:`_loop` takes a run's
+    steps alone and :mod:`textinv.packing` several runs' together.  ``beside``: other words train
+    on the same pipeline (packed); ``position``: the line of its progress bar."""
+
+    def __init__(self, cfg: TrainConfig, pipe, dist, echo=None, on_save=None, on_step=None, beside: bool = False,
+                 position: int | None = None):
+        self.cfg, self.dist, self.on_save, self.on_step, self.position = cfg, dist, on_save, on_step, position
+        self.out, self.main = cfg.resolved_out(), dist.is_main_process
+        self.model, self.batches, self.word, self.stopper = _set_up(cfg, pipe, echo, dist, self.out, beside)
+        self.step = self.word.start  # the next step to take
+        self.t0, self.last_good, self.skipped_in_a_row = time.perf_counter(), None, 0
+        self.recent = runs.recent_losses(self.out, self.step, LOSS_WINDOW)  # a resumed run's bar goes on from the same window
+        self.last_step, self.stopped, self.progress, self.seconds = cfg.steps, None, None, None
+        self.ended: tuple | None = None  # (last step, loss, seconds, why it stopped early or None), once closed
+
+    def begin(self) -> bool:
+        """Before the first step: the evaluation curve's first point.  True: nothing to train (a run
+        that stopped early here stays stopped, --no-early-stop goes on; no step left)."""
+        cfg, stopper, start = self.cfg, self.stopper, self.step
+        if stopper is not None:
+            if start % cfg.eval_every == 0 and not (stopper.curve and stopper.curve[-1][0] == start):
+                stopper.evaluate(start)  # the curve's first point (a run resumed from a state without a curve: its first)
+            if start > 0 and stopper.decide():
+                self.last_step, self.stopped, self.seconds = start, stopper.reason(start, cfg.steps), 0.0
+                return True
+        self.progress = _progress(cfg, start, self.position) if self.main else None
+        return start >= cfg.steps
+
+    def rate(self) -> float:
+        """The next step's learning rates set (before its gradients): the first group's."""
+        return _set_rates(self.word, self.cfg, self.step)
+
+    def after(self, total: float, lr: float) -> bool:
+        """The step's update, its gradients in (their mean loss ``total``), and what follows it.
+        True: the run ends here (its last step, early stopping, a callback)."""
+        cfg, word, stopper = self.cfg, self.word, self.stopper
         with interrupts.held():
             scale, skipped = _update(word)
-            skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
-            if skipped_in_a_row >= MAX_SKIPPED_STEPS or not all(torch.isfinite(p).all() for p in word.params):
-                raise _diverged(step + 1, word.params, last_good, word.fp16, word.table_norm)
-            done = step + 1
-            recent = (recent + [total])[-LOSS_WINDOW:]
+            self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+            if self.skipped_in_a_row >= MAX_SKIPPED_STEPS or not all(torch.isfinite(p).all() for p in word.params):
+                raise _diverged(self.step + 1, word.params, self.last_good, word.fp16, word.table_norm)
+            done = self.step = self.step + 1
+            self.recent = (self.recent + [total])[-LOSS_WINDOW:]
             learned = stopper is not None and done % cfg.eval_every == 0 and stopper.evaluate(done)
             if learned and done < cfg.steps:
-                last_step, stopped = done, stopper.reason(done, cfg.steps)
-            if main:
-                _log_step(out, done, total, lr, time.perf_counter() - t0, stopper,
+                self.last_step, self.stopped = done, stopper.reason(done, cfg.steps)
+            if self.main:
+                _log_step(self.out, done, total, lr, time.perf_counter() - self.t0, stopper,
                           {"loss_scale": scale, "skipped": skipped} if word.fp16 else {})
             word.done = done
-        if not main:
-            if stopped:
-                break
-            continue
-        progress.update(1)
+        if self.main:
+            self._written(total, lr)
+        return self.stopped is not None or done >= cfg.steps
+
+    def _written(self, total: float, lr: float) -> None:
+        """The main process's part of a step's end: the bar, the save point, the preview, ``on_step``."""
+        cfg, done, stopper, model, templates = self.cfg, self.step, self.stopper, self.model, self.batches.templates
+        self.progress.update(1)
         shown = {"eval": f"{stopper.curve[-1][1]:.4f}", "ratio": f"{stopper.ratio:.2f}"} if stopper is not None else {}
-        progress.set_postfix(loss=f"{np.mean(recent):.4f}", **shown, lr=f"{lr:.2g}", refresh=False)  # the bar redraws on its own clock
+        self.progress.set_postfix(loss=f"{np.mean(self.recent):.4f}", **shown, lr=f"{lr:.2g}", refresh=False)  # the bar redraws on its own clock
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-            last_good = _save(out, model.pipe, word.applied, cfg, done, templates=batches.templates)
-            _save_state(out, cfg, word.params, word.optimizer, done, word.scaler, stopper)
-            if on_save is not None and on_save(done, last_good):
-                last_step, stopped = done, stopped or f"stopped at step {done} by the measured saves (--patience)"
-                break
+            self.last_good = _save(self.out, model.pipe, self.word.applied, cfg, done, templates=templates)
+            _save_state(self.out, cfg, self.word.params, self.word.optimizer, done, self.word.scaler, stopper)
+            if self.on_save is not None and self.on_save(done, self.last_good):
+                self.last_step, self.stopped = done, self.stopped or f"stopped at step {done} by the measured saves (--patience)"
+                return
         if cfg.preview_every and done % cfg.preview_every == 0:
-            preview(model.pipe, cfg, batches.templates, runs.preview_file(out, done))
-        if on_step is not None and on_step(done, total) and done < cfg.steps and not stopped:
-            last_step, stopped = done, f"stopped at step {done} on request"
-        if stopped:
-            break
-    if progress is not None:
-        progress.close()
-    return last_step, float(np.mean(recent)) if recent else float("nan"), time.perf_counter() - t0, stopped
+            preview(model.pipe, cfg, templates, runs.preview_file(self.out, done))
+        if self.on_step is not None and self.on_step(done, total) and done < cfg.steps and not self.stopped:
+            self.last_step, self.stopped = done, f"stopped at step {done} on request"
+
+    def close(self) -> tuple[int, float, float, str | None]:
+        """The loop's end: (last step, loss, seconds, why it stopped early or None), kept as ``ended``."""
+        if self.progress is not None:
+            self.progress.close()
+        seconds = self.seconds if self.seconds is not None else time.perf_counter() - self.t0
+        self.ended = (self.last_step, float(np.mean(self.recent)) if self.recent else float("nan"), seconds, self.stopped)
+        return self.ended
+
+    def keep(self) -> str:
+        """Interrupted: the last completed step saved as a save point saves it (a second signal
+        waits for that); what was kept, in words (after the bar's last line)."""
+        word, cfg = self.word, self.cfg
+        if self.progress is not None:
+            self.progress.close()
+        if not word.done:
+            return "interrupted before the first step: nothing to save"
+        if self.main and word.done > word.start:
+            with interrupts.held(deliver=False):
+                _save(self.out, self.model.pipe, word.applied, cfg, word.done, templates=self.batches.templates)
+                _save_state(self.out, cfg, word.params, word.optimizer, word.done, word.scaler, self.stopper)
+        return f"interrupted at step {word.done} of {cfg.steps}: saved; --resume continues"
+
+    def finish(self) -> TrainResult:
+        """After :meth:`close`: the final embedding and its state written (by the main process, a
+        Ctrl-C waiting for both), the vectors frozen; the run's result."""
+        cfg, word, model, stopper = self.cfg, self.word, self.model, self.stopper
+        last_step, loss, seconds, stopped = self.ended
+        final = _current(word.applied, cfg, last_step, model.pipe)
+        path = runs.final_file(self.out, cfg.token, formats.suffix_for(cfg.format_for(final), final))
+        if self.main:
+            with interrupts.held():  # the final embedding and its state together: a Ctrl-C waits for both
+                formats.save(final, path, cfg.format_for(final), preview=_card_picture(model.pipe, cfg, self.batches.templates))
+                _save_state(self.out, cfg, word.params, word.optimizer, last_step, word.scaler, stopper)
+        for p in word.params:
+            p.requires_grad_(False)
+        if self.dist.num_processes > 1:
+            # Every process leaves together and closes its process group: a gloo group torn down by the
+            # interpreter's exit can abort (SIGABRT) the process that leaves last.
+            self.dist.wait_for_everyone()
+            torch.distributed.destroy_process_group()
+        return TrainResult(self.out, path, final, last_step, seconds, loss, self.main, stopped,
+                           stopper.curve[-1][1] if stopper and stopper.curve else None)
 
 
 def _log_step(out: Path, step: int, loss: float, lr: float, seconds: float, stopper: _Stopper | None, extra: dict) -> None:
@@ -930,9 +1074,10 @@ def _current(applied, cfg: TrainConfig, step: int, pipe) -> Embedding:
     """The word as it stands: its rows of the trigger table, in its layout (``[n, D]``, or
     ``[layers, n, D]`` for a per-layer word)."""
     state = tokens.state(pipe)
+    # A per-layer word trains alone (textinv.packing): its block is the whole table, perlayer.rows' rows its own.
     rows = perlayer.rows(pipe, cfg.token) if applied.embedding.layers else slice(None)
-    vectors = {enc.slot: enc.text_encoder.get_input_embeddings().extra.detach()[rows].clone().float().cpu()
-               for enc in state.encoders}
+    vectors = {enc.slot: block.detach()[rows].clone().float().cpu()
+               for enc, block in zip(state.encoders, state.blocks(cfg.token))}
     return Embedding(cfg.token, vectors, meta=dict(applied.embedding.meta, step=step), layers=applied.embedding.layers)
 
 
@@ -1000,9 +1145,9 @@ def _load_state(out: Path, cfg: TrainConfig, params, optimizer, scaler) -> tuple
     return int(st["step"]), [(int(s), float(v)) for s, v in curve.tolist() if s <= st["step"]]
 
 
-def _progress(cfg: TrainConfig, start: int):
+def _progress(cfg: TrainConfig, start: int, position: int | None = None):
     return tqdm(total=cfg.steps, initial=start, desc=f"training {cfg.token}", unit="step", disable=not cfg.progress,
-                dynamic_ncols=True, mininterval=0.5)
+                dynamic_ncols=True, mininterval=0.5, position=position)
 
 
 @torch.no_grad()
