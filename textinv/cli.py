@@ -349,15 +349,20 @@ def _many_options(command):
 @click.option("--out-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("runs"), show_default=True,
               help="Each row's run goes to OUT_DIR/TOKEN (unless the row gives its out); the summary to "
                    "OUT_DIR/MANIFEST-summary.csv.")
+@click.option("--pack", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train up to N concepts at a time in one batch (those of one model, resolution, guidance and "
+                   "Clip skip): faster on a GPU; each embedding equals it trained alone to float32 rounding, not bit "
+                   "for bit. 1: one after another, the files exactly as textinv train writes them (docs/scale.md).")
 @_many_options
-def train_many(manifest, out_dir, **given):
+def train_many(manifest, out_dir, pack, **given):
     """Train a concept per row of MANIFEST, loading the model once.
 
     MANIFEST: a .csv file (a header row) or .jsonl (a JSON object a line); columns: token, images and
     any train option (lr or --lr). The options here apply to every row that leaves them empty. Run it
     again after a stop: it trains what is left, from the step each concept reached (docs/scale.md)."""
     echo = lambda line: click.echo(formats.printable(line), err=True)  # noqa: E731
-    summary = many.train_many(manifest, _setting_values(given, settings.many_option_fields()), out_dir, echo=echo)
+    summary = many.train_many(manifest, _setting_values(given, settings.many_option_fields()), out_dir, echo=echo,
+                              pack=pack)
     if not summary.is_main_process:
         return
     click.echo(many.format_table(summary))

@@ -16,6 +16,10 @@ skipped, one with a state goes on from it, the others start; so a train-many kil
 and run again trains nothing twice (a kill -9 loses the steps after the last ``--save-every``
 save, as ``textinv train`` does; Ctrl-C and SIGTERM save the step they stop at).
 
+``pack`` N > 1 (``--pack``) trains up to N concepts of the same model and call-shaping settings at a
+time in one batch (:mod:`textinv.packing`): faster on a large GPU, each embedding the one it trains
+alone to float32 rounding rather than bit for bit; resuming works the same way.
+
 Under ``accelerate launch`` each process trains whole concepts, rows 0, N, 2N, … for the first of N
 processes, on its own device (``train(alone=True)``); the summary is gathered on the main one.
 The summary (:class:`Summary`) is read off the run folders, so it is the same after a kill and a rerun.
@@ -35,7 +39,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 
-from . import formats, interrupts, models, runs, settings, stopping, tokens, training
+from . import formats, interrupts, models, packing, runs, settings, stopping, tokens, training
 from .atomic import write_text
 from .data import IMAGE_SUFFIXES
 from .errors import TextinvError
@@ -291,10 +295,14 @@ def prepare(path, defaults: dict | None = None, out_dir="runs") -> list[Concept]
 
 
 # ---------------------------------------------------------------------------------- the run
-def train_many(path, defaults: dict | None = None, out_dir="runs", echo=None) -> Summary:
+def train_many(path, defaults: dict | None = None, out_dir="runs", echo=None, pack: int = 1) -> Summary:
     """Train every concept of the manifest at ``path`` (see the module's docstring); the summary is
     written to OUT_DIR/<manifest>-summary.csv.  ``echo(line)`` hears the plan, each concept's start
-    and every bad row; ``defaults``: settings for every row that does not set them (field names)."""
+    and every bad row; ``defaults``: settings for every row that does not set them (field names).
+    ``pack``: how many concepts train at a time in one batch (:mod:`textinv.packing`); 1: one after
+    another, each exactly as ``textinv train`` trains it."""
+    if not (isinstance(pack, int) and pack >= 1):
+        raise TextinvError(f"--pack {pack}: a whole number, 1 or more (1: one concept at a time)")
     t0, state = time.perf_counter(), PartialState(cpu=not torch.cuda.is_available())
     say = echo if state.is_main_process else None
     try:
@@ -307,9 +315,9 @@ def train_many(path, defaults: dict | None = None, out_dir="runs", echo=None) ->
     except OSError as e:
         raise TextinvError(f"--out-dir {out_dir}: cannot write there ({e.strerror or e})") from None
     if say:
-        say(plan_line(concepts, state.num_processes))
+        say(plan_line(concepts, state.num_processes, pack))
     mine = [c for c in concepts if (c.row - 1) % state.num_processes == state.process_index]
-    outcomes = _gathered(_train_share(mine, state, echo), state)
+    outcomes = _gathered(_train_share(mine, state, echo, pack), state)
     summary = Summary(outcomes, time.perf_counter() - t0, state.num_processes,
                       Path(out_dir) / f"{Path(path).stem}-summary.csv", state.is_main_process)
     if state.is_main_process:
@@ -317,13 +325,14 @@ def train_many(path, defaults: dict | None = None, out_dir="runs", echo=None) ->
     return summary
 
 
-def plan_line(concepts: list[Concept], processes: int) -> str:
+def plan_line(concepts: list[Concept], processes: int, pack: int = 1) -> str:
     done = sum(c.done for c in concepts)
     resumed = sum(c.saved > 0 and not c.done for c in concepts)
     fresh = len(concepts) - done - resumed
     spread = f" over {processes} processes" if processes > 1 else ""
+    packed = f", up to {pack} at a time in one batch" if pack > 1 else ""
     return (f"train-many: {len(concepts)} concept{'s' if len(concepts) != 1 else ''}{spread}: {fresh} to train, "
-            f"{resumed} to resume, {done} done before")
+            f"{resumed} to resume, {done} done before{packed}")
 
 
 def _by_model(concepts: list[Concept]) -> list[list[Concept]]:
@@ -335,29 +344,42 @@ def _by_model(concepts: list[Concept]) -> list[list[Concept]]:
     return list(groups.values())
 
 
-def _train_share(concepts: list[Concept], state, echo) -> list[Outcome]:
-    """This process's concepts, trained in turn on one pipeline per model (loaded only when some
-    concept needs it); a concept that fails is a line of the summary, and the next one goes on."""
+def _train_share(concepts: list[Concept], state, echo, pack: int = 1) -> list[Outcome]:
+    """This process's concepts, trained on one pipeline per model (loaded only when some concept
+    needs it), one after another or ``pack`` at a time; a concept that fails is a line of the
+    summary, and the next one goes on."""
     outcomes, say = [], _prefixed(echo, state)
     for group in _by_model(concepts):
-        pipe, failure = None, None
-        for c in group:
-            if c.done:
-                outcomes.append(outcome(c.row, c.config, DONE_BEFORE))
-                continue
-            if pipe is None and failure is None:
-                if say:
-                    say(f"loading {models.name_of(c.config.model)} …")
-                try:
-                    pipe = training.load_model(c.config, state.device)
-                except TextinvError as e:
-                    failure = str(e)
-            if failure is not None:
-                outcomes.append(failed(c, failure))
-                continue
-            outcomes.append(_train_one(c, pipe, state, say))
+        outcomes += [outcome(c.row, c.config, DONE_BEFORE) for c in group if c.done]
+        todo = [c for c in group if not c.done]
+        if not todo:
+            continue
+        if say:
+            say(f"loading {models.name_of(todo[0].config.model)} …")
+        try:
+            pipe = training.load_model(todo[0].config, state.device)
+        except TextinvError as e:
+            outcomes += [failed(c, str(e)) for c in todo]
+            continue
+        for together in _packs(todo, pack):
+            if pack > 1 and packing.key(together[0].config) is not None:
+                outcomes += _train_packed(together, pipe, state, say, pack)
+            else:
+                outcomes += [_train_one(c, pipe, state, say) for c in together]
         del pipe
     return outcomes
+
+
+def _packs(concepts: list[Concept], pack: int) -> list[list[Concept]]:
+    """The concepts of one pipeline as they train: with ``pack`` 1 each alone, in row order; else
+    those of one :func:`textinv.packing.key` together (first seen, first), and alone those it leaves out."""
+    if pack == 1:
+        return [[c] for c in concepts]
+    keyed: dict = {}
+    for c in concepts:
+        k = packing.key(c.config)
+        keyed.setdefault(("alone", c.row) if k is None else k, []).append(c)
+    return list(keyed.values())
 
 
 def _prefixed(echo, state):
@@ -383,6 +405,25 @@ def _train_one(c: Concept, pipe, state, say) -> Outcome:
     finally:
         tokens.remove(pipe)
     return outcome(c.row, cfg, f"resumed from step {c.saved}" if c.saved else "trained")
+
+
+def _train_packed(concepts: list[Concept], pipe, state, say, pack: int) -> list[Outcome]:
+    """Concepts of one :func:`textinv.packing.key`, ``pack`` at a time in one batch, on the loaded
+    pipeline, which they leave as they found it."""
+    configs = [dataclasses.replace(c.config, progress=c.config.progress and state.is_main_process) for c in concepts]
+
+    def joined(i: int) -> None:
+        c = concepts[i]
+        if say:
+            say(f"row {c.row}: {c.config.token}" + (f", resumed from step {c.saved}" if c.saved else ""))
+
+    try:
+        results = packing.train_packed(configs, pipe, pack, state.device, echo=say, on_join=joined,
+                                       names=[f"row {c.row} ({c.config.token})" for c in concepts])
+    except interrupts.Interrupted as e:
+        raise interrupts.Interrupted(e.signum, f"{e}; the same textinv train-many goes on from there") from None
+    return [failed(c, r) if isinstance(r, str) else outcome(c.row, cfg, f"resumed from step {c.saved}" if c.saved else "trained")
+            for c, cfg, r in zip(concepts, configs, results)]
 
 
 def _gathered(outcomes: list[Outcome], state) -> list[Outcome]:

@@ -856,6 +856,31 @@ def _gradients(cfg: TrainConfig, batches: _Batches, word: _Word, step: int, dist
     return total
 
 
+def packed_gradients(packed: list["TrainingRun"]) -> tuple[list[float], dict[int, TextinvError]]:
+    """The gradients of one optimizer step of several runs trained together (``train-many --pack``):
+    per micro-batch, every run's batch drawn at its own step (:meth:`_Batches.draw`), their losses
+    from one pass (:func:`packed_losses`), one backward of their sum, each scaled by its run's loss
+    scaler and ``grad_accum``, as :func:`_gradients` scales it alone.  (Each run's mean loss, the
+    runs whose loss became NaN/inf with why: left out of the backward, by index.)"""
+    totals, failures = [0.0] * len(packed), {}
+    for micro in range(max(r.cfg.grad_accum for r in packed)):
+        here = [k for k, r in enumerate(packed) if micro < r.cfg.grad_accum and k not in failures]
+        if not here:
+            break
+        losses = packed_losses([(packed[k].batches, packed[k].batches.draw(packed[k].step, micro)) for k in here])
+        kept = []
+        for k, loss in zip(here, losses):
+            r = packed[k]
+            if not torch.isfinite(loss) and not r.word.fp16:  # fp16: an overflow is the scaler's to skip
+                failures[k] = _diverged(r.step + 1, r.word.params, r.last_good, r.word.fp16, r.word.table_norm)
+                continue
+            kept.append(r.word.scaler.scale(loss / r.cfg.grad_accum))
+            totals[k] += loss.item() / r.cfg.grad_accum
+        if kept:
+            torch.stack(kept).sum().backward()
+    return totals, failures
+
+
 def _set_rates(word: _Word, cfg: TrainConfig, step: int) -> float:
     """Each parameter group's learning rate at ``step`` (its schedule times --lr-schedule's factor);
     the first group's, which the bar and the log show."""
