@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 18, point 6 and issue 31, point 3: the training-speed table (benchmarks/train_speed.py) on a
+# Issue 18, point 6, issue 31, point 3 and issue 34: the training-speed table (benchmarks/train_speed.py) on a
 # CUDA GPU for SD 1.5, SD 2.1, SDXL, SD3 medium and FLUX.1-dev, built from their published configs with
 # random weights (nothing downloaded), at fp32, bf16 and fp16 (FLUX.1-dev: bf16 and fp16, see
 # PRECISION_FLUX); 20 steps after 5 warm-up steps, batch 1, native resolution (SD3/Flux: 1024), all
@@ -7,7 +7,10 @@
 # flux (estimates, not yet run: each builds and saves its model — Flux.1: 34 GB of bf16 on disk — and
 # loads it once per loop and precision), so about 25 minutes in all, at most the sum of the limits
 # below (34 minutes).  Where one command may run only 10 minutes, run ARCHS="sd15 sd21 sdxl", ARCHS=sd3
-# and ARCHS=flux as three commands.
+# and ARCHS=flux as three commands.  Then the train-many packed-batch row (issue 34): training samples
+# per second of ten mini-model concepts one at a time and N at a time in one batch
+# (benchmarks/train_many.py --rates-only; MANY_STEPS steps, default 100, PACKS default 1,2,5,10; limit
+# LIMIT_MANY, default 300 s; estimated 1 to 2 minutes, not yet run); MANY=0 leaves it out.
 #
 # Assumes a machine without network, and installs nothing from it:
 #   * Python: $PYTHON if set, else the first of .venv/bin/python, python3, python whose torch sees a GPU.
@@ -78,4 +81,17 @@ for arch in $ARCHS; do
         status=1
     fi
 done
+
+if [ "${MANY:-1}" != 0 ]; then
+    echo
+    echo "== train-many packed batch (limit ${LIMIT_MANY:-300} s)"
+    timeout --signal=INT --kill-after=20 "${LIMIT_MANY:-300}" \
+        "$PY" benchmarks/train_many.py --rates-only --device cuda --concepts 10 --steps "${MANY_STEPS:-100}" \
+        --batch 4 --packs "${PACKS:-1,2,5,10}"
+    rc=$?
+    if [ $rc -ne 0 ]; then
+        echo "== train-many packed batch: stopped (exit $rc$([ $rc -eq 124 ] && echo ', time limit'))"
+        status=1
+    fi
+fi
 exit $status

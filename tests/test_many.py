@@ -132,7 +132,7 @@ def test_concepts_train_as_separate_train_calls_bit_for_bit_and_a_rerun_trains_n
 def test_train_many_takes_train_options_as_every_rows_defaults_but_not_each_rows_own():
     train_opts = {p.name for p in train_command.params}
     many_opts = {p.name for p in train_many_command.params}
-    assert many_opts - train_opts == {"manifest", "out_dir"}
+    assert many_opts - train_opts == {"manifest", "out_dir", "pack"}  # --pack: how many train at once (test_pack.py)
     assert train_opts - many_opts == {"images", "token", "out", "resume", *MEASURING}
     assert {f.name for f in settings.column_fields()} == {f.name for f in settings.cli_fields()} - {"resume"}
 

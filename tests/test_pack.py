@@ -45,6 +45,7 @@ def losses(out: Path) -> list[float]:
     return [r["loss"] for r in runs.log_records(out)]
 
 
+@pytest.mark.filterwarnings("ignore:--images")  # the wide red blocks are not mini-world pictures
 def test_packed_concepts_end_where_they_end_trained_alone(tmp_path):
     """Three concepts in one pack, of batch 1, 2 and 3, one of them resumed from step 2 (they pack at
     different step numbers), one of another picture size (its rows take a denoiser call of their own)."""
