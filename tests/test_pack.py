@@ -200,3 +200,20 @@ def test_a_packed_run_killed_and_run_again_resumes_each_concept_from_its_last_sa
         assert [r["step"] for r in runs.log_records(tmp_path / "run" / name)] == list(range(1, 21)), name
         assert json.loads((tmp_path / "run" / name / "config.json").read_text())["steps"] == 20
         assert_same_to_rounding(vectors(tmp_path / "run" / name), vectors(tmp_path / "ref" / name), name)
+
+
+def test_a_concept_that_fails_leaves_the_pack_and_the_others_train_on_unharmed(tmp_path):
+    """One row fails at its set-up (a word the model has), one diverges at its second step (NaN: its
+    vectors blow up); the other trains on in the pack, as it trains alone, and the next row joins."""
+    rows = concepts(tmp_path, ("drop", "arrow", "tee"))
+    rows = [{"token": "shape", "images": rows[0]["images"]}, rows[0] | {"lr": "1e30"}, rows[1], rows[2]]
+    summary = many.train_many(write_csv(tmp_path / "m.csv", rows), QUICK, tmp_path / "many", pack=2)
+    assert [(o.token, o.stop) for o in summary.outcomes] == [("shape", "failed"), ("<drop>", "failed"),
+                                                             ("<arrow>", "all steps"), ("<tee>", "all steps")]
+    assert "already a word in this model's vocabulary" in summary.outcomes[0].note
+    assert "NaN/inf" in summary.outcomes[1].note, summary.outcomes[1].note
+    assert not (tmp_path / "many" / "shape").exists()
+    for row in rows[2:]:
+        name = row["token"].strip("<>")
+        alone = training.train(TrainConfig(**row, **QUICK, out=str(tmp_path / "alone" / name), progress=False))
+        assert_same_to_rounding(vectors(tmp_path / "many" / name), alone.embedding.vectors, name)
