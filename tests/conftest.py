@@ -4,6 +4,7 @@ Nothing here touches the network: every model is built from a config with random
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import subprocess
@@ -224,6 +225,18 @@ def malicious_pt(path: Path, marker: Path, how: str = "system", zipfile: bool = 
     payload = {"string_to_token": {"*": 265}, "string_to_param": {"*": torch.zeros(1, 768)}, "name": Touch(how, marker)}
     torch.save(payload, path, _use_new_zipfile_serialization=zipfile)
     return path
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Torch on one thread here, as in each process :func:`launch` starts: a CPU's sums can depend on
+    its thread count, so a reference made in the test's own process must match theirs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def launch(command: str, *args: str, processes: int = 2) -> subprocess.CompletedProcess:

@@ -20,7 +20,7 @@ from textinv.demo import render_training_set
 from textinv.errors import TextinvError
 from textinv.settings import TrainConfig
 
-from conftest import red_blocks, torchrun_train
+from conftest import one_thread, red_blocks, torchrun_train
 
 MEASURING = {"pick_best", "patience", "eval_n", "concept", "clip", "dino"}  # train's own options: not settings
 QUICK = {"model": "mini", "steps": 6, "batch": 2, "early_stop": False, "init": "shape"}
@@ -208,7 +208,8 @@ def test_two_processes_train_whole_concepts_round_robin_and_gather_the_summary(t
     out, err = res.stdout.decode(), res.stderr.decode()
     assert out.count("wrote ") == 1 and out.count("<arrow>") == 1  # the main process reports, once
     assert "[process 1] row 2: <arrow>" in err and "[process 0] row 3: <tee>" in err and "[process 1] row 3" not in err
-    one = many.train_many(manifest, QUICK, tmp_path / "one")
+    with one_thread():  # as each launched process
+        one = many.train_many(manifest, QUICK, tmp_path / "one")
     assert [o.note for o in one.outcomes] == ["trained"] * 3
     for name in ("drop", "arrow", "tee"):
         assert runs.final(tmp_path / "two" / name).read_bytes() == runs.final(tmp_path / "one" / name).read_bytes(), name

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from textinv.cli import main
 
-from conftest import launch
+from conftest import launch, one_thread
 
 
 @pytest.mark.parametrize("jobs", [0, 1, 2, 5, 7])
@@ -45,12 +45,8 @@ def _both(command: str, *args: str, out) -> tuple:
     """The command run plainly into OUT/one (here, in this process, on one thread as each launched
     process has: a CPU's sums can depend on its thread count) and by two processes into OUT/two:
     (what the first printed on stdout, the second's completed process)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         one = CliRunner().invoke(main, [command, *args, "--out", str(out / "one")])
-    finally:
-        torch.set_num_threads(threads)
     assert one.exit_code == 0, one.output[-3000:]
     two = launch(command, *args, "--out", str(out / "two"))
     assert two.returncode == 0, two.stderr.decode()[-3000:]
