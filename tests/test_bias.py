@@ -2,6 +2,7 @@
 random CLIP), prompt groups, outputs, and the judge path on the mini model."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -10,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from textinv import bias
+from textinv import bias, formats, tokens
 from textinv.errors import TextinvError
 
 from conftest import make_sd
@@ -292,3 +293,26 @@ def test_a_stopped_run_keeps_its_training_state_writes_no_report_and_the_same_ou
     result = bias.run_bias(run, pipe=pipe)  # the same --out: the token goes on from step 1
     assert result["after"] is not None and (tmp_path / "out" / "bias.json").exists()
     assert runs.read_state(where)["step"] == 3
+
+
+def test_packed_per_value_tokens_train_together_and_equal_one_at_a_time(tmp_path, tiny_clip, monkeypatch):  # noqa: F811
+    """--pack 2: the two tokens in one batch (one packed training, not two trainings), each equal to
+    the token trained alone to float32 rounding; the report's figures are one-at-a-time's."""
+    from textinv import packing
+
+    pipe = make_sd()
+    _doctor_set(tmp_path / "set")
+    run = bias.BiasRun(word="doctor", attribute="gender", values=["man", "woman"], images=str(tmp_path / "set"),
+                       clip=str(tiny_clip), n=2, sample_steps=2, steps=3, init="value", out=str(tmp_path / "alone"))
+    alone = bias.run_bias(run, pipe=pipe)
+    packs, train_packed = [], packing.train_packed
+    monkeypatch.setattr(packing, "train_packed", lambda configs, *a, **k: packs.append(len(configs)) or train_packed(configs, *a, **k))
+    packed = bias.run_bias(dataclasses.replace(run, pack=2, out=str(tmp_path / "packed")), pipe=pipe)
+    assert packs == [2] and packed["init"] == alone["init"] == ["man", "woman"]
+    for v in ("man", "woman"):
+        a, p = (formats.load(tmp_path / side / "embeddings" / f"doctor-{v}.safetensors").vectors["clip"] for side in ("alone", "packed"))
+        torch.testing.assert_close(p, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+    assert packed["summary"] == alone["summary"]
+    assert not set(tokens.state(pipe).applied) & {"<doctor-man>", "<doctor-woman>"}  # the model left without them
+    with pytest.raises(TextinvError, match="--pack 0: at least 1"):
+        bias.run_bias(dataclasses.replace(run, pack=0))

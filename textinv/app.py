@@ -518,9 +518,10 @@ class App:
         return dict(images=str(Path(folder).expanduser()) if folder else None,
                     embedding=str(Path(emb).expanduser()) if emb else None, init=init)
 
-    def _bias_options(self, templates: str = "", clip: str = "", timesteps: str = "", guidance=None, vectors=1) -> dict:
-        """textinv bias's --templates, --clip (default: textinv ui --clip), --timesteps, --guidance and
-        --vectors from the form: an empty box is the CLI's default; a bad value is a one-line message."""
+    def _bias_options(self, templates: str = "", clip: str = "", timesteps: str = "", guidance=None, vectors=1,
+                      pack=1) -> dict:
+        """textinv bias's --templates, --clip (default: textinv ui --clip), --timesteps, --guidance,
+        --vectors and --pack from the form: an empty box is the CLI's default; a bad value is a one-line message."""
         templates, clip, timesteps = (str(x or "").strip() or None for x in (templates, clip, timesteps))
         if templates:
             data.load_templates(templates)
@@ -529,10 +530,14 @@ class App:
         vectors = _number(vectors if vectors not in (None, "") else 1, int)
         if not isinstance(vectors, int) or isinstance(vectors, bool) or not 1 <= vectors <= formats.MAX_VECTORS:
             raise TextinvError(f"Vectors: between 1 and {formats.MAX_VECTORS} (--vectors {vectors})")
+        pack = _number(pack if pack not in (None, "") else 1, int)
+        if not isinstance(pack, int) or isinstance(pack, bool) or pack < 1:
+            raise TextinvError(f"Tokens at a time: at least 1 (--pack {pack})")
         guidance = None if guidance in (None, "") or str(guidance).strip() == "" else _number(str(guidance).strip(), float)
         if guidance is not None and not (isinstance(guidance, float) and math.isfinite(guidance) and guidance >= 1):
             raise TextinvError(f"Training guidance: at least 1, where 1 is the plain conditional loss (--guidance {guidance})")
-        return dict(templates=templates, clip=clip or self.clip, timesteps=timesteps, guidance=guidance, vectors=vectors)
+        return dict(templates=templates, clip=clip or self.clip, timesteps=timesteps, guidance=guidance, vectors=vectors,
+                    pack=pack)
 
     def _new_run_folder(self, name: str) -> Path:
         """runs/NAME, or NAME-2, NAME-3… when a run of that name started within the same second."""

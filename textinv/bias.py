@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, formats, generation, metrics, runs, sources, tokens
+from . import data, formats, generation, metrics, packing, runs, sources, tokens
 from .atomic import atomic_path, write_bytes, write_text
 from .errors import TextinvError
 from .evaluate import kl_to_uniform, read_prompts, world_sized  # KL to uniform: one home, evaluate's
@@ -228,6 +228,7 @@ class BiasRun:
     vectors: int = 1
     init: str = "majority"  # per-value tokens start from: see start_word
     named: bool = False  # also measure the word with each value named ("a green ball"): see run_bias
+    pack: int = 1  # per-value tokens trained at a time in one batch (textinv.packing); 1: one after another
     out: str = "bias"
     extra: dict = field(default_factory=dict)  # any other TrainConfig setting
 
@@ -320,43 +321,59 @@ def learn_per_value(run: BiasRun, pipe, out: Path, echo=None, before: dict | Non
     """One token per value, from ``CURATED/VALUE/``, trained before the word ("a photo of a
     <ball-green> ball"), starting from :func:`start_word`.  Captions (IMG.txt) should describe
     everything but the attribute, so that the token learns the attribute and nothing else.
-    ``share``: the tokens spread over the processes, each trained whole by one of them (as
+    ``run.pack`` tokens at a time train in one batch (:mod:`textinv.packing`), in packs made from
+    the values' order alone, so that the result does not depend on the number of processes.
+    ``share``: the packs spread over the processes, each trained whole by one of them (as
     ``train-many`` deals its rows); every process gets every token, the main one shelves them."""
     folders = value_folders(run.images, run.values)
+    packs = [run.values[i:i + run.pack] for i in range(0, len(run.values), run.pack)]
 
-    def one(value: str):
-        result = _learn_value(run, pipe, out, value, folders[value], echo, before, stop)
-        return result.embedding, result.seconds, result.embedding_path.name, result.embedding_path.read_bytes()
+    def one(values: list[str]) -> list[tuple]:
+        results = _learn_values(run, pipe, out, {v: folders[v] for v in values}, echo, before, stop)
+        return [(r.embedding, r.seconds, r.embedding_path.name, r.embedding_path.read_bytes()) for r in results]
 
     found, seconds = [], 0.0
-    for embedding, spent, name, data in share.each(run.values, one):
-        seconds += spent
-        found.append(embedding)
-        if share.is_main:
-            shelf = out / "embeddings"
-            shelf.mkdir(exist_ok=True)
-            write_bytes(shelf / name, data)
+    for learned in share.each(packs, one):
+        seconds += max(spent for _, spent, _, _ in learned)  # a pack's tokens train at once
+        for embedding, _, name, content in learned:
+            found.append(embedding)
+            if share.is_main:
+                shelf = out / "embeddings"
+                shelf.mkdir(exist_ok=True)
+                write_bytes(shelf / name, content)
     return found, seconds
 
 
-def _learn_value(run: BiasRun, pipe, out: Path, value: str, folder: Path, echo, before: dict | None, stop):
-    """One value's token, trained by this process alone in ``out``'s run folder; the model left
-    without it."""
+def _learn_values(run: BiasRun, pipe, out: Path, folders: dict[str, Path], echo, before: dict | None, stop) -> list:
+    """These values' tokens, trained together by this process alone in ``out``'s run folders (one
+    value: as ``textinv train`` trains it); the model left without them."""
+    configs = [_value_config(run, out, value, folder, echo, before) for value, folder in folders.items()]
+    if len(configs) == 1:
+        results = [train(configs[0], pipe=pipe, echo=echo, on_step=_asking(stop), alone=True)]
+        tokens.remove(pipe, configs[0].token)
+    else:
+        results = packing.train_packed(configs, pipe, len(configs), pipe.device, echo=echo, on_step=_asking(stop))
+        failed = next((r for r in results if isinstance(r, str)), None)
+        if failed is not None:
+            raise TextinvError(failed)
+    for cfg, result in zip(configs, results):
+        _stop_after_training(stop, cfg.token, result)
+    return results
+
+
+def _value_config(run: BiasRun, out: Path, value: str, folder: Path, echo, before: dict | None) -> TrainConfig:
+    """The training of one value's token, in its run folder (resumed where it has a state)."""
     token = value_token(run.word, value)
     where = runs.inner(out) / formats.file_stem(token)
     images, templates, captions = per_value_data(run, folder, where)
     init = start_word(run.init, value, before)
     if echo:
         echo(f"{token}: starting from {init!r}")
-    cfg = TrainConfig(images=str(images), token=token, init=init, model=run.model, model_config=run.model_config,
-                      templates=str(templates), captions=captions, steps=run.steps, lr=run.lr,
-                      vectors=run.vectors, flip=False, seed=run.seed, out=str(where),
-                      resume=runs.has_state(where), progress=echo is not None,
-                      **{**run.recipe_settings(), **UNSTOPPED, **run.extra})
-    result = train(cfg, pipe=pipe, echo=echo, on_step=_asking(stop), alone=True)
-    tokens.remove(pipe, token)
-    _stop_after_training(stop, token, result)
-    return result
+    return TrainConfig(images=str(images), token=token, init=init, model=run.model, model_config=run.model_config,
+                       templates=str(templates), captions=captions, steps=run.steps, lr=run.lr,
+                       vectors=run.vectors, flip=False, seed=run.seed, out=str(where),
+                       resume=runs.has_state(where), progress=echo is not None,
+                       **{**run.recipe_settings(), **UNSTOPPED, **run.extra})
 
 
 def per_value_data(run: BiasRun, folder: Path, where: Path) -> tuple[Path, Path, bool]:
@@ -415,6 +432,8 @@ def check(run: BiasRun) -> None:
         raise TextinvError(f"--recipe {run.recipe!r}: choose one of {', '.join(RECIPES)}")
     if run.n < 1:
         raise TextinvError(f"-n {run.n}: at least 1")
+    if run.pack < 1:
+        raise TextinvError(f"--pack {run.pack}: at least 1")
     if not run.init.strip():
         raise TextinvError("--init: empty; use majority, value or a word")
     if run.recipe == "replace" and run.init != "majority":

@@ -423,18 +423,20 @@ def demo(out, concept, seed, steps, count, bias, model):
 @click.option("--timesteps", default=None, help="Training noise levels (see textinv train; default: the recipe's, all / 300:1000).")
 @click.option("--guidance", "train_guidance", type=_Finite(1.0), default=None, help="Training guidance (see textinv train; default: the recipe's, 1 / 1.5).")
 @click.option("--vectors", type=click.IntRange(1, 75), default=1, show_default=True)
+@click.option("--pack", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Per-value tokens trained at a time in one batch (faster where memory allows; equal to one at a time to float32 rounding).")
 @click.option("--init", default="majority", show_default=True,
               help="Per-value tokens start from: majority (the value the model draws most for WORD today), value (each its own value's word), or a word.")
 @click.option("--named", is_flag=True,
               help="Also measure WORD with each value named in turn ('a woman doctor'): the hard-prompt baseline, and how often the model keeps the word in each value at all.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder (default bias-WORD).")
 def bias(word, attribute, images, recipe, embedding, prompts_file, templates, model, model_config, clip, count, seed, steps, timesteps,
-         train_guidance, vectors, init, named, out):
+         train_guidance, vectors, pack, init, named, out):
     """Measure a word's bias over an attribute; with --images re-learn it from a curated set and measure again."""
     name, values = word_bias.parse_attribute(attribute, lambda a: spec.labels(a) if a in spec.ATTRIBUTES else None)
     run = word_bias.BiasRun(word=word, attribute=name, values=values, images=images, embedding=embedding, recipe=recipe, prompts=prompts_file,
                     templates=templates, model=model, model_config=model_config, clip=clip, n=count, seed=seed, steps=steps,
-                    timesteps=timesteps, guidance=train_guidance, vectors=vectors, init=init, named=named,
+                    timesteps=timesteps, guidance=train_guidance, vectors=vectors, pack=pack, init=init, named=named,
                     out=str(out or f"bias-{file_stem(word)}"))
     with _processes() as share:
         result = word_bias.run_bias(run, echo=lambda line: click.echo(printable(line), err=True), share=share)

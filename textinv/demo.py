@@ -48,6 +48,9 @@ class DemoSettings:
     encoders: str | None = None  # which encoders learn (None: every one the model has)
     lr_t5: str | None = None  # the T5 vectors' learning rate (None: lr)
     bias_init: str = "majority"  # `demo --bias`: where each per-value token starts (textinv bias --init)
+    # `demo --bias`: per-value tokens trained at a time (textinv bias --pack); the mini models train all six
+    # colours in one batch at once in less memory than one SD 1.5 token's.
+    bias_pack: int = 6
 
     @classmethod
     def for_model(cls, model: str | None = None) -> "DemoSettings":
@@ -191,7 +194,7 @@ def run_bias(out: Path, seed: int = 0, n: int = 60, steps: int = 300, lr: str | 
     curated = render_bias_set(out / "curated", seed)
     run = bias.BiasRun(word=spec.BIASED["shape"], attribute="colour", values=values or spec.labels("colour"), images=str(curated),
                        templates=str(world_templates(out, captions=True)), model=model, n=n, seed=seed, steps=steps,
-                       lr=lr or tuned.lr, named=named, out=str(out), init=tuned.bias_init, extra=dict(lr_t5=tuned.lr_t5) if tuned.lr_t5 else {})
+                       lr=lr or tuned.lr, named=named, out=str(out), init=tuned.bias_init, pack=tuned.bias_pack, extra=dict(lr_t5=tuned.lr_t5) if tuned.lr_t5 else {})
     result = bias.run_bias(run, echo=echo)
     echo("\n" + bias.format_table(result))
     echo(f"wrote {out}/bias.json, bias.png, report.html")

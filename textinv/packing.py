@@ -49,18 +49,19 @@ class _Member:
 
 
 def train_packed(configs: list[TrainConfig], pipe, size: int, device, echo=None,
-                 on_join: Callable[[int], None] | None = None, names: list[str] | None = None) -> list:
+                 on_join: Callable[[int], None] | None = None, names: list[str] | None = None, on_step=None) -> list:
     """Train ``configs`` (one :func:`key`, distinct tokens or not) on ``pipe``, which holds no other
     word, ``size`` at a time, in order: each one's :class:`textinv.training.TrainResult`, or its failure
     in one line.  ``on_join(i)`` hears each concept start; ``names`` call them in an interruption's
-    message.  Ctrl-C or SIGTERM: every packed concept's last completed step is saved (as ``textinv
+    message; ``on_step(step, loss)``, after each concept's every step, stops it there when it returns
+    True (as ``textinv.training.train``'s).  Ctrl-C or SIGTERM: every packed concept's last completed step is saved (as ``textinv
     train`` saves it) and :class:`textinv.interrupts.Interrupted` says where each stopped."""
     results: list = [None] * len(configs)
     waiting, members = list(range(len(configs))), []
     with interrupts.caught():
         try:
             while waiting or members:
-                _fill(configs, pipe, size, device, echo, on_join, waiting, members, results)
+                _fill(configs, pipe, size, device, (echo, on_join, on_step), waiting, members, results)
                 if members:
                     _step(pipe, members, results)
         except KeyboardInterrupt as e:
@@ -73,9 +74,10 @@ def train_packed(configs: list[TrainConfig], pipe, size: int, device, echo=None,
     return results
 
 
-def _fill(configs, pipe, size, device, echo, on_join, waiting, members, results) -> None:
+def _fill(configs, pipe, size, device, calls, waiting, members, results) -> None:
     """Waiting concepts join while the pack has room, in order; one whose token a member trains waits
-    for it to leave (two words of one name cannot be applied at once)."""
+    for it to leave (two words of one name cannot be applied at once).  ``calls``: (echo, on_join, on_step)."""
+    echo, on_join, on_step = calls
     while len(members) < size:
         busy = {m.run.cfg.token.lower() for m in members}
         i = next((i for i in waiting if configs[i].token.lower() not in busy), None)
@@ -85,7 +87,7 @@ def _fill(configs, pipe, size, device, echo, on_join, waiting, members, results)
         if on_join is not None:
             on_join(i)
         free = min(set(range(size)) - {m.position for m in members})
-        member = _join(i, configs[i], pipe, device, echo, free, results)
+        member = _join(i, configs[i], pipe, device, (echo, on_step), free, results)
         if member is None:
             continue
         members.append(member)
@@ -100,7 +102,7 @@ def _fill(configs, pipe, size, device, echo, on_join, waiting, members, results)
             _finish(pipe, members, member, results)
 
 
-def _join(i: int, cfg: TrainConfig, pipe, device, echo, position: int, results: list) -> _Member | None:
+def _join(i: int, cfg: TrainConfig, pipe, device, calls, position: int, results: list) -> _Member | None:
     """Concept ``i`` set up beside the members (its word applied, its data ready, its state resumed);
     None where that failed (its line in ``results``), leaving its folder and the pipeline as they were."""
     lock = runs.RunLock(cfg.resolved_out())
@@ -110,7 +112,8 @@ def _join(i: int, cfg: TrainConfig, pipe, device, echo, position: int, results: 
         results[i] = str(e)
         return None
     try:
-        run = training.TrainingRun(cfg, pipe, training.Alone(device), echo, beside=True, position=position)
+        run = training.TrainingRun(cfg, pipe, training.Alone(device), calls[0], on_step=calls[1], beside=True,
+                                   position=position)
     except BaseException as e:
         lock.discard()
         lock.__exit__(None, None, None)

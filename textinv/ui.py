@@ -326,7 +326,7 @@ def _bias_tab(gr, app: App):
 
 
 def _bias_options(gr, app: App) -> dict:
-    """The Bias tab's folded options: textinv bias's --templates, --clip, --timesteps, --guidance, --vectors."""
+    """The Bias tab's folded options: textinv bias's --templates, --clip, --timesteps, --guidance, --vectors, --pack."""
     with gr.Accordion("More options", open=False, elem_id="bias-more"):
         return dict(
             templates=gr.Textbox(label="Training templates: object, style or a file (their prompts are the training group)",
@@ -337,7 +337,9 @@ def _bias_options(gr, app: App) -> dict:
                                  placeholder="300:1000", elem_id="bias-timesteps"),
             guidance=gr.Textbox(label="Training guidance (empty: the recipe's, 1 / 1.5)", placeholder="1.5",
                                 elem_id="bias-guidance"),
-            vectors=gr.Number(label="Vectors per token", value=1, precision=0, minimum=1, elem_id="bias-vectors"))
+            vectors=gr.Number(label="Vectors per token", value=1, precision=0, minimum=1, elem_id="bias-vectors"),
+            pack=gr.Number(label="Per-value tokens trained at a time in one batch (more: faster, more memory)", value=1,
+                           precision=0, minimum=1, elem_id="bias-pack"))
 
 
 def _train_handlers(gr, app: App, page: _Page, t, gen) -> None:
