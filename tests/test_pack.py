@@ -18,7 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from textinv import formats, interrupts, many, packing, runs, tokens, training
+from textinv import formats, interrupts, many, packing, runs, training
 from textinv.cli import main
 from textinv.settings import TrainConfig
 
