@@ -46,6 +46,28 @@ def test_train_base_flow_needs_an_output_folder():
     assert res.exit_code == 2 and res.stderr.strip().startswith("error: train-base --arch flow: give --out")
 
 
+def test_a_grown_transformer_draws_what_the_trained_one_draws_and_its_new_blocks_learn():
+    """--grow-single: the committed mini-flow's transformer two single blocks deeper is the same
+    function (each new block passes its residual through), and a step's gradient reaches the new blocks."""
+    from diffusers import FluxTransformer2DModel
+
+    small = FluxTransformer2DModel.from_pretrained(models.MINI_FLOW_PATH / "transformer", torch_dtype=torch.float32)
+    big = flow_base.grown(small, 2)
+    assert big.config.num_single_layers == small.config.num_single_layers + 2
+    g = torch.Generator().manual_seed(0)
+    c = small.config
+    x = torch.randn(2, 16, c.in_channels, generator=g)
+    kw = dict(encoder_hidden_states=torch.randn(2, 5, c.joint_attention_dim, generator=g),
+              pooled_projections=torch.randn(2, c.pooled_projection_dim, generator=g), timestep=torch.tensor([0.3, 0.8]),
+              img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(5, 3), return_dict=False)
+    with torch.no_grad():
+        assert torch.equal(big(x, **kw)[0], small(x, **kw)[0])
+    big(x, **kw)[0].square().mean().backward()
+    assert float(big.single_transformer_blocks[-1].proj_out.weight.grad.abs().sum()) > 0
+    res = CliRunner().invoke(main, ["world", "train-base", "--arch", "flow", "--out", "x", "--grow-single", "2"])
+    assert res.exit_code == 2 and "--grow-single: grows a trained mini-flow" in res.stderr
+
+
 def test_a_model_that_asks_for_true_cfg_is_sampled_against_its_negative_prompt(tmp_path):
     """mini-flow's settings say true_cfg: its negative prompt changes the image, and the guidance
     scale does; FLUX.1-dev-like models without the setting ignore both (one warning)."""

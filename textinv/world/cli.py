@@ -130,15 +130,28 @@ def judge_cmd(images):
 @click.option("--arch", type=click.Choice(["sd", "flow"]), default="sd", show_default=True,
               help="flow: a Flux.1-shaped model (CLIP + T5, flow matching) with the mini model's VAE; "
                    "--unet-steps are its transformer steps (default 4000), --out is required")
-def train_base_cmd(out, seed, n_images, vae_steps, minutes, unet_minutes, unet_steps, batch, lr, workdir, init_from, arch):
+@click.option("--grow-single", default=0, show_default=True, type=click.IntRange(min=0),
+              help="flow, with --init-from: add this many single-stream blocks to its transformer, each starting "
+                   "as a pass-through (the grown model draws what the trained one draws), then train")
+@click.option("--warmup", default=None, type=click.IntRange(min=0),
+              help="flow: learning-rate warm-up steps (default 400 from scratch, 100 when continuing)")
+@click.option("--save-every", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="flow: write the EMA model to --out every this many steps")
+def train_base_cmd(out, seed, n_images, vae_steps, minutes, unet_minutes, unet_steps, batch, lr, workdir, init_from, arch,
+                   grow_single, warmup, save_every):
     """Train the mini model (VAE, then UNet + text encoder with EMA) from scratch on the world."""
     if arch == "flow":
         if out is None:
             raise TextinvError("train-base --arch flow: give --out (the flow model is not installed in the package yet)")
+        if grow_single and (init_from is None or not (Path(init_from) / "transformer").is_dir()):
+            raise TextinvError("--grow-single: grows a trained mini-flow; give its folder with --init-from")
         s = train_flow_base(Path(out), init_from or models.MINI_PATH, seed=seed, n_images=n_images,
-                            steps=unet_steps or 4000, batch=batch, lr=lr)
+                            steps=unet_steps or 4000, batch=batch, lr=lr, warmup=warmup, save_every=save_every,
+                            grow=grow_single)
         click.echo(f"trained {s['steps']} transformer steps (loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}); wrote {out}")
         return
+    if grow_single:
+        raise TextinvError("--grow-single: only with --arch flow")
     out = out or models.MINI_PATH
     if workdir is None and Path(out).resolve() == models.MINI_PATH.resolve():
         workdir = Path("/tmp/textinv-train-base")

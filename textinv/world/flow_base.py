@@ -27,6 +27,7 @@ from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
 from .. import flowmatch
+from ..errors import TextinvError
 from . import spec, train_base
 
 T5_SENTINELS = 100  # <extra_id_0> … as T5's tokenizer has them (at the end of the vocabulary)
@@ -65,13 +66,36 @@ def t5_tokenizer(words=None) -> T5TokenizerFast:
                            additional_special_tokens=[f"<extra_id_{i}>" for i in range(T5_SENTINELS)], legacy=False)
 
 
-def build_models(seed: int, t5_entries: int, init_from: Path | None = None):
+def grown(transformer: FluxTransformer2DModel, single_blocks: int, seed: int = 0) -> FluxTransformer2DModel:
+    """``transformer`` with ``single_blocks`` more single-stream blocks after its own, each adding
+    nothing yet: a new block's output projection starts at zero, so its residual passes through
+    and the grown model draws exactly what the trained one draws (its other weights random, to
+    learn from there).  A larger model that starts where the smaller one stopped."""
+    config = dict(transformer.config)
+    config["num_single_layers"] += single_blocks
+    torch.manual_seed(seed)
+    bigger = FluxTransformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    missing, unexpected = bigger.load_state_dict(transformer.state_dict(), strict=False)
+    if unexpected or not all(k.startswith("single_transformer_blocks.") for k in missing):
+        raise TextinvError(f"growing the transformer: its weights do not fit the grown one ({(unexpected or missing)[0]})")
+    with torch.no_grad():
+        for block in bigger.single_transformer_blocks[len(transformer.single_transformer_blocks):]:
+            block.proj_out.weight.zero_()
+            block.proj_out.bias.zero_()
+    return bigger
+
+
+def build_models(seed: int, t5_entries: int, init_from: Path | None = None, grow: int = 0):
     """(CLIP, T5, transformer): fresh, the T5 table ``T5_SURPLUS_ROWS`` rows longer than its tokenizer;
-    or, given ``init_from`` (a mini-flow folder), its saved ones in float32, to continue training."""
+    or, given ``init_from`` (a mini-flow folder), its saved ones in float32, to continue training,
+    the transformer ``grow`` single blocks deeper (:func:`grown`)."""
     if init_from is not None:
+        transformer = FluxTransformer2DModel.from_pretrained(init_from / "transformer", torch_dtype=torch.float32)
         return (CLIPTextModel.from_pretrained(init_from / "text_encoder", torch_dtype=torch.float32),
                 T5EncoderModel.from_pretrained(init_from / "text_encoder_2", torch_dtype=torch.float32),
-                FluxTransformer2DModel.from_pretrained(init_from / "transformer", torch_dtype=torch.float32))
+                grown(transformer, grow, seed) if grow else transformer)
+    if grow:
+        raise TextinvError("--grow-single: grows a trained mini-flow; give it with --init-from")
     torch.manual_seed(seed)
     clip = CLIPTextModel(CLIPTextConfig(**train_base.TEXT_CONFIG))
     t5 = T5EncoderModel(T5Config(vocab_size=t5_entries + T5_SURPLUS_ROWS, **T5_CONFIG))
@@ -131,11 +155,13 @@ def save_pipeline(out: Path, vae, clip, t5, transformer, clip_tok, t5_tok, dtype
 
 def train_flow_base(out: Path, vae_from: Path, *, seed: int = 0, n_images: int = 60000, steps: int = 4000,
                     batch: int = 64, lr: float = 5e-4, warmup: int | None = None, ema_decay: float = 0.999,
-                    cond_drop: float = 0.1, threads: int = 2, logfile: Path | None = None, save_every: int = 1000) -> dict:
+                    cond_drop: float = 0.1, threads: int = 2, logfile: Path | None = None, save_every: int = 1000,
+                    grow: int = 0) -> dict:
     """The whole recipe; returns a summary.  ``vae_from``: a model folder whose VAE is kept (the mini
     model's); a mini-flow folder is continued (its encoders and transformer too).  The EMA model is
     written to ``out`` every ``save_every`` steps, so a long run can be looked at as it goes.
-    ``warmup`` None: 400 steps from scratch, 100 when continuing."""
+    ``warmup`` None: 400 steps from scratch, 100 when continuing.  ``grow``: single blocks added to
+    the continued transformer (:func:`grown`)."""
     torch.set_num_threads(threads)
     imgs, caps = train_base.render_dataset(n_images, seed + 1000)
     clip_tok, t5_tok = CLIPTokenizer.from_pretrained(str(train_base.PACKAGE_TOKENIZER)), t5_tokenizer()
@@ -145,7 +171,7 @@ def train_flow_base(out: Path, vae_from: Path, *, seed: int = 0, n_images: int =
         mean, std = train_base.encode_all(vae, imgs)
     latents = (mean, std, float(vae.config.scaling_factor))
     continued = (Path(vae_from) / "transformer").is_dir()
-    models = build_models(seed, len(t5_tok), Path(vae_from) if continued else None)
+    models = build_models(seed, len(t5_tok), Path(vae_from) if continued else None, grow)
     warmup = warmup if warmup is not None else 100 if continued else 400
     emas = [train_base.EMA(m, ema_decay) for m in models]
     params = [p for m in models for p in m.parameters()]
@@ -167,5 +193,5 @@ def train_flow_base(out: Path, vae_from: Path, *, seed: int = 0, n_images: int =
         if (step + 1) % save_every == 0 and step + 1 < steps:
             save_pipeline(Path(out), vae, *(e.model for e in emas), clip_tok, t5_tok)
     save_pipeline(Path(out), vae, *(e.model for e in emas), clip_tok, t5_tok)
-    return {"seed": seed, "n_images": n_images, "steps": steps, "batch": batch, "lr": lr,
+    return {"seed": seed, "n_images": n_images, "steps": steps, "batch": batch, "lr": lr, "grow": grow,
             "first_loss": float(np.mean(losses[:20])), "final_loss": float(np.mean(losses[-200:]))}
