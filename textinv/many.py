@@ -37,9 +37,8 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
 
-from . import formats, interrupts, models, packing, runs, settings, stopping, tokens, training
+from . import formats, interrupts, models, packing, runs, settings, spread, stopping, tokens, training
 from .atomic import write_text
 from .data import IMAGE_SUFFIXES
 from .errors import TextinvError
@@ -316,8 +315,9 @@ def train_many(path, defaults: dict | None = None, out_dir="runs", echo=None, pa
         raise TextinvError(f"--out-dir {out_dir}: cannot write there ({e.strerror or e})") from None
     if say:
         say(plan_line(concepts, state.num_processes, pack))
-    mine = [c for c in concepts if (c.row - 1) % state.num_processes == state.process_index]
-    outcomes = _gathered(_train_share(mine, state, echo, pack), state)
+    with spread.launched() as share:  # rows 1, 1+N, … to the first of N processes; gathered in row order
+        mine = _train_share(share.mine(concepts), state, echo, pack)
+        outcomes = share.gather(sorted(mine, key=lambda o: o.row))
     summary = Summary(outcomes, time.perf_counter() - t0, state.num_processes,
                       Path(out_dir) / f"{Path(path).stem}-summary.csv", state.is_main_process)
     if state.is_main_process:
@@ -393,7 +393,7 @@ def _train_one(c: Concept, pipe, state, say) -> Outcome:
     found it (the trained word removed)."""
     cfg = dataclasses.replace(c.config, progress=c.config.progress and state.is_main_process)
     if say:
-        say(f"row {c.row}: {cfg.token}" + (f", resumed from step {c.saved}" if c.saved else ""))
+        say(_starting(c))
     try:
         training.train(cfg, pipe=pipe, echo=say, alone=True)
     except interrupts.Interrupted as e:
@@ -404,7 +404,16 @@ def _train_one(c: Concept, pipe, state, say) -> Outcome:
         return failed(c, str(e))
     finally:
         tokens.remove(pipe)
-    return outcome(c.row, cfg, f"resumed from step {c.saved}" if c.saved else "trained")
+    return outcome(c.row, cfg, _trained(c))
+
+
+def _starting(c: Concept) -> str:
+    return f"row {c.row}: {c.config.token}" + (f", resumed from step {c.saved}" if c.saved else "")
+
+
+def _trained(c: Concept) -> str:
+    """A concept's note once trained (here)."""
+    return f"resumed from step {c.saved}" if c.saved else "trained"
 
 
 def _train_packed(concepts: list[Concept], pipe, state, say, pack: int) -> list[Outcome]:
@@ -413,26 +422,16 @@ def _train_packed(concepts: list[Concept], pipe, state, say, pack: int) -> list[
     configs = [dataclasses.replace(c.config, progress=c.config.progress and state.is_main_process) for c in concepts]
 
     def joined(i: int) -> None:
-        c = concepts[i]
         if say:
-            say(f"row {c.row}: {c.config.token}" + (f", resumed from step {c.saved}" if c.saved else ""))
+            say(_starting(concepts[i]))
 
     try:
         results = packing.train_packed(configs, pipe, pack, state.device, echo=say, on_join=joined,
                                        names=[f"row {c.row} ({c.config.token})" for c in concepts])
     except interrupts.Interrupted as e:
         raise interrupts.Interrupted(e.signum, f"{e}; the same textinv train-many goes on from there") from None
-    return [failed(c, r) if isinstance(r, str) else outcome(c.row, cfg, f"resumed from step {c.saved}" if c.saved else "trained")
+    return [failed(c, r) if isinstance(r, str) else outcome(c.row, cfg, _trained(c))
             for c, cfg, r in zip(concepts, configs, results)]
-
-
-def _gathered(outcomes: list[Outcome], state) -> list[Outcome]:
-    """Every process's outcomes, on every process, in row order."""
-    if state.num_processes > 1:
-        outcomes = gather_object(outcomes)
-        state.wait_for_everyone()
-        torch.distributed.destroy_process_group()  # as training does: a gloo group torn down at exit can abort
-    return sorted(outcomes, key=lambda o: o.row)
 
 
 # ------------------------------------------------------------------------------ the summary
