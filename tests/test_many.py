@@ -166,10 +166,21 @@ def test_a_manifest_is_csv_or_json_lines(tmp_path):
     assert [p.split(":")[0] for p in bad.value.problems] == ["manifest row 1", "manifest row 2"]
 
 
-def _train_many(manifest: Path, out: Path, *flags) -> subprocess.Popen:
+def train_many_process(manifest: Path, out: Path, *flags) -> subprocess.Popen:
+    """``textinv train-many MANIFEST --out-dir OUT FLAGS`` started as a command, one thread, offline."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "textinv", "train-many", str(manifest), "--out-dir", str(out), *flags]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def killed_after(manifest: Path, out: Path, flags: tuple, concept: str, steps: int) -> None:
+    """train-many killed (SIGKILL) once ``concept``'s log holds ``steps`` steps; fails if it ended first."""
+    victim, log = train_many_process(manifest, out, *flags), runs.log_file(out / concept)
+    deadline = time.time() + 300
+    while victim.poll() is None and time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= steps):
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait(timeout=60) == -signal.SIGKILL, "train-many ended before the kill"
 
 
 @pytest.mark.long
@@ -177,16 +188,11 @@ def test_killed_and_run_again_it_trains_nothing_twice_and_ends_with_the_same_fil
     rows = concepts(tmp_path, ("drop", "arrow", "tee"))
     manifest = write_csv(tmp_path / "m.csv", rows)
     flags = ("--model", "mini", "--steps", "30", "--batch", "1", "--save-every", "5", "--no-early-stop")
-    ref = _train_many(manifest, tmp_path / "ref", *flags)
+    ref = train_many_process(manifest, tmp_path / "ref", *flags)
     assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()[-2000:]
-    victim, log = _train_many(manifest, tmp_path / "run", *flags), runs.log_file(tmp_path / "run" / "arrow")
-    deadline = time.time() + 300
-    while victim.poll() is None and time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 12):
-        time.sleep(0.005)
-    victim.send_signal(signal.SIGKILL)  # after step 12 of the second concept: its last save is step 10's
-    assert victim.wait(timeout=60) == -signal.SIGKILL, "train-many ended before the kill"
+    killed_after(manifest, tmp_path / "run", flags, "arrow", 12)  # the second concept: its last save is step 10's
     first = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "drop").rglob("*")}
-    again = _train_many(manifest, tmp_path / "run", *flags)
+    again = train_many_process(manifest, tmp_path / "run", *flags)
     assert again.wait(timeout=300) == 0, again.stderr.read().decode()[-2000:]
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "drop").rglob("*")} == first  # not touched
     table, ref_table = summary_rows(tmp_path / "run" / "m-summary.csv"), summary_rows(tmp_path / "ref" / "m-summary.csv")

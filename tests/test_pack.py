@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +19,7 @@ from textinv.cli import main
 from textinv.settings import TrainConfig
 
 from conftest import make_sdxl, red_blocks
-from test_many import QUICK, concepts, summary_rows, write_csv
+from test_many import QUICK, concepts, killed_after, summary_rows, train_many_process, write_csv
 from tiny_flow import tiny_flux_pipeline
 
 CPU = torch.device("cpu")
@@ -173,26 +169,15 @@ def test_what_packs_together():
     assert packing.key(dataclasses.replace(base, per_layer=True)) is None
 
 
-def _train_many(manifest: Path, out: Path, *flags) -> subprocess.Popen:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "textinv", "train-many", str(manifest), "--out-dir", str(out), *flags]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
 @pytest.mark.long
 def test_a_packed_run_killed_and_run_again_resumes_each_concept_from_its_last_save(tmp_path):
     rows = concepts(tmp_path, ("drop", "arrow", "tee"))
     manifest = write_csv(tmp_path / "m.csv", rows)
     flags = ("--model", "mini", "--steps", "20", "--batch", "1", "--save-every", "5", "--no-early-stop", "--pack", "2")
-    ref = _train_many(manifest, tmp_path / "ref", *flags)
+    ref = train_many_process(manifest, tmp_path / "ref", *flags)
     assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()[-2000:]
-    victim, log = _train_many(manifest, tmp_path / "run", *flags), runs.log_file(tmp_path / "run" / "arrow")
-    deadline = time.time() + 300
-    while victim.poll() is None and time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 12):
-        time.sleep(0.005)
-    victim.send_signal(signal.SIGKILL)  # drop and arrow, packed, after step 12: their last save is step 10's
-    assert victim.wait(timeout=60) == -signal.SIGKILL, "train-many ended before the kill"
-    again = _train_many(manifest, tmp_path / "run", *flags)
+    killed_after(manifest, tmp_path / "run", flags, "arrow", 12)  # drop and arrow, packed: their last save is step 10's
+    again = train_many_process(manifest, tmp_path / "run", *flags)
     assert again.wait(timeout=300) == 0, again.stderr.read().decode()[-2000:]
     table = summary_rows(tmp_path / "run" / "m-summary.csv")
     assert [r["note"] for r in table] == ["resumed from step 10", "resumed from step 10", "trained"]
